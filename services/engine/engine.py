@@ -1,0 +1,276 @@
+"""The inference engine: requests in, streamed token deltas out.
+
+``LLMEngine`` wires the pieces together and runs one step at a time:
+schedule → run the model → sample → update sequences → detokenize and check
+stops → release what finished. It is synchronous and single-threaded; the
+worker services drive it from one thread and hand results to asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from services.engine.block_pool import BlockPool
+from services.engine.errors import InvalidRequestError, OutOfBlocksError
+from services.engine.kv_cache import KVCache
+from services.engine.kv_events import KVEventLog
+from services.engine.model_config import load_model_config, model_identity
+from services.engine.model_source import resolve_model
+from services.engine.outputs import FinishReason, RequestOutput, Usage
+from services.engine.runner import DTYPES, ModelRunner
+from services.engine.sampler import Sampler
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from services.engine.sequence import Sequence
+from services.engine.text_stream import TextStream
+from services.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    """Tokens per KV block; every worker a router pairs must use the same."""
+    num_blocks: int | None = None
+    """KV pool size in blocks; None sizes it from kv_cache_gib."""
+    kv_cache_gib: float = 1.0
+    """Memory for the KV pool when num_blocks is None."""
+    max_num_seqs: int = 64
+    """Most sequences decoding at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget per step (decode tokens + prefill chunks)."""
+    max_model_len: int | None = None
+    """Context length; None takes the model's (capped to Mistral's sliding window)."""
+    dtype: str | None = None
+    """float32, bfloat16 or float16; None keeps the checkpoint's."""
+    device: str | None = None
+    """cpu or cuda[:N]; None picks cuda when available."""
+    enable_prefix_caching: bool = True
+    """Reuse KV of full blocks shared with earlier prompts."""
+    seed: int = 0
+    """Seed for requests that give none."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole finished request, as ``generate`` returns it."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    text: TextStream
+    eos: frozenset[int]
+    new_tokens: list[int] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, model: str, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.model_dir = resolve_model(model)
+        self.model_config = mc = load_model_config(self.model_dir)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.model_id = model_identity(self.model_dir)
+        self.max_model_len = self._max_model_len()
+        self.device = torch.device(
+            config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.dtype = _torch_dtype(config.dtype or mc.dtype)
+        num_blocks = config.num_blocks or self._blocks_for_memory()
+        self.events = KVEventLog()
+        self.pool = BlockPool(num_blocks, config.block_size, self.events)
+        self.scheduler = Scheduler(
+            self.pool,
+            SchedulerConfig(
+                config.max_num_seqs, config.max_num_batched_tokens, config.enable_prefix_caching
+            ),
+            self.model_id,
+        )
+        self.runner = ModelRunner(
+            self.model_dir,
+            mc,
+            dtype=self.dtype,
+            device=self.device,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+        )
+        self.sampler = Sampler(self.device, config.seed)
+        self._requests: dict[str, _Request] = {}
+        self._arrivals = 0
+
+    # ------------------------------------------------------------------ public
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Queue a request; raises InvalidRequestError / OutOfBlocksError and changes nothing."""
+        self._validate(request_id, prompt_token_ids, params)
+        seq = Sequence(
+            request_id=request_id,
+            token_ids=list(prompt_token_ids),
+            params=params,
+            max_total_tokens=min(len(prompt_token_ids) + params.max_tokens, self.max_model_len),
+            arrival=self._arrivals,
+        )
+        self._arrivals += 1
+        eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
+        self._requests[request_id] = _Request(seq, TextStream(self.tokenizer, params.stop), eos)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; returns its final CANCELLED delta."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, FinishReason.CANCELLED, "")
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns a delta for every request that produced output."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        sampling = [c for c in chunks if c.samples]  # before postprocess moves the counters
+        try:
+            logits = self.runner.execute(chunks)
+        except Exception:
+            log.exception("model step failed; failing the %d requests in it", len(chunks))
+            return [
+                self._finish(self._requests[c.seq.request_id], FinishReason.ERROR, "")
+                for c in chunks
+            ]
+        self.scheduler.postprocess(chunks)
+        tokens = self._sample(logits, sampling)
+        return [out for c, t in zip(sampling, tokens, strict=True) if (out := self._append(c, t))]
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        """Run prompts to completion together (continuous batching); results in input order."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{self._arrivals + i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, per_prompt, strict=True):
+            self.add_request(rid, prompt, p)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        texts: dict[str, list[str]] = {rid: [] for rid in ids}
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                tokens[out.request_id] += out.token_ids
+                texts[out.request_id].append(out.text)
+                if out.finished:
+                    done[out.request_id] = out
+                    if on_progress:
+                        on_progress(1)
+        return [
+            Completion(tuple(tokens[r]), "".join(texts[r]), done[r].finish_reason, done[r].usage)
+            for r in ids
+        ]
+
+    # --------------------------------------------------------------- internals
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        params.validate()
+        if not prompt:
+            raise InvalidRequestError("prompt", "is empty; give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                "prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt",
+                f"has {len(prompt)} tokens; the model's context holds {self.max_model_len}, "
+                f"so a prompt may have at most {self.max_model_len - 1}",
+            )
+        total = min(len(prompt) + params.max_tokens, self.max_model_len)
+        needed = -(-total // self.config.block_size)
+        if needed > self.pool.num_blocks:
+            raise OutOfBlocksError(
+                f"the request needs {needed} KV blocks ({total} tokens) but this worker's pool "
+                f"holds {self.pool.num_blocks}; lower max_tokens or shorten the prompt"
+            )
+
+    def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> list[int]:
+        reqs = [self._requests[c.seq.request_id] for c in chunks]
+        suppress = [
+            r.eos if r.seq.num_output_tokens < r.seq.params.min_tokens else () for r in reqs
+        ]
+        return self.sampler.sample(
+            logits, [r.seq.request_id for r in reqs], [r.seq.params for r in reqs], suppress
+        )
+
+    def _append(self, chunk: ScheduledChunk, token: int) -> RequestOutput | None:
+        req = self._requests[chunk.seq.request_id]
+        seq = req.seq
+        seq.token_ids.append(token)
+        past_min = seq.num_output_tokens >= seq.params.min_tokens
+        is_eos = token in req.eos
+        delta, stopped = ("", False) if is_eos else req.text.push(token, check_stop=past_min)
+        if (is_eos and past_min) or stopped:
+            return self._finish(req, FinishReason.STOP, delta, token)
+        if (
+            seq.num_output_tokens >= seq.params.max_tokens
+            or len(seq.token_ids) >= seq.max_total_tokens
+        ):
+            return self._finish(req, FinishReason.LENGTH, delta + req.text.finish(), token)
+        return RequestOutput(seq.request_id, (token,), delta)
+
+    def _finish(
+        self, req: _Request, reason: FinishReason, delta: str, token: int | None = None
+    ) -> RequestOutput:
+        seq = req.seq
+        self.scheduler.finish(seq)
+        self.sampler.forget(seq.request_id)
+        del self._requests[seq.request_id]
+        usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens or 0)
+        tokens = (token,) if token is not None else ()
+        return RequestOutput(seq.request_id, tokens, delta, reason, usage)
+
+    def _max_model_len(self) -> int:
+        mc = self.model_config
+        limit = mc.max_position_embeddings
+        if mc.sliding_window:
+            limit = min(limit, mc.sliding_window)
+        wanted = self.config.max_model_len
+        if wanted is not None and not 1 < wanted <= limit:
+            raise InvalidRequestError(
+                "max_model_len", f"must be in [2, {limit}] for this model, got {wanted}"
+            )
+        return wanted or limit
+
+    def _blocks_for_memory(self) -> int:
+        mc = self.model_config
+        per_token = KVCache.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        blocks = int(self.config.kv_cache_gib * 2**30) // (per_token * self.config.block_size)
+        if blocks < 1:
+            raise InvalidRequestError("kv_cache_gib", "is too small to hold one block")
+        return blocks
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InvalidRequestError("dtype", f"must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]

@@ -1,0 +1,96 @@
+"""Turns a scheduled step into tensors, runs the model and returns logits.
+
+Owns the model weights and the KV pool tensor; the scheduler never sees either.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from services.engine.attention import SeqSlice
+from services.engine.kv_cache import KVCache, block_runs
+from services.engine.model import CausalLM, StepBatch
+from services.engine.model_config import ModelConfig
+from services.engine.scheduler import ScheduledChunk
+from services.engine.weights import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        config: ModelConfig,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+    ) -> None:
+        self.device = device
+        self.block_size = block_size
+        with torch.device("meta"):
+            model = CausalLM(config, max_model_len, device="meta")
+        model = model.to(dtype).to_empty(device=device)
+        model.rotary = type(model.rotary)(config.rope, config.head_dim, max_model_len, device)
+        load_weights(model, model_dir, dtype)
+        self.model = model.eval()
+        self.kv_cache = KVCache(
+            config.num_layers,
+            num_blocks,
+            block_size,
+            config.num_kv_heads,
+            config.head_dim,
+            dtype,
+            device,
+        )
+
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step; logits ``[S, vocab]`` (float32) for the chunks that sample, in order."""
+        batch = self._build_batch(chunks)
+        return self.model(batch, self.kv_cache)
+
+    def _build_batch(self, chunks: list[ScheduledChunk]) -> StepBatch:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seqs: list[SeqSlice] = []
+        logits_rows: list[int] = []
+        for chunk in chunks:
+            seq, n = chunk.seq, chunk.num_tokens
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            q_start = len(input_ids)
+            input_ids += seq.token_ids[start : start + n]
+            pos = range(start, start + n)
+            positions += pos
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            kv_len = start + n
+            seqs.append(SeqSlice(q_start, n, kv_len, _slot_runs(table, kv_len, bs)))
+            if chunk.samples:
+                logits_rows.append(len(input_ids) - 1)
+        dev = self.device
+        return StepBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            seqs=seqs,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+        )
+
+
+def _slot_runs(table: list[int], kv_len: int, block_size: int) -> tuple[tuple[int, int], ...]:
+    """Slot runs covering the first ``kv_len`` tokens of a block table."""
+    num_blocks = -(-kv_len // block_size)
+    runs = []
+    remaining = kv_len
+    for first, count in block_runs(table[:num_blocks]):
+        length = min(count * block_size, remaining)
+        runs.append((first * block_size, length))
+        remaining -= length
+    return tuple(runs)

@@ -1,0 +1,199 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Policy (one step):
+1. Running sequences first, oldest first: a decoding sequence takes 1 token of
+   the budget, a sequence still prefilling takes a chunk of what remains. Serving
+   them first keeps inter-token latency steady while new prompts arrive.
+2. If a running sequence needs a block and none is free, the most recently
+   admitted running sequence is preempted: its blocks are released and it
+   returns to the front of the queue, to be recomputed (its full blocks usually
+   still hit the prefix cache).
+3. Then queued sequences, first come first served, while budget, blocks and
+   ``max_num_seqs`` allow. A queued sequence first takes the longest cached
+   prefix of its tokens (never the whole prompt: the last token is always
+   computed, to produce logits), then a chunk of the rest.
+
+No tensors here: the scheduler decides which tokens run, the runner runs them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from services.engine.block_pool import BlockPool
+from services.engine.sequence import SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most sequences running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget per step: decode tokens plus prefill chunks."""
+    enable_prefix_caching: bool = True
+    """Reuse cached full blocks across requests."""
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute ``num_tokens`` tokens of ``seq`` starting at its first uncomputed one."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when the chunk reaches the last known token, so a new one is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, config: SchedulerConfig, model_id: str) -> None:
+        self.pool = pool
+        self.config = config
+        self.model_id = model_id
+        self.block_size = pool.block_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, self._blocks_needed(seq, n)):
+                preempted = True
+                break
+            self._grow(seq, n)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+            i += 1
+        while not preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            chunk = self._admit(self.waiting[0], budget)
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            chunks.append(chunk)
+            budget -= chunk.num_tokens
+        return chunks
+
+    def postprocess(self, chunks: list[ScheduledChunk]) -> None:
+        """Record computed tokens and cache newly full blocks (after the forward pass)."""
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_tokens
+            if self.config.enable_prefix_caching:
+                self._commit_full_blocks(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's blocks, wherever it is."""
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status == SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    # ---------------------------------------------------------------- internals
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        total = -(-(seq.num_computed_tokens + n) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def _make_room(self, seq: Sequence, needed: int) -> bool:
+        """Preempt the newest running sequences until ``needed`` blocks are free.
+
+        Returns False when ``seq`` itself had to be preempted.
+        """
+        while needed > self.pool.num_free_blocks:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _grow(self, seq: Sequence, n: int) -> None:
+        needed = self._blocks_needed(seq, n)
+        if needed:
+            after = seq.block_table[-1] if seq.block_table else None
+            seq.block_table += self.pool.allocate(
+                needed, after=after, reserve=self._reserve(seq, needed)
+            )
+
+    def _reserve(self, seq: Sequence, adding: int) -> int:
+        expected = -(-seq.max_total_tokens // self.block_size)
+        return max(0, expected - len(seq.block_table) - adding)
+
+    def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
+        hits = self._cached_prefix(seq)
+        # Cached blocks nobody holds count as free; taking them uses that room up.
+        idle_hits = sum(1 for b in hits if self.pool.ref_count(b) == 0)
+        computed = len(hits) * self.block_size
+        n = min(len(seq.token_ids) - computed, budget)
+        total = -(-(computed + n) // self.block_size)
+        if total - len(hits) + idle_hits > self.pool.num_free_blocks:
+            return None
+        self.pool.acquire(hits)
+        seq.block_table = list(hits)
+        seq.num_computed_tokens = computed
+        seq.num_committed_blocks = len(hits)
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = computed
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        self._grow(seq, n)
+        return ScheduledChunk(seq, n)
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        if not self.config.enable_prefix_caching:
+            return []
+        max_blocks = (len(seq.token_ids) - 1) // self.block_size
+        hashes = seq.block_hashes(max_blocks, self.block_size, self.model_id)
+        hits: list[int] = []
+        for i, h in enumerate(hashes):
+            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            block = self.pool.lookup(h, tokens)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def _commit_full_blocks(self, seq: Sequence) -> None:
+        full = seq.num_computed_tokens // self.block_size
+        if full <= seq.num_committed_blocks:
+            return
+        hashes = seq.block_hashes(full, self.block_size, self.model_id)
+        start = seq.num_committed_blocks
+        parent = hashes[start - 1] if start else None
+        bs = self.block_size
+        self.pool.cache_full_blocks(
+            parent,
+            [
+                (seq.block_table[i], hashes[i], seq.token_ids[i * bs : (i + 1) * bs])
+                for i in range(start, full)
+            ],
+        )
+        seq.num_committed_blocks = full
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(list(reversed(seq.block_table)))
+        seq.block_table = []

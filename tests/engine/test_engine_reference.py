@@ -1,0 +1,120 @@
+"""The engine against transformers: same greedy tokens, fp32 logits within 1e-3.
+
+Random Llama (GQA, llama3 rope scaling), Qwen2 (qkv bias, tied embeddings) and
+Mistral checkpoints; prompts of different lengths run one at a time and all in
+one batch, and again through a prefix-cache hit, chunked prefill and preemption.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.sampling_params import SamplingParams
+from tests.engine.reference import build_checkpoint, greedy_tokens, last_logits, load_reference
+
+NEW_TOKENS = 64
+PROMPT_LENGTHS = (1, 7, 16, 33, 100)
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+
+ARCHS = {
+    "llama": {
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        "rope_theta": 50000.0,
+    },
+    "qwen2": {"tie_word_embeddings": True},
+    "mistral": {"sliding_window": None},
+}
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 4096) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def case(request: pytest.FixtureRequest, tmp_path_factory, tiny_model_dir: Path):  # noqa: ANN001, ANN201
+    arch = request.param
+    directory = build_checkpoint(
+        tmp_path_factory.mktemp(arch), tiny_model_dir, arch, seed=1, **ARCHS[arch]
+    )
+    reference = load_reference(directory)
+    prompts = _prompts(seed=len(arch))
+    expected = [greedy_tokens(reference, p, NEW_TOKENS) for p in prompts]
+    return directory, reference, prompts, expected
+
+
+def _engine(directory: Path, **overrides: object) -> LLMEngine:
+    config = {"dtype": "float32", "device": "cpu", "num_blocks": 256, **overrides}
+    return LLMEngine(str(directory), EngineConfig(**config))
+
+
+def test_greedy_tokens_one_at_a_time(case) -> None:  # noqa: ANN001
+    directory, _, prompts, expected = case
+    engine = _engine(directory)
+    for prompt, want in zip(prompts, expected, strict=True):
+        (got,) = engine.generate([prompt], GREEDY)
+        assert list(got.token_ids) == want
+
+
+def test_greedy_tokens_batched_together(case) -> None:  # noqa: ANN001
+    directory, _, prompts, expected = case
+    engine = _engine(directory, enable_prefix_caching=False)
+    results = engine.generate(prompts, GREEDY)
+    assert [list(r.token_ids) for r in results] == expected
+    assert all(r.usage.completion_tokens == NEW_TOKENS for r in results)
+
+
+def test_fp32_logits_match(case) -> None:  # noqa: ANN001
+    directory, reference, prompts, _ = case
+    engine = _engine(directory)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, GREEDY)
+    chunks = engine.scheduler.schedule()
+    logits = engine.runner.execute(chunks)
+    want = torch.stack([last_logits(reference, p) for p in prompts])
+    torch.testing.assert_close(logits, want, atol=1e-3, rtol=0)
+
+
+def test_prefix_cache_hits_keep_tokens(case) -> None:  # noqa: ANN001
+    directory, reference, prompts, expected = case
+    engine = _engine(directory)
+    long_prompt = prompts[-1]  # 100 tokens: 6 full blocks
+    (first,) = engine.generate([long_prompt], GREEDY)
+    assert first.usage.cached_tokens == 0
+    (again,) = engine.generate([long_prompt], GREEDY)
+    assert list(again.token_ids) == expected[-1]
+    assert again.usage.cached_tokens == 96
+    # A new prompt sharing the first 40 tokens hits the 2 full blocks they fill.
+    branched = long_prompt[:40] + [5, 6, 7, 8, 9]
+    (hit,) = engine.generate([branched], GREEDY)
+    assert hit.usage.cached_tokens == 32
+    assert list(hit.token_ids) == greedy_tokens(reference, branched, NEW_TOKENS)
+
+
+def test_chunked_prefill_keeps_tokens(case) -> None:  # noqa: ANN001
+    directory, _, prompts, expected = case
+    engine = _engine(directory, max_num_batched_tokens=24, enable_prefix_caching=False)
+    results = engine.generate(prompts, GREEDY)
+    assert [list(r.token_ids) for r in results] == expected
+
+
+def test_preemption_keeps_tokens(case) -> None:  # noqa: ANN001
+    directory, _, prompts, expected = case
+    # 5 requests need 1+3+5+7+11 = 27 blocks at full length; 14 forces preemption.
+    engine = _engine(directory, num_blocks=14)
+    results = engine.generate(prompts, GREEDY)
+    assert engine.scheduler.num_preemptions > 0
+    assert [list(r.token_ids) for r in results] == expected
+    assert engine.pool.num_free_blocks == 14
+    engine.pool.check_integrity()
