@@ -58,14 +58,14 @@ def build_checkpoint(
     return directory
 
 
-def load_reference(directory: Path):  # noqa: ANN201 - transformers model
+def load_reference(directory: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 @torch.inference_mode()
-def greedy_tokens(model, prompt: list[int], max_new_tokens: int) -> list[int]:  # noqa: ANN001
+def greedy_tokens(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation, EOS not stopping it (the engine uses ignore_eos)."""
     ids = torch.tensor([prompt])
     out = model.generate(
@@ -80,5 +80,5 @@ def greedy_tokens(model, prompt: list[int], max_new_tokens: int) -> list[int]:  
 
 
 @torch.inference_mode()
-def last_logits(model, prompt: list[int]) -> torch.Tensor:  # noqa: ANN001
+def last_logits(model, prompt: list[int]) -> torch.Tensor:
     return model(torch.tensor([prompt])).logits[0, -1].float()

@@ -43,7 +43,7 @@ def _prompts(seed: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
-def case(request: pytest.FixtureRequest, tmp_path_factory, tiny_model_dir: Path):  # noqa: ANN001, ANN201
+def case(request: pytest.FixtureRequest, tmp_path_factory, tiny_model_dir: Path):
     arch = request.param
     directory = build_checkpoint(
         tmp_path_factory.mktemp(arch), tiny_model_dir, arch, seed=1, **ARCHS[arch]
@@ -59,7 +59,7 @@ def _engine(directory: Path, **overrides: object) -> LLMEngine:
     return LLMEngine(str(directory), EngineConfig(**config))
 
 
-def test_greedy_tokens_one_at_a_time(case) -> None:  # noqa: ANN001
+def test_greedy_tokens_one_at_a_time(case) -> None:
     directory, _, prompts, expected = case
     engine = _engine(directory)
     for prompt, want in zip(prompts, expected, strict=True):
@@ -67,7 +67,7 @@ def test_greedy_tokens_one_at_a_time(case) -> None:  # noqa: ANN001
         assert list(got.token_ids) == want
 
 
-def test_greedy_tokens_batched_together(case) -> None:  # noqa: ANN001
+def test_greedy_tokens_batched_together(case) -> None:
     directory, _, prompts, expected = case
     engine = _engine(directory, enable_prefix_caching=False)
     results = engine.generate(prompts, GREEDY)
@@ -75,7 +75,7 @@ def test_greedy_tokens_batched_together(case) -> None:  # noqa: ANN001
     assert all(r.usage.completion_tokens == NEW_TOKENS for r in results)
 
 
-def test_fp32_logits_match(case) -> None:  # noqa: ANN001
+def test_fp32_logits_match(case) -> None:
     directory, reference, prompts, _ = case
     engine = _engine(directory)
     for i, prompt in enumerate(prompts):
@@ -86,7 +86,7 @@ def test_fp32_logits_match(case) -> None:  # noqa: ANN001
     torch.testing.assert_close(logits, want, atol=1e-3, rtol=0)
 
 
-def test_prefix_cache_hits_keep_tokens(case) -> None:  # noqa: ANN001
+def test_prefix_cache_hits_keep_tokens(case) -> None:
     directory, reference, prompts, expected = case
     engine = _engine(directory)
     long_prompt = prompts[-1]  # 100 tokens: 6 full blocks
@@ -96,20 +96,20 @@ def test_prefix_cache_hits_keep_tokens(case) -> None:  # noqa: ANN001
     assert list(again.token_ids) == expected[-1]
     assert again.usage.cached_tokens == 96
     # A new prompt sharing the first 40 tokens hits the 2 full blocks they fill.
-    branched = long_prompt[:40] + [5, 6, 7, 8, 9]
+    branched = [*long_prompt[:40], 5, 6, 7, 8, 9]
     (hit,) = engine.generate([branched], GREEDY)
     assert hit.usage.cached_tokens == 32
     assert list(hit.token_ids) == greedy_tokens(reference, branched, NEW_TOKENS)
 
 
-def test_chunked_prefill_keeps_tokens(case) -> None:  # noqa: ANN001
+def test_chunked_prefill_keeps_tokens(case) -> None:
     directory, _, prompts, expected = case
     engine = _engine(directory, max_num_batched_tokens=24, enable_prefix_caching=False)
     results = engine.generate(prompts, GREEDY)
     assert [list(r.token_ids) for r in results] == expected
 
 
-def test_preemption_keeps_tokens(case) -> None:  # noqa: ANN001
+def test_preemption_keeps_tokens(case) -> None:
     directory, _, prompts, expected = case
     # 5 requests need 1+3+5+7+11 = 27 blocks at full length; 14 forces preemption.
     engine = _engine(directory, num_blocks=14)
