@@ -6,6 +6,12 @@ included. Its K/V live in one or more runs of consecutive slots
 (``kv_cache.block_runs``); with a single run — the common case the block pool
 arranges — the keys are a strided view of the pool, read in place by SDPA.
 Only fragmented sequences pay a copy.
+
+Decoding sequences whose slots start at evenly spaced offsets (the block pool
+places a wave of similar requests that way) are attended in one SDPA call over
+a strided view of the pool, padded to the longest with a mask: one call reads
+memory at close to the bandwidth of a contiguous batch, where one call per
+sequence reaches about half of it on CPU.
 """
 
 from __future__ import annotations
@@ -37,21 +43,90 @@ def paged_attention(
     seqs: list[SeqSlice],
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     outs = []
-    for s in seqs:
-        q_s = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
-        k_s = _gather(k_cache, s.slot_runs).transpose(0, 1).unsqueeze(0)  # [1, Hkv, kv, d]
-        v_s = _gather(v_cache, s.slot_runs).transpose(0, 1).unsqueeze(0)
-        if s.q_len == 1:
-            o = F.scaled_dot_product_attention(q_s, k_s, v_s, enable_gqa=True)
-        elif s.q_len == s.kv_len:
-            o = F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, enable_gqa=True)
+    i = 0
+    while i < len(seqs):
+        end = _strided_group_end(seqs, i, k_cache.shape[0])
+        if end - i > 1:
+            outs.append(_strided_decode(q, k_cache, v_cache, seqs[i:end]))
         else:
-            # New tokens sit at the end of the context: query i sees keys ≤ i + offset.
-            mask = torch.ones(s.q_len, s.kv_len, dtype=torch.bool, device=q.device)
-            mask = mask.tril(s.kv_len - s.q_len)
-            o = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=True)
-        outs.append(o[0].transpose(0, 1))
+            outs.append(_one_sequence(q, k_cache, v_cache, seqs[i]))
+        i = max(end, i + 1)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _one_sequence(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s: SeqSlice
+) -> torch.Tensor:  # [q_len, heads, head_dim]
+    q_s = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
+    k_s = _gather(k_cache, s.slot_runs).transpose(0, 1).unsqueeze(0)  # [1, Hkv, kv, d]
+    v_s = _gather(v_cache, s.slot_runs).transpose(0, 1).unsqueeze(0)
+    if s.q_len == 1:
+        o = F.scaled_dot_product_attention(q_s, k_s, v_s, enable_gqa=True)
+    elif s.q_len == s.kv_len:
+        o = F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, enable_gqa=True)
+    else:
+        # New tokens sit at the end of the context: query i sees keys ≤ i + offset.
+        mask = torch.ones(s.q_len, s.kv_len, dtype=torch.bool, device=q.device)
+        mask = mask.tril(s.kv_len - s.q_len)
+        o = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+def _strided_group_end(seqs: list[SeqSlice], i: int, num_slots: int) -> int:
+    """End (exclusive) of the run of decoding sequences from ``i`` on whose single
+    slot runs start a constant stride apart, each fitting within the stride."""
+    first = seqs[i]
+    if first.q_len != 1 or len(first.slot_runs) != 1 or i + 1 >= len(seqs):
+        return i
+    stride = _start(seqs[i + 1]) - _start(first)
+    if stride <= 0:
+        return i
+    end, max_len = i + 1, first.kv_len
+    while end < len(seqs):
+        s = seqs[end]
+        ok = s.q_len == 1 and len(s.slot_runs) == 1 and s.kv_len <= stride
+        if not ok or _start(s) - _start(seqs[end - 1]) != stride:
+            break
+        max_len = max(max_len, s.kv_len)
+        end += 1
+    # The padded view of the last member must stay inside the pool.
+    while end - i > 1 and _start(seqs[end - 1]) + max_len > num_slots:
+        end -= 1
+    return end if first.kv_len <= stride else i
+
+
+def _strided_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: list[SeqSlice]
+) -> torch.Tensor:  # [n, heads, head_dim]
+    n = len(group)
+    stride = _start(group[1]) - _start(group[0])
+    lengths = [s.kv_len for s in group]
+    max_len = max(lengths)
+    q_g = q[group[0].q_start : group[0].q_start + n].unsqueeze(2)  # [n, H, 1, d]
+    k_g = _lanes(k_cache, _start(group[0]), n, stride, max_len)  # [n, Hkv, max_len, d]
+    v_g = _lanes(v_cache, _start(group[0]), n, stride, max_len)
+    mask = None
+    if min(lengths) != max_len:
+        length_t = torch.tensor(lengths, device=q.device)
+        mask = torch.arange(max_len, device=q.device) < length_t[:, None]
+        mask = mask[:, None, None, :]  # [n, 1, 1, max_len]
+    o = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, enable_gqa=True)
+    return o.squeeze(2)
+
+
+def _lanes(cache: torch.Tensor, first: int, n: int, stride: int, length: int) -> torch.Tensor:
+    """View of ``n`` windows of ``length`` slots, ``stride`` slots apart, as [n, Hkv, length, d]."""
+    slot = cache.stride(0)
+    view = cache.as_strided(
+        (n, length, cache.shape[1], cache.shape[2]),
+        (stride * slot, slot, cache.stride(1), cache.stride(2)),
+        cache.storage_offset() + first * slot,
+    )
+    return view.transpose(1, 2)
+
+
+def _start(s: SeqSlice) -> int:
+    return s.slot_runs[0][0]
 
 
 def _gather(cache: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:

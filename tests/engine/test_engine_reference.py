@@ -7,6 +7,7 @@ one batch, and again through a prefix-cache hit, chunked prefill and preemption.
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -118,3 +119,24 @@ def test_preemption_keeps_tokens(case) -> None:
     assert [list(r.token_ids) for r in results] == expected
     assert engine.pool.num_free_blocks == 14
     engine.pool.check_integrity()
+
+
+def test_wave_of_equal_prompts_decodes_in_strided_groups(case) -> None:
+    """Equal-length prompts admitted together sit evenly spaced in the pool and
+    are decoded by one strided attention call per layer; tokens must not change."""
+    directory, reference, prompts, _ = case
+    wave = [prompts[-1][i : i + 20] for i in range(0, 80, 20)]
+    engine = _engine(directory)
+    for i, prompt in enumerate(wave):
+        engine.add_request(f"w{i}", prompt, GREEDY)
+    outputs = engine.step()
+    starts = [s.block_table[0] for s in engine.scheduler.running]
+    assert len({b - a for a, b in itertools.pairwise(starts)}) == 1
+    results: dict[str, list[int]] = {}
+    for out in outputs:
+        results.setdefault(out.request_id, []).extend(out.token_ids)
+    while engine.has_unfinished():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).extend(out.token_ids)
+    for i, prompt in enumerate(wave):
+        assert results[f"w{i}"] == greedy_tokens(reference, prompt, NEW_TOKENS)
