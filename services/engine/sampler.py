@@ -24,6 +24,7 @@ class Sampler:
         """Drop a finished request's generator."""
         self._generators.pop(request_id, None)
 
+    @torch.inference_mode()
     def sample(
         self,
         logits: torch.Tensor,  # [S, vocab] float32

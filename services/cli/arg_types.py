@@ -1,0 +1,61 @@
+"""argparse ``type=`` converters that reject bad values with a message naming the fix.
+
+argparse turns an ArgumentTypeError into ``tandem <cmd>: error: argument --flag: <message>``
+and exit status 2, so a bad flag never reaches the engine and never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def token_ids(text: str) -> list[int]:
+    """``"1,2,3"`` → ``[1, 2, 3]``; range checks against the vocabulary happen in the engine."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integer token ids such as 1,2,3, got {text!r}"
+        ) from None
+    return ids
+
+
+def device(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None

@@ -1,0 +1,73 @@
+"""The ``tandem`` console script: a thin dispatcher over one module per subcommand.
+
+Each subcommand module has ``register(subparsers)``, which adds its parser and sets
+``handler`` (``args -> exit status``). Adding a subcommand is one line in COMMANDS.
+Subcommand modules import heavy dependencies (torch, grpc) inside their handlers, so
+``tandem --help`` and services that need neither start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from services.cli import bench, generate
+from services.engine.errors import TandemError
+
+Register = Callable[[argparse._SubParsersAction], None]
+
+COMMANDS: tuple[Register, ...] = (
+    generate.register,
+    bench.register,
+)
+
+EXIT_USAGE = 2
+"""Bad flags or a bad request: argparse's convention, kept for errors found later too."""
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for Ctrl-C."""
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE, what a shell reports when a reader closes the pipe early."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tandem",
+        description="Tandem: disaggregated LLM serving. Each subcommand has its own --help.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``tandem`` with ``argv`` (default: sys.argv[1:]) and return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        # argparse exits after --help (0) and on usage errors (2); return the status
+        # instead, so callers and tests get an int like every other outcome.
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.argv = argv  # recorded by commands that write results (the command line)
+    try:
+        return int(args.handler(args))
+    except TandemError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`tandem generate ... | head`): not an error worth a
+        # traceback. Point stdout at /dev/null so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Bad input exits 2 with `error: ...` naming the problem, and never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.cli.main import main
+
+
+def _fails(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
+        (["--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--min-tokens", "5", "--max-tokens", "2"], "--min-tokens"),
+        (["--stop", ""], "--stop"),
+        (["--max-tokens", "many"], "argument --max-tokens: invalid int value: 'many'"),
+        (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N"),
+        (["--kv-cache-gib", "0"], "argument --kv-cache-gib: must be a finite number above 0"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ],
+)
+def test_bad_flag(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, args: list[str], expected: str
+) -> None:
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "hi", *args]
+    assert expected in _fails(capsys, argv)
+
+
+def test_unknown_model_name(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _fails(capsys, ["generate", "--model", "no-such-model", "--prompt", "hi"])
+    assert err.startswith("error: unknown model 'no-such-model'")
+    assert "tandem-tiny" in err
+
+
+def test_malformed_model_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    err = _fails(capsys, ["generate", "--model", str(tmp_path), "--prompt", "hi"])
+    assert "is not a complete model directory" in err
+    assert "tokenizer.json" in err
+    assert "*.safetensors" in err
+
+
+def test_token_id_outside_vocabulary(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, engine_flags: list[str]
+) -> None:
+    argv = ["generate", "--model", str(tiny_model_dir), *engine_flags]
+    err = _fails(capsys, [*argv, "--prompt-token-ids", "1,999999"])
+    assert "token id 999999 is outside the vocabulary [0, 4096)" in err
+
+
+def test_malformed_token_ids(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path) -> None:
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt-token-ids", "1,two,3"]
+    assert "expected comma-separated integer token ids" in _fails(capsys, argv)
+
+
+def test_prompt_is_required_and_exclusive(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir: Path
+) -> None:
+    argv = ["generate", "--model", str(tiny_model_dir)]
+    assert "one of the arguments --prompt --prompt-token-ids is required" in _fails(capsys, argv)
+    both = [*argv, "--prompt", "hi", "--prompt-token-ids", "1"]
+    assert "not allowed with argument" in _fails(capsys, both)
+
+
+def test_missing_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "required: COMMAND" in _fails(capsys, [])
+    assert "required: BENCHMARK" in _fails(capsys, ["bench"])
