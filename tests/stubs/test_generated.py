@@ -23,6 +23,9 @@ GENERATED = [
     "tandem/v1/inference_pb2.py",
     "tandem/v1/inference_pb2.pyi",
     "tandem/v1/inference_pb2_grpc.py",
+    "tandem/v1/worker_pb2.py",
+    "tandem/v1/worker_pb2.pyi",
+    "tandem/v1/worker_pb2_grpc.py",
 ]
 
 
@@ -194,6 +197,7 @@ def test_generate_response_and_usage_fields() -> None:
         "text",
         "finish_reason",
         "usage",
+        "serving",
     ]
     assert _field(pb.GenerateResponse, "token_ids").is_repeated
     assert [f.name for f in pb.Usage.DESCRIPTOR.fields] == [
