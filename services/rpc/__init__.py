@@ -1,0 +1,1 @@
+"""gRPC plumbing every Tandem service shares: server start/stop, status mapping."""
