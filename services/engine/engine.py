@@ -9,8 +9,9 @@ worker services drive it from one thread and hand results to asyncio.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +26,7 @@ from services.engine.runner import DTYPES, ModelRunner
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
-from services.engine.sequence import Sequence
+from services.engine.sequence import SeqStatus, Sequence
 from services.engine.text_stream import TextStream
 from services.engine.tokenizer import Tokenizer
 
@@ -66,12 +67,34 @@ class Completion:
     usage: Usage
 
 
+@dataclass(frozen=True)
+class HeldKV:
+    """A prefilled prompt's blocks, pinned until a decode worker has read them."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    """Tokens of KV in the blocks (the prompt length)."""
+    expires_at: float
+    """time.monotonic() after which the blocks are released unread."""
+
+
+@dataclass(frozen=True)
+class TransferTarget:
+    """Local blocks reserved for a prompt's KV arriving from a prefill worker."""
+
+    block_ids: tuple[int, ...]
+    num_reused: int
+    """Leading blocks this worker's prefix cache already held: not to be read."""
+
+
 @dataclass
 class _Request:
     seq: Sequence
     text: TextStream
     eos: frozenset[int]
-    new_tokens: list[int] = field(default_factory=list)
+    prefill_only: bool = False
+    lease_s: float = 0.0
 
 
 class LLMEngine:
@@ -107,25 +130,86 @@ class LLMEngine:
         )
         self.sampler = Sampler(self.device, config.seed)
         self._requests: dict[str, _Request] = {}
+        self._held: dict[str, HeldKV] = {}
         self._arrivals = 0
+        self.num_lease_expiries = 0
 
     # ------------------------------------------------------------------ public
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prefill_only: bool = False,
+        lease_s: float = 30.0,
     ) -> None:
-        """Queue a request; raises InvalidRequestError / OutOfBlocksError and changes nothing."""
+        """Queue a request; raises InvalidRequestError / OutOfBlocksError and changes nothing.
+
+        With ``prefill_only`` the request stops after its first token: unless that
+        token finishes it, its final output has no finish reason and its prompt's
+        blocks stay pinned for ``lease_s`` seconds (``held``) for a decode worker.
+        """
         self._validate(request_id, prompt_token_ids, params)
-        seq = Sequence(
-            request_id=request_id,
-            token_ids=list(prompt_token_ids),
-            params=params,
-            max_total_tokens=min(len(prompt_token_ids) + params.max_tokens, self.max_model_len),
-            arrival=self._arrivals,
-        )
-        self._arrivals += 1
-        eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
-        self._requests[request_id] = _Request(seq, TextStream(self.tokenizer, params.stop), eos)
-        self.scheduler.add(seq)
+        req = self._new_request(request_id, list(prompt_token_ids), params)
+        req.prefill_only, req.lease_s = prefill_only, lease_s
+        self.scheduler.add(req.seq)
+
+    def add_transferred_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+    ) -> TransferTarget | None:
+        """Admit a request prefilled elsewhere, whose first token is known.
+
+        Reserves blocks for the prompt's KV (reusing this worker's prefix cache)
+        and returns them; the caller copies the KV in, then calls
+        ``transfer_done``. Returns None when the pool cannot hold it now: the
+        request is then queued to be prefilled here instead.
+        """
+        self._validate(request_id, [*prompt_token_ids, first_token], params)
+        req = self._new_request(request_id, [*prompt_token_ids, first_token], params)
+        seq = req.seq
+        seq.num_prompt_tokens = len(prompt_token_ids)
+        req.text.push(first_token, check_stop=False)  # already sent by the prefill worker
+        reused = self.scheduler.reserve_for_transfer(seq, len(prompt_token_ids))
+        if reused is None:
+            self.scheduler.add(seq)
+            return None
+        return TransferTarget(tuple(seq.block_table), reused)
+
+    def transfer_done(self, request_id: str, ok: bool) -> None:
+        """The KV copy for ``add_transferred_request`` finished; on failure, prefill here."""
+        req = self._requests.get(request_id)
+        if req is not None and req.seq.status == SeqStatus.AWAITING_KV:
+            self.scheduler.transfer_done(req.seq, req.seq.num_prompt_tokens, ok)
+
+    def held(self, request_id: str) -> HeldKV | None:
+        """The pinned blocks of a finished prefill-only request, if still pinned."""
+        return self._held.get(request_id)
+
+    def release_held(self, request_id: str) -> bool:
+        """Unpin a prefill's blocks (the decode side has them); False if none are pinned."""
+        held = self._held.pop(request_id, None)
+        if held is None:
+            return False
+        self.pool.release(list(reversed(held.block_ids)))
+        return True
+
+    def expire_held(self, now: float | None = None) -> list[str]:
+        """Release every lease that ran out; returns their request ids."""
+        now = time.monotonic() if now is None else now
+        expired = [rid for rid, h in self._held.items() if h.expires_at <= now]
+        for rid in expired:
+            self.release_held(rid)
+        self.num_lease_expiries += len(expired)
+        return expired
+
+    def has_schedulable(self) -> bool:
+        """True when a step would do work (requests awaiting KV are not scheduled)."""
+        return self.scheduler.has_work()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final CANCELLED delta."""
@@ -187,6 +271,22 @@ class LLMEngine:
         ]
 
     # --------------------------------------------------------------- internals
+    def _new_request(
+        self, request_id: str, token_ids: list[int], params: SamplingParams
+    ) -> _Request:
+        seq = Sequence(
+            request_id=request_id,
+            token_ids=token_ids,
+            params=params,
+            max_total_tokens=min(len(token_ids) + params.max_tokens, self.max_model_len),
+            arrival=self._arrivals,
+        )
+        self._arrivals += 1
+        eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
+        req = _Request(seq, TextStream(self.tokenizer, params.stop), eos)
+        self._requests[request_id] = req
+        return req
+
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
@@ -236,6 +336,8 @@ class LLMEngine:
             or len(seq.token_ids) >= seq.max_total_tokens
         ):
             return self._finish(req, FinishReason.LENGTH, delta + req.text.finish(), token)
+        if req.prefill_only:
+            return self._hold(req, delta, token)
         return RequestOutput(seq.request_id, (token,), delta)
 
     def _finish(
@@ -248,6 +350,20 @@ class LLMEngine:
         usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens or 0)
         tokens = (token,) if token is not None else ()
         return RequestOutput(seq.request_id, tokens, delta, reason, usage)
+
+    def _hold(self, req: _Request, delta: str, token: int) -> RequestOutput:
+        seq = req.seq
+        self.scheduler.hold(seq)
+        del self._requests[seq.request_id]
+        self.sampler.forget(seq.request_id)
+        self._held[seq.request_id] = HeldKV(
+            seq.request_id,
+            tuple(seq.block_table),
+            seq.num_prompt_tokens,
+            time.monotonic() + req.lease_s,
+        )
+        usage = Usage(seq.num_prompt_tokens, 1, seq.num_cached_tokens or 0)
+        return RequestOutput(seq.request_id, (token,), delta, None, usage)
 
     def _max_model_len(self) -> int:
         mc = self.model_config

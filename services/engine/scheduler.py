@@ -102,10 +102,52 @@ class Scheduler:
         """Release a finished or aborted sequence's blocks, wherever it is."""
         if seq.status == SeqStatus.RUNNING:
             self.running.remove(seq)
-            self._release(seq)
         elif seq.status == SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        self._release(seq)
         seq.status = SeqStatus.FINISHED
+
+    def hold(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch, keeping its blocks pinned."""
+        self.running.remove(seq)
+        seq.status = SeqStatus.HELD
+
+    def reserve_for_transfer(self, seq: Sequence, num_tokens: int) -> int | None:
+        """Give a new sequence blocks for ``num_tokens`` tokens of KV arriving from elsewhere.
+
+        Its own prefix cache counts: cached blocks are taken, not copied. Returns
+        how many leading blocks were cache hits, or None (nothing taken) when the
+        pool cannot hold the rest now.
+        """
+        hits = self._cached_prefix(seq)[: num_tokens // self.block_size]
+        idle_hits = sum(1 for b in hits if self.pool.ref_count(b) == 0)
+        total = -(-num_tokens // self.block_size)
+        if total - len(hits) + idle_hits > self.pool.num_free_blocks:
+            return None
+        self.pool.acquire(hits)
+        seq.block_table = list(hits)
+        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_committed_blocks = len(hits)
+        seq.num_cached_tokens = len(hits) * self.block_size
+        self._grow(seq, num_tokens - seq.num_computed_tokens)
+        seq.status = SeqStatus.AWAITING_KV
+        return len(hits)
+
+    def transfer_done(self, seq: Sequence, num_tokens: int, ok: bool) -> None:
+        """KV for ``num_tokens`` arrived (join the batch) or failed (recompute locally)."""
+        if ok:
+            seq.num_computed_tokens = num_tokens
+            if self.config.enable_prefix_caching:
+                self._commit_full_blocks(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+        else:
+            self._release(seq)
+            seq.block_table = []
+            seq.num_computed_tokens = 0
+            seq.num_committed_blocks = 0
+            seq.status = SeqStatus.WAITING
+            self.waiting.append(seq)
 
     # ---------------------------------------------------------------- internals
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
@@ -195,5 +237,6 @@ class Scheduler:
         seq.num_committed_blocks = full
 
     def _release(self, seq: Sequence) -> None:
-        self.pool.release(list(reversed(seq.block_table)))
+        if seq.block_table:
+            self.pool.release(list(reversed(seq.block_table)))
         seq.block_table = []

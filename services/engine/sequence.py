@@ -14,6 +14,10 @@ class SeqStatus(enum.Enum):
     """Queued, holding no blocks (new, or preempted and waiting to be recomputed)."""
     RUNNING = "running"
     """Holding blocks; prefilling in chunks or decoding one token per step."""
+    AWAITING_KV = "awaiting_kv"
+    """Holding blocks that another worker's KV is being copied into; not scheduled."""
+    HELD = "held"
+    """Prefill done; its blocks stay pinned for a decode worker to read."""
     FINISHED = "finished"
 
 

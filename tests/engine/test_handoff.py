@@ -1,0 +1,128 @@
+"""Prefill on one engine, decode on another: the engine side of disaggregation.
+
+The KV is copied between the two pools block by block here (the services do it
+with NIXL or a byte stream); the tokens must equal one engine doing everything,
+and every block must come back to the pools.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.sampling_params import SamplingParams
+from tests.engine.reference import build_checkpoint
+
+PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+PROMPT = list(range(100, 150))  # 50 tokens: 3 full blocks + 2
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("llama"), tiny_model_dir, "llama", seed=3)
+
+
+def _engine(directory: Path) -> LLMEngine:
+    return LLMEngine(str(directory), EngineConfig(dtype="float32", device="cpu", num_blocks=64))
+
+
+def _run(engine: LLMEngine) -> list[int]:
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.token_ids
+    return tokens
+
+
+def _copy_blocks(src: LLMEngine, src_ids: list[int], dst: LLMEngine, dst_ids: list[int]) -> None:
+    bs = src.config.block_size
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        dst.runner.kv_cache.tensor[:, :, d * bs : (d + 1) * bs] = src.runner.kv_cache.tensor[
+            :, :, s * bs : (s + 1) * bs
+        ]
+
+
+def _prefill(prefill: LLMEngine, rid: str) -> tuple[int, list[int]]:
+    prefill.add_request(rid, PROMPT, PARAMS, prefill_only=True)
+    (out,) = [o for o in _drain(prefill)]
+    assert out.finish_reason is None and out.usage is not None
+    held = prefill.held(rid)
+    assert held is not None and held.num_tokens == len(PROMPT)
+    return out.token_ids[0], list(held.block_ids)
+
+
+def _drain(engine: LLMEngine) -> list:
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    return outs
+
+
+def test_decode_from_transferred_kv_equals_one_engine(checkpoint: Path) -> None:
+    (whole,) = _engine(checkpoint).generate([PROMPT], PARAMS)
+    prefill, decode = _engine(checkpoint), _engine(checkpoint)
+    first, remote_ids = _prefill(prefill, "r1")
+    assert first == whole.token_ids[0]
+    assert prefill.pool.num_free_blocks == 64 - 4  # 4 blocks pinned under the lease
+
+    target = decode.add_transferred_request("r1", PROMPT, first, PARAMS)
+    assert target is not None and target.num_reused == 0 and len(target.block_ids) == 4
+    _copy_blocks(prefill, remote_ids, decode, list(target.block_ids))
+    assert prefill.release_held("r1") and not prefill.release_held("r1")
+    decode.transfer_done("r1", ok=True)
+    rest = _run(decode)
+    assert [first, *rest] == list(whole.token_ids)
+    assert prefill.pool.num_free_blocks == decode.pool.num_free_blocks == 64
+    # The decode side computed none of the prompt: its 3 full prompt blocks are
+    # cached from the transfer, so the same prompt now hits there.
+    assert decode.scheduler.pool.num_cached_blocks >= 3
+
+
+def test_decode_reuses_its_own_prefix_cache(checkpoint: Path) -> None:
+    prefill, decode = _engine(checkpoint), _engine(checkpoint)
+    decode.generate([PROMPT], PARAMS)  # decode now caches the prompt's 3 full blocks
+    first, _ = _prefill(prefill, "r2")
+    target = decode.add_transferred_request("r2", PROMPT, first, PARAMS)
+    assert target is not None and target.num_reused == 3
+
+
+def test_failed_transfer_falls_back_to_local_prefill(checkpoint: Path) -> None:
+    (whole,) = _engine(checkpoint).generate([PROMPT], PARAMS)
+    prefill, decode = _engine(checkpoint), _engine(checkpoint)
+    first, _ = _prefill(prefill, "r3")
+    decode.add_transferred_request("r3", PROMPT, first, PARAMS)
+    decode.transfer_done("r3", ok=False)  # nothing was copied: recompute here
+    assert [first, *_run(decode)] == list(whole.token_ids)
+    assert decode.pool.num_free_blocks == 64
+
+
+def test_lease_expiry_releases_unread_blocks(checkpoint: Path) -> None:
+    prefill = _engine(checkpoint)
+    prefill.add_request("r4", PROMPT, PARAMS, prefill_only=True, lease_s=5.0)
+    _drain(prefill)
+    held = prefill.held("r4")
+    assert held is not None
+    assert prefill.expire_held(held.expires_at - 1) == []
+    assert prefill.expire_held(held.expires_at) == ["r4"]
+    assert prefill.num_lease_expiries == 1 and prefill.pool.num_free_blocks == 64
+
+
+def test_first_token_that_finishes_holds_nothing(checkpoint: Path) -> None:
+    prefill = _engine(checkpoint)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prefill.add_request("r5", PROMPT, one, prefill_only=True)
+    (out,) = _drain(prefill)
+    assert out.finish_reason is not None and prefill.held("r5") is None
+    assert prefill.pool.num_free_blocks == 64
+
+
+def test_abort_while_awaiting_kv_frees_blocks(checkpoint: Path) -> None:
+    decode = _engine(checkpoint)
+    target = decode.add_transferred_request("r6", PROMPT, 7, PARAMS)
+    assert target is not None and decode.pool.num_free_blocks == 60
+    out = decode.abort("r6")
+    assert out is not None and out.finish_reason is not None
+    assert decode.pool.num_free_blocks == 64
+    decode.pool.check_integrity()
