@@ -112,15 +112,20 @@ class BlockPool:
             while len(taken) < n and b < self.num_blocks and self._free[b]:
                 taken.append(b)
                 b += 1
+            self._take(taken)
         if len(taken) < n:
-            taken += self._pick_runs(n - len(taken), reserve)
-        for b in taken:
-            self._free[b] = False
-            self._ref[b] = 1
-        self._num_free -= len(taken)
+            rest = self._pick_runs(n - len(taken), reserve)
+            self._take(rest)
+            taken += rest
         if reserve > 0:
             self._reserve[taken[-1]] = reserve
         return taken
+
+    def _take(self, block_ids: list[int]) -> None:
+        for b in block_ids:
+            self._free[b] = False
+            self._ref[b] = 1
+        self._num_free -= len(block_ids)
 
     def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block, in the order given.
@@ -201,20 +206,24 @@ class BlockPool:
             usable_starts[i] = s + min(held, lengths[i])
         usable = starts + lengths - usable_starts
         want = n + reserve
-        for lens, begin in ((usable, usable_starts), (lengths, starts)):
-            fits = np.nonzero(lens >= want)[0]
-            if fits.size:
-                i = fits[np.argmin(lens[fits])]
-                return list(range(int(begin[i]), int(begin[i]) + n))
+        fits = np.nonzero(usable >= want)[0]
+        if fits.size:  # best fit: leaves the larger runs to others
+            i = fits[np.argmin(usable[fits])]
+            return list(range(int(usable_starts[i]), int(usable_starts[i]) + n))
+        fits = np.nonzero(usable >= n)[0]
+        if fits.size:  # no room to grow anywhere: take the most there is
+            i = fits[np.argmax(usable[fits])]
+            return list(range(int(usable_starts[i]), int(usable_starts[i]) + n))
         taken: list[int] = []
         for i in np.argsort(-usable, kind="stable"):
-            if usable[i] > 0:
+            if usable[i] > 0 and len(taken) < n:
                 take = min(n - len(taken), int(usable[i]))
                 taken += range(int(usable_starts[i]), int(usable_starts[i]) + take)
-            if len(taken) == n:
-                return taken
-        # Only reserved room is left: take it, first come first served.
-        rest = [int(b) for b in np.nonzero(self._free)[0] if int(b) not in set(taken)]
+        if len(taken) == n:
+            return taken
+        # Only room others reserved is left: take it, first come first served.
+        chosen = set(taken)
+        rest = [int(b) for b in np.nonzero(self._free)[0] if int(b) not in chosen]
         return taken + rest[: n - len(taken)]
 
     def _free_runs(self) -> tuple[np.ndarray, np.ndarray]:

@@ -329,8 +329,10 @@ class LLMEngine:
         past_min = seq.num_output_tokens >= seq.params.min_tokens
         is_eos = token in req.eos
         delta, stopped = ("", False) if is_eos else req.text.push(token, check_stop=past_min)
-        if (is_eos and past_min) or stopped:
+        if stopped:
             return self._finish(req, FinishReason.STOP, delta, token)
+        if is_eos and past_min:  # the EOS token has no text; release what was held back
+            return self._finish(req, FinishReason.STOP, delta + req.text.finish(), token)
         if (
             seq.num_output_tokens >= seq.params.max_tokens
             or len(seq.token_ids) >= seq.max_total_tokens

@@ -68,6 +68,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted = False
+        preemptions_before = self.num_preemptions
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -79,6 +80,8 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
             i += 1
+        # Admitting right after preempting would only thrash: wait a step.
+        preempted = preempted or self.num_preemptions != preemptions_before
         while not preempted and self.waiting and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break

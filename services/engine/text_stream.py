@@ -47,7 +47,9 @@ class TextStream:
         return self._text
 
     def _find_stop(self) -> int | None:
-        # Only the unsent tail plus a stop string's length can hold a new match.
-        start = max(0, self._sent - self._hold)
+        # A match ending in the new text starts at or after _sent (that much is
+        # held back); one before it completed while stops were not checked
+        # (min_tokens) and its text is already out: it does not count.
+        start = self._sent
         found = [i for s in self._stop if (i := self._text.find(s, start)) >= 0]
         return min(found) if found else None
