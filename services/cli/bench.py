@@ -1,4 +1,4 @@
-"""``tandem bench``: benchmarks, one sub-subcommand each (``throughput`` so far).
+"""``tandem bench``: benchmarks, one sub-subcommand each (``throughput``, ``serve``).
 
 The measuring lives in services.bench; this module only turns flags into its
 configuration and writes what it returns (table on stdout, optional JSON and plot).
@@ -7,6 +7,8 @@ configuration and writes what it returns (table on stdout, optional JSON and plo
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from services.cli.engine_args import add_engine_args, add_model_arg, engine_conf
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="measure Tandem (throughput, ...)",
+        help="measure Tandem (offline throughput, online serving)",
         description="Benchmarks. Each one has its own --help.",
     )
     benchmarks = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
@@ -94,7 +96,131 @@ def _register_throughput(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_throughput)
 
 
-BENCHMARKS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_register_throughput,)
+def _register_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="latency and throughput of a running Inference service under load",
+        description="Online serving benchmark: NUM_PROMPTS requests sent to a running "
+        "tandem.v1.Inference service (gateway, router or worker) on a seeded Poisson "
+        "schedule, open loop, after one untimed warm-up request. Prompts are token ids; "
+        "every request is greedy with EOS ignored and exactly OUTPUT_LEN tokens. Reports "
+        "TTFT, TPOT, ITL and E2E latency (mean, p50, p90, p99), request and token "
+        "throughput, goodput under --goodput SLOs, failures by status code, requested vs "
+        "achieved rate, per-worker shares and prefix-cache hits. Latencies start at each "
+        "request's scheduled send time, so time it waits in the client (for a "
+        "--max-concurrency slot, or behind a client that fell behind) counts.",
+    )
+    parser.add_argument(
+        "--target", required=True, metavar="HOST:PORT", help="the Inference service to load"
+    )
+    parser.add_argument(
+        "--model",
+        default="tandem-tiny",
+        metavar="ID",
+        help="model id to ask for, as ListModels names it (tandem-tiny)",
+    )
+    workload = parser.add_argument_group("workload")
+    workload.add_argument(
+        "--workload",
+        choices=("random", "shared-prefix"),
+        default="random",
+        help="random: distinct random prompts; shared-prefix: NUM_GROUPS random prefixes "
+        "of PREFIX_LEN tokens, each prompt one of them plus INPUT_LEN unique tokens, "
+        "groups interleaved in a seeded shuffle (random)",
+    )
+    workload.add_argument(
+        "--num-prompts",
+        type=arg_types.positive_int,
+        required=True,
+        metavar="N",
+        help="number of requests",
+    )
+    workload.add_argument(
+        "--input-len",
+        type=arg_types.positive_int,
+        required=True,
+        metavar="I",
+        help="prompt tokens (random ids, special ids 0-2 avoided); with shared-prefix, "
+        "the unique tokens after the prefix",
+    )
+    workload.add_argument(
+        "--output-len",
+        type=arg_types.positive_int,
+        required=True,
+        metavar="O",
+        help="tokens generated per request (min_tokens = max_tokens = O, EOS ignored)",
+    )
+    workload.add_argument(
+        "--num-groups",
+        type=arg_types.positive_int,
+        metavar="G",
+        help="shared-prefix: number of distinct prefixes (required with it)",
+    )
+    workload.add_argument(
+        "--prefix-len",
+        type=arg_types.positive_int,
+        metavar="P",
+        help="shared-prefix: tokens in each prefix (required with it)",
+    )
+    workload.add_argument(
+        "--seed",
+        type=arg_types.non_negative_int,
+        default=0,
+        metavar="S",
+        help="seed of the prompts and arrival times; against a warm server, a seed it has "
+        "seen before hits its prefix cache (0)",
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--request-rate",
+        type=_request_rate,
+        required=True,
+        metavar="R|inf",
+        help="mean requests/s of Poisson arrivals (exponential gaps, mean 1/R); "
+        "inf sends every request at once",
+    )
+    load.add_argument(
+        "--max-concurrency",
+        type=arg_types.positive_int,
+        metavar="C",
+        help="most requests in flight; the rest wait in the client, and that wait counts "
+        "in their latency (default: no cap)",
+    )
+    load.add_argument(
+        "--timeout",
+        type=arg_types.positive_float,
+        default=300.0,
+        metavar="S",
+        help="deadline of each request in seconds, from when it is sent (300)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--goodput",
+        type=_slos,
+        default={},
+        metavar="ttft_ms=X,tpot_ms=Y",
+        help="SLOs for goodput (requests/s meeting all of them); keys ttft_ms, tpot_ms, e2e_ms",
+    )
+    output.add_argument(
+        "--json",
+        type=Path,
+        metavar="FILE",
+        help="write the configuration, environment, every figure and every request's "
+        "raw timings to FILE as JSON",
+    )
+    output.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="write CDFs of TTFT and inter-token latency to FILE.png",
+    )
+    parser.set_defaults(handler=run_serve)
+
+
+BENCHMARKS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _register_throughput,
+    _register_serve,
+)
 
 
 def run_throughput(args: argparse.Namespace) -> int:
@@ -126,3 +252,70 @@ def run_throughput(args: argparse.Namespace) -> int:
     if args.profile:
         print(f"wrote {args.profile}")
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from services.bench.serve import ServeBenchError, ServeConfig, measure_serving
+    from services.bench.serve_report import format_table, result_dict
+
+    config = ServeConfig(
+        target=args.target,
+        model=args.model,
+        workload=args.workload,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        seed=args.seed,
+        num_groups=args.num_groups,
+        prefix_len=args.prefix_len,
+        slos_ms=args.goodput,
+        timeout_s=args.timeout,
+    )
+    try:
+        result = measure_serving(config)
+    except ServeBenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    if args.json:
+        from services.bench.environment import describe_environment
+        from services.bench.report import write_json
+
+        environment = describe_environment(["tandem", *args.argv])
+        write_json(args.json, result_dict(result, environment))
+        print(f"wrote {args.json}")
+    if args.plot:
+        from services.bench.serve_plots import plot_latency_cdfs
+
+        plot_latency_cdfs(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _request_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not rate > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected requests/s above 0, or inf; got {text!r}")
+    return rate
+
+
+def _slos(text: str) -> dict[str, float]:
+    """``ttft_ms=500,tpot_ms=50`` → {"ttft_ms": 500.0, "tpot_ms": 50.0}."""
+    from services.bench.serve_metrics import SLO_METRICS
+
+    slos: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in SLO_METRICS:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=MILLISECONDS pairs with NAME in {', '.join(SLO_METRICS)}, "
+                f"such as ttft_ms=500,tpot_ms=50; got {item!r}"
+            )
+        slos[name] = arg_types.positive_float(value)
+    return slos

@@ -1,38 +1,56 @@
-"""``tandem generate``: run one request through an in-process engine and print the result.
+"""``tandem generate``: run one request and print the result.
 
-Text is streamed to stdout as the engine produces it; ``--json`` prints one object
-with the token ids, text, finish reason and usage instead.
+The request runs through an in-process engine, or with ``--target HOST:PORT`` through
+a running tandem.v1.Inference service (Inference.Generate over gRPC; nothing imports
+torch on that path). Text is streamed to stdout as it is produced; ``--json`` prints
+one object with the token ids, text, finish reason and usage instead (plus the
+server's "serving" info with --target).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from services.cli import arg_types
-from services.cli.engine_args import add_engine_args, add_model_arg, engine_config
+from services.cli.engine_args import add_engine_args, engine_config
 from services.cli.sampling_args import add_sampling_args, sampling_params
+from services.engine.errors import InvalidRequestError
 from services.engine.outputs import FinishReason, RequestOutput
 from services.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from services.engine.engine import LLMEngine
+    from services.stubs.tandem.v1 import inference_pb2
 
 REQUEST_ID = "cli-generate"
+REMOTE_MODEL = "tandem-tiny"
+"""The model --target asks for when --model is not given."""
+EXIT_BAD_REQUEST = 2
+"""The server rejected the request (INVALID_ARGUMENT, NOT_FOUND): like a bad flag."""
+EXIT_FAILED = 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="generate text from one prompt with an in-process engine",
-        description="Run one request through an engine in this process, streaming the "
-        "generated text to stdout (or, with --json, printing one JSON object at the end).",
+        help="generate text from one prompt, in-process or on a running service",
+        description="Run one request through an engine in this process, or with --target "
+        "through a running tandem.v1.Inference service, streaming the generated text to "
+        "stdout (or, with --json, printing one JSON object at the end).",
     )
-    add_model_arg(parser)
+    parser.add_argument(
+        "--model",
+        metavar="DIR|tandem-tiny",
+        help="in-process: a Hugging Face-format model directory (config.json, *.safetensors, "
+        "tokenizer.json) or 'tandem-tiny', the built-in model created on first use "
+        f"(required); with --target: the model id to ask for ({REMOTE_MODEL})",
+    )
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text, tokenized by the model")
     prompt.add_argument(
@@ -46,13 +64,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--json",
         action="store_true",
         help='print one JSON object {"token_ids", "text", "finish_reason", "usage"} '
-        "instead of streaming text",
+        'instead of streaming text (with --target, also "serving": the workers that served it)',
+    )
+    remote = parser.add_argument_group("remote")
+    remote.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="send the request to the tandem.v1.Inference service at HOST:PORT instead of "
+        "running an engine here (the engine flags then do not apply)",
+    )
+    remote.add_argument(
+        "--timeout",
+        type=arg_types.positive_float,
+        default=300.0,
+        metavar="S",
+        help="with --target: deadline of the whole request in seconds (300)",
     )
     add_engine_args(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target:
+        return run_remote(args)
+    if args.model is None:
+        raise InvalidRequestError(
+            "--model", "is required without --target: a model directory or 'tandem-tiny'"
+        )
     from services.engine.engine import LLMEngine
 
     # Validate the request before loading weights, so a typo fails in milliseconds.
@@ -111,3 +149,131 @@ def _as_json(token_ids: list[int], text: str, last: RequestOutput) -> dict[str, 
         "finish_reason": last.finish_reason.value,
         "usage": asdict(last.usage),
     }
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """``--target``: one Inference.Generate call; gRPC errors become ``error: CODE: ...``."""
+    import grpc
+
+    params = sampling_params(args)  # the offline checks and messages, before any network
+    for flag in ("dtype", "device", "kv_cache_gib"):
+        if getattr(args, flag, None) is not None:
+            raise InvalidRequestError(
+                "--" + flag.replace("_", "-"),
+                "configures an in-process engine and does nothing with --target; drop it",
+            )
+    request = remote_request(args.model or REMOTE_MODEL, args, params)
+    completion = RemoteCompletion()
+    on_text = None if args.json else _write_stdout
+    try:
+        asyncio.run(stream_remote(args.target, request, args.timeout, completion, on_text))
+    except grpc.aio.AioRpcError as exc:
+        _print_partial(completion, args.json)
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        bad_request = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        return EXIT_BAD_REQUEST if bad_request else EXIT_FAILED
+    if completion.final is None:
+        _print_partial(completion, args.json)
+        print("error: the server ended the stream without a final message", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(completion.as_json()) if args.json else "")
+    return 0
+
+
+def remote_request(
+    model: str, args: argparse.Namespace, params: SamplingParams
+) -> inference_pb2.GenerateRequest:
+    """The GenerateRequest for the prompt flags and validated sampling parameters."""
+    from services.stubs.tandem.v1 import inference_pb2
+
+    request = inference_pb2.GenerateRequest(
+        model=model,
+        max_tokens=params.max_tokens,
+        min_tokens=params.min_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        stop=params.stop,
+        ignore_eos=params.ignore_eos,
+    )
+    if params.seed is not None:
+        request.seed = params.seed
+    if args.prompt_token_ids is None:
+        request.prompt = args.prompt
+        return request
+    for token_id in args.prompt_token_ids:
+        if not 0 <= token_id < 2**32:
+            raise InvalidRequestError(
+                "--prompt-token-ids", f"token ids must be in [0, 2^32), got {token_id}"
+            )
+    request.prompt_token_ids.extend(args.prompt_token_ids)
+    return request
+
+
+@dataclass
+class RemoteCompletion:
+    """What a Generate stream has delivered so far."""
+
+    token_ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    final: inference_pb2.GenerateResponse | None = None
+    """The message with a finish reason, usage and serving info, once it arrives."""
+
+    def add(self, message: inference_pb2.GenerateResponse) -> None:
+        self.token_ids += message.token_ids
+        self.pieces.append(message.text)
+        if message.finish_reason:  # FINISH_REASON_UNSPECIFIED is 0
+            self.final = message
+
+    def as_json(self) -> dict[str, Any]:
+        """The offline --json shape, plus "serving" when the server sent it."""
+        if self.final is None:
+            raise ValueError("the stream has no final message yet")
+        out = {
+            "token_ids": self.token_ids,
+            "text": "".join(self.pieces),
+            "finish_reason": _finish_reason(self.final.finish_reason),
+            "usage": _fields(self.final.usage),
+        }
+        if self.final.HasField("serving"):
+            out["serving"] = _fields(self.final.serving)
+        return out
+
+
+async def stream_remote(
+    target: str,
+    request: inference_pb2.GenerateRequest,
+    timeout_s: float,
+    completion: RemoteCompletion,
+    on_text: Callable[[str], None] | None = None,
+) -> None:
+    """Call Inference.Generate at ``target``, adding each message to ``completion``."""
+    from services.rpc.server import client_channel
+    from services.stubs.tandem.v1 import inference_pb2_grpc
+
+    async with client_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        async for message in stub.Generate(request, timeout=timeout_s):
+            completion.add(message)
+            if on_text and message.text:
+                on_text(message.text)
+
+
+def _print_partial(completion: RemoteCompletion, as_json: bool) -> None:
+    """After a failure: end the streamed line, or print the JSON of a final error message."""
+    if as_json and completion.final is not None:
+        print(json.dumps(completion.as_json()))
+    elif not as_json and any(completion.pieces):
+        print()
+
+
+def _finish_reason(value: int) -> str:
+    """FINISH_REASON_LENGTH → "length", the engine's FinishReason value."""
+    from services.stubs.tandem.v1 import inference_pb2
+
+    return inference_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+
+
+def _fields(message: Any) -> dict[str, Any]:
+    """Every field of a flat proto message, ints kept as numbers (MessageToDict quotes uint64)."""
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
