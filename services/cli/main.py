@@ -14,14 +14,17 @@ import os
 import sys
 from collections.abc import Callable
 
-from services.cli import bench, generate
+from services.cli import bench, generate, router, up, worker
 from services.engine.errors import TandemError
 
 Register = Callable[[argparse._SubParsersAction], None]
 
 COMMANDS: tuple[Register, ...] = (
+    up.register,
     generate.register,
     bench.register,
+    router.register,
+    worker.register,
 )
 
 EXIT_USAGE = 2

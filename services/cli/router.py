@@ -1,0 +1,118 @@
+"""``tandem router``: run the router (worker registry + the Inference API) until stopped.
+
+Workers (``tandem prefill`` / ``tandem decode``) register with it; clients, or the
+gateway in front, call tandem.v1.Inference on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from services.cli import arg_types
+from services.router.config import DEFAULT_POLICY, RouterConfig
+
+POLICY_NAMES = ("least-loaded", "round-robin")
+"""services.router.policies.POLICIES' names, copied so that --help imports no grpc
+(tests/router/test_cli.py checks that they agree)."""
+_DEFAULTS = RouterConfig()
+DEFAULT_HEARTBEAT_INTERVAL_MS = round(_DEFAULTS.heartbeat_interval_s * 1000)
+DEFAULT_MAX_RETRIES = _DEFAULTS.max_retries
+DEFAULT_PREFILL_TIMEOUT_MS = round(_DEFAULTS.prefill_timeout_s * 1000)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "router",
+        help="run the router: worker registry, placement and the Inference API",
+        description="Run the router until SIGINT/SIGTERM. Prefill and decode workers register "
+        "and heartbeat here; clients (or the gateway) call tandem.v1.Inference here. Each "
+        "request is tokenized, placed on a prefill and a decode worker by the policy, and "
+        "resumed on another worker if one dies mid-stream.",
+    )
+    parser.add_argument(
+        "--port",
+        type=arg_types.non_negative_int,
+        required=True,
+        metavar="P",
+        help="port to listen on (0 picks a free one and logs it)",
+    )
+    parser.add_argument(
+        "--host",
+        default=_DEFAULTS.host,
+        metavar="H",
+        help="interface to listen on; 0.0.0.0 accepts other machines (default %(default)s)",
+    )
+    parser.add_argument(
+        "--policy",
+        choices=POLICY_NAMES,
+        default=DEFAULT_POLICY,
+        help="how to pick a worker from a pool: round-robin rotates through workers; "
+        "least-loaded picks the fewest in-flight + running + waiting requests, ties at "
+        f"random (default {DEFAULT_POLICY})",
+    )
+    parser.add_argument(
+        "--heartbeat-interval-ms",
+        type=arg_types.positive_int,
+        default=DEFAULT_HEARTBEAT_INTERVAL_MS,
+        metavar="MS",
+        help=f"how often workers are told to heartbeat (default {DEFAULT_HEARTBEAT_INTERVAL_MS})",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout-ms",
+        type=arg_types.positive_int,
+        metavar="MS",
+        help="silence after which a worker is removed and its requests resume elsewhere; "
+        "must exceed the interval (default 3 × --heartbeat-interval-ms)",
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=arg_types.non_negative_int,
+        default=DEFAULT_MAX_RETRIES,
+        metavar="N",
+        help="most times one request moves to another worker after a failure before it "
+        f"fails with UNAVAILABLE (default {DEFAULT_MAX_RETRIES})",
+    )
+    parser.add_argument(
+        "--prefill-timeout-ms",
+        type=arg_types.positive_int,
+        default=DEFAULT_PREFILL_TIMEOUT_MS,
+        metavar="MS",
+        help="longest wait for one prefill; a worker slower than this counts as hung and "
+        f"the request is retried on another (default {DEFAULT_PREFILL_TIMEOUT_MS})",
+    )
+    parser.set_defaults(handler=run)
+
+
+def router_config(args: argparse.Namespace) -> RouterConfig:
+    """The RouterConfig the flags describe; ValueError names a bad combination."""
+    timeout_ms = args.heartbeat_timeout_ms
+    return RouterConfig(
+        host=args.host,
+        port=args.port,
+        policy=args.policy,
+        heartbeat_interval_s=args.heartbeat_interval_ms / 1000,
+        heartbeat_timeout_s=None if timeout_ms is None else timeout_ms / 1000,
+        max_retries=args.max_retries,
+        prefill_timeout_s=args.prefill_timeout_ms / 1000,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import sys
+
+    from services.router.server import serve
+
+    try:
+        config = router_config(args)
+    except ValueError as exc:
+        print(f"tandem router: error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("services.router").setLevel(logging.INFO)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:  # the port is taken, or the host is not this machine's
+        print(f"tandem router: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

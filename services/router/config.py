@@ -1,0 +1,75 @@
+"""RouterConfig: every setting of the router in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_POLICY = "least-loaded"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How the router listens, places requests and judges workers alive."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on; 0.0.0.0 to accept other machines (compose, Kubernetes)."""
+    port: int = 0
+    """Port to listen on; 0 picks a free one (tests), which serve() logs."""
+    policy: str = DEFAULT_POLICY
+    """Placement policy by name (see services.router.policies.POLICIES)."""
+    policy_seed: int = 0
+    """Seed of the policy's random tie-breaking, so placement is reproducible."""
+    heartbeat_interval_s: float = 1.0
+    """How often workers are told to heartbeat (RegisterResponse.heartbeat_interval_ms)."""
+    heartbeat_timeout_s: float | None = None
+    """Silence after which a worker is removed; None means 3 × heartbeat_interval_s."""
+    max_retries: int = 3
+    """Most times one request moves to another worker after a failure (prefill
+    retries and decode resumes together) before it fails with UNAVAILABLE."""
+    prefill_timeout_s: float = 60.0
+    """Longest wait for one Prefill call; past it the worker counts as hung and the
+    request is retried elsewhere. The client's own deadline, when shorter, wins."""
+    kv_lease_ms: int = 0
+    """PrefillRequest.lease_ms: how long a prefill worker keeps a prompt's blocks
+    pinned for the decode worker; 0 leaves the worker's default (30 s)."""
+    kv_timeout_ms: int = 0
+    """DecodeRequest.kv_timeout_ms: how long a decode worker tries to read KV before
+    prefilling locally; 0 leaves the worker's default."""
+    release_timeout_s: float = 2.0
+    """Deadline of the best-effort ReleaseKV sent when a decode leg fails, so the
+    prefill worker unpins blocks nobody will read before their lease runs out."""
+    shutdown_grace_s: float = 5.0
+    """On SIGINT/SIGTERM, how long in-flight requests get to finish."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.heartbeat_interval_s > 0:
+            raise ValueError(
+                f"heartbeat_interval_s must be above 0, got {self.heartbeat_interval_s}"
+            )
+        if self.heartbeat_timeout_s is not None and (
+            self.heartbeat_timeout_s <= self.heartbeat_interval_s
+        ):
+            raise ValueError(
+                f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}), or every worker "
+                "would expire between two heartbeats"
+            )
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, got {self.max_retries}")
+        for name in ("prefill_timeout_s", "release_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0, got {getattr(self, name)}")
+        for name in ("kv_lease_ms", "kv_timeout_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be 0 or more, got {self.shutdown_grace_s}")
+
+    @property
+    def effective_heartbeat_timeout_s(self) -> float:
+        """heartbeat_timeout_s, or 3 × heartbeat_interval_s when it is unset."""
+        if self.heartbeat_timeout_s is not None:
+            return self.heartbeat_timeout_s
+        return 3 * self.heartbeat_interval_s

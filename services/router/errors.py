@@ -1,0 +1,44 @@
+"""Errors the router raises, each carrying the gRPC status the client should see."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.engine.errors import TandemError
+
+
+class RouteError(TandemError):
+    """The request cannot go on; ``code`` and the message are what the client sees.
+
+    Unlike TandemError's fixed ``grpc_code``, the code is per instance: a worker's
+    own status (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) is passed through as is.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.grpc_code = code.name
+
+
+class IncompatibleWorkerError(TandemError):
+    """A worker cannot serve alongside those already registered (FAILED_PRECONDITION)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class UnknownWorkerError(TandemError, LookupError):
+    """A heartbeat names a worker that is not registered, or was removed (NOT_FOUND)."""
+
+    grpc_code = "NOT_FOUND"
+
+
+class WorkerLost(Exception):
+    """A worker failed in a way another worker can make good (dead, hung, shutting down).
+
+    Internal to the orchestrator: it excludes the worker and resumes the request.
+    """
+
+    def __init__(self, worker_id: str, reason: str) -> None:
+        super().__init__(f"worker {worker_id!r} {reason}")
+        self.worker_id = worker_id
+        self.reason = reason

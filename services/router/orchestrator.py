@@ -1,0 +1,345 @@
+"""The Generate flow: place a request on workers, relay its stream, resume on failure.
+
+One call of ``generate()`` runs attempts until one ends the request:
+
+- Disaggregated (the model has prefill workers): pick a prefill worker P and
+  call Prefill (bounded by ``prefill_timeout_s``); send the first token to the
+  client at once; unless the prefill already finished the request, pick a
+  decode worker D and call Decode with the first token and P's KV handle, then
+  relay D's stream (it never repeats the first token).
+- Aggregated (no prefill worker for the model, or every one failed this
+  request): call Decode without KV; D prefills locally.
+
+An attempt that fails in a way another worker can make good (WorkerLost:
+UNAVAILABLE, a hang past the prefill timeout, a worker removed for missing
+heartbeats, a stream cut short or aborted by a shutting-down worker) excludes
+that worker and starts another attempt over the prompt plus the tokens already
+sent (see progress.py), at most ``max_retries`` times. Every other failure ends
+the request with the worker's status. The client sees each token once and
+exactly one final message, or a non-OK status; when messages were already sent,
+a failure sends a final FINISH_REASON_ERROR message first.
+
+A client that cancels (or whose deadline passes) cancels the task running this
+generator; the worker call in progress is cancelled with it, so workers free
+the request's blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+
+from services.router.admission import TokenizerCache, admit
+from services.router.channels import WorkerChannels
+from services.router.config import RouterConfig
+from services.router.errors import RouteError, WorkerLost
+from services.router.policies import Policy, RoutingRequest
+from services.router.progress import Progress
+from services.router.registry import DECODE, PREFILL, ROLE_NAMES, WorkerRegistry, WorkerState
+from services.stubs.tandem.v1 import inference_pb2, worker_pb2
+
+log = logging.getLogger(__name__)
+
+_FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
+_RESUMABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+"""Statuses from a worker that mean it (not the request) failed. CANCELLED here is the
+worker's doing (e.g. it stopped); the client's own cancel arrives as asyncio.CancelledError."""
+_NO_FINAL_CODES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+"""Ended by the caller (cancel, deadline): no final message, as inference.proto says."""
+_AFTER_MESSAGES_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+"""The statuses a stream may end with after its final FINISH_REASON_ERROR message."""
+
+
+class Orchestrator:
+    """Runs Generate and ListModels over the registry's workers."""
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        policy: Policy,
+        config: RouterConfig,
+        tokenizers: TokenizerCache | None = None,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.config = config
+        self.tokenizers = tokenizers or TokenizerCache()
+        self.channels = WorkerChannels()
+        registry.add_remove_listener(self.channels.drop)
+        self._attempt_seq = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def list_models(self) -> inference_pb2.ListModelsResponse:
+        """The models live workers serve."""
+        return inference_pb2.ListModelsResponse(
+            models=[
+                inference_pb2.ModelCard(
+                    id=m.model, max_context_length=m.max_context_length, vocab_size=m.vocab_size
+                )
+                for m in self.registry.models()
+            ]
+        )
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, timeout: float | None = None
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Yield the client's messages; the last one yielded is the final one, unless this
+        raises: a TandemError (InvalidRequestError, RouteError, ...) whose status the
+        client must get. When messages were yielded before a RouteError, the last of
+        them is a FINISH_REASON_ERROR message. ``timeout`` is the client's remaining
+        deadline in seconds (None: none); it bounds every worker call."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        progress = Progress(await admit(request, self.registry, self.tokenizers))
+        try:
+            while True:
+                if progress.exhausted:
+                    yield progress.final(inference_pb2.FINISH_REASON_LENGTH)
+                    return
+                try:
+                    async with aclosing(self._attempt(progress, deadline)) as messages:
+                        async for message in messages:
+                            yield message
+                    return
+                except WorkerLost as lost:
+                    self._count_failure(progress, lost)
+        except RouteError as error:
+            if not progress.started or error.code in _NO_FINAL_CODES:
+                raise
+            yield progress.final(inference_pb2.FINISH_REASON_ERROR)
+            if error.code in _AFTER_MESSAGES_CODES:
+                raise
+            # inference.proto: after messages, only INTERNAL or UNAVAILABLE.
+            raise RouteError(grpc.StatusCode.INTERNAL, f"{error.code.name}: {error}") from error
+
+    async def close(self) -> None:
+        """Close worker channels and wait for background ReleaseKV calls."""
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.channels.close()
+
+    # ---------------------------------------------------------------- attempts
+    async def _attempt(
+        self, progress: Progress, deadline: float | None
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """One placement: prefill (when a prefill worker is left) then decode."""
+        model = progress.admitted.model
+        fresh = not progress.sent
+        request = progress.attempt_request(f"{progress.request_id}#{next(self._attempt_seq)}")
+        if not self._candidates(progress, DECODE):
+            raise self._no_worker(progress, DECODE)
+        prefill_worker: WorkerState | None = None
+        first: worker_pb2.PrefillResponse | None = None
+        progress.prefill_worker = progress.decode_worker = ""
+        prefillers = self._candidates(progress, PREFILL)
+        if prefillers:
+            prefill_worker = self._pick(prefillers, progress, PREFILL)
+            progress.prefill_worker = prefill_worker.worker_id
+            first = await self._prefill(prefill_worker, request, deadline)
+            if fresh:
+                progress.record_cached(first.cached_tokens)
+            if first.finish_reason:
+                yield progress.final(first.finish_reason, [first.first_token_id], first.first_text)
+                return
+            yield progress.chunk([first.first_token_id], first.first_text)
+        elif self.registry.candidates(model, PREFILL):
+            log.warning(
+                "request %s: every prefill worker failed it; the decode worker prefills locally",
+                progress.request_id,
+            )
+        decoders = self._candidates(progress, DECODE)
+        released = first is None
+        try:
+            if not decoders:
+                raise self._no_worker(progress, DECODE)
+            decoder = self._pick(decoders, progress, DECODE)
+            progress.decode_worker = decoder.worker_id
+            async with aclosing(
+                self._decode(progress, decoder, request, first, fresh, deadline)
+            ) as messages:
+                async for message in messages:
+                    yield message
+            released = True  # the decode worker released the prefill side itself
+        finally:
+            if not released and prefill_worker is not None and first is not None:
+                self._release_kv(prefill_worker, first.kv)
+
+    async def _prefill(
+        self, worker: WorkerState, request: inference_pb2.GenerateRequest, deadline: float | None
+    ) -> worker_pb2.PrefillResponse:
+        timeout, own_limit = self._timeout(deadline, self.config.prefill_timeout_s)
+        prefill_request = worker_pb2.PrefillRequest(
+            request=request, lease_ms=self.config.kv_lease_ms
+        )
+        with worker.dispatched():
+            call = self.channels.prefill(worker).Prefill(prefill_request, timeout=timeout)
+            try:
+                return await call
+            except asyncio.CancelledError:
+                if _vanished(worker):
+                    raise WorkerLost(
+                        worker.worker_id, "stopped heartbeating during prefill"
+                    ) from None
+                raise
+            except grpc.aio.AioRpcError as err:
+                raise self._failure(worker, "prefill", err, own_limit) from None
+            finally:
+                if not call.done():
+                    call.cancel()
+
+    async def _decode(
+        self,
+        progress: Progress,
+        worker: WorkerState,
+        request: inference_pb2.GenerateRequest,
+        first: worker_pb2.PrefillResponse | None,
+        fresh: bool,
+        deadline: float | None,
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Relay one Decode stream; returns after relaying its final STOP/LENGTH message."""
+        decode_request = worker_pb2.DecodeRequest(
+            request=request, kv_timeout_ms=self.config.kv_timeout_ms
+        )
+        if first is not None:
+            decode_request.first_token_id = first.first_token_id
+            decode_request.kv.CopyFrom(first.kv)
+        timeout, _ = self._timeout(deadline, None)
+        error_reported = False
+        with worker.dispatched():
+            call = self.channels.decode(worker).Decode(decode_request, timeout=timeout)
+            try:
+                while True:
+                    message = await self._read(worker, call)
+                    if message is grpc.aio.EOF:
+                        break
+                    reason = message.finish_reason
+                    tokens = list(message.token_ids)
+                    if reason in _FINISHED:
+                        if fresh and first is None:
+                            progress.record_cached(message.usage.cached_tokens)
+                        reported = message.serving if message.HasField("serving") else None
+                        yield progress.final(reason, tokens, message.text, reported)
+                        return
+                    if tokens or message.text:
+                        yield progress.chunk(tokens, message.text)
+                    if reason == inference_pb2.FINISH_REASON_CANCELLED:
+                        raise WorkerLost(worker.worker_id, "aborted the request (shutting down?)")
+                    error_reported = error_reported or reason == inference_pb2.FINISH_REASON_ERROR
+            finally:
+                if not call.done():
+                    call.cancel()
+        if error_reported:
+            raise RouteError(
+                grpc.StatusCode.INTERNAL, f"decode worker {worker.worker_id!r} failed the request"
+            )
+        raise WorkerLost(worker.worker_id, "ended its stream without a final message")
+
+    async def _read(
+        self, worker: WorkerState, call: grpc.aio.UnaryStreamCall
+    ) -> inference_pb2.GenerateResponse | object:
+        """The next message, or grpc.aio.EOF once the stream ended with OK."""
+        try:
+            return await call.read()
+        except asyncio.CancelledError:
+            if _vanished(worker):
+                raise WorkerLost(worker.worker_id, "stopped heartbeating during decode") from None
+            raise
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(worker, "decode", err, own_limit=False) from None
+
+    # ----------------------------------------------------------------- helpers
+    def _candidates(self, progress: Progress, role: int) -> list[WorkerState]:
+        return self.registry.candidates(progress.admitted.model, role, exclude=progress.excluded)
+
+    def _pick(self, candidates: list[WorkerState], progress: Progress, role: int) -> WorkerState:
+        routing = RoutingRequest(
+            request_id=progress.request_id,
+            model=progress.admitted.model,
+            role=role,
+            prompt_token_ids=progress.tokens_to_prefill(),
+        )
+        return self.policy.pick(candidates, routing)
+
+    def _count_failure(self, progress: Progress, lost: WorkerLost) -> None:
+        """Exclude the failed worker and count a retry; RouteError once retries run out."""
+        progress.excluded.add(lost.worker_id)
+        if progress.exhausted:
+            return  # nothing left to generate: generate() ends with LENGTH
+        progress.retries += 1
+        if progress.retries > self.config.max_retries:
+            raise RouteError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"gave up after {self.config.max_retries} retries; last failure: {lost}",
+            )
+        log.warning(
+            "request %s: %s; retrying elsewhere after %d tokens sent (retry %d)",
+            progress.request_id,
+            lost,
+            len(progress.sent),
+            progress.retries,
+        )
+
+    def _no_worker(self, progress: Progress, role: int) -> RouteError:
+        model = progress.admitted.model
+        message = f"no {ROLE_NAMES[role]} worker left for model {model!r}"
+        failed = sorted(w for w in progress.excluded)
+        if failed:
+            message += f" (failed for this request: {', '.join(failed)})"
+        return RouteError(grpc.StatusCode.UNAVAILABLE, message)
+
+    def _timeout(self, deadline: float | None, limit: float | None) -> tuple[float | None, bool]:
+        """The timeout of one worker call, and whether it is ``limit`` (ours) rather than
+        the client's remaining deadline."""
+        if deadline is None:
+            return limit, limit is not None
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise RouteError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+        if limit is not None and limit < remaining:
+            return limit, True
+        return remaining, False
+
+    def _failure(
+        self, worker: WorkerState, stage: str, err: grpc.aio.AioRpcError, own_limit: bool
+    ) -> Exception:
+        """WorkerLost for failures another worker can make good, else the client's status."""
+        code, details = err.code(), err.details() or ""
+        if code in _RESUMABLE_CODES:
+            return WorkerLost(worker.worker_id, f"failed {stage} with {code.name}: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if own_limit:
+                return WorkerLost(
+                    worker.worker_id,
+                    f"did not answer {stage} within {self.config.prefill_timeout_s:g} s",
+                )
+            return RouteError(code, f"the request's deadline passed during {stage}")
+        return RouteError(code, f"{stage} worker {worker.worker_id!r}: {details}")
+
+    def _release_kv(self, worker: WorkerState, kv: worker_pb2.KVHandle) -> None:
+        """Best effort: unpin blocks that no decode worker will read (else the lease does)."""
+        if worker.gone.is_set() or not kv.request_id:
+            return
+
+        async def release() -> None:
+            try:
+                await self.channels.prefill(worker).ReleaseKV(
+                    worker_pb2.ReleaseKVRequest(request_id=kv.request_id),
+                    timeout=self.config.release_timeout_s,
+                )
+            except grpc.aio.AioRpcError as err:  # NOT_FOUND: already released or expired
+                log.debug("ReleaseKV %s on %s: %s", kv.request_id, worker.worker_id, err.code())
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _vanished(worker: WorkerState) -> bool:
+    """True when a call was cancelled because the registry removed its worker (its
+    channel is closed on removal), not because this task itself is being cancelled."""
+    task = asyncio.current_task()
+    return worker.gone.is_set() and (task is None or task.cancelling() == 0)

@@ -1,0 +1,119 @@
+"""Start the router: one gRPC server with Inference and Registry, plus the expiry sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from services.router.admission import TokenizerCache
+from services.router.config import RouterConfig
+from services.router.orchestrator import Orchestrator
+from services.router.policies import make_policy
+from services.router.registry import WorkerRegistry
+from services.router.service import InferenceService, RegistryService
+from services.rpc.server import RunningServer, Servicer, start_server
+from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """A running router; ``stop()`` drains it."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        server: RunningServer,
+        registry: WorkerRegistry,
+        orchestrator: Orchestrator,
+    ) -> None:
+        self.config = config
+        self.server = server
+        self.registry = registry
+        self.orchestrator = orchestrator
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        """host:port to reach it from this machine."""
+        return self.server.address
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, give in-flight ones ``grace`` s (default: the config's), close."""
+        self._sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
+        await self.server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        await self.orchestrator.close()
+
+    async def _sweep_forever(self) -> None:
+        # Lookups sweep too, so this only bounds how long a silent worker's in-flight
+        # calls wait before being abandoned and resumed elsewhere.
+        period = min(self.config.heartbeat_interval_s, self.registry.heartbeat_timeout_s / 3)
+        while True:
+            await asyncio.sleep(period)
+            self.registry.sweep()
+
+
+async def start_router(
+    config: RouterConfig,
+    tokenizers: TokenizerCache | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Router:
+    """Start serving on config.host:config.port (0: a free port, see Router.port).
+
+    ``tokenizers`` and ``clock`` are for tests (a model directory built elsewhere,
+    a fake clock); raises ValueError for an unknown policy name.
+    """
+    policy = make_policy(config.policy, config.policy_seed)
+    registry = WorkerRegistry(config.effective_heartbeat_timeout_s, clock=clock)
+    orchestrator = Orchestrator(registry, policy, config, tokenizers)
+    server = await start_server(
+        [
+            Servicer(
+                InferenceService(orchestrator),
+                inference_pb2_grpc.add_InferenceServicer_to_server,
+                "tandem.v1.Inference",
+            ),
+            Servicer(
+                RegistryService(registry, config.heartbeat_interval_s),
+                worker_pb2_grpc.add_RegistryServicer_to_server,
+                "tandem.v1.Registry",
+            ),
+        ],
+        host=config.host,
+        port=config.port,
+    )
+    return Router(config, server, registry, orchestrator)
+
+
+async def serve(config: RouterConfig) -> None:
+    """Run the router until SIGINT or SIGTERM, then shut down gracefully."""
+    router = await start_router(config)
+    log.info(
+        "router listening on %s:%d (policy %s, heartbeat every %g s, timeout %g s)",
+        config.host,
+        router.port,
+        config.policy,
+        config.heartbeat_interval_s,
+        config.effective_heartbeat_timeout_s,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("router shutting down (grace %g s)", config.shutdown_grace_s)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await router.stop()
