@@ -1,0 +1,92 @@
+"""``tandem prefill`` and ``tandem decode``: run one worker process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Callable
+
+from services.cli import arg_types
+from services.cli.engine_args import add_engine_args, engine_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    for role, summary in (
+        ("prefill", "run a prefill worker: prompts in, KV blocks handed to decode workers"),
+        ("decode", "run a decode worker: reads prompt KV, streams tokens (or prefills itself)"),
+    ):
+        parser = subparsers.add_parser(role, help=summary, description=summary)
+        _add_flags(parser, role)
+        parser.set_defaults(handler=_handler(role))
+
+
+def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument(
+        "--model",
+        default="tandem-tiny",
+        metavar="DIR|tandem-tiny",
+        help="model to serve: a Hugging Face-format directory or 'tandem-tiny' (default)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on and advertise")
+    parser.add_argument(
+        "--port", type=arg_types.port, default=0, help="gRPC port (default 0: pick a free one)"
+    )
+    parser.add_argument(
+        "--router", metavar="HOST:PORT", help="router to register with and heartbeat to"
+    )
+    parser.add_argument("--worker-id", help="stable worker id (default: host name + random)")
+    parser.add_argument(
+        "--kv-transport",
+        choices=("auto", "nixl", "grpc"),
+        default="auto",
+        help="how KV blocks move between workers: NIXL (UCX), the gRPC byte stream, "
+        "or auto (NIXL when it initialises, else gRPC)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=arg_types.port,
+        default=0,
+        help="serve Prometheus /metrics on this port (default 0: off)",
+    )
+    if role == "prefill":
+        parser.add_argument(
+            "--lease-s",
+            type=arg_types.positive_float,
+            default=30.0,
+            help="seconds a prompt's KV stays pinned for its decode worker (default 30)",
+        )
+    else:
+        parser.add_argument(
+            "--kv-timeout-s",
+            type=arg_types.positive_float,
+            default=10.0,
+            help="deadline for reading a prompt's KV before prefilling locally (default 10)",
+        )
+    add_engine_args(parser, batching=True)
+
+
+def _handler(role: str) -> Callable[[argparse.Namespace], int]:
+    def handle(args: argparse.Namespace) -> int:
+        from services.worker.host import WorkerConfig
+
+        logging.getLogger().setLevel(logging.INFO)
+        config = WorkerConfig(
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            router=args.router,
+            worker_id=args.worker_id,
+            kv_transport=args.kv_transport,
+            lease_s=getattr(args, "lease_s", 30.0),
+            kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
+            metrics_port=args.metrics_port,
+            engine=engine_config(args),
+        )
+        if role == "prefill":
+            from services.prefill.server import run
+        else:
+            from services.decode.server import run
+        return asyncio.run(run(config))
+
+    return handle

@@ -1,0 +1,187 @@
+"""Run the router and its workers as child processes on loopback.
+
+Every child is a ``tandem <service>`` process on a port chosen here, so the
+launcher can wait for each to report SERVING on grpc.health.v1 before
+declaring the system up. Children are stopped with SIGTERM (graceful), then
+SIGKILL after a grace period; a child that dies on its own is reported by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.stubs.tandem.v1 import inference_pb2 as pb
+from services.stubs.tandem.v1 import inference_pb2_grpc
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str = "tandem-tiny"
+    """Model every worker serves."""
+    prefill: int = 1
+    """Prefill workers; 0 runs decode workers in aggregated mode."""
+    decode: int = 1
+    """Decode workers."""
+    port: int = 50051
+    """The router's port: where clients connect."""
+    host: str = "127.0.0.1"
+    policy: str = "round-robin"
+    """Router placement policy."""
+    kv_transport: str = "auto"
+    """nixl, grpc or auto."""
+    worker_args: tuple[str, ...] = ()
+    """Extra flags for every worker (engine settings)."""
+    router_args: tuple[str, ...] = ()
+    """Extra flags for the router."""
+    metrics: bool = False
+    """Give every worker a Prometheus /metrics port (``Child.metrics_port``)."""
+    log_dir: Path | None = None
+    """Where each child's output goes (one file per child); None inherits stderr."""
+    startup_timeout_s: float = 180.0
+    """How long to wait for every service to be SERVING and registered."""
+
+
+@dataclass
+class Child:
+    name: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path | None = None
+    metrics_port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class LocalCluster:
+    config: ClusterConfig
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def start(self) -> None:
+        """Start the router, then the workers; return once all serve and registered."""
+        cfg = self.config
+        try:
+            self._spawn(
+                "router",
+                cfg.port,
+                ["router", "--port", str(cfg.port), "--policy", cfg.policy, *cfg.router_args],
+            )
+            for role, count in (("prefill", cfg.prefill), ("decode", cfg.decode)):
+                for i in range(count):
+                    port = free_port()
+                    self._spawn(
+                        f"{role}-{i}",
+                        port,
+                        [
+                            role,
+                            "--port",
+                            str(port),
+                            "--router",
+                            self.address,
+                            "--model",
+                            cfg.model,
+                            "--worker-id",
+                            f"{role}-{i}",
+                            "--kv-transport",
+                            cfg.kv_transport,
+                            *cfg.worker_args,
+                        ],
+                    )
+            deadline = time.monotonic() + cfg.startup_timeout_s
+            for child in self.children:
+                self._wait_serving(child, deadline)
+            self._wait_model_listed(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every child (workers first), SIGKILL those still alive after grace_s."""
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def dead_children(self) -> list[Child]:
+        return [c for c in self.children if c.process.poll() is not None]
+
+    # --------------------------------------------------------------- internals
+    def _spawn(self, name: str, port: int, args: list[str], metrics_port: int = 0) -> None:
+        out = None
+        log_path = None
+        if self.config.log_dir is not None:
+            self.config.log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = self.config.log_dir / f"{name}.log"
+            out = log_path.open("w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children
+        )
+        self.children.append(Child(name, port, process, log_path, metrics_port))
+
+    def _wait_serving(self, child: Child, deadline: float) -> None:
+        with grpc.insecure_channel(child.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive(child)
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{child.name} did not start serving in time")
+                time.sleep(0.2)
+
+    def _wait_model_listed(self, deadline: float) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            while time.monotonic() < deadline:
+                for child in self.children:
+                    self._check_alive(child)
+                models = stub.ListModels(pb.ListModelsRequest(), timeout=2.0).models
+                if any(m.id == self.config.model for m in models):
+                    return
+                time.sleep(0.2)
+        raise TimeoutError(f"no worker registered {self.config.model} with the router in time")
+
+    def _check_alive(self, child: Child) -> None:
+        code = child.process.poll()
+        if code is not None:
+            where = f"; its output is in {child.log_path}" if child.log_path else ""
+            raise RuntimeError(f"{child.name} exited with status {code} while starting{where}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
