@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -71,6 +72,8 @@ def _up(args: argparse.Namespace) -> int:
     from services.engine.model_source import resolve_model
     from services.launcher.local import ClusterConfig, LocalCluster
 
+    # SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     resolve_model(args.model)  # build tandem-tiny once here, not in every worker at once
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-up-"))
     worker_args = ("--kv-cache-gib", str(args.kv_cache_gib)) if args.kv_cache_gib else ()
@@ -109,3 +112,7 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     finally:
         cluster.stop()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

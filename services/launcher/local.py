@@ -144,6 +144,7 @@ class LocalCluster:
             stderr=subprocess.STDOUT if out else None,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children
+            preexec_fn=_die_with_parent,
         )
         self.children.append(Child(name, port, process, log_path, metrics_port))
 
@@ -179,6 +180,15 @@ class LocalCluster:
         if code is not None:
             where = f"; its output is in {child.log_path}" if child.log_path else ""
             raise RuntimeError(f"{child.name} exited with status {code} while starting{where}")
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the child if the launcher dies without stopping it (no orphans)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:

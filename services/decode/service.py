@@ -1,0 +1,168 @@
+"""tandem.v1.DecodeWorker: read a prompt's KV from a prefill worker, stream the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from services.engine.engine import LLMEngine, TransferTarget
+from services.engine.errors import InvalidRequestError, TandemError
+from services.kv_transfer.client import KVReader
+from services.rpc.requests import prompt_token_ids, response_from, sampling_params
+from services.rpc.server import client_channel
+from services.rpc.status import abort_with
+from services.stubs.tandem.v1 import inference_pb2 as pb
+from services.stubs.tandem.v1 import worker_pb2 as wpb
+from services.stubs.tandem.v1 import worker_pb2_grpc
+from services.worker.engine_loop import EngineLoop
+from services.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+RELEASE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class _Transfer:
+    """What happened to one request's KV, for its final message."""
+
+    target: TransferTarget | None = None
+    ok: bool = False
+    bytes: int = 0
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(
+        self,
+        loop: EngineLoop,
+        worker_id: str,
+        peers: KVReader,
+        kv_timeout_s: float,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.loop = loop
+        self.worker_id = worker_id
+        self.peers = peers
+        self.kv_timeout_s = kv_timeout_s
+        self.metrics = metrics
+        self._background: set[asyncio.Task[None]] = set()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def Decode(
+        self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        req = request.request
+        rid = req.request_id or uuid.uuid4().hex
+        try:
+            prompt = prompt_token_ids(req)
+            params = sampling_params(req)
+            if request.HasField("kv") != request.HasField("first_token_id"):
+                raise InvalidRequestError(
+                    "first_token_id", "must be set exactly when kv is set (disaggregated mode)"
+                )
+        except TandemError as e:
+            await abort_with(context, e)
+        transfer = _Transfer()
+        if request.HasField("kv"):
+            timeout = request.kv_timeout_ms / 1000 if request.kv_timeout_ms else self.kv_timeout_s
+            first = request.first_token_id
+
+            def submit(engine: LLMEngine) -> None:
+                transfer.target = engine.add_transferred_request(rid, prompt, first, params)
+
+            async def after_submit() -> None:
+                await self._read_kv(rid, request.kv, transfer, timeout)
+
+            stream = self.loop.outputs(rid, submit, after_submit)
+            self.metrics.decode_requests.labels("disaggregated").inc()
+        else:
+            stream = self.loop.outputs(rid, lambda e: e.add_request(rid, prompt, params))
+            self.metrics.decode_requests.labels("aggregated").inc()
+        try:
+            async for msg in self._relay(stream, transfer):
+                yield msg
+        except TandemError as e:
+            await abort_with(context, e)
+
+    async def _relay(
+        self, stream: AsyncIterator, transfer: _Transfer
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        last = None
+        async for out in stream:
+            now = time.monotonic()
+            if last is not None and out.token_ids:
+                self.metrics.inter_token_seconds.observe(now - last)
+            last = now
+            msg = response_from(out)
+            if out.finished:
+                msg.serving.CopyFrom(self._serving(transfer))
+            yield msg
+
+    def _serving(self, transfer: _Transfer) -> pb.ServingInfo:
+        info = pb.ServingInfo(decode_worker=self.worker_id)
+        if transfer.ok:
+            info.kv_transfer_bytes = transfer.bytes
+            info.kv_transport = self.peers.transport.name
+        if transfer.target is not None:
+            info.kv_blocks_reused = transfer.target.num_reused
+        return info
+
+    async def _read_kv(
+        self, rid: str, kv: wpb.KVHandle, transfer: _Transfer, timeout: float
+    ) -> None:
+        """Copy the blocks this worker lacks, release the prefill side, join the batch.
+
+        Any failure (peer gone, incompatible, timeout) falls back to prefilling here.
+        """
+        target = transfer.target
+        if target is None:  # no room now: the engine queued it for local prefill
+            self._release_remote(kv)
+            return
+        start = time.monotonic()
+        remote = list(kv.block_ids)[target.num_reused :]
+        local = list(target.block_ids)[target.num_reused :]
+        try:
+            if remote:
+                transfer.bytes = await asyncio.wait_for(
+                    self.peers.pull(kv.address, remote, local, kv.request_id, timeout), timeout
+                )
+            transfer.ok = True
+            self.metrics.kv_bytes_received.inc(transfer.bytes)
+            self.metrics.kv_transfer_seconds.observe(time.monotonic() - start)
+        except (TandemError, TimeoutError, grpc.aio.AioRpcError, OSError) as e:
+            self.metrics.kv_transfer_failures.inc()
+            log.warning(
+                "KV read for %s from %s failed (%s); prefilling locally", rid, kv.worker_id, e
+            )
+        self._release_remote(kv)
+        ok = transfer.ok
+        await self.loop.call(lambda engine: engine.transfer_done(rid, ok))
+
+    def _release_remote(self, kv: wpb.KVHandle) -> None:
+        """Tell the prefill worker to unpin, without waiting (its lease is the backstop)."""
+        channel = self._channels.get(kv.address)
+        if channel is None:
+            channel = self._channels[kv.address] = client_channel(kv.address)
+        task = asyncio.create_task(_release(channel, kv))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+async def _release(channel: grpc.aio.Channel, kv: wpb.KVHandle) -> None:
+    try:
+        await worker_pb2_grpc.PrefillWorkerStub(channel).ReleaseKV(
+            wpb.ReleaseKVRequest(request_id=kv.request_id), timeout=RELEASE_TIMEOUT_S
+        )
+    except grpc.aio.AioRpcError as e:
+        log.info(
+            "release of %s on %s failed (%s); its lease will expire",
+            kv.request_id,
+            kv.worker_id,
+            e.code().name,
+        )

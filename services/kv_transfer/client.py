@@ -1,0 +1,116 @@
+"""The reading side: handshake with peers once, then pull blocks, reconnecting on restart.
+
+``KVReader`` is what a decode worker holds: one per worker, shared by all requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from services.kv_transfer import layout as kv_layout
+from services.kv_transfer.errors import IncompatiblePeerError, KVTransferError
+from services.kv_transfer.transport import KVTransport, PeerInfo
+from services.rpc.server import client_channel
+from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+async def handshake(
+    address: str,
+    worker_id: str,
+    layout: worker_pb2.KVLayout,
+    transport: KVTransport,
+    timeout_s: float,
+) -> PeerInfo:
+    """Call ``address``'s KVTransfer.Handshake with this worker's layout and NIXL metadata.
+
+    Raises IncompatiblePeerError when either side finds the layouts incompatible,
+    KVTransferError when the peer cannot be reached within ``timeout_s``.
+    """
+    payload = await transport.handshake_payload()
+    request = worker_pb2.HandshakeRequest(
+        worker_id=worker_id, layout=layout, nixl_metadata=payload.nixl_metadata
+    )
+    async with client_channel(address) as channel:
+        try:
+            response = await worker_pb2_grpc.KVTransferStub(channel).Handshake(
+                request, timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise IncompatiblePeerError(f"peer at {address}: {e.details()}") from None
+            raise KVTransferError(
+                f"handshake with {address} failed: {e.code().name}: {e.details()}",
+                peer_code=e.code().name,
+            ) from None
+    kv_layout.check_compatible(layout, response.layout)
+    return PeerInfo.from_handshake(address, response)
+
+
+class KVReader:
+    """Pulls blocks from peers by address, handshaking and connecting once per peer.
+
+    A pull that fails on a connection made earlier (the peer may have restarted with a
+    new agent) handshakes again and retries once within the same deadline.
+    """
+
+    def __init__(self, worker_id: str, layout: worker_pb2.KVLayout, transport: KVTransport) -> None:
+        self.worker_id = worker_id
+        self.layout = layout
+        self.transport = transport
+        self._peers: dict[str, PeerInfo] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def peer(self, address: str, timeout_s: float, refresh: bool = False) -> PeerInfo:
+        """The connected peer at ``address``; handshakes first when new or ``refresh``."""
+        async with self._locks.setdefault(address, asyncio.Lock()):
+            known = self._peers.get(address)
+            if known is not None and not refresh:
+                return known
+            peer = await handshake(address, self.worker_id, self.layout, self.transport, timeout_s)
+            await self.transport.connect(peer)
+            self._peers[address] = peer
+            return peer
+
+    async def pull(
+        self,
+        address: str,
+        remote_block_ids: Sequence[int],
+        local_block_ids: Sequence[int],
+        request_id: str,
+        timeout_s: float,
+    ) -> int:
+        """Read ``remote_block_ids`` of ``request_id`` at ``address`` into ``local_block_ids``.
+
+        Returns the bytes moved; raises KVTransferError (or IncompatiblePeerError) within
+        about ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        fresh = address not in self._peers
+        peer = await self.peer(address, timeout_s)
+        try:
+            return await self.transport.pull(
+                peer, remote_block_ids, local_block_ids, request_id, _left(deadline)
+            )
+        except KVTransferError as e:
+            if fresh or e.peer_code is not None or _left(deadline) <= 0:
+                raise
+            log.info("pull from %s failed (%s); handshaking again", peer, e)
+        peer = await self.peer(address, _left(deadline), refresh=True)
+        return await self.transport.pull(
+            peer, remote_block_ids, local_block_ids, request_id, _left(deadline)
+        )
+
+    def forget(self, address: str) -> None:
+        """Drop what is known about ``address`` (e.g. the router says it left)."""
+        self._peers.pop(address, None)
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())

@@ -1,0 +1,187 @@
+"""What two workers must agree on to exchange KV blocks, and where a block's bytes lie.
+
+The pool tensor is ``[num_layers, 2 (K, V), num_blocks * block_size, num_kv_heads,
+head_dim]`` (services/engine/kv_cache.py). Call each ``[layer, K|V]`` slice a *plane*:
+``2 * num_layers`` planes, plane ``p = 2 * layer + kv``. Inside a plane, block ``b`` is
+``block_size`` consecutive slots, so its bytes are one span at
+``p * plane_bytes + b * span_bytes``. The offsets depend on ``num_blocks`` (through
+``plane_bytes``), which differs between workers: every offset into a peer's pool must be
+computed from the peer's layout, never from the local one.
+
+Byte order on the wire (ReadBlocks): for each block in the order asked, for each plane in
+order, that block's span. Everything here is pure and torch-free, so the router can check
+layouts too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from services.engine.errors import InvalidRequestError
+from services.kv_transfer.errors import IncompatiblePeerError
+from services.stubs.tandem.v1 import worker_pb2
+
+if TYPE_CHECKING:
+    from services.engine.kv_cache import KVCache
+
+PROTOCOL_VERSION = 1
+"""Raised whenever the handshake, the byte order or the meaning of a layout field changes."""
+
+LAYOUT_NAME = "layer-kv-slot-head-dim"
+"""The pool tensor's dimension order, as carried in ``KVLayout.layout``."""
+
+DTYPE_BYTES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+"""Element size of each KV dtype a layout may name (torch's names without ``torch.``)."""
+
+# Checked in this order; the first difference is reported. num_blocks may differ.
+_ADVICE = {
+    "protocol_version": "run the same Tandem release on both workers",
+    "model_id": "pair only workers that serve the same model",
+    "block_size": "start both workers with the same block size",
+    "dtype": "start both workers with the same KV dtype",
+    "layout": "run the same Tandem release on both workers",
+    "num_layers": "load the same checkpoint on both workers",
+    "num_kv_heads": "load the same checkpoint on both workers",
+    "head_dim": "load the same checkpoint on both workers",
+}
+
+
+def describe(kv: KVCache, model_id: str) -> worker_pb2.KVLayout:
+    """This worker's layout for the handshake and registration. Side-effect free."""
+    num_layers, _, _, num_kv_heads, head_dim = kv.tensor.shape
+    return worker_pb2.KVLayout(
+        protocol_version=PROTOCOL_VERSION,
+        model_id=model_id,
+        block_size=kv.block_size,
+        dtype=str(kv.tensor.dtype).removeprefix("torch."),
+        layout=LAYOUT_NAME,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        num_blocks=kv.num_blocks,
+    )
+
+
+GEOMETRY_FIELDS = ("block_size", "dtype", "layout", "num_layers", "num_kv_heads", "head_dim")
+"""The fields byte offsets depend on (with num_blocks, which may differ)."""
+
+
+def check_compatible(local: worker_pb2.KVLayout, remote: worker_pb2.KVLayout) -> None:
+    """Raise IncompatiblePeerError naming the first field in which the layouts differ."""
+    _check_fields(local, remote, tuple(_ADVICE))
+
+
+def check_same_geometry(local: worker_pb2.KVLayout, remote: worker_pb2.KVLayout) -> None:
+    """Like check_compatible, but only the fields that decide where bytes lie."""
+    _check_fields(local, remote, GEOMETRY_FIELDS)
+
+
+def _check_fields(
+    local: worker_pb2.KVLayout, remote: worker_pb2.KVLayout, fields: tuple[str, ...]
+) -> None:
+    for field in fields:
+        advice = _ADVICE[field]
+        mine, theirs = getattr(local, field), getattr(remote, field)
+        if mine != theirs:
+            raise IncompatiblePeerError(
+                f"KV layouts differ in {field}: this worker has {mine!r}, the peer has "
+                f"{theirs!r}; {advice}"
+            )
+
+
+def dtype_bytes(layout: worker_pb2.KVLayout) -> int:
+    try:
+        return DTYPE_BYTES[layout.dtype]
+    except KeyError:
+        raise IncompatiblePeerError(
+            f"KV layout dtype {layout.dtype!r} is not one of {sorted(DTYPE_BYTES)}"
+        ) from None
+
+
+def span_bytes(layout: worker_pb2.KVLayout) -> int:
+    """Bytes of one block in one plane: the unit every offset is made of."""
+    return layout.block_size * layout.num_kv_heads * layout.head_dim * dtype_bytes(layout)
+
+
+def num_planes(layout: worker_pb2.KVLayout) -> int:
+    return 2 * layout.num_layers
+
+
+def block_bytes(layout: worker_pb2.KVLayout) -> int:
+    """Bytes of one block across all planes: what moving a block costs."""
+    return num_planes(layout) * span_bytes(layout)
+
+
+def pool_bytes(layout: worker_pb2.KVLayout) -> int:
+    """Bytes of the whole pool tensor."""
+    return layout.num_blocks * block_bytes(layout)
+
+
+def check_block_ids(layout: worker_pb2.KVLayout, block_ids: Sequence[int], name: str) -> None:
+    """Raise InvalidRequestError (naming ``name``) if an id is outside the pool or repeated."""
+    seen: set[int] = set()
+    for b in block_ids:
+        if not 0 <= b < layout.num_blocks:
+            raise InvalidRequestError(
+                name, f"block {b} is outside the pool of {layout.num_blocks} blocks"
+            )
+        if b in seen:
+            raise InvalidRequestError(name, f"block {b} appears twice")
+        seen.add(b)
+
+
+def block_span_offsets(
+    layout: worker_pb2.KVLayout, block_ids: Sequence[int]
+) -> list[tuple[int, int]]:
+    """(byte offset, length) of each block's span in each plane, block-major: the wire order.
+
+    A pure function of ``layout``; ``len(block_ids) * 2 * num_layers`` spans.
+    """
+    check_block_ids(layout, block_ids, "block_ids")
+    span = span_bytes(layout)
+    plane = layout.num_blocks * span
+    return [(p * plane + b * span, span) for b in block_ids for p in range(num_planes(layout))]
+
+
+def paired_spans(
+    local_layout: worker_pb2.KVLayout,
+    local_ids: Sequence[int],
+    remote_layout: worker_pb2.KVLayout,
+    remote_ids: Sequence[int],
+) -> list[tuple[int, int, int]]:
+    """(local offset, remote offset, length) covering ``remote_ids[i] → local_ids[i]``.
+
+    Consecutive pairs whose ids both go up by one form a run; each run is one span per
+    plane, so a run of consecutive blocks costs ``2 * num_layers`` descriptors however long
+    it is. Order: run by run, plane by plane (a transfer's descriptors need no other order).
+    """
+    if len(local_ids) != len(remote_ids):
+        raise InvalidRequestError(
+            "local_block_ids",
+            f"has {len(local_ids)} ids but remote_block_ids has {len(remote_ids)}",
+        )
+    check_same_geometry(local_layout, remote_layout)
+    check_block_ids(local_layout, local_ids, "local_block_ids")
+    check_block_ids(remote_layout, remote_ids, "remote_block_ids")
+    span = span_bytes(local_layout)
+    local_plane = local_layout.num_blocks * span
+    remote_plane = remote_layout.num_blocks * span
+    runs: list[list[int]] = []  # [first local id, first remote id, count]
+    for lo, ro in zip(local_ids, remote_ids, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == lo and runs[-1][1] + runs[-1][2] == ro:
+            runs[-1][2] += 1
+        else:
+            runs.append([lo, ro, 1])
+    return [
+        (p * local_plane + lo * span, p * remote_plane + ro * span, count * span)
+        for lo, ro, count in runs
+        for p in range(num_planes(local_layout))
+    ]

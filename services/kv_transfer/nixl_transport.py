@@ -1,0 +1,307 @@
+"""The NIXL KV transport: one-sided READs of a peer's registered pool (UCX backend).
+
+Each worker creates one agent and registers its whole pool tensor once; peers learn the
+agent's metadata, the pool's address and size at the Handshake. A pull is one transfer
+request with one descriptor per (run of consecutive blocks, plane): layout.paired_spans.
+Host memory ("DRAM") on CPU machines, device memory ("VRAM") on GPUs, chosen from the
+tensor's device.
+
+NIXL calls block, some for milliseconds (a post over shared memory copies inline), so
+every agent call runs on the agent's own thread (agent_thread.py, which also keeps the
+agent progressing in place of NIXL's spinning progress thread): the event loop never
+blocks, and every wait on that thread has a deadline.
+
+A peer without NIXL (empty metadata at the Handshake) is read over gRPC instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import numpy as np
+
+from services.engine.kv_cache import KVCache
+from services.kv_transfer import layout as kv_layout
+from services.kv_transfer.agent_thread import PROGRESS_INTERVAL_S, AgentThread
+from services.kv_transfer.errors import IncompatiblePeerError, KVTransferError
+from services.kv_transfer.grpc_transport import GrpcTransport
+from services.kv_transfer.transport import HandshakePayload, KVTransport, PeerInfo
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+POLL_FIRST_S = 0.0002
+POLL_MAX_S = 0.002
+"""Completion polling backs off from the first to the max interval (a pull of a long
+prompt takes milliseconds; a finished one should not wait long to be seen)."""
+
+RELEASE_TIMEOUT_S = 1.0
+"""How long a failed or timed-out pull waits for its transfer handle to be released."""
+
+
+@functools.cache
+def nixl_available() -> bool:
+    """Whether NIXL imports and an agent with the UCX backend can be created (cached)."""
+    try:
+        from nixl._api import nixl_agent
+
+        name = f"tandem-probe-{uuid.uuid4().hex[:8]}"
+        agent = nixl_agent(name, agent_config())
+        return "UCX" in agent.backends
+    except Exception as e:  # ImportError, missing plugins, UCX failing to start
+        log.info("NIXL is not available: %s", e)
+        return False
+
+
+def agent_config() -> Any:
+    """UCX, without NIXL's progress thread (it spins a core; AgentThread progresses)."""
+    from nixl._api import nixl_agent_config
+
+    return nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+
+
+def memory_type(kv: KVCache) -> tuple[str, int]:
+    """NIXL memory type and device id of the pool: ("DRAM", 0) or ("VRAM", cuda index)."""
+    device = kv.tensor.device
+    if device.type == "cpu":
+        return "DRAM", 0
+    if device.type == "cuda":
+        return "VRAM", device.index or 0
+    raise ValueError(f"NIXL cannot register a KV pool on {device}: use cpu or cuda")
+
+
+class NixlTransport(KVTransport):
+    name = "nixl"
+
+    def __init__(
+        self,
+        kv: KVCache,
+        worker_id: str,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+    ) -> None:
+        """Creates the agent and registers ``kv.tensor`` with it, once."""
+        from nixl._api import nixl_agent
+
+        super().__init__(kv)
+        self.memory_type, self.device_id = memory_type(kv)
+        self.agent_name = f"tandem-{worker_id}-{uuid.uuid4().hex[:8]}"
+        self._agent = nixl_agent(self.agent_name, agent_config())
+        if "UCX" not in self._agent.backends:
+            raise RuntimeError("NIXL's UCX backend is missing: use the grpc transport")
+        self._registration = self._agent.register_memory(kv.tensor)
+        self._metadata: bytes = self._agent.get_agent_metadata()
+        self._thread = AgentThread(self._agent, f"nixl-{worker_id}", progress_interval_s)
+        self._peers: dict[str, PeerInfo] = {}  # address -> peer read over NIXL
+        self._accepted: dict[str, str] = {}  # caller worker id -> its agent name
+        self._grpc = GrpcTransport(kv)  # for peers without NIXL
+
+    @property
+    def remote_agents(self) -> frozenset[str]:
+        """Names of the remote agents currently loaded (peers read from, callers accepted)."""
+        return frozenset(p.nixl_agent for p in self._peers.values()) | frozenset(
+            self._accepted.values()
+        )
+
+    async def handshake_payload(self) -> HandshakePayload:
+        return HandshakePayload(
+            nixl_metadata=self._metadata,
+            nixl_agent=self.agent_name,
+            pool_address=self.kv.tensor.data_ptr(),
+            pool_bytes=self.kv.tensor.numel() * self.kv.tensor.element_size(),
+            memory_type=self.memory_type,
+            device_id=self.device_id,
+        )
+
+    async def accept(self, worker_id: str, nixl_metadata: bytes) -> None:
+        if not nixl_metadata:
+            return
+        name = await self._call(
+            self._agent.add_remote_agent, nixl_metadata, what=f"loading {worker_id}'s metadata"
+        )
+        name = name.decode() if isinstance(name, bytes) else name
+        stale = self._accepted.get(worker_id)
+        self._accepted[worker_id] = name
+        if stale is not None and stale != name:
+            await self._forget_agent(stale)
+
+    async def connect(self, peer: PeerInfo) -> None:
+        kv_layout.check_same_geometry(self.layout, peer.layout)
+        if not peer.has_nixl:
+            log.warning("%s has no NIXL agent: reading its blocks over gRPC", peer)
+            await self._grpc.connect(peer)
+            if (old := self._peers.pop(peer.address, None)) is not None:
+                await self._forget_agent(old.nixl_agent)
+            return
+        if peer.pool_bytes != kv_layout.pool_bytes(peer.layout):
+            raise IncompatiblePeerError(
+                f"{peer} registered {peer.pool_bytes} bytes with NIXL, its layout says "
+                f"{kv_layout.pool_bytes(peer.layout)}; run the same Tandem release on both"
+            )
+        if peer.memory_type not in ("DRAM", "VRAM"):
+            raise IncompatiblePeerError(f"{peer} has NIXL memory type {peer.memory_type!r}")
+        old = self._peers.get(peer.address)
+        if old == peer:
+            return
+        name = await self._call(
+            self._agent.add_remote_agent, peer.nixl_metadata, what=f"loading {peer}'s metadata"
+        )
+        name = name.decode() if isinstance(name, bytes) else name
+        if name != peer.nixl_agent:
+            await self._forget_agent(name)
+            raise IncompatiblePeerError(
+                f"{peer} announced agent {peer.nixl_agent!r} but its metadata names {name!r}"
+            )
+        self._peers[peer.address] = peer
+        if old is not None and old.nixl_agent != name:
+            # The peer restarted: a stale agent left loaded is a known crash source.
+            await self._forget_agent(old.nixl_agent)
+
+    async def pull(
+        self,
+        peer: PeerInfo,
+        remote_block_ids: Sequence[int],
+        local_block_ids: Sequence[int],
+        request_id: str,
+        timeout_s: float,
+    ) -> int:
+        if not peer.has_nixl:
+            return await self._grpc.pull(
+                peer, remote_block_ids, local_block_ids, request_id, timeout_s
+            )
+        deadline = time.monotonic() + timeout_s
+        spans = kv_layout.paired_spans(self.layout, local_block_ids, peer.layout, remote_block_ids)
+        if self._peers.get(peer.address) != peer:
+            raise KVTransferError(f"not connected to {peer}: call connect(peer) first")
+        if not spans:
+            return 0
+        what = f"NIXL read of {len(remote_block_ids)} blocks of {request_id!r} from {peer}"
+        offsets = np.array(spans, dtype=np.uint64)
+        local = np.empty((len(spans), 3), dtype=np.uint64)
+        local[:, 0] = self.kv.tensor.data_ptr() + offsets[:, 0]
+        local[:, 1] = offsets[:, 2]
+        local[:, 2] = self.device_id
+        remote = np.empty_like(local)
+        remote[:, 0] = peer.pool_address + offsets[:, 1]
+        remote[:, 1] = offsets[:, 2]
+        remote[:, 2] = peer.device_id
+        post = functools.partial(
+            self._post, local, remote, peer.memory_type, peer.nixl_agent, request_id.encode()
+        )
+        handle, state = await self._call(post, deadline=deadline, what=what)
+        try:
+            delay = POLL_FIRST_S
+            while state == "PROC":
+                if time.monotonic() >= deadline:
+                    raise KVTransferError(f"{what} did not finish within {timeout_s:.3g} s")
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, POLL_MAX_S)
+                state = await self._call(
+                    self._agent.check_xfer_state, handle, deadline=deadline, what=what
+                )
+            if state != "DONE":
+                raise KVTransferError(f"{what} failed: NIXL reported {state}")
+        finally:
+            await self._release(handle)
+        return int(offsets[:, 2].sum())
+
+    async def take_notifications(self) -> list[str]:
+        return [m.decode(errors="replace") for m in self._thread.take_notifications()]
+
+    async def close(self) -> None:
+        await self._grpc.close()
+        agents = self.remote_agents
+        self._peers.clear()
+        self._accepted.clear()
+        for name in agents:
+            await self._forget_agent(name)
+        try:
+            await self._call(self._agent.deregister_memory, self._registration)
+        except KVTransferError as e:
+            log.warning("deregistering the KV pool from NIXL: %s", e)
+        await asyncio.to_thread(self._thread.stop)
+
+    # -- on the NIXL thread --------------------------------------------------------------
+
+    def _post(
+        self,
+        local: np.ndarray,
+        remote: np.ndarray,
+        remote_memory_type: str,
+        remote_agent: str,
+        notification: bytes,
+    ) -> tuple[Any, str]:
+        local_descs = self._agent.get_xfer_descs(local, self.memory_type)
+        remote_descs = self._agent.get_xfer_descs(remote, remote_memory_type)
+        handle = self._agent.initialize_xfer(
+            "READ", local_descs, remote_descs, remote_agent, notification
+        )
+        try:
+            return handle, self._agent.transfer(handle)
+        except BaseException:
+            self._release_now(handle)
+            raise
+
+    def _release_now(self, handle: Any) -> None:
+        try:
+            self._agent.release_xfer_handle(handle)
+        except Exception as e:
+            # NIXL could not cancel it: the local blocks may still change. Callers treat
+            # them as garbage after a KVTransferError anyway (they are freed, not read).
+            log.error("releasing a NIXL transfer handle failed: %s", e)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        deadline: float | None = None,
+        what: str = "a NIXL call",
+    ) -> T:
+        """Run ``fn(*args)`` on the NIXL thread; KVTransferError on error or at ``deadline``."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            job = self._thread.submit(fn, *args)
+        except RuntimeError as e:
+            raise KVTransferError(f"{what}: {e}") from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), timeout)
+        except TimeoutError:
+            if not job.cancel():  # already running: release what it returns, later
+                job.add_done_callback(self._release_late_handle)
+            raise KVTransferError(f"{what} did not finish by its deadline") from None
+        except Exception as e:
+            raise KVTransferError(f"{what} failed: {type(e).__name__}: {e}") from None
+
+    def _release_late_handle(self, job: Future[Any]) -> None:
+        """Called when a call abandoned at its deadline finally returns: release its handle."""
+        if job.cancelled() or job.exception() is not None:
+            return
+        result = job.result()
+        if isinstance(result, tuple) and result:  # (handle, state) from _post
+            # RuntimeError: closed meanwhile; the agent frees the handle when it goes.
+            with contextlib.suppress(RuntimeError):
+                self._thread.submit(self._release_now, result[0])
+
+    async def _release(self, handle: Any) -> None:
+        deadline = time.monotonic() + RELEASE_TIMEOUT_S
+        try:
+            await self._call(self._release_now, handle, deadline=deadline, what="release")
+        except KVTransferError as e:
+            log.error("%s", e)
+
+    async def _forget_agent(self, name: str) -> None:
+        if name in self.remote_agents:
+            return  # still in use under another address or worker id
+        try:
+            await self._call(self._agent.remove_remote_agent, name, what="remove_remote_agent")
+        except KVTransferError as e:
+            log.warning("removing stale NIXL agent %s: %s", name, e)

@@ -1,0 +1,99 @@
+"""tandem.v1.PrefillWorker: run prompts, hand their KV to decode workers under a lease."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+
+import grpc
+
+from services.engine.engine import LLMEngine
+from services.engine.errors import TandemError
+from services.rpc.requests import FINISH_TO_PROTO, prompt_token_ids, sampling_params
+from services.rpc.status import abort_with
+from services.stubs.tandem.v1 import worker_pb2 as wpb
+from services.stubs.tandem.v1 import worker_pb2_grpc
+from services.worker.engine_loop import EngineLoop
+from services.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(
+        self,
+        loop: EngineLoop,
+        worker_id: str,
+        address: Callable[[], str],
+        default_lease_s: float,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.loop = loop
+        self.worker_id = worker_id
+        self.address = address
+        self.default_lease_s = default_lease_s
+        self.metrics = metrics
+
+    async def Prefill(
+        self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.PrefillResponse:
+        req = request.request
+        rid = req.request_id or uuid.uuid4().hex
+        try:
+            prompt = prompt_token_ids(req)
+            params = sampling_params(req)
+        except TandemError as e:
+            await abort_with(context, e)
+        lease_s = request.lease_ms / 1000 if request.lease_ms else self.default_lease_s
+
+        def submit(engine: LLMEngine) -> None:
+            engine.add_request(rid, prompt, params, prefill_only=True, lease_s=lease_s)
+
+        outs = []
+        try:
+            outs = [o async for o in self.loop.outputs(rid, submit)]
+        except TandemError as e:
+            await abort_with(context, e)
+        except BaseException:
+            # Cancelled after the prefill finished: nobody will read the blocks.
+            await self.loop.call(lambda engine: engine.release_held(rid))
+            raise
+        out = outs[-1] if outs else None
+        if out is None or out.usage is None:
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill of {rid} ended without output")
+        self.metrics.prefill_requests.inc()
+        response = wpb.PrefillResponse(
+            first_token_id=out.token_ids[0] if out.token_ids else 0,
+            first_text=out.text,
+            cached_tokens=out.usage.cached_tokens,
+        )
+        if out.finish_reason is not None:
+            response.finish_reason = FINISH_TO_PROTO[out.finish_reason]
+            return response
+        held = await self.loop.call(lambda engine: engine.held(rid))
+        if held is None:  # expired already (a lease of ~0)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"lease of {rid} expired at once")
+        response.kv.CopyFrom(
+            wpb.KVHandle(
+                worker_id=self.worker_id,
+                address=self.address(),
+                request_id=rid,
+                block_ids=held.block_ids,
+                num_tokens=held.num_tokens,
+            )
+        )
+        return response
+
+    async def ReleaseKV(
+        self, request: wpb.ReleaseKVRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.ReleaseKVResponse:
+        released = await self.loop.call(lambda engine: engine.release_held(request.request_id))
+        if not released:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"request {request.request_id!r} holds no pinned blocks here "
+                "(already released, lease expired, or never prefilled on this worker)",
+            )
+        self.metrics.kv_released.inc()
+        return wpb.ReleaseKVResponse()

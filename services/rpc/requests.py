@@ -1,0 +1,60 @@
+"""tandem.v1 messages ↔ engine types, shared by every service (no torch here)."""
+
+from __future__ import annotations
+
+from services.engine.errors import InvalidRequestError
+from services.engine.outputs import FinishReason, RequestOutput, Usage
+from services.engine.sampling_params import SamplingParams
+from services.stubs.tandem.v1 import inference_pb2 as pb
+
+DEFAULT_MAX_TOKENS = 16
+
+FINISH_TO_PROTO = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+
+
+def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
+    """The request's sampling fields with the proto's documented defaults, validated."""
+    params = SamplingParams(
+        max_tokens=req.max_tokens if req.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        min_tokens=req.min_tokens if req.HasField("min_tokens") else 0,
+        temperature=req.temperature if req.HasField("temperature") else 1.0,
+        top_p=req.top_p if req.HasField("top_p") else 1.0,
+        top_k=req.top_k if req.HasField("top_k") else 0,
+        seed=req.seed if req.HasField("seed") else None,
+        stop=tuple(req.stop),
+        ignore_eos=req.ignore_eos,
+    )
+    params.validate()
+    return params
+
+
+def prompt_token_ids(req: pb.GenerateRequest) -> list[int]:
+    """The token ids of a request that must carry them (internal hops)."""
+    if req.prompt:
+        raise InvalidRequestError("prompt", "workers take prompt_token_ids; the router tokenizes")
+    if not req.prompt_token_ids:
+        raise InvalidRequestError("prompt_token_ids", "is empty; give at least one token")
+    return list(req.prompt_token_ids)
+
+
+def usage_proto(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+    )
+
+
+def response_from(out: RequestOutput) -> pb.GenerateResponse:
+    """One stream message for an engine delta; the last carries finish reason and usage."""
+    msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text)
+    if out.finish_reason is not None:
+        msg.finish_reason = FINISH_TO_PROTO[out.finish_reason]
+    if out.usage is not None and out.finish_reason is not None:
+        msg.usage.CopyFrom(usage_proto(out.usage))
+    return msg

@@ -1,0 +1,154 @@
+"""Runs an LLMEngine on its own thread and connects it to asyncio.
+
+The engine is single-threaded by design: only this thread touches it. asyncio
+code hands it functions to run between steps (``call``) and receives each
+request's outputs on an asyncio queue (``outputs``). A step runs whenever there
+is schedulable work; otherwise the thread sleeps on its command queue, waking
+every ``tick_s`` to run periodic duties (lease expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from services.engine.engine import LLMEngine
+from services.engine.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Command = Callable[[LLMEngine], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, tick_s: float = 0.25) -> None:
+        self.engine = engine
+        self.tick_s = tick_s
+        self._commands: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._ticks: list[Callable[[LLMEngine], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def on_tick(self, duty: Callable[[LLMEngine], None]) -> None:
+        """Run ``duty(engine)`` on the engine thread about every tick_s (before start)."""
+        self._ticks.append(duty)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread; its result or exception comes back here."""
+        if self._loop is None or self._stopped.is_set():
+            raise RuntimeError("the engine loop is not running")
+        future: asyncio.Future[T] = self._loop.create_future()
+
+        def command(engine: LLMEngine) -> None:
+            try:
+                result = fn(engine)
+            except BaseException as e:  # handed to the awaiting coroutine
+                self._resolve(future, None, e)
+            else:
+                self._resolve(future, result, None)
+
+        self._commands.put(command)
+        return await future
+
+    async def outputs(
+        self,
+        request_id: str,
+        submit: Callable[[LLMEngine], object],
+        after_submit: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Register for ``request_id``'s outputs, run ``submit`` (which adds the request)
+        and then ``after_submit`` (e.g. a KV transfer), and yield the outputs until
+        the final one. If the consumer stops early (client cancelled) or
+        ``after_submit`` fails, the request is aborted and its blocks freed."""
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[request_id] = q
+        finished = False
+        try:
+            await self.call(submit)
+            if after_submit is not None:
+                await after_submit()
+            while not finished:
+                out = await q.get()
+                finished = out.finished or out.usage is not None
+                yield out
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._commands.put(lambda engine: engine.abort(request_id) and None)
+
+    # ----------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        import time
+
+        next_tick = time.monotonic()
+        while not self._stopped.is_set():
+            busy = self.engine.has_schedulable()
+            if not self._drain_commands(block=not busy):
+                return
+            if time.monotonic() >= next_tick:
+                for duty in self._ticks:
+                    self._guard(duty)
+                next_tick = time.monotonic() + self.tick_s
+            if self.engine.has_schedulable():
+                self._dispatch(self.engine.step())
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Run queued commands; wait up to tick_s for one when idle. False on stop."""
+        try:
+            cmd = self._commands.get(timeout=self.tick_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if cmd is None:
+                return False
+            self._guard(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _guard(self, fn: Command) -> None:
+        try:
+            fn(self.engine)
+        except Exception:
+            log.exception("engine command failed")
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _resolve(self, future: asyncio.Future, result: object, error: BaseException | None) -> None:
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(settle)

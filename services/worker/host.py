@@ -1,0 +1,162 @@
+"""One worker process: engine, engine thread, gRPC server, registration, shutdown.
+
+The prefill and decode servers differ only in the servicers they mount; this
+module holds everything else so neither role imports the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.engine.engine import EngineConfig, LLMEngine
+from services.kv_transfer.transport import KVTransport
+from services.rpc.server import RunningServer, Servicer, start_server
+from services.stubs.tandem.v1 import worker_pb2 as wpb
+from services.worker.engine_loop import EngineLoop
+from services.worker.gpu import GpuMonitor
+from services.worker.metrics import WorkerMetrics
+from services.worker.registration import register_and_heartbeat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str = "tandem-tiny"
+    """Model name or Hugging Face directory to serve."""
+    host: str = "127.0.0.1"
+    """Address to listen on and to advertise to the router and peers."""
+    port: int = 0
+    """gRPC port; 0 picks a free one."""
+    router: str | None = None
+    """Router address (host:port) to register with; None runs unregistered (tests)."""
+    worker_id: str | None = None
+    """Stable id; None makes one from the host name and a random suffix."""
+    kv_transport: str = "auto"
+    """KV transfer between workers: nixl, grpc, or auto (nixl when it works)."""
+    lease_s: float = 30.0
+    """Prefill: how long prompt blocks stay pinned without a release."""
+    kv_timeout_s: float = 10.0
+    """Decode: deadline for reading a prompt's KV before prefilling locally."""
+    metrics_port: int = 0
+    """Prometheus /metrics port; 0 disables it."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine settings (KV pool size, batch limits, dtype, device)."""
+
+
+class WorkerHost:
+    def __init__(self, config: WorkerConfig, role: int) -> None:
+        self.config = config
+        self.role = role
+        self.worker_id = config.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.metrics = WorkerMetrics("prefill" if role == wpb.WORKER_ROLE_PREFILL else "decode")
+        self.engine: LLMEngine | None = None
+        self.loop: EngineLoop | None = None
+        self.server: RunningServer | None = None
+        self._stop = asyncio.Event()
+        self._registration: asyncio.Task[None] | None = None
+        self._gpu = GpuMonitor()
+        self.transport: KVTransport | None = None
+
+    @property
+    def address(self) -> str:
+        if self.server is None:
+            raise RuntimeError("the worker has not started")
+        return f"{self.config.host}:{self.server.port}"
+
+    async def start(self, servicers: Callable[[WorkerHost], list[Servicer]]) -> None:
+        """Load the model, start the engine thread and the server, then register."""
+        self.engine = await asyncio.to_thread(LLMEngine, self.config.model, self.config.engine)
+        self.loop = EngineLoop(self.engine)
+        self.loop.on_tick(self._expire_leases)
+        self.loop.start()
+        self.server = await start_server(servicers(self), self.config.host, self.config.port)
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port, self.config.host)
+        if self.config.router:
+            self._registration = asyncio.create_task(
+                register_and_heartbeat(
+                    self.config.router, self.registration(), self.load, self._stop
+                )
+            )
+        log.info(
+            "%s worker %s serving %s on %s",
+            self.metrics.role,
+            self.worker_id,
+            self.config.model,
+            self.address,
+        )
+
+    def registration(self) -> wpb.RegisterRequest:
+        from services.kv_transfer.layout import describe
+
+        engine = self.engine
+        return wpb.RegisterRequest(
+            worker_id=self.worker_id,
+            role=self.role,
+            address=self.address,
+            model=self.config.model,
+            layout=describe(engine.runner.kv_cache, engine.model_id),
+            max_context_length=engine.max_model_len,
+            vocab_size=engine.model_config.vocab_size,
+        )
+
+    async def load(self) -> wpb.WorkerLoad:
+        figures = await self.loop.call(_engine_load)
+        gpu = self._gpu.read()
+        figures.gpu_memory_used_bytes = gpu.memory_used_bytes
+        figures.gpu_memory_total_bytes = gpu.memory_total_bytes
+        figures.gpu_utilization_percent = gpu.utilization_percent
+        self.metrics.running.set(figures.running)
+        self.metrics.waiting.set(figures.waiting)
+        self.metrics.free_blocks.set(figures.free_blocks)
+        return figures
+
+    async def serve_forever(self) -> None:
+        """Run until SIGINT/SIGTERM, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._registration is not None:
+            self._registration.cancel()
+            await asyncio.gather(self._registration, return_exceptions=True)
+        if self.server is not None:
+            await self.server.stop(grace=2.0)
+        if self.loop is not None:
+            await self.loop.stop()
+        if self.transport is not None:
+            await self.transport.close()
+
+    def _expire_leases(self, engine: LLMEngine) -> None:
+        expired = engine.expire_held()
+        if expired:
+            self.metrics.lease_expiries.inc(len(expired))
+            log.warning("released %d unread prefills at lease end", len(expired))
+
+
+def _engine_load(engine: LLMEngine) -> wpb.WorkerLoad:
+    sched = engine.scheduler
+    queued = sum(s.num_uncomputed_tokens for s in sched.waiting)
+    queued += sum(
+        s.num_uncomputed_tokens
+        for s in sched.running
+        if s.num_computed_tokens < s.num_prompt_tokens
+    )
+    return wpb.WorkerLoad(
+        running=len(sched.running),
+        waiting=len(sched.waiting),
+        free_blocks=engine.pool.num_free_blocks,
+        total_blocks=engine.pool.num_blocks,
+        queued_prefill_tokens=queued,
+    )

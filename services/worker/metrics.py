@@ -1,0 +1,60 @@
+"""Prometheus metrics a worker serves (``--metrics-port``; off when 0).
+
+Each worker owns its registry, so several workers (and tests) can live in one
+process without clashing over metric names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class WorkerMetrics:
+    def __init__(self, role: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.prefill_requests = Counter(
+            "tandem_prefill_requests", "Prompts prefilled for a decode worker", registry=r
+        )
+        self.decode_requests = Counter(
+            "tandem_decode_requests", "Requests decoded", ["mode"], registry=r
+        )
+        self.kv_released = Counter(
+            "tandem_kv_released", "Pinned prefills released by their decode worker", registry=r
+        )
+        self.lease_expiries = Counter(
+            "tandem_kv_lease_expiries", "Pinned prefills released unread at lease end", registry=r
+        )
+        self.kv_bytes_received = Counter(
+            "tandem_kv_transfer_received_bytes", "KV bytes read from prefill workers", registry=r
+        )
+        self.kv_bytes_served = Counter(
+            "tandem_kv_transfer_served_bytes", "KV bytes served over the byte stream", registry=r
+        )
+        self.kv_transfer_seconds = Histogram(
+            "tandem_kv_transfer_seconds",
+            "Time to read one request's KV",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_transfer_failures = Counter(
+            "tandem_kv_transfer_failures",
+            "KV reads that failed and fell back to local prefill",
+            registry=r,
+        )
+        self.inter_token_seconds = Histogram(
+            "tandem_inter_token_seconds",
+            "Gap between consecutive streamed tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge("tandem_running_requests", "Requests in the batch", registry=r)
+        self.waiting = Gauge("tandem_queue_depth", "Requests waiting to be scheduled", registry=r)
+        self.free_blocks = Gauge("tandem_kv_free_blocks", "Free KV blocks", registry=r)
+        self.role = role
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Expose /metrics over HTTP on host:port."""
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,143 @@
+"""layout.py against the real storage of KVCache tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine.errors import InvalidRequestError
+from services.kv_transfer import layout as kv_layout
+from services.kv_transfer.errors import IncompatiblePeerError
+from tests.kv_transfer.helpers import MODEL_ID, TINY, layout_of, make_kv, pool_bytes
+
+
+def test_describe_tiny() -> None:
+    layout = layout_of(make_kv(64))
+    assert layout.protocol_version == kv_layout.PROTOCOL_VERSION == 1
+    assert layout.layout == kv_layout.LAYOUT_NAME == "layer-kv-slot-head-dim"
+    assert (layout.model_id, layout.dtype, layout.block_size) == (MODEL_ID, "bfloat16", 16)
+    assert (layout.num_layers, layout.num_kv_heads, layout.head_dim) == (8, 4, 64)
+    assert layout.num_blocks == 64
+    assert kv_layout.span_bytes(layout) == 16 * 4 * 64 * 2
+    assert kv_layout.block_bytes(layout) == make_kv(64).bytes_per_block == 128 * 1024
+    assert kv_layout.pool_bytes(layout) == pool_bytes(make_kv(64)).numel()
+
+
+def test_num_blocks_may_differ() -> None:
+    kv_layout.check_compatible(layout_of(make_kv(64)), layout_of(make_kv(80)))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("protocol_version", 2),
+        ("model_id", "other-model"),
+        ("block_size", 32),
+        ("dtype", "float16"),
+        ("layout", "block-layer-kv"),
+        ("num_layers", 16),
+        ("num_kv_heads", 8),
+        ("head_dim", 128),
+    ],
+)
+def test_first_difference_is_named(field: str, value: object) -> None:
+    local = layout_of(make_kv(64))
+    remote = layout_of(make_kv(80))
+    setattr(remote, field, value)
+    with pytest.raises(IncompatiblePeerError) as e:
+        kv_layout.check_compatible(local, remote)
+    message = str(e.value)
+    assert f"differ in {field}" in message
+    assert repr(getattr(local, field)) in message and repr(value) in message
+    assert IncompatiblePeerError.grpc_code == "FAILED_PRECONDITION"
+
+
+def test_protocol_version_is_reported_before_block_size() -> None:
+    remote = layout_of(make_kv(64))
+    remote.protocol_version, remote.block_size = 9, 32
+    with pytest.raises(IncompatiblePeerError, match="protocol_version"):
+        kv_layout.check_compatible(layout_of(make_kv(64)), remote)
+
+
+def _mark_blocks(kv) -> None:
+    """Every (layer, K/V, block) slice gets its own value, written by tensor indexing."""
+    bs = kv.block_size
+    for layer in range(kv.num_layers):
+        for k in range(2):
+            for b in range(kv.num_blocks):
+                kv.tensor[layer, k, b * bs : (b + 1) * bs] = float(layer * 1000 + k * 500 + b)
+
+
+@pytest.mark.parametrize("num_blocks", [5, 7])
+def test_block_span_offsets_match_storage(num_blocks: int) -> None:
+    kv = make_kv(num_blocks)
+    _mark_blocks(kv)
+    layout = layout_of(kv)
+    storage = pool_bytes(kv)
+    ids = [4, 0, 2]
+    spans = kv_layout.block_span_offsets(layout, ids)
+    assert len(spans) == len(ids) * 2 * kv.num_layers
+    i = 0
+    for b in ids:  # block-major, then plane = (layer, K/V) in order
+        for layer in range(kv.num_layers):
+            for k in range(2):
+                offset, length = spans[i]
+                i += 1
+                expect = kv.tensor[layer, k, b * 16 : (b + 1) * 16].contiguous()
+                got = storage[offset : offset + length].view(TINY["dtype"]).view(expect.shape)
+                assert torch.equal(got, expect), (b, layer, k)
+
+
+def test_block_span_offsets_rejects_bad_ids() -> None:
+    layout = layout_of(make_kv(8))
+    with pytest.raises(InvalidRequestError, match="block 8 is outside the pool of 8"):
+        kv_layout.block_span_offsets(layout, [1, 8])
+    with pytest.raises(InvalidRequestError, match="block 1 appears twice"):
+        kv_layout.block_span_offsets(layout, [1, 2, 1])
+
+
+def test_paired_spans_merge_runs_on_both_sides() -> None:
+    local, remote = layout_of(make_kv(80)), layout_of(make_kv(64))
+    planes = 2 * 8
+    # [3,4,5] -> [10,11,12] is one run, 9 -> 40 another.
+    spans = kv_layout.paired_spans(local, [10, 11, 12, 40], remote, [3, 4, 5, 9])
+    assert len(spans) == 2 * planes
+    assert spans[0][2] == 3 * kv_layout.span_bytes(local)
+    # Consecutive on one side only: no merging.
+    assert len(kv_layout.paired_spans(local, [10, 11], remote, [3, 5])) == 2 * planes
+    assert len(kv_layout.paired_spans(local, [10, 12], remote, [3, 4])) == 2 * planes
+    # A whole 2,048-token prompt in consecutive blocks: 2 * num_layers descriptors.
+    prompt = list(range(128))
+    assert (
+        len(
+            kv_layout.paired_spans(layout_of(make_kv(200)), prompt, layout_of(make_kv(128)), prompt)
+        )
+        == planes
+    )
+    assert kv_layout.paired_spans(local, [], remote, []) == []
+
+
+def test_paired_spans_copy_equals_tensor_copy() -> None:
+    """Copying storage bytes along paired_spans does what copying the blocks' slots does."""
+    src_kv, dst_kv, want = make_kv(6), make_kv(9), make_kv(9)
+    src_kv.tensor.copy_(torch.randn(src_kv.tensor.shape))
+    remote_ids, local_ids = [1, 2, 3, 5], [6, 7, 8, 0]
+    src, dst = pool_bytes(src_kv), pool_bytes(dst_kv)
+    for lo, ro, n in kv_layout.paired_spans(
+        layout_of(dst_kv), local_ids, layout_of(src_kv), remote_ids
+    ):
+        dst[lo : lo + n] = src[ro : ro + n]
+    for r, loc in zip(remote_ids, local_ids, strict=True):
+        want.tensor[:, :, loc * 16 : (loc + 1) * 16] = src_kv.tensor[:, :, r * 16 : (r + 1) * 16]
+    assert torch.equal(dst_kv.tensor, want.tensor)
+
+
+def test_paired_spans_rejects_mismatches() -> None:
+    local, remote = layout_of(make_kv(8)), layout_of(make_kv(8))
+    with pytest.raises(InvalidRequestError, match="local_block_ids"):
+        kv_layout.paired_spans(local, [1, 2], remote, [1])
+    with pytest.raises(InvalidRequestError, match="remote_block_ids: block 9"):
+        kv_layout.paired_spans(local, [1], remote, [9])
+    other = layout_of(make_kv(8, block_size=32))
+    with pytest.raises(IncompatiblePeerError, match="block_size"):
+        kv_layout.paired_spans(local, [1], other, [1])

@@ -1,0 +1,214 @@
+"""KVTransfer served in-process on a real port: handshake, ReadBlocks errors, pulls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+
+from services.kv_transfer.client import KVReader, handshake
+from services.kv_transfer.errors import IncompatiblePeerError, KVTransferError
+from services.kv_transfer.factory import make_transport
+from services.kv_transfer.grpc_transport import GrpcTransport
+from services.kv_transfer.nixl_transport import NixlTransport
+from services.kv_transfer.service import PinCheck, servicer
+from services.kv_transfer.transport import KVTransport
+from services.rpc.server import RunningServer, client_channel, start_server
+from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
+from tests.kv_transfer.conftest import needs_nixl
+from tests.kv_transfer.helpers import block_bytes, fill_pattern, layout_of, make_kv, pool_bytes
+
+PINS = {"req-1": [3, 4, 5, 9]}
+
+
+def pinned(request_id: str, block_ids: list[int]) -> PinCheck:
+    return PinCheck.of(PINS.get(request_id), block_ids)
+
+
+async def serve(transport: KVTransport, pins=pinned, worker_id: str = "prefill-0") -> RunningServer:
+    layout = layout_of(transport.kv)
+    return await start_server([servicer(layout, transport, pins, worker_id)])
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 20))
+
+
+def test_pin_check_of() -> None:
+    assert PinCheck.of(None, [1]) == PinCheck(request_pinned=False)
+    assert PinCheck.of([1, 2], [2, 1]) == PinCheck(True, ())
+    assert PinCheck.of([1, 2], [2, 7, 8]) == PinCheck(True, (7, 8))
+
+
+def test_make_transport_kinds() -> None:
+    kv = make_kv(8)
+    assert isinstance(make_transport("grpc", kv, "w"), GrpcTransport)
+    with pytest.raises(
+        ValueError, match="unknown KV transport 'rdma': choose one of auto, nixl, grpc"
+    ):
+        make_transport("rdma", kv, "w")
+
+
+@needs_nixl
+def test_make_transport_auto_is_nixl_here() -> None:
+    async def body() -> None:
+        transport = make_transport("auto", make_kv(8), "w")
+        assert isinstance(transport, NixlTransport)
+        await transport.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("kv_args", "model_id", "field"),
+    [((64, 32), "tandem-tiny", "block_size"), ((64, 16), "other-model", "model_id")],
+)
+def test_incompatible_handshake_is_failed_precondition(kv_args, model_id, field) -> None:
+    async def body() -> None:
+        server = await serve(GrpcTransport(make_kv(80)))
+        caller = make_kv(*kv_args)
+        request = worker_pb2.HandshakeRequest(worker_id="d", layout=layout_of(caller, model_id))
+        async with client_channel(server.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await worker_pb2_grpc.KVTransferStub(channel).Handshake(request, timeout=5)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"differ in {field}" in e.value.details()
+        # The client helper turns it into IncompatiblePeerError with the same message.
+        with pytest.raises(IncompatiblePeerError, match=f"differ in {field}"):
+            await handshake(
+                server.address, "d", layout_of(caller, model_id), GrpcTransport(caller), 5
+            )
+        await server.stop(0)
+
+    run(body)
+
+
+def test_read_blocks_errors() -> None:
+    async def body() -> None:
+        server = await serve(GrpcTransport(make_kv(64)))
+        async with client_channel(server.address) as channel:
+            stub = worker_pb2_grpc.KVTransferStub(channel)
+
+            async def read(request_id: str, ids: list[int]) -> grpc.aio.AioRpcError:
+                request = worker_pb2.ReadBlocksRequest(request_id=request_id, block_ids=ids)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    async for _ in stub.ReadBlocks(request, timeout=5):
+                        pass
+                return e.value
+
+            e = await read("nobody", [3])
+            assert e.code() == grpc.StatusCode.NOT_FOUND and "'nobody'" in e.details()
+            e = await read("req-1", [3, 4, 7])
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "block 7 is not pinned by request 'req-1'" in e.details()
+            e = await read("req-1", [])
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await server.stop(0)
+
+    run(body)
+
+
+def test_lease_running_out_during_a_read_fails_it() -> None:
+    calls = []
+
+    async def pins(request_id: str, block_ids: list[int]) -> PinCheck:  # async is allowed
+        calls.append(request_id)
+        return PinCheck.of([3] if len(calls) == 1 else None, block_ids)
+
+    async def body() -> None:
+        server = await serve(GrpcTransport(make_kv(64)), pins)
+        reader = KVReader("decode-0", layout_of(make_kv(80)), GrpcTransport(make_kv(80)))
+        with pytest.raises(KVTransferError, match="unpinned while being read") as e:
+            await reader.pull(server.address, [3], [10], "req-1", timeout_s=5)
+        assert e.value.peer_code == "NOT_FOUND"
+        await server.stop(0)
+
+    run(body)
+
+
+def _transports(kind: str, num_blocks: int, worker_id: str) -> KVTransport:
+    kv = make_kv(num_blocks)
+    return NixlTransport(kv, worker_id) if kind == "nixl" else GrpcTransport(kv)
+
+
+@pytest.mark.parametrize("kind", [pytest.param("nixl", marks=needs_nixl), "grpc"])
+def test_pull_in_process(kind: str) -> None:
+    async def body() -> None:
+        prefill = _transports(kind, 64, "prefill-0")
+        fill_pattern(prefill.kv, seed=7)
+        server = await serve(prefill)
+        decode = _transports(kind, 80, "decode-0")
+        reader = KVReader("decode-0", layout_of(decode.kv), decode)
+        n = await reader.pull(server.address, [3, 4, 5, 9], [10, 11, 12, 40], "req-1", 5)
+        assert n == 4 * 128 * 1024
+        want = block_bytes(pool_bytes(prefill.kv), layout_of(prefill.kv), [3, 4, 5, 9])
+        got = block_bytes(pool_bytes(decode.kv), layout_of(decode.kv), [10, 11, 12, 40])
+        assert got == want
+        if kind == "nixl":
+            # The reader's notification names the request on the prefill side.
+            for _ in range(100):
+                if notes := await prefill.take_notifications():
+                    break
+                await asyncio.sleep(0.01)
+            assert notes == ["req-1"]
+        await decode.close()
+        await server.stop(0)
+        await prefill.close()
+
+    run(body)
+
+
+@needs_nixl
+def test_nixl_reader_falls_back_to_grpc_for_a_peer_without_nixl() -> None:
+    async def body() -> None:
+        prefill = GrpcTransport(make_kv(64))
+        fill_pattern(prefill.kv, seed=8)
+        server = await serve(prefill)
+        decode = NixlTransport(make_kv(80), "decode-0")
+        reader = KVReader("decode-0", layout_of(decode.kv), decode)
+        assert await reader.pull(server.address, [9], [0], "req-1", 5) == 128 * 1024
+        want = block_bytes(pool_bytes(prefill.kv), layout_of(prefill.kv), [9])
+        assert block_bytes(pool_bytes(decode.kv), layout_of(decode.kv), [0]) == want
+        await decode.close()
+        await server.stop(0)
+
+    run(body)
+
+
+@needs_nixl
+def test_pull_rejects_bad_ids_before_moving_anything() -> None:
+    async def body() -> None:
+        prefill = NixlTransport(make_kv(64), "prefill-0")
+        server = await serve(prefill)
+        decode = NixlTransport(make_kv(80), "decode-0")
+        reader = KVReader("decode-0", layout_of(decode.kv), decode)
+        with pytest.raises(ValueError, match="remote_block_ids: block 64 is outside"):
+            await reader.pull(server.address, [64], [0], "req-1", 5)
+        await decode.close()
+        await server.stop(0)
+        await prefill.close()
+
+    run(body)
+
+
+@needs_nixl
+def test_restarted_caller_replaces_its_stale_agent() -> None:
+    """A decode worker that restarts (same worker id, new agent) is accepted afresh."""
+
+    async def body() -> None:
+        prefill = NixlTransport(make_kv(64), "prefill-0")
+        server = await serve(prefill)
+        before = NixlTransport(make_kv(80), "decode-0")
+        await handshake(server.address, "decode-0", layout_of(before.kv), before, 5)
+        assert prefill.remote_agents == {before.agent_name}
+        after = NixlTransport(make_kv(80), "decode-0")
+        await handshake(server.address, "decode-0", layout_of(after.kv), after, 5)
+        assert prefill.remote_agents == {after.agent_name}
+        for transport in (before, after):
+            await transport.close()
+        await server.stop(0)
+        await prefill.close()
+
+    run(body)
