@@ -41,6 +41,10 @@ class ClusterConfig:
     """nixl, grpc or auto."""
     worker_args: tuple[str, ...] = ()
     """Extra flags for every worker (engine settings)."""
+    prefill_args: tuple[str, ...] = ()
+    """Extra flags for prefill workers only."""
+    decode_args: tuple[str, ...] = ()
+    """Extra flags for decode workers only."""
     router_args: tuple[str, ...] = ()
     """Extra flags for the router."""
     metrics: bool = False
@@ -84,25 +88,7 @@ class LocalCluster:
             )
             for role, count in (("prefill", cfg.prefill), ("decode", cfg.decode)):
                 for i in range(count):
-                    port = free_port()
-                    self._spawn(
-                        f"{role}-{i}",
-                        port,
-                        [
-                            role,
-                            "--port",
-                            str(port),
-                            "--router",
-                            self.address,
-                            "--model",
-                            cfg.model,
-                            "--worker-id",
-                            f"{role}-{i}",
-                            "--kv-transport",
-                            cfg.kv_transport,
-                            *cfg.worker_args,
-                        ],
-                    )
+                    self._spawn_worker(role, i)
             deadline = time.monotonic() + cfg.startup_timeout_s
             for child in self.children:
                 self._wait_serving(child, deadline)
@@ -131,6 +117,18 @@ class LocalCluster:
         return [c for c in self.children if c.process.poll() is not None]
 
     # --------------------------------------------------------------- internals
+    def _spawn_worker(self, role: str, index: int) -> None:
+        cfg = self.config
+        port = free_port()
+        metrics_port = free_port() if cfg.metrics else 0
+        role_args = cfg.prefill_args if role == "prefill" else cfg.decode_args
+        args = [
+            role, "--port", str(port), "--router", self.address, "--model", cfg.model,
+            "--worker-id", f"{role}-{index}", "--kv-transport", cfg.kv_transport,
+            "--metrics-port", str(metrics_port), *cfg.worker_args, *role_args,
+        ]  # fmt: skip
+        self._spawn(f"{role}-{index}", port, args, metrics_port)
+
     def _spawn(self, name: str, port: int, args: list[str], metrics_port: int = 0) -> None:
         out = None
         log_path = None

@@ -1,0 +1,67 @@
+"""A small tandem.v1.Inference client for end-to-end tests, plus metric scraping."""
+
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.stubs.tandem.v1 import inference_pb2 as pb
+from services.stubs.tandem.v1 import inference_pb2_grpc
+
+
+@dataclass
+class Completion:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    messages: int = 0
+    finals: list[pb.GenerateResponse] = field(default_factory=list)
+
+    @property
+    def final(self) -> pb.GenerateResponse:
+        if len(self.finals) != 1:
+            raise AssertionError(f"expected exactly one final message, got {len(self.finals)}")
+        return self.finals[0]
+
+
+def request(prompt: list[int], max_tokens: int, **fields: object) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model="tandem-tiny",
+        prompt_token_ids=prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        **fields,
+    )
+
+
+async def generate(
+    stub: inference_pb2_grpc.InferenceStub, req: pb.GenerateRequest, timeout: float = 120.0
+) -> Completion:
+    result = Completion()
+    async for msg in stub.Generate(req, timeout=timeout):
+        result.tokens += msg.token_ids
+        result.text += msg.text
+        result.messages += 1
+        if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            result.finals.append(msg)
+    return result
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address)
+
+
+def metric(port: int, name: str) -> float:
+    """The sum of a Prometheus metric's samples on a worker's /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found:
+        raise AssertionError(f"metric {name} not exported on port {port}")
+    return total

@@ -1,0 +1,146 @@
+"""1 prefill + 1 decode worker over NIXL: same tokens as offline, KV really moved."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.engine.engine import LLMEngine
+from services.engine.sampling_params import SamplingParams
+from services.launcher.local import LocalCluster
+from services.stubs.tandem.v1 import inference_pb2_grpc
+from tests.e2e.client import channel, generate, metric, request
+from tests.e2e.conftest import start_cluster
+
+BLOCK_BYTES = 16 * 8 * 2 * 4 * 64 * 4  # tokens × layers × K/V × kv heads × dim × fp32
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tandem_home: Path) -> Iterator[LocalCluster]:
+    c = start_cluster(tmp_path_factory.mktemp("disagg"), prefill=1, decode=1, kv_transport="nixl")
+    yield c
+    c.stop()
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 4096) for _ in range(rng.choice((5, 16, 40, 130)))] for _ in range(n)]
+
+
+def _offline(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [list(c.token_ids) for c in engine.generate(prompts, params)]
+
+
+async def _serve_all(address: str, prompts: list[list[int]], max_tokens: int) -> list:
+    async with channel(address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        return await asyncio.gather(*(generate(stub, request(p, max_tokens)) for p in prompts))
+
+
+def test_tokens_equal_offline_one_at_a_time(cluster: LocalCluster, reference_engine) -> None:
+    prompts = [[7, 8, 9], list(range(100, 116)), list(range(200, 245)), list(range(300, 500))]
+    expected = _offline(reference_engine, prompts, 20)
+    for prompt, want in zip(prompts, expected, strict=True):
+        (got,) = asyncio.run(_serve_all(cluster.address, [prompt], 20))
+        assert got.tokens == want
+        final = got.final
+        assert final.usage.prompt_tokens == len(prompt)
+        assert final.usage.completion_tokens == 20
+        assert final.serving.prefill_worker == "prefill-0"
+        assert final.serving.decode_worker == "decode-0"
+
+
+def test_32_concurrent_requests_equal_offline(cluster: LocalCluster, reference_engine) -> None:
+    prompts = _prompts(32, seed=5)
+    expected = _offline(reference_engine, prompts, 16)
+    results = asyncio.run(_serve_all(cluster.address, prompts, 16))
+    assert [r.tokens for r in results] == expected
+    assert all(r.final.usage.completion_tokens == 16 for r in results)
+
+
+def test_kv_crossed_processes_and_was_counted_on_both_sides(cluster: LocalCluster) -> None:
+    prefill, decode = cluster.child("prefill-0"), cluster.child("decode-0")
+    released = metric(prefill.metrics_port, "tandem_kv_released_total")
+    received = metric(decode.metrics_port, "tandem_kv_transfer_received_bytes_total")
+    prompt = list(range(1000, 1050))  # 50 tokens: 4 blocks, never seen before
+    (got,) = asyncio.run(_serve_all(cluster.address, [prompt], 4))
+    serving = got.final.serving
+    assert serving.kv_transport == "nixl"
+    assert serving.kv_blocks_reused == 0
+    assert serving.kv_transfer_bytes == 4 * BLOCK_BYTES
+    assert metric(decode.metrics_port, "tandem_kv_transfer_received_bytes_total") == (
+        received + 4 * BLOCK_BYTES
+    )
+    _eventually(lambda: metric(prefill.metrics_port, "tandem_kv_released_total") == released + 1)
+    # The decode worker now caches the prompt's 3 full blocks: the same prompt
+    # reads only the partial last block.
+    (again,) = asyncio.run(_serve_all(cluster.address, [prompt], 4))
+    assert again.final.serving.kv_blocks_reused == 3
+    assert again.final.serving.kv_transfer_bytes == BLOCK_BYTES
+
+
+def test_client_cancel_returns_every_block(cluster: LocalCluster) -> None:
+    async def cancel_midway() -> None:
+        async with channel(cluster.address) as ch:
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            call = stub.Generate(request(list(range(10, 90)), 3000))
+            seen = 0
+            async for msg in call:
+                seen += len(msg.token_ids)
+                if seen >= 5:
+                    call.cancel()
+                    break
+
+    asyncio.run(cancel_midway())
+    total = 0.25 * 2**30 // BLOCK_BYTES
+    for name in ("prefill-0", "decode-0"):
+        port = cluster.child(name).metrics_port
+        _eventually(lambda p=port: metric(p, "tandem_running_requests") == 0)
+        # every block free (cached ones count as free): the pool is back to idle
+        _eventually(lambda p=port: metric(p, "tandem_kv_free_blocks") == total, timeout=15)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "words"),
+    [
+        ({"max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ({"top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"prompt_token_ids": [99999]}, grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+        ({"prompt_token_ids": [5] * 5000}, grpc.StatusCode.INVALID_ARGUMENT, "context"),
+        ({"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "no-such-model"),
+    ],
+)
+def test_bad_requests_get_precise_statuses(
+    cluster: LocalCluster, fields: dict, code: grpc.StatusCode, words: str
+) -> None:
+    req = request([1, 2, 3], 4)
+    for name, value in fields.items():
+        if name == "prompt_token_ids":
+            del req.prompt_token_ids[:]
+            req.prompt_token_ids.extend(value)
+        else:
+            setattr(req, name, value)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(_serve_all_raw(cluster.address, req))
+    assert err.value.code() == code
+    assert words in err.value.details()
+
+
+async def _serve_all_raw(address: str, req) -> None:
+    async with channel(address) as ch:
+        await generate(inference_pb2_grpc.InferenceStub(ch), req)
+
+
+def _eventually(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.2)
