@@ -1,0 +1,111 @@
+"""Failures with real processes: killed workers, failed KV reads, silent workers.
+
+Each test kills or stops a real worker process and checks that requests still
+end with the offline tokens, each token sent exactly once and one final message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.engine.engine import LLMEngine
+from services.engine.sampling_params import SamplingParams
+from services.launcher.local import LocalCluster
+from services.stubs.tandem.v1 import inference_pb2_grpc
+from tests.e2e.client import Completion, channel, generate, request
+from tests.e2e.conftest import start_cluster
+
+HEARTBEAT_TIMEOUT_S = 3.0  # the router's default: 3 missed 1 s heartbeats
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, tandem_home: Path) -> Iterator[LocalCluster]:
+    c = start_cluster(tmp_path, prefill=2, decode=2, kv_transport="grpc")
+    yield c
+    c.stop()
+
+
+def _offline(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[int]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    (c,) = engine.generate([prompt], params)
+    return list(c.token_ids)
+
+
+async def _many(address: str, prompts: list[list[int]], max_tokens: int) -> list[Completion]:
+    async with channel(address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        return await asyncio.gather(*(generate(stub, request(p, max_tokens)) for p in prompts))
+
+
+def test_dead_prefill_worker_is_retried_elsewhere(cluster: LocalCluster, reference_engine) -> None:
+    os.kill(cluster.child("prefill-0").process.pid, signal.SIGKILL)
+    prompts = [list(range(50 + i, 90 + i)) for i in range(4)]
+    # Sent at once, before the router misses a heartbeat: round-robin sends
+    # half of them to the dead worker first.
+    results = asyncio.run(_many(cluster.address, prompts, 8))
+    for prompt, got in zip(prompts, results, strict=True):
+        assert got.tokens == _offline(reference_engine, prompt, 8)
+        assert got.final.serving.prefill_worker == "prefill-1"
+    assert sum(r.final.serving.retries for r in results) >= 1
+
+
+def test_decode_worker_killed_mid_stream_resumes_elsewhere(
+    cluster: LocalCluster, reference_engine
+) -> None:
+    prompts = [list(range(400, 430)), list(range(600, 630))]  # round-robin: one per decode
+
+    async def kill_after_first_tokens() -> list[Completion]:
+        async with channel(cluster.address) as ch:
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            tasks = [asyncio.create_task(generate(stub, request(p, 120))) for p in prompts]
+            await asyncio.sleep(1.5)  # both are streaming by now
+            os.kill(cluster.child("decode-0").process.pid, signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(kill_after_first_tokens())
+    for prompt, got in zip(prompts, results, strict=True):
+        assert got.tokens == _offline(reference_engine, prompt, 120)  # each token once
+        final = got.final  # exactly one final message
+        assert final.usage.prompt_tokens == len(prompt)
+        assert final.usage.completion_tokens == 120
+        assert final.serving.decode_worker == "decode-1"
+    assert max(r.final.serving.retries for r in results) >= 1
+
+
+def test_silent_worker_leaves_the_registry(cluster: LocalCluster) -> None:
+    stopped = cluster.child("decode-1").process.pid
+    os.kill(stopped, signal.SIGSTOP)  # alive but silent: no heartbeats
+    try:
+        time.sleep(HEARTBEAT_TIMEOUT_S + 1.5)
+        results = asyncio.run(_many(cluster.address, [[5, 6, 7, i] for i in range(6)], 4))
+        assert {r.final.serving.decode_worker for r in results} == {"decode-0"}
+        assert all(r.final.serving.retries == 0 for r in results)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+
+
+def test_failed_kv_read_falls_back_to_local_prefill(
+    tmp_path: Path, tandem_home: Path, reference_engine
+) -> None:
+    # A read deadline nothing can meet: every KV read fails, and the decode
+    # worker must prefill locally instead of hanging.
+    c = start_cluster(
+        tmp_path, prefill=1, decode=1, kv_transport="grpc", decode_args=("--kv-timeout-s", "1e-6")
+    )
+    try:
+        prompt = list(range(700, 760))
+        started = time.monotonic()
+        (got,) = asyncio.run(_many(c.address, [prompt], 10))
+        assert time.monotonic() - started < 30
+        assert got.tokens == _offline(reference_engine, prompt, 10)
+        assert got.final.serving.kv_transport == ""  # nothing crossed
+        assert got.final.serving.kv_transfer_bytes == 0
+    finally:
+        c.stop()
