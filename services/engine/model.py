@@ -43,12 +43,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics, then back to the input dtype before the weight, as
-        # transformers does: keeps bf16 outputs identical to the reference.
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # One fused kernel (float32 statistics inside); on CPU the unfused
+        # pow/mean/rsqrt/mul chain cost a tenth of a prefill step.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -70,9 +67,10 @@ class Attention(nn.Module):
         batch: StepBatch,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), *cos_sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), *cos_sin)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k are adjacent in the fused projection: rotate both in one pass.
+        qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *cos_sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v.view(t, self.num_kv_heads, self.head_dim))
