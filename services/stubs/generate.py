@@ -3,7 +3,8 @@
     python -m services.stubs.generate           # (re)write services/stubs/<package>/
     python -m services.stubs.generate --check   # exit 1 listing stale files, write nothing
 
-protoc runs in-process (``grpc_tools.protoc``), so the protoc version is the one
+protoc runs as ``python -m grpc_tools.protoc`` in a child process (loading its
+compiler in-process next to NIXL's UCX crashes the process), so the protoc version is the one
 pinned through grpcio-tools in pyproject.toml and the output is reproducible.
 Every subdirectory of services/stubs/ is generated output: files there that the
 protos no longer produce are deleted on regeneration and reported as stale.
@@ -16,11 +17,10 @@ import filecmp
 import importlib.resources
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-from grpc_tools import protoc
 
 STUBS_ROOT = Path(__file__).resolve().parent
 """Where generated packages go (protos/tandem/v1/x.proto → STUBS_ROOT/tandem/v1/x_pb2.py)."""
@@ -94,7 +94,9 @@ def _run_protoc(protos: list[Path], protos_root: Path, out_dir: Path) -> None:
     # which a standalone protoc would find in its own install.
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     args = [
-        "grpc_tools.protoc",  # argv[0], ignored
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"--proto_path={protos_root}",
         f"--proto_path={well_known}",
         f"--python_out={out_dir}",
@@ -102,8 +104,9 @@ def _run_protoc(protos: list[Path], protos_root: Path, out_dir: Path) -> None:
         f"--grpc_python_out={out_dir}",
         *(str(p) for p in protos),
     ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {protos_root} (its errors are printed above)")
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"protoc failed on {protos_root}:\n{done.stderr}")
 
 
 def _outputs(proto: Path, protos_root: Path) -> list[Path]:
