@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 
 from services.cli import arg_types
+from services.cli.telemetry_args import add_tracing_arg
+from services.cli.telemetry_args import configure as configure_tracing
 from services.router.config import DEFAULT_POLICY, RouterConfig
 
 POLICY_NAMES = ("least-loaded", "round-robin")
@@ -80,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="longest wait for one prefill; a worker slower than this counts as hung and "
         f"the request is retried on another (default {DEFAULT_PREFILL_TIMEOUT_MS})",
     )
+    add_tracing_arg(parser)
     parser.set_defaults(handler=run)
 
 
@@ -110,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tandem router: error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("services.router").setLevel(logging.INFO)
+    configure_tracing(args, "tandem-router")
     try:
         asyncio.run(serve(config))
     except OSError as exc:  # the port is taken, or the host is not this machine's

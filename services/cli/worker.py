@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 from services.cli import arg_types
 from services.cli.engine_args import add_engine_args, engine_config
+from services.cli.telemetry_args import add_tracing_arg
+from services.cli.telemetry_args import configure as configure_tracing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +66,7 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
             help="deadline for reading a prompt's KV before prefilling locally (default 10)",
         )
     add_engine_args(parser, batching=True)
+    add_tracing_arg(parser)
 
 
 def _handler(role: str) -> Callable[[argparse.Namespace], int]:
@@ -71,6 +74,7 @@ def _handler(role: str) -> Callable[[argparse.Namespace], int]:
         from services.worker.host import WorkerConfig
 
         logging.getLogger().setLevel(logging.INFO)
+        configure_tracing(args, f"tandem-{role}")
         config = WorkerConfig(
             model=args.model,
             host=args.host,

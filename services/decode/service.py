@@ -20,10 +20,12 @@ from services.rpc.status import abort_with
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
+from services.telemetry.tracing import tracer
 from services.worker.engine_loop import EngineLoop
 from services.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 RELEASE_TIMEOUT_S = 5.0
 
@@ -127,19 +129,26 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         start = time.monotonic()
         remote = list(kv.block_ids)[target.num_reused :]
         local = list(target.block_ids)[target.num_reused :]
-        try:
-            if remote:
-                transfer.bytes = await asyncio.wait_for(
-                    self.peers.pull(kv.address, remote, local, kv.request_id, timeout), timeout
+        with _tracer.start_as_current_span("kv.read") as span:
+            span.set_attribute("tandem.kv.blocks_read", len(remote))
+            span.set_attribute("tandem.kv.blocks_reused", target.num_reused)
+            span.set_attribute("tandem.kv.prefill_worker", kv.worker_id)
+            try:
+                if remote:
+                    transfer.bytes = await asyncio.wait_for(
+                        self.peers.pull(kv.address, remote, local, kv.request_id, timeout),
+                        timeout,
+                    )
+                transfer.ok = True
+                self.metrics.kv_bytes_received.inc(transfer.bytes)
+                self.metrics.kv_transfer_seconds.observe(time.monotonic() - start)
+                span.set_attribute("tandem.kv.bytes", transfer.bytes)
+            except (TandemError, TimeoutError, grpc.aio.AioRpcError, OSError) as e:
+                self.metrics.kv_transfer_failures.inc()
+                span.set_attribute("tandem.kv.fallback", "local prefill")
+                log.warning(
+                    "KV read for %s from %s failed (%s); prefilling locally", rid, kv.worker_id, e
                 )
-            transfer.ok = True
-            self.metrics.kv_bytes_received.inc(transfer.bytes)
-            self.metrics.kv_transfer_seconds.observe(time.monotonic() - start)
-        except (TandemError, TimeoutError, grpc.aio.AioRpcError, OSError) as e:
-            self.metrics.kv_transfer_failures.inc()
-            log.warning(
-                "KV read for %s from %s failed (%s); prefilling locally", rid, kv.worker_id, e
-            )
         self._release_remote(kv)
         ok = transfer.ok
         await self.loop.call(lambda engine: engine.transfer_done(rid, ok))

@@ -55,6 +55,9 @@ class EngineConfig:
     """Reuse KV of full blocks shared with earlier prompts."""
     seed: int = 0
     """Seed for requests that give none."""
+    num_threads: int | None = None
+    """CPU threads for torch ops; None keeps torch's default (all cores). Several
+    workers on one machine should split the cores, or they spin against each other."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class _Request:
 class LLMEngine:
     def __init__(self, model: str, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         self.model_dir = resolve_model(model)
         self.model_config = mc = load_model_config(self.model_dir)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
+from services.telemetry.tracing import client_interceptors, server_interceptors
 
 MAX_MESSAGE_BYTES = 64 * 2**20
 """Largest message either way: KV chunks and long prompts fit well under it."""
@@ -35,7 +38,9 @@ class Servicer:
 
 
 class RunningServer:
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.HealthServicer):
+    def __init__(
+        self, server: grpc.aio.Server, port: int, health_servicer: health_aio.HealthServicer
+    ):
         self.server = server
         self.port = port
         self._health = health_servicer
@@ -46,7 +51,7 @@ class RunningServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Mark NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace`` s."""
-        self._health.enter_graceful_shutdown()
+        await self._health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
     async def wait(self) -> None:
@@ -57,8 +62,9 @@ async def start_server(
     servicers: Sequence[Servicer], host: str = "127.0.0.1", port: int = 0
 ) -> RunningServer:
     """Start serving ``servicers`` plus health and reflection on host:port."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    health_servicer = health.HealthServicer()
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
+    # The asyncio servicer: a sync one breaks under async interceptors (tracing).
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for s in servicers:
         s.add_to_server(s.impl, server)
@@ -71,7 +77,7 @@ async def start_server(
         raise OSError(f"cannot listen on {host}:{port}: the port is taken or not allowed")
     await server.start()
     for name in ["", *names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, bound, health_servicer)
 
 
@@ -79,6 +85,7 @@ def client_channel(address: str) -> grpc.aio.Channel:
     """An insecure channel with Tandem's message limits (TLS arrives with the gateway)."""
     return grpc.aio.insecure_channel(
         address,
+        interceptors=client_interceptors(),
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -18,6 +18,7 @@ from services.engine.engine import EngineConfig, LLMEngine
 from services.kv_transfer.transport import KVTransport
 from services.rpc.server import RunningServer, Servicer, start_server
 from services.stubs.tandem.v1 import worker_pb2 as wpb
+from services.telemetry.tracing import shutdown_tracing
 from services.worker.engine_loop import EngineLoop
 from services.worker.gpu import GpuMonitor
 from services.worker.metrics import WorkerMetrics
@@ -137,6 +138,7 @@ class WorkerHost:
             await self.loop.stop()
         if self.transport is not None:
             await self.transport.close()
+        shutdown_tracing()
 
     def _expire_leases(self, engine: LLMEngine) -> None:
         expired = engine.expire_held()

@@ -1,0 +1,1 @@
+"""Tracing and metrics shared by every service."""

@@ -1,0 +1,85 @@
+"""OpenTelemetry tracing: off by default, one flag to turn on, context across every hop.
+
+``configure_tracing`` is called once per process by the service's command
+(``--trace-exporter``). When it is off, no interceptor is installed and spans
+cost nothing (the API's no-op tracer). When it is on, every gRPC server and
+client is wrapped by opentelemetry-instrumentation-grpc, which starts a span
+per call and carries the W3C trace context in gRPC metadata, so the gateway →
+router → prefill → decode hops of one request share one trace.
+
+Exporters: ``console`` (spans as JSON on stdout; needs nothing else) and
+``otlp`` (the standard OTLP exporter, configured by the usual
+OTEL_EXPORTER_OTLP_* variables; needs opentelemetry-exporter-otlp installed).
+Prompt text is never put on a span.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import trace
+
+EXPORTERS = ("none", "console", "otlp")
+
+_enabled = False
+
+
+def configure_tracing(service_name: str, exporter: str = "none") -> None:
+    """Install a tracer provider exporting to ``exporter``; "none" leaves tracing off."""
+    global _enabled
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown trace exporter {exporter!r}; choose one of {EXPORTERS}")
+    if exporter == "none":
+        return
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    else:
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            raise ValueError(
+                "--trace-exporter otlp needs the opentelemetry-exporter-otlp package"
+            ) from e
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _enabled = True
+
+
+def tracing_enabled() -> bool:
+    return _enabled
+
+
+def server_interceptors() -> list[Any]:
+    if not _enabled:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor()]
+
+
+def client_interceptors() -> list[Any]:
+    if not _enabled:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())
+
+
+def tracer(name: str) -> trace.Tracer:
+    """A tracer for manual spans inside a service (no-op while tracing is off)."""
+    return trace.get_tracer(name)
+
+
+def shutdown_tracing() -> None:
+    """Flush spans still buffered (call before the process exits)."""
+    provider = trace.get_tracer_provider()
+    shutdown = getattr(provider, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
