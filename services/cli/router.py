@@ -82,6 +82,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="longest wait for one prefill; a worker slower than this counts as hung and "
         f"the request is retried on another (default {DEFAULT_PREFILL_TIMEOUT_MS})",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=arg_types.port,
+        default=0,
+        help="serve Prometheus /metrics (TTFT, inter-token latency, retries) on this port "
+        "(default 0: off)",
+    )
     add_tracing_arg(parser)
     parser.set_defaults(handler=run)
 
@@ -97,6 +104,7 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         heartbeat_timeout_s=None if timeout_ms is None else timeout_ms / 1000,
         max_retries=args.max_retries,
         prefill_timeout_s=args.prefill_timeout_ms / 1000,
+        metrics_port=args.metrics_port,
     )
 
 

@@ -81,11 +81,18 @@ class LocalCluster:
         """Start the router, then the workers; return once all serve and registered."""
         cfg = self.config
         try:
-            self._spawn(
+            router_metrics = free_port() if cfg.metrics else 0
+            router_args = [
                 "router",
-                cfg.port,
-                ["router", "--port", str(cfg.port), "--policy", cfg.policy, *cfg.router_args],
-            )
+                "--port",
+                str(cfg.port),
+                "--policy",
+                cfg.policy,
+                "--metrics-port",
+                str(router_metrics),
+                *cfg.router_args,
+            ]
+            self._spawn("router", cfg.port, router_args, router_metrics)
             for role, count in (("prefill", cfg.prefill), ("decode", cfg.decode)):
                 for i in range(count):
                     self._spawn_worker(role, i)

@@ -40,6 +40,8 @@ class RouterConfig:
     prefill worker unpins blocks nobody will read before their lease runs out."""
     shutdown_grace_s: float = 5.0
     """On SIGINT/SIGTERM, how long in-flight requests get to finish."""
+    metrics_port: int = 0
+    """Serve Prometheus /metrics on this port (TTFT, inter-token latency, retries); 0: off."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from services.router.admission import TokenizerCache
 from services.router.config import RouterConfig
+from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.policies import make_policy
 from services.router.registry import WorkerRegistry
@@ -76,10 +77,13 @@ async def start_router(
     policy = make_policy(config.policy, config.policy_seed)
     registry = WorkerRegistry(config.effective_heartbeat_timeout_s, clock=clock)
     orchestrator = Orchestrator(registry, policy, config, tokenizers)
+    metrics = RouterMetrics()
+    if config.metrics_port:
+        metrics.serve(config.metrics_port, config.host)
     server = await start_server(
         [
             Servicer(
-                InferenceService(orchestrator),
+                InferenceService(orchestrator, metrics),
                 inference_pb2_grpc.add_InferenceServicer_to_server,
                 "tandem.v1.Inference",
             ),

@@ -14,6 +14,7 @@ import grpc
 
 from services.engine.errors import TandemError
 from services.router.errors import RouteError
+from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.registry import WorkerRegistry
 from services.rpc.status import abort_with
@@ -30,13 +31,16 @@ log = logging.getLogger(__name__)
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Generate and ListModels, served by the orchestrator."""
 
-    def __init__(self, orchestrator: Orchestrator) -> None:
+    def __init__(self, orchestrator: Orchestrator, metrics: RouterMetrics | None = None) -> None:
         self._orchestrator = orchestrator
+        self._metrics = metrics or RouterMetrics()
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        stream = self._orchestrator.generate(request, timeout=context.time_remaining())
+        stream = self._metrics.observe(
+            self._orchestrator.generate(request, timeout=context.time_remaining())
+        )
         try:
             async with aclosing(stream) as messages:
                 async for message in messages:

@@ -1,0 +1,90 @@
+"""Disaggregated vs aggregated serving on the same machine, same workload, back to back.
+
+    python bench/disagg/compare.py [--num-prompts 40 --input-len 1024 --output-len 64
+                                    --request-rate 1.0] --out bench/disagg
+
+Runs two clusters one after the other, each with two workers and the
+round-robin router: 1 prefill + 1 decode (disaggregated) and 2 decode workers
+that prefill for themselves (aggregated). Each worker gets one of the
+machine's cores (--num-threads 1). The load is `tandem bench serve` with
+Poisson arrivals of long prompts, so new prompts arrive while others decode:
+the case disaggregation is for. Writes <mode>.json and <mode>.png per run and
+summary.md with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from services.launcher.local import ClusterConfig, LocalCluster, free_port
+
+MODES = {"disaggregated": (1, 1), "aggregated": (0, 2)}
+
+
+def run_mode(mode: str, args: argparse.Namespace) -> dict:
+    prefill, decode = MODES[mode]
+    logs = Path(tempfile.mkdtemp(prefix=f"tandem-{mode}-"))
+    cluster = LocalCluster(ClusterConfig(
+        port=free_port(), prefill=prefill, decode=decode, log_dir=logs,
+        worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5"),
+    ))
+    cluster.start()
+    out = args.out / f"{mode}.json"
+    try:
+        subprocess.run([
+            sys.executable, "-m", "services.cli.main", "bench", "serve",
+            "--target", cluster.address, "--workload", "random",
+            "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
+            "--output-len", str(args.output_len), "--request-rate", str(args.request_rate),
+            "--seed", str(args.seed), "--goodput", args.goodput,
+            "--json", str(out), "--plot", str(args.out / f"{mode}.png"),
+        ], check=True)  # fmt: skip
+    finally:
+        cluster.stop()
+    return json.loads(out.read_text())
+
+
+def summarize(results: dict[str, dict]) -> str:
+    def fig(mode: str, metric: str, stat: str) -> float:
+        return results[mode]["metrics"][metric][f"{stat}_ms"]
+
+    rows = [("TTFT p50 ms", "ttft", "p50"), ("TTFT p99 ms", "ttft", "p99"),
+            ("ITL p50 ms", "itl", "p50"), ("ITL p99 ms", "itl", "p99"),
+            ("TPOT p50 ms", "tpot", "p50"), ("E2E p50 ms", "e2e", "p50")]
+    lines = ["| figure | disaggregated | aggregated | disagg / agg |", "|---|---|---|---|"]
+    for label, metric, stat in rows:
+        d, a = fig("disaggregated", metric, stat), fig("aggregated", metric, stat)
+        lines.append(f"| {label} | {d:.1f} | {a:.1f} | {d / a:.2f}x |")
+    gd = results["disaggregated"]["metrics"]["goodput"]["requests_per_s"]
+    ga = results["aggregated"]["metrics"]["goodput"]["requests_per_s"]
+    lines.append(f"| goodput req/s | {gd:.3f} | {ga:.3f} | "
+                 f"{gd / ga if ga else float('inf'):.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-prompts", type=int, default=40)
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--request-rate", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--goodput", default="ttft_ms=2000,tpot_ms=100")
+    p.add_argument("--out", type=Path, default=Path("bench/disagg"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {mode: run_mode(mode, args) for mode in MODES}
+    table = summarize(results)
+    (args.out / "summary.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Prometheus metrics the router serves (``--metrics-port``; off when 0).
+
+The router sees every request end to end, so client-facing latencies live
+here: TTFT and inter-token latency as the client experiences them, retries and
+outcomes. Workers export their own (queue depth, KV transfer bytes and time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from services.stubs.tandem.v1 import inference_pb2 as pb
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram(
+            "tandem_ttft_seconds",
+            "Time to the first token-bearing message",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tandem_inter_token_seconds",
+            "Gap between consecutive token-bearing messages",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tandem_request_seconds",
+            "Request latency, first byte to final",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "tandem_router_retries", "Requests moved to another worker after a failure", registry=r
+        )
+        self.finished = Counter(
+            "tandem_requests_finished", "Requests by how they ended", ["outcome"], registry=r
+        )
+        self.tokens = Counter("tandem_completion_tokens", "Tokens streamed to clients", registry=r)
+        self.in_flight = Gauge("tandem_requests_in_flight", "Requests being served", registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    async def observe(
+        self, stream: AsyncIterator[pb.GenerateResponse]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Pass a response stream through, timing it; outcome "failed" if it raises."""
+        start = last = time.monotonic()
+        outcome = "failed"
+        self.in_flight.inc()
+        try:
+            async for msg in stream:
+                now = time.monotonic()
+                if msg.token_ids:
+                    (self.ttft if last == start else self.itl).observe(now - last)
+                    last = now
+                    self.tokens.inc(len(msg.token_ids))
+                if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    outcome = (
+                        pb.FinishReason.Name(msg.finish_reason)
+                        .removeprefix("FINISH_REASON_")
+                        .lower()
+                    )
+                    self.retries.inc(msg.serving.retries)
+                yield msg
+        finally:
+            self.in_flight.dec()
+            self.finished.labels(outcome).inc()
+            self.e2e.observe(time.monotonic() - start)
