@@ -10,19 +10,11 @@ from services.kv_transfer.service import PinCheck, servicer
 from services.rpc.server import Servicer
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
-from services.worker.host import WorkerConfig, WorkerHost
+from services.worker.host import WorkerConfig, WorkerHost, run_worker
 
 
 async def run(config: WorkerConfig) -> int:
-    host = await start(config)
-    await host.serve_forever()
-    return 0
-
-
-async def start(config: WorkerConfig) -> WorkerHost:
-    host = WorkerHost(config, wpb.WORKER_ROLE_DECODE)
-    await host.start(_servicers)
-    return host
+    return await run_worker(config, wpb.WORKER_ROLE_DECODE, _servicers)
 
 
 def _servicers(host: WorkerHost) -> list[Servicer]:

@@ -10,19 +10,11 @@ from services.prefill.service import PrefillService
 from services.rpc.server import Servicer
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
-from services.worker.host import WorkerConfig, WorkerHost
+from services.worker.host import WorkerConfig, WorkerHost, run_worker
 
 
 async def run(config: WorkerConfig) -> int:
-    host = await start(config)
-    await host.serve_forever()
-    return 0
-
-
-async def start(config: WorkerConfig) -> WorkerHost:
-    host = WorkerHost(config, wpb.WORKER_ROLE_PREFILL)
-    await host.start(_servicers)
-    return host
+    return await run_worker(config, wpb.WORKER_ROLE_PREFILL, _servicers)
 
 
 def _servicers(host: WorkerHost) -> list[Servicer]:

@@ -23,9 +23,8 @@ from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
 from services.router.errors import RouteError
 from services.router.registry import WorkerRegistry
+from services.rpc.requests import sampling_params
 from services.stubs.tandem.v1 import inference_pb2
-
-_OPTIONAL_SAMPLING_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed")
 
 
 @dataclass(frozen=True)
@@ -139,14 +138,3 @@ async def admit(
         max_context_length=info.max_context_length,
         template=template,
     )
-
-
-def sampling_params(request: inference_pb2.GenerateRequest) -> SamplingParams:
-    """SamplingParams from the request's set fields (defaults for unset ones), validated.
-
-    Raises InvalidRequestError naming the first field out of range.
-    """
-    kwargs = {f: getattr(request, f) for f in _OPTIONAL_SAMPLING_FIELDS if request.HasField(f)}
-    params = SamplingParams(**kwargs, stop=tuple(request.stop), ignore_eos=request.ignore_eos)
-    params.validate()
-    return params

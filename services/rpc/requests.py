@@ -7,8 +7,6 @@ from services.engine.outputs import FinishReason, RequestOutput, Usage
 from services.engine.sampling_params import SamplingParams
 from services.stubs.tandem.v1 import inference_pb2 as pb
 
-DEFAULT_MAX_TOKENS = 16
-
 FINISH_TO_PROTO = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -17,18 +15,20 @@ FINISH_TO_PROTO = {
 }
 
 
+_OPTIONAL_SAMPLING_FIELDS = (
+    "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed",
+)  # fmt: skip
+
+
 def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
-    """The request's sampling fields with the proto's documented defaults, validated."""
-    params = SamplingParams(
-        max_tokens=req.max_tokens if req.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
-        min_tokens=req.min_tokens if req.HasField("min_tokens") else 0,
-        temperature=req.temperature if req.HasField("temperature") else 1.0,
-        top_p=req.top_p if req.HasField("top_p") else 1.0,
-        top_k=req.top_k if req.HasField("top_k") else 0,
-        seed=req.seed if req.HasField("seed") else None,
-        stop=tuple(req.stop),
-        ignore_eos=req.ignore_eos,
-    )
+    """SamplingParams from the request's set fields, validated.
+
+    Unset optional fields take SamplingParams' defaults, which are the ones
+    inference.proto documents (max_tokens 16, temperature 1.0, top_p 1.0, ...).
+    Raises InvalidRequestError naming the first field out of range.
+    """
+    given = {f: getattr(req, f) for f in _OPTIONAL_SAMPLING_FIELDS if req.HasField(f)}
+    params = SamplingParams(**given, stop=tuple(req.stop), ignore_eos=req.ignore_eos)
     params.validate()
     return params
 

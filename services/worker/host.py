@@ -162,3 +162,13 @@ def _engine_load(engine: LLMEngine) -> wpb.WorkerLoad:
         total_blocks=engine.pool.num_blocks,
         queued_prefill_tokens=queued,
     )
+
+
+async def run_worker(
+    config: WorkerConfig, role: int, servicers: Callable[[WorkerHost], list[Servicer]]
+) -> int:
+    """Start a worker of ``role`` mounting ``servicers`` and serve until SIGINT/SIGTERM."""
+    host = WorkerHost(config, role)
+    await host.start(servicers)
+    await host.serve_forever()
+    return 0
