@@ -20,7 +20,7 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 """The engine's dtypes (services.engine.runner.DTYPES; a test keeps the two equal)."""
 
 _BATCHING_FLAGS = ("max_num_seqs", "max_num_batched_tokens")
-_COMMON_FLAGS = ("dtype", "device", "kv_cache_gib", "num_threads")
+_COMMON_FLAGS = ("dtype", "device", "kv_cache_gib", "num_threads", "block_size")
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,13 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batching: bool = False) 
         type=arg_types.positive_float,
         metavar="GIB",
         help="memory for the paged KV cache in GiB (default: 1.0)",
+    )
+    group.add_argument(
+        "--block-size",
+        type=arg_types.positive_int,
+        metavar="TOKENS",
+        help="tokens per KV block (default 16); every worker serving a model behind one "
+        "router must use the same, or prefix hashes would never match",
     )
     group.add_argument(
         "--num-threads",

@@ -64,6 +64,8 @@ class WorkerHost:
         self._registration: asyncio.Task[None] | None = None
         self._gpu = GpuMonitor()
         self.transport: KVTransport | None = None
+        self.refused: BaseException | None = None
+        """Why the router refused this worker, if it did (the process then exits)."""
 
     @property
     def address(self) -> str:
@@ -86,6 +88,7 @@ class WorkerHost:
                     self.config.router, self.registration(), self.load, self._stop
                 )
             )
+            self._registration.add_done_callback(self._registration_ended)
         log.info(
             "%s worker %s serving %s on %s",
             self.metrics.role,
@@ -140,6 +143,13 @@ class WorkerHost:
             await self.transport.close()
         shutdown_tracing()
 
+    def _registration_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.refused = task.exception()
+        log.error("the router refused this worker, stopping: %s", self.refused)
+        self._stop.set()
+
     def _expire_leases(self, engine: LLMEngine) -> None:
         expired = engine.expire_held()
         if expired:
@@ -171,4 +181,4 @@ async def run_worker(
     host = WorkerHost(config, role)
     await host.start(servicers)
     await host.serve_forever()
-    return 0
+    return 1 if host.refused is not None else 0
