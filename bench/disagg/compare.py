@@ -29,10 +29,15 @@ MODES = {"disaggregated": (1, 1), "aggregated": (0, 2)}
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     prefill, decode = MODES[mode]
     logs = Path(tempfile.mkdtemp(prefix=f"tandem-{mode}-"))
-    cluster = LocalCluster(ClusterConfig(
-        port=free_port(), prefill=prefill, decode=decode, log_dir=logs,
-        worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5"),
-    ))
+    cluster = LocalCluster(
+        ClusterConfig(
+            port=free_port(),
+            prefill=prefill,
+            decode=decode,
+            log_dir=logs,
+            worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5"),
+        )
+    )
     cluster.start()
     out = args.out / f"{mode}.json"
     try:
@@ -53,23 +58,30 @@ def summarize(results: dict[str, dict]) -> str:
     def fig(mode: str, metric: str, stat: str) -> float:
         return results[mode]["metrics"][metric][f"{stat}_ms"]
 
-    rows = [("TTFT p50 ms", "ttft", "p50"), ("TTFT p99 ms", "ttft", "p99"),
-            ("ITL p50 ms", "itl", "p50"), ("ITL p99 ms", "itl", "p99"),
-            ("TPOT p50 ms", "tpot", "p50"), ("E2E p50 ms", "e2e", "p50")]
+    rows = [
+        ("TTFT p50 ms", "ttft", "p50"),
+        ("TTFT p99 ms", "ttft", "p99"),
+        ("ITL p50 ms", "itl", "p50"),
+        ("ITL p99 ms", "itl", "p99"),
+        ("TPOT p50 ms", "tpot", "p50"),
+        ("E2E p50 ms", "e2e", "p50"),
+    ]
     lines = ["| figure | disaggregated | aggregated | disagg / agg |", "|---|---|---|---|"]
     for label, metric, stat in rows:
         d, a = fig("disaggregated", metric, stat), fig("aggregated", metric, stat)
         lines.append(f"| {label} | {d:.1f} | {a:.1f} | {d / a:.2f}x |")
     gd = results["disaggregated"]["metrics"]["goodput"]["requests_per_s"]
     ga = results["aggregated"]["metrics"]["goodput"]["requests_per_s"]
-    lines.append(f"| goodput req/s | {gd:.3f} | {ga:.3f} | "
-                 f"{gd / ga if ga else float('inf'):.2f}x |")
+    lines.append(
+        f"| goodput req/s | {gd:.3f} | {ga:.3f} | {gd / ga if ga else float('inf'):.2f}x |"
+    )
     return "\n".join(lines)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--num-prompts", type=int, default=40)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=64)

@@ -19,16 +19,20 @@ def main(out: Path) -> None:
         vllm_tps = v["output_tok_s"]
         ratios_vllm.append(tandem_tps / vllm_tps)
         ratios_hf.append(tandem_tps / hf_tps)
-        rows.append(f"| {run} | {tandem_tps:.0f} | {vllm_tps:.0f} | {hf_tps:.0f} | "
-                    f"{tandem_tps / vllm_tps:.2f}x | {tandem_tps / hf_tps:.2f}x |")
-    text = "\n".join([
-        "| run | tandem tok/s | vLLM tok/s | transformers tok/s | tandem/vLLM | tandem/HF |",
-        "|---|---|---|---|---|---|",
-        *rows,
-        "",
-        f"median tandem/vLLM {statistics.median(ratios_vllm):.2f}x, "
-        f"tandem/transformers {statistics.median(ratios_hf):.2f}x",
-    ])
+        rows.append(
+            f"| {run} | {tandem_tps:.0f} | {vllm_tps:.0f} | {hf_tps:.0f} | "
+            f"{tandem_tps / vllm_tps:.2f}x | {tandem_tps / hf_tps:.2f}x |"
+        )
+    text = "\n".join(
+        [
+            "| run | tandem tok/s | vLLM tok/s | transformers tok/s | tandem/vLLM | tandem/HF |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"median tandem/vLLM {statistics.median(ratios_vllm):.2f}x, "
+            f"tandem/transformers {statistics.median(ratios_hf):.2f}x",
+        ]
+    )
     (out / "results.md").write_text(text + "\n")
     print(text)
 

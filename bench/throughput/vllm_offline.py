@@ -36,19 +36,27 @@ def main() -> int:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     # vLLM reserves gpu_memory_utilization of host memory for its KV cache on CPU.
-    llm = LLM(model=args.model, dtype="bfloat16", max_model_len=2048, seed=0,
-              gpu_memory_utilization=0.3)
+    llm = LLM(
+        model=args.model, dtype="bfloat16", max_model_len=2048, seed=0, gpu_memory_utilization=0.3
+    )
     vocab = llm.get_tokenizer().vocab_size
-    work = [TokensPrompt(prompt_token_ids=t)
-            for t in prompts(args.num_prompts, args.input_len, vocab, args.seed)]
+    work = [
+        TokensPrompt(prompt_token_ids=t)
+        for t in prompts(args.num_prompts, args.input_len, vocab, args.seed)
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=[5, 6, 7, 8])], params)  # warm-up
     start = time.perf_counter()
     outs = llm.generate(work, params)
     wall = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    result = {"engine": "vllm", "wall_s": wall, "output_tokens": tokens,
-              "output_tok_s": tokens / wall, "requests_s": len(outs) / wall}
+    result = {
+        "engine": "vllm",
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "output_tok_s": tokens / wall,
+        "requests_s": len(outs) / wall,
+    }
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:
