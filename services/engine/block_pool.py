@@ -77,6 +77,10 @@ class BlockPool:
             return None
         return block_id
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every hash the prefix cache holds (in use or free), for a KV snapshot."""
+        return list(self._by_hash)
+
     def lru_order(self) -> list[int]:
         """Free cached block ids in eviction order (next to go first)."""
         return list(self._lru)

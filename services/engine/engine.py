@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.block_hash import BlockHash
 from services.engine.block_pool import BlockPool
 from services.engine.errors import InvalidRequestError, OutOfBlocksError
 from services.engine.kv_cache import KVCache
@@ -211,6 +212,15 @@ class LLMEngine:
             self.release_held(rid)
         self.num_lease_expiries += len(expired)
         return expired
+
+    def kv_snapshot(self) -> tuple[list[BlockHash], int]:
+        """(every cached block hash, the seq of the next event), consistently.
+
+        Buffered events are dropped: the snapshot already contains their effect,
+        and a subscriber resumes from the returned seq.
+        """
+        self.events.drain()
+        return self.pool.cached_hashes(), self.events.next_seq
 
     def has_schedulable(self) -> bool:
         """True when a step would do work (requests awaiting KV are not scheduled)."""
