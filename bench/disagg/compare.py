@@ -15,43 +15,28 @@ summary.md with the ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from services.launcher.local import ClusterConfig, LocalCluster, free_port
+from services.bench.cluster_run import run_serve_bench
+from services.launcher.local import ClusterConfig, free_port
 
 MODES = {"disaggregated": (1, 1), "aggregated": (0, 2)}
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     prefill, decode = MODES[mode]
-    logs = Path(tempfile.mkdtemp(prefix=f"tandem-{mode}-"))
-    cluster = LocalCluster(
-        ClusterConfig(
-            port=free_port(),
-            prefill=prefill,
-            decode=decode,
-            log_dir=logs,
-            worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5"),
-        )
-    )
-    cluster.start()
-    out = args.out / f"{mode}.json"
-    try:
-        subprocess.run([
-            sys.executable, "-m", "services.cli.main", "bench", "serve",
-            "--target", cluster.address, "--workload", "random",
-            "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
-            "--output-len", str(args.output_len), "--request-rate", str(args.request_rate),
-            "--seed", str(args.seed), "--goodput", args.goodput,
-            "--json", str(out), "--plot", str(args.out / f"{mode}.png"),
-        ], check=True)  # fmt: skip
-    finally:
-        cluster.stop()
-    return json.loads(out.read_text())
+    config = ClusterConfig(
+        port=free_port(), prefill=prefill, decode=decode,
+        worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5"),
+    )  # fmt: skip
+    serve_args = [
+        "--workload", "random", "--num-prompts", str(args.num_prompts),
+        "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+        "--request-rate", str(args.request_rate), "--seed", str(args.seed),
+        "--goodput", args.goodput,
+    ]  # fmt: skip
+    return run_serve_bench(config, serve_args, args.out / f"{mode}.json")
 
 
 def summarize(results: dict[str, dict]) -> str:

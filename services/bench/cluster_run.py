@@ -1,0 +1,37 @@
+"""Run `tandem bench serve` against a fresh local cluster and return its results.
+
+The comparison benchmarks under bench/ (disaggregated vs aggregated, routing
+policies) are each a loop over cluster configurations calling this, so every
+configuration meets the same workload, seed and measuring code.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from services.launcher.local import ClusterConfig, LocalCluster
+
+
+def run_serve_bench(config: ClusterConfig, serve_args: list[str], out_json: Path) -> dict:
+    """Start ``config``'s cluster, drive it with ``tandem bench serve serve_args``
+    (target, --json and a PNG beside the JSON are added here), stop it, return the JSON."""
+    if config.log_dir is None:
+        from dataclasses import replace
+
+        config = replace(config, log_dir=Path(tempfile.mkdtemp(prefix="tandem-bench-")))
+    cluster = LocalCluster(config)
+    cluster.start()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "bench", "serve",
+             "--target", cluster.address, *serve_args,
+             "--json", str(out_json), "--plot", str(out_json.with_suffix(".png"))],
+            check=True,
+        )  # fmt: skip
+    finally:
+        cluster.stop()
+    return json.loads(out_json.read_text())
