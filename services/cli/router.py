@@ -13,13 +13,15 @@ from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
 from services.router.config import DEFAULT_POLICY, RouterConfig
 
-POLICY_NAMES = ("least-loaded", "round-robin")
+POLICY_NAMES = ("kv-aware", "least-loaded", "round-robin")
 """services.router.policies.POLICIES' names, copied so that --help imports no grpc
 (tests/router/test_cli.py checks that they agree)."""
 _DEFAULTS = RouterConfig()
 DEFAULT_HEARTBEAT_INTERVAL_MS = round(_DEFAULTS.heartbeat_interval_s * 1000)
 DEFAULT_MAX_RETRIES = _DEFAULTS.max_retries
 DEFAULT_PREFILL_TIMEOUT_MS = round(_DEFAULTS.prefill_timeout_s * 1000)
+DEFAULT_LOCAL_PREFILL_MAX_TOKENS = _DEFAULTS.local_prefill_max_tokens
+DEFAULT_LOCAL_PREFILL_MIN_CACHED = _DEFAULTS.local_prefill_min_cached
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,9 +50,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--policy",
         choices=POLICY_NAMES,
         default=DEFAULT_POLICY,
-        help="how to pick a worker from a pool: round-robin rotates through workers; "
-        "least-loaded picks the fewest in-flight + running + waiting requests, ties at "
-        f"random (default {DEFAULT_POLICY})",
+        help="how to pick a worker from a pool: kv-aware picks the least estimated work "
+        "(prefill: uncached prompt tokens + queued prefill tokens; decode: load, credit for "
+        "a cached prefix) and may skip the prefill pool; round-robin rotates through "
+        "workers; least-loaded picks the fewest in-flight + running + waiting requests; "
+        f"ties at random (default {DEFAULT_POLICY})",
+    )
+    parser.add_argument(
+        "--local-prefill-max-tokens",
+        type=arg_types.non_negative_int,
+        default=DEFAULT_LOCAL_PREFILL_MAX_TOKENS,
+        metavar="N",
+        help="kv-aware: the decode worker prefills locally (no prefill worker) when the part "
+        "of the prompt it does not hold is at most N tokens "
+        f"(default {DEFAULT_LOCAL_PREFILL_MAX_TOKENS})",
+    )
+    parser.add_argument(
+        "--local-prefill-min-cached",
+        type=_non_negative_float,
+        default=DEFAULT_LOCAL_PREFILL_MIN_CACHED,
+        metavar="F",
+        help="kv-aware: the decode worker prefills locally when it already holds at least "
+        f"this share of the prompt; above 1: never (default {DEFAULT_LOCAL_PREFILL_MIN_CACHED})",
     )
     parser.add_argument(
         "--heartbeat-interval-ms",
@@ -93,6 +114,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def router_config(args: argparse.Namespace) -> RouterConfig:
     """The RouterConfig the flags describe; ValueError names a bad combination."""
     timeout_ms = args.heartbeat_timeout_ms
@@ -105,6 +136,8 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         max_retries=args.max_retries,
         prefill_timeout_s=args.prefill_timeout_ms / 1000,
         metrics_port=args.metrics_port,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
+        local_prefill_min_cached=args.local_prefill_min_cached,
     )
 
 

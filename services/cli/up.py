@@ -44,9 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--policy",
-        default="round-robin",
-        choices=("round-robin", "least-loaded"),
-        help="how the router places requests (default round-robin)",
+        default="kv-aware",
+        choices=("kv-aware", "round-robin", "least-loaded"),
+        help="how the router places requests (default kv-aware)",
     )
     parser.add_argument(
         "--kv-transport",

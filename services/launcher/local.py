@@ -35,7 +35,7 @@ class ClusterConfig:
     port: int = 50051
     """The router's port: where clients connect."""
     host: str = "127.0.0.1"
-    policy: str = "round-robin"
+    policy: str = "kv-aware"
     """Router placement policy."""
     kv_transport: str = "auto"
     """nixl, grpc or auto."""

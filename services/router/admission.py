@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from services.engine.block_hash import BlockHash, hash_prefix_blocks
 from services.engine.errors import InvalidRequestError
 from services.engine.model_source import resolve_model
 from services.engine.sampling_params import SamplingParams
@@ -43,6 +44,13 @@ class AdmittedRequest:
     template: inference_pb2.GenerateRequest
     """The client's request with ``prompt`` cleared, ``prompt_token_ids`` and
     ``request_id`` set, sampling fields exactly as the client set them."""
+    block_size: int = 0
+    """Tokens per KV block of the model's workers (0: none was alive to say)."""
+    model_id: str = ""
+    """The model identity the workers hash blocks with (KVLayout.model_id)."""
+    block_hashes: tuple[BlockHash, ...] = ()
+    """Chained hashes of the prompt's full blocks (hash_prefix_blocks, the engines'
+    function), computed once here; the router looks them up in its prefix index."""
 
 
 class TokenizerCache:
@@ -130,6 +138,7 @@ async def admit(
     template.ClearField("prompt")
     template.prompt_token_ids[:] = prompt
     template.request_id = request.request_id or uuid.uuid4().hex
+    block_size, model_id = _block_layout(registry, request.model)
     return AdmittedRequest(
         request_id=template.request_id,
         model=request.model,
@@ -137,4 +146,26 @@ async def admit(
         params=params,
         max_context_length=info.max_context_length,
         template=template,
+        block_size=block_size,
+        model_id=model_id,
+        block_hashes=tuple(prompt_block_hashes(prompt, block_size, model_id)),
     )
+
+
+def prompt_block_hashes(
+    token_ids: tuple[int, ...], block_size: int, model_id: str
+) -> list[BlockHash]:
+    """The chained block hashes the workers would give ``token_ids``; none when the
+    layout is unknown (no live worker)."""
+    if block_size < 1 or not model_id:
+        return []
+    return hash_prefix_blocks(token_ids, block_size, model_id)
+
+
+def _block_layout(registry: WorkerRegistry, model: str) -> tuple[int, str]:
+    """(block_size, model_id) of the model's live workers; the registry refuses workers
+    of one model that disagree on either. (0, "") when none is alive."""
+    for worker in registry.workers():
+        if worker.model == model:
+            return worker.layout.block_size, worker.layout.model_id
+    return 0, ""

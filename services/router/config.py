@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_POLICY = "least-loaded"
+DEFAULT_POLICY = "kv-aware"
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,15 @@ class RouterConfig:
     """On SIGINT/SIGTERM, how long in-flight requests get to finish."""
     metrics_port: int = 0
     """Serve Prometheus /metrics on this port (TTFT, inter-token latency, retries); 0: off."""
+    local_prefill_max_tokens: int = 256
+    """Conditional disaggregation (kv-aware policy only): when the part of the prompt the
+    chosen decode worker does not hold is at most this many tokens, it prefills locally
+    and the prefill pool is skipped (a KV handoff costs more than so short a prefill).
+    ServingInfo.placement says "local-short-prompt". 0: only a fully held prompt."""
+    local_prefill_min_cached: float = 0.9
+    """Conditional disaggregation (kv-aware policy only): when the chosen decode worker
+    already holds at least this share of the prompt (its cached prefix, per the router's
+    index), it prefills the rest locally ("local-cached-prefix"). Above 1: never."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -66,6 +75,14 @@ class RouterConfig:
         for name in ("kv_lease_ms", "kv_timeout_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.local_prefill_max_tokens < 0:
+            raise ValueError(
+                f"local_prefill_max_tokens must be 0 or more, got {self.local_prefill_max_tokens}"
+            )
+        if not self.local_prefill_min_cached >= 0:
+            raise ValueError(
+                f"local_prefill_min_cached must be 0 or more, got {self.local_prefill_min_cached}"
+            )
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be 0 or more, got {self.shutdown_grace_s}")
 

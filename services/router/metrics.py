@@ -46,6 +46,15 @@ class RouterMetrics:
         )
         self.tokens = Counter("tandem_completion_tokens", "Tokens streamed to clients", registry=r)
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests being served", registry=r)
+        self.indexed_blocks = Gauge(
+            "tandem_router_indexed_blocks",
+            "KV blocks the router's prefix index holds for a worker (from its KV events)",
+            ["worker"],
+            registry=r,
+        )
+        from services.router.placement_metrics import PLACEMENTS  # process-wide counter
+
+        r.register(PLACEMENTS)  # tandem_router_placements_total{placement=...}
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

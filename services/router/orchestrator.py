@@ -7,8 +7,23 @@ One call of ``generate()`` runs attempts until one ends the request:
   client at once; unless the prefill already finished the request, pick a
   decode worker D and call Decode with the first token and P's KV handle, then
   relay D's stream (it never repeats the first token).
-- Aggregated (no prefill worker for the model, or every one failed this
-  request): call Decode without KV; D prefills locally.
+- Local prefill: call Decode without KV; D prefills locally. When the model
+  has no prefill worker ("local-no-prefill-worker"), when every one failed this
+  request ("local-prefill-failed"), and, under a prefix-aware policy
+  (kv-aware), when the prompt is cheap to prefill on the chosen D: the part of
+  it D does not hold is at most ``local_prefill_max_tokens``
+  ("local-short-prompt"), or D holds at least ``local_prefill_min_cached`` of
+  it ("local-cached-prefix"). Under such a policy D is picked first, so the
+  decision is made on the worker that will decode.
+
+Placement. The prompt's block hashes are computed once at admission (and again
+on a resume, over prompt + sent tokens); each attempt looks them up once in the
+prefix index (``kv_state.index(model)``, set by the server's wiring; none: no
+worker holds anything) and gives every policy call the per-worker cached
+prefix. The router counts the uncached prompt tokens of each Prefill in flight
+per worker (``WorkerState.in_flight_prefill_tokens``), because KV events and
+heartbeats lag. The final message's ServingInfo carries the placement and the
+policy; ``placement_metrics.PLACEMENTS`` counts placements by reason.
 
 An attempt that fails in a way another worker can make good (WorkerLost:
 UNAVAILABLE, a hang past the prefill timeout, a worker removed for missing
@@ -27,17 +42,20 @@ the request's blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import aclosing, contextmanager
 
 import grpc
 
+from services.router import placement_metrics as placements
 from services.router.admission import TokenizerCache, admit
 from services.router.channels import WorkerChannels
 from services.router.config import RouterConfig
 from services.router.errors import RouteError, WorkerLost
+from services.router.placement_metrics import PLACEMENTS
 from services.router.policies import Policy, RoutingRequest
 from services.router.progress import Progress
 from services.router.registry import DECODE, PREFILL, ROLE_NAMES, WorkerRegistry, WorkerState
@@ -73,6 +91,9 @@ class Orchestrator:
         registry.add_remove_listener(self.channels.drop)
         self._attempt_seq = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
+        self.kv_state: object | None = None
+        """The KV event stream's state, set by the server's wiring: ``index(model)`` gives
+        the model's KVIndex or None. None here: no index, nothing counts as cached."""
 
     def list_models(self) -> inference_pb2.ListModelsResponse:
         """The models live workers serve."""
@@ -96,6 +117,7 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         progress = Progress(await admit(request, self.registry, self.tokenizers))
+        progress.policy = self.policy.name
         try:
             while True:
                 if progress.exhausted:
@@ -126,37 +148,53 @@ class Orchestrator:
     async def _attempt(
         self, progress: Progress, deadline: float | None
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """One placement: prefill (when a prefill worker is left) then decode."""
+        """One placement: prefill (when a prefill worker is left and needed) then decode."""
         model = progress.admitted.model
         fresh = not progress.sent
         request = progress.attempt_request(f"{progress.request_id}#{next(self._attempt_seq)}")
         if not self._candidates(progress, DECODE):
             raise self._no_worker(progress, DECODE)
+        routing = self._routing(progress)
         prefill_worker: WorkerState | None = None
+        decoder: WorkerState | None = None
         first: worker_pb2.PrefillResponse | None = None
         progress.prefill_worker = progress.decode_worker = ""
         prefillers = self._candidates(progress, PREFILL)
-        if prefillers:
-            prefill_worker = self._pick(prefillers, progress, PREFILL)
+        if not prefillers:
+            progress.placement = (
+                placements.LOCAL_PREFILL_FAILED
+                if self.registry.candidates(model, PREFILL)
+                else placements.LOCAL_NO_PREFILL_WORKER
+            )
+        elif self.policy.prefix_aware:
+            decoder = self._pick(self._candidates(progress, DECODE), routing, DECODE)
+            progress.placement = self._local_reason(routing, decoder) or placements.DISAGGREGATED
+        else:
+            progress.placement = placements.DISAGGREGATED
+        PLACEMENTS.labels(progress.placement).inc()
+        if progress.placement == placements.DISAGGREGATED:
+            prefill_worker = self._pick(prefillers, routing, PREFILL)
             progress.prefill_worker = prefill_worker.worker_id
-            first = await self._prefill(prefill_worker, request, deadline)
+            with _prefill_tokens(prefill_worker, routing.uncached_tokens(prefill_worker.worker_id)):
+                first = await self._prefill(prefill_worker, request, deadline)
             if fresh:
                 progress.record_cached(first.cached_tokens)
             if first.finish_reason:
                 yield progress.final(first.finish_reason, [first.first_token_id], first.first_text)
                 return
             yield progress.chunk([first.first_token_id], first.first_text)
-        elif self.registry.candidates(model, PREFILL):
+        elif progress.placement == placements.LOCAL_PREFILL_FAILED:
             log.warning(
                 "request %s: every prefill worker failed it; the decode worker prefills locally",
                 progress.request_id,
             )
-        decoders = self._candidates(progress, DECODE)
         released = first is None
         try:
-            if not decoders:
-                raise self._no_worker(progress, DECODE)
-            decoder = self._pick(decoders, progress, DECODE)
+            if decoder is None or decoder.gone.is_set():
+                decoders = self._candidates(progress, DECODE)
+                if not decoders:
+                    raise self._no_worker(progress, DECODE)
+                decoder = self._pick(decoders, routing, DECODE)
             progress.decode_worker = decoder.worker_id
             async with aclosing(
                 self._decode(progress, decoder, request, first, fresh, deadline)
@@ -167,6 +205,14 @@ class Orchestrator:
         finally:
             if not released and prefill_worker is not None and first is not None:
                 self._release_kv(prefill_worker, first.kv)
+
+    def _local_reason(self, routing: RoutingRequest, decoder: WorkerState) -> str:
+        """Why ``decoder`` should prefill this prompt itself, or "" to disaggregate."""
+        if routing.uncached_tokens(decoder.worker_id) <= self.config.local_prefill_max_tokens:
+            return placements.LOCAL_SHORT_PROMPT
+        if routing.cached_fraction(decoder.worker_id) >= self.config.local_prefill_min_cached:
+            return placements.LOCAL_CACHED_PREFIX
+        return ""
 
     async def _prefill(
         self, worker: WorkerState, request: inference_pb2.GenerateRequest, deadline: float | None
@@ -255,14 +301,31 @@ class Orchestrator:
     def _candidates(self, progress: Progress, role: int) -> list[WorkerState]:
         return self.registry.candidates(progress.admitted.model, role, exclude=progress.excluded)
 
-    def _pick(self, candidates: list[WorkerState], progress: Progress, role: int) -> WorkerState:
-        routing = RoutingRequest(
+    def _routing(self, progress: Progress) -> RoutingRequest:
+        """The request's routing facts for this attempt, with one prefix-index lookup."""
+        admitted = progress.admitted
+        return RoutingRequest(
             request_id=progress.request_id,
-            model=progress.admitted.model,
-            role=role,
+            model=admitted.model,
+            role=DECODE,
             prompt_token_ids=progress.tokens_to_prefill(),
+            cached_blocks=self._cached_blocks(admitted.model, progress),
+            block_size=admitted.block_size,
         )
-        return self.policy.pick(candidates, routing)
+
+    def _cached_blocks(self, model: str, progress: Progress) -> Mapping[str, int]:
+        """Worker id → leading blocks of the attempt's prompt it holds ({} without an index)."""
+        kv_state = getattr(self, "kv_state", None)
+        index = kv_state.index(model) if kv_state is not None else None
+        hashes = progress.block_hashes()
+        if index is None or not hashes:
+            return {}
+        return index.longest_prefix(hashes)
+
+    def _pick(
+        self, candidates: list[WorkerState], routing: RoutingRequest, role: int
+    ) -> WorkerState:
+        return self.policy.pick(candidates, dataclasses.replace(routing, role=role))
 
     def _count_failure(self, progress: Progress, lost: WorkerLost) -> None:
         """Exclude the failed worker and count a retry; RouteError once retries run out."""
@@ -336,6 +399,16 @@ class Orchestrator:
         task = asyncio.get_running_loop().create_task(release())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+@contextmanager
+def _prefill_tokens(worker: WorkerState, tokens: int) -> Iterator[None]:
+    """Count ``tokens`` of prefill work as in flight on ``worker`` while the block runs."""
+    worker.in_flight_prefill_tokens += tokens
+    try:
+        yield
+    finally:
+        worker.in_flight_prefill_tokens -= tokens
 
 
 def _vanished(worker: WorkerState) -> bool:

@@ -23,7 +23,8 @@ Resuming, decided here and documented for clients:
 
 from __future__ import annotations
 
-from services.router.admission import AdmittedRequest
+from services.engine.block_hash import BlockHash
+from services.router.admission import AdmittedRequest, prompt_block_hashes
 from services.stubs.tandem.v1 import inference_pb2
 
 FinishReason = int
@@ -49,6 +50,11 @@ class Progress:
         """The prefill worker of the current attempt ("" when the decode worker prefills)."""
         self.decode_worker = ""
         """The decode worker of the current attempt."""
+        self.placement = ""
+        """Where the current attempt prefills and why (ServingInfo.placement)."""
+        self.policy = ""
+        """The router's placement policy (ServingInfo.policy)."""
+        self._resume_hashes: tuple[int, tuple[BlockHash, ...]] | None = None
 
     @property
     def request_id(self) -> str:
@@ -69,6 +75,19 @@ class Progress:
     def tokens_to_prefill(self) -> tuple[int, ...]:
         """The prompt of the next attempt: the original prompt plus the tokens sent."""
         return self.admitted.prompt_token_ids + tuple(self.sent)
+
+    def block_hashes(self) -> tuple[BlockHash, ...]:
+        """Chained block hashes of ``tokens_to_prefill()``: the admitted prompt's, or on a
+        resume those of prompt + sent tokens (computed once per resume point)."""
+        admitted = self.admitted
+        if not self.sent:
+            return admitted.block_hashes
+        if self._resume_hashes is None or self._resume_hashes[0] != len(self.sent):
+            hashes = prompt_block_hashes(
+                self.tokens_to_prefill(), admitted.block_size, admitted.model_id
+            )
+            self._resume_hashes = (len(self.sent), tuple(hashes))
+        return self._resume_hashes[1]
 
     def attempt_request(self, attempt_id: str) -> inference_pb2.GenerateRequest:
         """The request the next attempt sends to workers, under ``attempt_id``.
@@ -126,4 +145,6 @@ class Progress:
         serving.prefill_worker = self.prefill_worker if used_prefill_kv else ""
         serving.decode_worker = self.decode_worker
         serving.retries = self.retries
+        serving.placement = self.placement
+        serving.policy = self.policy
         return message

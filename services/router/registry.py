@@ -60,6 +60,9 @@ class WorkerState:
     """The last reported load; zeros until the first heartbeat."""
     in_flight: int = 0
     """Calls the router has dispatched here and not yet seen end."""
+    in_flight_prefill_tokens: int = 0
+    """Prompt tokens (beyond the worker's cached prefix) of the Prefill calls the router
+    has dispatched here and not yet seen answered: queued work no heartbeat shows yet."""
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the entry is removed (expired, or replaced by a re-registration)."""
 

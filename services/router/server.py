@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from services.router.admission import TokenizerCache
 from services.router.config import RouterConfig
+from services.router.kv_state import RouterKVState
 from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.policies import make_policy
@@ -31,11 +32,14 @@ class Router:
         server: RunningServer,
         registry: WorkerRegistry,
         orchestrator: Orchestrator,
+        kv_state: RouterKVState | None = None,
     ) -> None:
         self.config = config
         self.server = server
         self.registry = registry
         self.orchestrator = orchestrator
+        self.kv_state = kv_state if kv_state is not None else RouterKVState()
+        """Prefix indices fed by the workers' KV event streams."""
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     @property
@@ -78,6 +82,9 @@ async def start_router(
     registry = WorkerRegistry(config.effective_heartbeat_timeout_s, clock=clock)
     orchestrator = Orchestrator(registry, policy, config, tokenizers)
     metrics = RouterMetrics()
+    kv_state = RouterKVState(metrics.indexed_blocks)
+    registry.add_remove_listener(kv_state.on_worker_removed)
+    orchestrator.kv_state = kv_state
     if config.metrics_port:
         metrics.serve(config.metrics_port, config.host)
     server = await start_server(
@@ -88,7 +95,7 @@ async def start_router(
                 "tandem.v1.Inference",
             ),
             Servicer(
-                RegistryService(registry, config.heartbeat_interval_s),
+                RegistryService(registry, config.heartbeat_interval_s, kv_state),
                 worker_pb2_grpc.add_RegistryServicer_to_server,
                 "tandem.v1.Registry",
             ),
@@ -96,7 +103,7 @@ async def start_router(
         host=config.host,
         port=config.port,
     )
-    return Router(config, server, registry, orchestrator)
+    return Router(config, server, registry, orchestrator, kv_state)
 
 
 async def serve(config: RouterConfig) -> None:

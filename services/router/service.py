@@ -7,13 +7,14 @@ errors to statuses. Prompt text never reaches a log line.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import aclosing
 
 import grpc
 
 from services.engine.errors import TandemError
 from services.router.errors import RouteError
+from services.router.kv_state import NeedsSnapshot, RouterKVState
 from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.registry import WorkerRegistry
@@ -60,11 +61,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
 
 class RegistryService(worker_pb2_grpc.RegistryServicer):
-    """Register and Heartbeat, kept in the WorkerRegistry."""
+    """Register and Heartbeat, kept in the WorkerRegistry; PublishKVEvents, in RouterKVState."""
 
-    def __init__(self, registry: WorkerRegistry, heartbeat_interval_s: float) -> None:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        heartbeat_interval_s: float,
+        kv_state: RouterKVState | None = None,
+    ) -> None:
         self._registry = registry
         self._interval_ms = max(1, round(heartbeat_interval_s * 1000))
+        self._kv_state = kv_state
 
     async def Register(
         self, request: worker_pb2.RegisterRequest, context: grpc.aio.ServicerContext
@@ -84,3 +91,59 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
         except TandemError as error:
             await abort_with(context, error)
         return worker_pb2.HeartbeatResponse()
+
+    async def PublishKVEvents(
+        self,
+        request_iterator: AsyncIterable[worker_pb2.KVEventBatch],
+        context: grpc.aio.ServicerContext,
+    ) -> worker_pb2.KVEventsAck:
+        """Apply one worker's snapshot and events; FAILED_PRECONDITION asks it to resync.
+
+        The stream is bound to the registry entry live when it opened: once that
+        entry is removed (expired, or replaced by a re-registration, whose
+        listener already dropped the worker's index entries), a further message
+        ends the stream, so an old stream can never re-add stale blocks.
+        """
+        if self._kv_state is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this router keeps no KV index")
+        worker = None
+        async for batch in request_iterator:
+            if worker is None:
+                worker = self._registry.get(batch.worker_id)
+                if worker is None:
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"worker {batch.worker_id!r} is not registered; register, then "
+                        "reconnect starting with a snapshot",
+                    )
+                if not batch.HasField("snapshot"):
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        "the first KVEventBatch of a stream must carry a snapshot",
+                    )
+            elif worker.gone.is_set():
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"worker {worker.worker_id!r} was removed or re-registered since this "
+                    "stream opened; reconnect starting with a snapshot",
+                )
+            elif batch.worker_id not in ("", worker.worker_id):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"this stream publishes for worker {worker.worker_id!r}, "
+                    f"not {batch.worker_id!r}",
+                )
+            elif batch.HasField("snapshot"):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "only the first KVEventBatch of a stream may carry a snapshot",
+                )
+            try:
+                self._kv_state.apply(worker, batch)
+            except NeedsSnapshot as error:
+                log.info("%s; ending its KV event stream", error)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            except ValueError as error:
+                log.warning("bad KV events from worker %r: %s", worker.worker_id, error)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return worker_pb2.KVEventsAck()

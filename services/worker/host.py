@@ -21,6 +21,7 @@ from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.telemetry.tracing import shutdown_tracing
 from services.worker.engine_loop import EngineLoop
 from services.worker.gpu import GpuMonitor
+from services.worker.kv_publisher import publish_kv_events
 from services.worker.metrics import WorkerMetrics
 from services.worker.registration import register_and_heartbeat
 
@@ -62,6 +63,7 @@ class WorkerHost:
         self.server: RunningServer | None = None
         self._stop = asyncio.Event()
         self._registration: asyncio.Task[None] | None = None
+        self._kv_publisher: asyncio.Task[None] | None = None
         self._gpu = GpuMonitor()
         self.transport: KVTransport | None = None
         self.refused: BaseException | None = None
@@ -74,7 +76,8 @@ class WorkerHost:
         return f"{self.config.host}:{self.server.port}"
 
     async def start(self, servicers: Callable[[WorkerHost], list[Servicer]]) -> None:
-        """Load the model, start the engine thread and the server, then register."""
+        """Load the model, start the engine thread and the server, then register and
+        publish KV events to the router (when one is configured)."""
         self.engine = await asyncio.to_thread(LLMEngine, self.config.model, self.config.engine)
         self.loop = EngineLoop(self.engine)
         self.loop.on_tick(self._expire_leases)
@@ -89,6 +92,11 @@ class WorkerHost:
                 )
             )
             self._registration.add_done_callback(self._registration_ended)
+            # Streams prefix-cache changes to the router's KV index. The router refuses
+            # the stream until the registration above lands; the publisher retries.
+            self._kv_publisher = asyncio.create_task(
+                publish_kv_events(self.config.router, self.worker_id, self.loop, self._stop)
+            )
         log.info(
             "%s worker %s serving %s on %s",
             self.metrics.role,
@@ -132,9 +140,10 @@ class WorkerHost:
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._registration is not None:
-            self._registration.cancel()
-            await asyncio.gather(self._registration, return_exceptions=True)
+        for task in (self._registration, self._kv_publisher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.server is not None:
             await self.server.stop(grace=2.0)
         if self.loop is not None:

@@ -50,6 +50,8 @@ def test_json_has_the_offline_shape_plus_serving(capsys: pytest.CaptureFixture[s
             "kv_transport": "nixl",
             "kv_blocks_reused": 0,
             "retries": 0,
+            "placement": "",
+            "policy": "",
         },
     }
     [request] = fake.requests

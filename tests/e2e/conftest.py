@@ -35,10 +35,21 @@ def reference_engine(tandem_home: Path) -> LLMEngine:
     return LLMEngine("tandem-tiny", EngineConfig(dtype="float32", device="cpu"))
 
 
-def start_cluster(tmp: Path, **config: object) -> LocalCluster:
+# These tests are about the prefill → decode hand-off, so the router must not
+# take its shortcut of prefilling short or already-cached prompts on the decode
+# worker (tests/router/test_conditional_disagg.py covers that shortcut).
+ALWAYS_DISAGGREGATE = ("--local-prefill-max-tokens", "0", "--local-prefill-min-cached", "2")
+
+
+def start_cluster(tmp: Path, router_args: tuple[str, ...] = (), **config: object) -> LocalCluster:
     cluster = LocalCluster(
         ClusterConfig(
-            port=free_port(), worker_args=WORKER_ARGS, log_dir=tmp / "logs", metrics=True, **config
+            port=free_port(),
+            worker_args=WORKER_ARGS,
+            log_dir=tmp / "logs",
+            metrics=True,
+            router_args=(*ALWAYS_DISAGGREGATE, *router_args),
+            **config,
         )
     )
     cluster.start()

@@ -20,8 +20,14 @@ from tests.router.fakes import MODEL, Behaviour, FakeWorker
 PREFILL = worker_pb2.WORKER_ROLE_PREFILL
 DECODE = worker_pb2.WORKER_ROLE_DECODE
 
-FAST = RouterConfig(heartbeat_interval_s=0.1, heartbeat_timeout_s=2.0, prefill_timeout_s=5.0)
-"""Quick heartbeats, but a timeout no loaded test machine misses by accident."""
+FAST = RouterConfig(
+    heartbeat_interval_s=0.1,
+    heartbeat_timeout_s=2.0,
+    prefill_timeout_s=5.0,
+    local_prefill_max_tokens=0,
+)
+"""Quick heartbeats, but a timeout no loaded test machine misses by accident. The tests'
+prompts are short: local_prefill_max_tokens=0 keeps them disaggregated under kv-aware."""
 
 T = TypeVar("T")
 

@@ -34,6 +34,8 @@ def test_disaggregated_streams_first_token_then_decode_tokens() -> None:
                 kv_transfer_bytes=KV_BYTES,
                 kv_transport="grpc",
                 retries=0,
+                placement="disaggregated",
+                policy="kv-aware",
             )
             for m in result.messages[:-1]:
                 assert not m.HasField("usage") and not m.HasField("serving")
@@ -102,7 +104,9 @@ def test_a_decode_worker_that_prefilled_locally_is_reported_without_prefill_work
             await c.add("d1", DECODE, Behaviour(kv_fallback=True))
             result = await c.generate(prompt_token_ids=PROMPT, max_tokens=3)
             assert result.tokens == expected_completion(len(PROMPT), 3)
-            assert result.final.serving == inference_pb2.ServingInfo(decode_worker="d1")
+            assert result.final.serving == inference_pb2.ServingInfo(
+                decode_worker="d1", placement="disaggregated", policy="kv-aware"
+            )
 
     run(body())
 

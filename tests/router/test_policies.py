@@ -90,8 +90,8 @@ def test_least_loaded_breaks_ties_at_random_reproducibly() -> None:
 def test_make_policy_knows_every_registered_name_and_refuses_others() -> None:
     assert isinstance(make_policy("round-robin"), RoundRobin)
     assert isinstance(make_policy("least-loaded", seed=3), LeastLoaded)
-    assert set(POLICIES) == {"round-robin", "least-loaded"}
-    with pytest.raises(ValueError, match=r"'kv-magic'.*least-loaded, round-robin"):
+    assert set(POLICIES) == {"round-robin", "least-loaded", "kv-aware"}
+    with pytest.raises(ValueError, match=r"'kv-magic'.*kv-aware, least-loaded, round-robin"):
         make_policy("kv-magic")
 
 

@@ -75,20 +75,24 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ServingInfo(_message.Message):
-    __slots__ = ("prefill_worker", "decode_worker", "kv_transfer_bytes", "kv_transport", "kv_blocks_reused", "retries")
+    __slots__ = ("prefill_worker", "decode_worker", "kv_transfer_bytes", "kv_transport", "kv_blocks_reused", "retries", "placement", "policy")
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_REUSED_FIELD_NUMBER: _ClassVar[int]
     RETRIES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     prefill_worker: str
     decode_worker: str
     kv_transfer_bytes: int
     kv_transport: str
     kv_blocks_reused: int
     retries: int
-    def __init__(self, prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_blocks_reused: _Optional[int] = ..., retries: _Optional[int] = ...) -> None: ...
+    placement: str
+    policy: str
+    def __init__(self, prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_blocks_reused: _Optional[int] = ..., retries: _Optional[int] = ..., placement: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

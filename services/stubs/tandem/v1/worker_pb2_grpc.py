@@ -389,6 +389,11 @@ class RegistryStub:
                 request_serializer=tandem_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.PublishKVEvents = channel.stream_unary(
+                '/tandem.v1.Registry/PublishKVEvents',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.KVEventBatch.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.KVEventsAck.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -412,6 +417,21 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishKVEvents(self, request_iterator, context):
+        """Streams this worker's prefix-cache changes into the router's KV index.
+        A worker opens it after registering. The FIRST message carries a
+        snapshot (every cached block hash and the seq of the next event); later
+        messages carry events in seq order, each seq one above the last. On a
+        gap, an event stream without a snapshot first, or a worker that is not
+        (or no longer) registered under that id, the router ends the stream with
+        FAILED_PRECONDITION; the worker then reconnects, starting again with a
+        fresh snapshot. The router drops a worker's entries as soon as the
+        worker is removed or re-registers (a restarted worker's cache is empty).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -424,6 +444,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.HeartbeatRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'PublishKVEvents': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishKVEvents,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.KVEventBatch.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.KVEventsAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +506,33 @@ class Registry:
             '/tandem.v1.Registry/Heartbeat',
             tandem_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishKVEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tandem.v1.Registry/PublishKVEvents',
+            tandem_dot_v1_dot_worker__pb2.KVEventBatch.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.KVEventsAck.FromString,
             options,
             channel_credentials,
             insecure,
