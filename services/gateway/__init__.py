@@ -1,0 +1,1 @@
+"""The policy gateway: Tandem's public door (identity, authorization, limits, metering)."""
