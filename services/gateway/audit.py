@@ -1,0 +1,169 @@
+"""The audit log: one append-only, hash-chained record per gateway decision.
+
+Each record has a consecutive ``id`` (1, 2, …) and carries
+``hash = SHA-256(prev_hash ‖ canonical JSON of the record)``, where ``prev_hash`` is the
+previous record's hash (the first record's is :data:`GENESIS_HASH`) and the canonical JSON
+(sorted keys, no spaces, UTF-8) covers every field including ``id`` and the time. Prompt text
+is never recorded.
+
+:meth:`AuditLog.verify_chain` walks the log in ``id`` order and returns the id of the first
+record that does not check out, or None:
+
+- an edited record fails its own hash → its id;
+- a deleted record breaks the next one's link (its ``prev_hash`` no longer matches) → the id
+  of the record after the gap;
+- an inserted or reordered record breaks the id sequence or a link → its id.
+
+Limits: a chain alone cannot reveal truncation of the newest records, nor a log rewritten
+from some point on by someone who recomputes every later hash; anchor :meth:`AuditLog.head`
+elsewhere (a metric, an external log) to catch those.
+
+Appends serialize on the table (SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``LOCK TABLE … IN
+EXCLUSIVE MODE``), so concurrent appenders — threads or gateway replicas — extend one chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from services.engine.errors import InvalidRequestError
+from services.gateway.store import Store
+
+GENESIS_HASH = "0" * 64
+DECISIONS = ("allow", "deny")
+_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One decision to record (what the caller supplies)."""
+
+    principal: str
+    """Who asked (token subject, ``key:<id>``, or ``anonymous``)."""
+    decision: str
+    """``allow`` or ``deny``."""
+    reason: str
+    """Why, in a few words (e.g. ``ok``, ``expired token``, ``model not allowed``)."""
+    team: str = ""
+    """The caller's team, when known."""
+    model: str = ""
+    """The model asked for, when known."""
+    request_id: str = ""
+    """The request's id, joining the record to the ledger."""
+    client: str = ""
+    """The OIDC client (``azp``) or API key id."""
+    source: str = ""
+    """The peer address."""
+    prompt_tokens: int | None = None
+    """Prompt tokens, when settled."""
+    completion_tokens: int | None = None
+    """Completion tokens, when settled."""
+    time: float = field(default_factory=time.time)
+    """When the decision was made, seconds since the epoch."""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """A stored record: the event, its place in the chain and its hashes."""
+
+    id: int
+    """Position in the log, from 1, consecutive."""
+    event: AuditEvent
+    """What was decided."""
+    prev_hash: str
+    """The previous record's hash (hex), :data:`GENESIS_HASH` for the first."""
+    hash: str
+    """SHA-256 (hex) of ``prev_hash`` bytes followed by the canonical JSON of this record."""
+
+
+class AuditLog:
+    """Append to and verify the hash-chained audit log in a :class:`Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def append(self, event: AuditEvent) -> AuditRecord:
+        """Add one record at the end of the chain and return it."""
+        _check(event)
+        time_us = round(event.time * 1e6)
+        body = json.dumps(_body(event), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        with self._store.transaction(exclusive="audit_log") as tx:
+            last = tx.fetchone("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")
+            prev_id, prev_hash = (int(last[0]), str(last[1])) if last else (0, GENESIS_HASH)
+            record_id = prev_id + 1
+            digest = chain_hash(prev_hash, record_id, time_us, body)
+            tx.execute(
+                "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?)",
+                (record_id, time_us, body, prev_hash, digest),
+            )
+        return AuditRecord(id=record_id, event=event, prev_hash=prev_hash, hash=digest)
+
+    def records(self, after_id: int = 0) -> Iterator[AuditRecord]:
+        """Every record with ``id > after_id``, in order (fetched in batches)."""
+        for row in self._rows(after_id):
+            record_id, time_us, body, prev_hash, digest = row
+            fields = json.loads(body)
+            yield AuditRecord(
+                id=record_id,
+                event=AuditEvent(**fields, time=time_us / 1e6),
+                prev_hash=prev_hash,
+                hash=digest,
+            )
+
+    def head(self) -> tuple[int, str]:
+        """The last record's id and hash (``(0, GENESIS_HASH)`` when empty): anchor these."""
+        with self._store.transaction() as tx:
+            last = tx.fetchone("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")
+        return (int(last[0]), str(last[1])) if last else (0, GENESIS_HASH)
+
+    def verify_chain(self) -> int | None:
+        """The id of the first record that fails verification, or None if the chain holds."""
+        expected_id, prev_hash = 1, GENESIS_HASH
+        for record_id, time_us, body, stored_prev, digest in self._rows(0):
+            if record_id != expected_id or stored_prev != prev_hash:
+                return int(record_id)
+            if chain_hash(prev_hash, record_id, time_us, body) != digest:
+                return int(record_id)
+            expected_id, prev_hash = record_id + 1, digest
+        return None
+
+    def _rows(self, after_id: int) -> Iterator[tuple[int, int, str, str, str]]:
+        while True:
+            with self._store.transaction() as tx:
+                rows = tx.fetchall(
+                    "SELECT id, time_us, body, prev_hash, hash FROM audit_log"
+                    " WHERE id > ? ORDER BY id LIMIT ?",
+                    (after_id, _BATCH),
+                )
+            for r in rows:
+                yield int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4])
+            if len(rows) < _BATCH:
+                return
+            after_id = int(rows[-1][0])
+
+
+def chain_hash(prev_hash: str, record_id: int, time_us: int, body: str) -> str:
+    """SHA-256 over the previous hash and the canonical JSON of the record (hex)."""
+    fields = json.loads(body)
+    fields.update(id=record_id, time_us=time_us)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical.encode()).hexdigest()
+
+
+def _body(event: AuditEvent) -> dict[str, object]:
+    fields = asdict(event)
+    del fields["time"]
+    return fields
+
+
+def _check(event: AuditEvent) -> None:
+    if event.decision not in DECISIONS:
+        raise InvalidRequestError("decision", f"must be one of {DECISIONS}, got {event.decision!r}")
+    if not event.principal:
+        raise InvalidRequestError("principal", "must be a non-empty string")
+    if not event.reason:
+        raise InvalidRequestError("reason", "must be a non-empty string")

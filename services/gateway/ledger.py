@@ -1,0 +1,177 @@
+"""The usage ledger: one row per request, inserted once, summed for usage queries.
+
+``request_id`` is the row's primary key and inserts use ``ON CONFLICT DO NOTHING``, so a
+retried settle (the router retrying, a replayed stream end) never counts a request twice:
+the first settlement wins and later ones report ``False``. Usage queries sum rows over a
+half-open time range ``[start, end)``, grouped by any of team, model, principal and key id.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from services.engine.errors import InvalidRequestError
+from services.gateway.store import Store
+
+GROUP_COLUMNS = ("team", "model", "principal", "key_id")
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One settled request."""
+
+    request_id: str
+    """Unique per request; the ledger's idempotency key."""
+    principal: str
+    """Who made the request (token subject or ``key:<id>``)."""
+    team: str
+    """The team charged."""
+    model: str
+    """The model served."""
+    prompt_tokens: int
+    """Prompt tokens processed."""
+    completion_tokens: int
+    """Tokens generated and delivered (a cancelled stream: those actually produced)."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (a subset of ``prompt_tokens``)."""
+    latency_ms: float = 0.0
+    """End-to-end latency as the gateway measured it."""
+    outcome: str = "ok"
+    """How it ended: ``ok``, ``cancelled``, ``error``, …"""
+    key_id: str | None = None
+    """The API key used, if any."""
+    time: float = field(default_factory=time.time)
+    """Settlement time, seconds since the epoch."""
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    """Sums over the rows of one group."""
+
+    group: tuple[tuple[str, str | None], ...]
+    """The grouping columns and their values, e.g. ``(("team", "a"), ("model", "m"))``."""
+    requests: int
+    """Number of requests."""
+    prompt_tokens: int
+    """Sum of prompt tokens."""
+    completion_tokens: int
+    """Sum of completion tokens."""
+    cached_tokens: int
+    """Sum of cached prompt tokens."""
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Ledger:
+    """Record settled requests and answer usage queries from a :class:`Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def record(self, rec: UsageRecord) -> bool:
+        """Insert the row; True if new, False if this request id was already recorded."""
+        _check(rec)
+        with self._store.transaction() as tx:
+            changed = tx.execute(
+                "INSERT INTO usage_ledger (request_id, principal, team, key_id, model,"
+                " prompt_tokens, completion_tokens, cached_tokens, latency_ms, outcome, time_us)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                (
+                    rec.request_id,
+                    rec.principal,
+                    rec.team,
+                    rec.key_id,
+                    rec.model,
+                    rec.prompt_tokens,
+                    rec.completion_tokens,
+                    rec.cached_tokens,
+                    float(rec.latency_ms),
+                    rec.outcome,
+                    round(rec.time * 1e6),
+                ),
+            )
+        return changed == 1
+
+    def usage(
+        self,
+        start: float,
+        end: float,
+        group_by: Sequence[str] = ("team", "model"),
+        *,
+        team: str | None = None,
+        principal: str | None = None,
+        model: str | None = None,
+    ) -> tuple[UsageTotal, ...]:
+        """Sums over ``[start, end)`` (epoch seconds), grouped by ``group_by``, filtered."""
+        columns = _check_group_by(group_by)
+        where, params = ["time_us >= ?", "time_us < ?"], [round(start * 1e6), round(end * 1e6)]
+        for name, value in (("team", team), ("principal", principal), ("model", model)):
+            if value is not None:
+                where.append(f"{name} = ?")
+                params.append(value)
+        select = ", ".join([*columns, "COUNT(*)", *(f"SUM({c})" for c in _SUMMED)])
+        sql = f"SELECT {select} FROM usage_ledger WHERE {' AND '.join(where)}"
+        if columns:
+            order = ", ".join(columns)
+            sql += f" GROUP BY {order} ORDER BY {order}"
+        with self._store.transaction() as tx:
+            rows = tx.fetchall(sql, params)
+        return tuple(_total(columns, row) for row in rows if row[len(columns)])
+
+    def get(self, request_id: str) -> UsageRecord | None:
+        """The row recorded for this request, or None."""
+        with self._store.transaction() as tx:
+            row = tx.fetchone(
+                "SELECT request_id, principal, team, model, prompt_tokens, completion_tokens,"
+                " cached_tokens, latency_ms, outcome, key_id, time_us"
+                " FROM usage_ledger WHERE request_id = ?",
+                (request_id,),
+            )
+        if row is None:
+            return None
+        *head, time_us = row
+        return UsageRecord(*head, time=int(time_us) / 1e6)
+
+
+_SUMMED = ("prompt_tokens", "completion_tokens", "cached_tokens")
+
+
+def _total(columns: tuple[str, ...], row: tuple[object, ...]) -> UsageTotal:
+    n = len(columns)
+    sums = [int(v or 0) for v in row[n + 1 :]]  # type: ignore[call-overload]
+    return UsageTotal(
+        group=tuple(zip(columns, (None if v is None else str(v) for v in row[:n]), strict=True)),
+        requests=int(row[n]),  # type: ignore[call-overload]
+        prompt_tokens=sums[0],
+        completion_tokens=sums[1],
+        cached_tokens=sums[2],
+    )
+
+
+def _check_group_by(group_by: Sequence[str]) -> tuple[str, ...]:
+    columns = tuple(group_by)
+    for name in columns:
+        if name not in GROUP_COLUMNS:
+            raise InvalidRequestError("group_by", f"{name!r} is not one of {GROUP_COLUMNS}")
+    if len(set(columns)) != len(columns):
+        raise InvalidRequestError("group_by", "names a column twice")
+    return columns
+
+
+def _check(rec: UsageRecord) -> None:
+    for name in ("request_id", "principal", "team", "model", "outcome"):
+        if not getattr(rec, name):
+            raise InvalidRequestError(name, "must be a non-empty string")
+    for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+        value = getattr(rec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequestError(name, f"must be an integer >= 0, got {value!r}")
+    if rec.cached_tokens > rec.prompt_tokens:
+        raise InvalidRequestError("cached_tokens", "cannot exceed prompt_tokens")
+    if rec.latency_ms < 0:
+        raise InvalidRequestError("latency_ms", "must be >= 0")

@@ -1,0 +1,110 @@
+"""The hash-chained audit log against real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+
+from services.engine.errors import InvalidRequestError
+from services.gateway.audit import GENESIS_HASH, AuditEvent, AuditLog, chain_hash
+from services.gateway.store import Store
+from tests.gateway.conftest import StoreFactory, all_rows
+
+
+def _fill(log: AuditLog, n: int) -> None:
+    for i in range(n):
+        log.append(
+            AuditEvent(
+                principal=f"user-{i}",
+                decision="allow" if i % 2 else "deny",
+                reason="ok" if i % 2 else "model not allowed",
+                team="ml",
+                model="tandem-tiny",
+                request_id=f"req-{i}",
+                time=1_700_000_000.0 + i / 7,
+            )
+        )
+
+
+def test_chain_links_and_verifies(store: Store) -> None:
+    log = AuditLog(store)
+    assert log.verify_chain() is None and log.head() == (0, GENESIS_HASH)
+    _fill(log, 10)
+    records = list(log.records())
+    assert [r.id for r in records] == list(range(1, 11))
+    assert records[0].prev_hash == GENESIS_HASH
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
+    assert records[3].event.reason == "ok"
+    assert records[3].event.time == pytest.approx(1_700_000_000.0 + 3 / 7, abs=1e-6)
+    assert log.verify_chain() is None
+    assert log.head() == (10, records[-1].hash)
+
+
+def test_an_edited_reason_is_detected_at_that_record(store: Store) -> None:
+    log = AuditLog(store)
+    _fill(log, 8)
+    with store.transaction() as tx:
+        (body,) = tx.fetchone("SELECT body FROM audit_log WHERE id = 6") or ("",)
+        tx.execute("UPDATE audit_log SET body = ? WHERE id = 6", (body.replace('"ok"', '"x"'),))
+    assert log.verify_chain() == 6
+
+
+def test_a_recomputed_edit_is_detected_at_the_next_record(store: Store) -> None:
+    log = AuditLog(store)
+    _fill(log, 8)
+    with store.transaction() as tx:
+        _, time_us, body, prev, _ = tx.fetchone("SELECT * FROM audit_log WHERE id = 3") or ()
+        body = body.replace('"deny"', '"allow"')
+        tx.execute(
+            "UPDATE audit_log SET body = ?, hash = ? WHERE id = 3",
+            (body, chain_hash(prev, 3, time_us, body)),
+        )
+    assert log.verify_chain() == 4
+
+
+def test_a_deleted_record_is_detected_after_the_gap(store: Store) -> None:
+    log = AuditLog(store)
+    _fill(log, 8)
+    with store.transaction() as tx:
+        tx.execute("DELETE FROM audit_log WHERE id = 4")
+    assert log.verify_chain() == 5
+    with store.transaction() as tx:
+        tx.execute("DELETE FROM audit_log WHERE id = 1")
+    assert log.verify_chain() == 2
+
+
+def test_an_inserted_record_is_detected_after_it(store: Store) -> None:
+    log = AuditLog(store)
+    _fill(log, 5)
+    with store.transaction() as tx:  # make room at id 3, then forge a well-linked record
+        tx.execute("UPDATE audit_log SET id = id + 1000 WHERE id >= 3")
+        tx.execute("UPDATE audit_log SET id = id - 999 WHERE id >= 1000")
+        (prev,) = tx.fetchone("SELECT hash FROM audit_log WHERE id = 2") or ("",)
+        body = '{"principal":"mallory","decision":"allow","reason":"ok"}'
+        tx.execute(
+            "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) VALUES (3, 0, ?, ?, ?)",
+            (body, prev, chain_hash(prev, 3, 0, body)),
+        )
+    assert log.verify_chain() == 4
+
+
+def test_concurrent_appenders_extend_one_chain(open_same: StoreFactory) -> None:
+    logs = [AuditLog(open_same()) for _ in range(2)]  # two replicas
+    threads = [threading.Thread(target=_fill, args=(logs[k % 2], 25)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert logs[0].head()[0] == 150
+    assert logs[1].verify_chain() is None
+
+
+def test_no_prompt_text_and_bad_events_refused(store: Store) -> None:
+    log = AuditLog(store)
+    with pytest.raises(InvalidRequestError, match="decision"):
+        log.append(AuditEvent(principal="u", decision="maybe", reason="?"))
+    log.append(AuditEvent(principal="u", decision="allow", reason="ok", prompt_tokens=12))
+    (row,) = all_rows(store, "audit_log")
+    assert "prompt_tokens" in row[2] and 'prompt"' not in row[2]
