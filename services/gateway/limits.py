@@ -1,0 +1,336 @@
+"""Admission control: request-rate limits, token-rate limits and token quotas.
+
+Design
+------
+Every caller request passes ``Admission.reserve(scopes, tokens)`` before it reaches a
+model and ``settle``/``release`` once the real token count is known (the reserve-estimate,
+commit-actual scheme, so concurrent in-flight requests cannot all pass a check that is only
+charged afterwards).
+
+Algorithm: **fixed windows keyed by the window's start**, UTC.
+
+* ``requests_per_minute``: a counter per scope per minute window, +1 per admitted request.
+* ``tokens_per_minute`` / ``tokens_per_day`` / ``tokens_per_month``: a counter per scope per
+  minute / day / calendar-month window, charged with the reserved token estimate.
+* A window's key is ``<scope>|<metric>|<period>|<start epoch seconds>``; minute windows
+  start at ``floor(t / 60) * 60``, day windows at 00:00 UTC, month windows at 00:00 UTC on
+  the 1st. A counter lives until its window ends (plus a short grace so a late ``settle``
+  can still refund into it).
+* ``reserve`` checks ``used + amount <= limit`` for every (scope, window) that has a limit
+  and, only if all pass, charges all of them: all or nothing, under one lock here and in one
+  Lua script in ``limits_redis``.
+* ``settle(reservation, actual)`` adds ``actual - reserved`` to each token window the
+  reservation charged (the window it was charged in, even after a rollover, while that
+  counter still exists); a counter never goes below zero; a second settle is a no-op.
+  Usage above the estimate is charged even if it passes the limit: the tokens were served.
+* ``release(reservation)`` (failure before any token) refunds the tokens *and* the request
+  count, as if the request had never been admitted. It is ``settle`` to zero plus the
+  request refund, and is equally idempotent.
+
+Why fixed windows: one counter per window, O(1) per check, trivially atomic in Redis, and
+the same scheme as Kuadrant/Limitador. The known cost is the burst edge: a caller can spend
+a full window's limit at the end of one window and again at the start of the next, so up to
+2x the limit can pass within any span of one window length straddling a boundary. For
+per-minute rates that is acceptable; day and month budgets are budgets per calendar period,
+where that is the intended meaning.
+
+Parameters (``Limits``, one per scope; ``None`` means unlimited, no counter is kept):
+``requests_per_minute``, ``tokens_per_minute``, ``tokens_per_day``, ``tokens_per_month``.
+``InProcessAdmission(clock=time.time, grace_s=120)``: ``clock`` gives Unix seconds (tests
+inject one); ``grace_s`` is how long after its window a counter is kept for late settles.
+
+A rejected request raises ``LimitExceeded`` (gRPC RESOURCE_EXHAUSTED) naming the scope, the
+limit, and when its window resets. Minute windows carry ``retry_after_s``; a day or month
+budget carries ``retry_after_s=None`` and ``is_quota=True`` (retrying soon is pointless;
+``reset_at`` still says when it refills). A request larger than a limit outright is also
+marked ``is_quota`` with no retry.
+
+``InProcessAdmission`` is for one gateway process (tests, single replica): thread-safe via
+one lock held only for dictionary arithmetic, so it never blocks an asyncio loop
+noticeably. Use ``limits_redis.RedisAdmission`` when several replicas share limits.
+"""
+
+from __future__ import annotations
+
+import calendar
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from services.engine.errors import TandemError
+
+MINUTE = "minute"
+DAY = "day"
+MONTH = "month"
+
+REQUESTS = "requests"
+TOKENS = "tokens"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits for one scope; ``None`` means unlimited."""
+
+    requests_per_minute: int | None = None
+    """Admitted requests per UTC minute window."""
+    tokens_per_minute: int | None = None
+    """Tokens (reserved, then settled) per UTC minute window."""
+    tokens_per_day: int | None = None
+    """Token budget per UTC calendar day."""
+    tokens_per_month: int | None = None
+    """Token budget per UTC calendar month."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "requests_per_minute",
+            "tokens_per_minute",
+            "tokens_per_day",
+            "tokens_per_month",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+
+    def windows(self) -> list[tuple[str, str, str, int]]:
+        """(limit name, metric, period, limit) for every limit that is set, in check order."""
+        out = []
+        for name, metric, period in (
+            ("requests_per_minute", REQUESTS, MINUTE),
+            ("tokens_per_minute", TOKENS, MINUTE),
+            ("tokens_per_day", TOKENS, DAY),
+            ("tokens_per_month", TOKENS, MONTH),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                out.append((name, metric, period, value))
+        return out
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One party a request is charged to, e.g. ``key:abc``, ``user:ann``, ``team:ml``."""
+
+    name: str
+    """Unique scope name; it appears in counter keys and error messages."""
+    limits: Limits
+    """The limits that apply to this scope."""
+
+
+def window_start(period: str, now: float) -> int:
+    """Unix seconds at which the UTC ``period`` window containing ``now`` starts."""
+    t = int(now // 1)
+    if period == MINUTE:
+        return t - t % 60
+    if period == DAY:
+        return t - t % 86400
+    if period == MONTH:
+        tm = time.gmtime(t)
+        return calendar.timegm((tm.tm_year, tm.tm_mon, 1, 0, 0, 0))
+    raise ValueError(f"unknown period {period!r}")
+
+
+def window_end(period: str, now: float) -> int:
+    """Unix seconds at which the UTC ``period`` window containing ``now`` ends (exclusive)."""
+    start = window_start(period, now)
+    if period == MINUTE:
+        return start + 60
+    if period == DAY:
+        return start + 86400
+    tm = time.gmtime(start)
+    year, month = (tm.tm_year + 1, 1) if tm.tm_mon == 12 else (tm.tm_year, tm.tm_mon + 1)
+    return calendar.timegm((year, month, 1, 0, 0, 0))
+
+
+class LimitExceeded(TandemError):
+    """A rate limit or quota would be exceeded (RESOURCE_EXHAUSTED)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        scope: str,
+        limit_name: str,
+        limit: int,
+        used: int,
+        requested: int,
+        reset_at: float,
+        retry_after_s: float | None,
+        is_quota: bool,
+    ) -> None:
+        unit = "requests" if limit_name.startswith("requests") else "tokens"
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reset_at))
+        if requested > limit:
+            msg = (
+                f"{scope}: request needs {requested} {unit}, more than {limit_name}={limit} allows"
+            )
+        else:
+            msg = (
+                f"{scope}: {limit_name}={limit} exceeded ({used} used, {requested} "
+                f"requested); resets at {when}"
+            )
+            if retry_after_s is not None:
+                msg += f" (retry after {retry_after_s:.0f}s)"
+        super().__init__(msg)
+        self.scope = scope
+        self.limit_name = limit_name
+        self.limit = limit
+        self.used = used
+        self.requested = requested
+        self.reset_at = reset_at
+        self.retry_after_s = retry_after_s
+        self.is_quota = is_quota
+
+
+class LimitStoreUnavailable(TandemError):
+    """The shared limit store cannot be reached and the policy is fail-closed (UNAVAILABLE)."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One counter a reservation charged."""
+
+    key: str
+    """Counter key (includes the window start, so a settle hits the charged window)."""
+    metric: str
+    """``requests`` or ``tokens``."""
+    amount: int
+    """How much was added at reserve time."""
+    expire_at: int
+    """Unix seconds after which the counter may be dropped (window end + grace)."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What ``reserve`` charged; pass it to ``settle`` or ``release`` exactly once."""
+
+    id: str
+    """Unique id; settling twice with it is a no-op."""
+    tokens: int
+    """The token estimate reserved."""
+    charges: tuple[Charge, ...]
+    """Every counter charged."""
+    recorded: bool = True
+    """False when admitted fail-open without the store: settle/release do nothing."""
+
+
+def _key(scope: str, metric: str, period: str, start: int) -> str:
+    return f"{scope}|{metric}|{period}|{start}"
+
+
+def plan(
+    scopes: Sequence[Scope], tokens: int, now: float, grace_s: int
+) -> list[tuple[Scope, str, str, int, Charge, int]]:
+    """Per (scope, window): (scope, limit name, period, limit, charge, window end)."""
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    out = []
+    for scope in scopes:
+        for name, metric, period, limit in scope.limits.windows():
+            end = window_end(period, now)
+            amount = 1 if metric == REQUESTS else tokens
+            key = _key(scope.name, metric, period, window_start(period, now))
+            out.append(
+                (scope, name, period, limit, Charge(key, metric, amount, end + grace_s), end)
+            )
+    return out
+
+
+def exceeded(
+    scope: Scope, name: str, period: str, limit: int, used: int, amount: int, end: int, now: float
+) -> LimitExceeded:
+    """The error for a failed check; minute windows get a retry delay, budgets do not."""
+    quota = period != MINUTE or amount > limit
+    retry = None if quota else max(0.0, end - now)
+    return LimitExceeded(scope.name, name, limit, used, amount, end, retry, quota)
+
+
+class Admission(ABC):
+    """Reserve-then-settle admission against per-scope limits."""
+
+    @abstractmethod
+    def reserve(self, scopes: Sequence[Scope], tokens: int) -> Reservation:
+        """Check and charge every window of every scope, all or nothing."""
+
+    @abstractmethod
+    def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Replace the reserved token estimate by the real count; idempotent."""
+
+    @abstractmethod
+    def release(self, reservation: Reservation) -> None:
+        """Undo a reservation whose request failed before producing any token."""
+
+
+class InProcessAdmission(Admission):
+    """Counters in this process's memory; safe from many threads and asyncio tasks."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, grace_s: int = 120) -> None:
+        self._clock = clock
+        self._grace_s = grace_s
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, int]] = {}
+        self._done: dict[str, int] = {}
+        self._next_gc = 0.0
+
+    def _gc(self, now: float) -> None:
+        """Drop expired counters and settle markers; a full scan at most once a second."""
+        if now < self._next_gc:
+            return
+        self._next_gc = now + 1.0
+        for k in [k for k, (_, exp) in self._counts.items() if exp <= now]:
+            del self._counts[k]
+        for rid in [r for r, exp in self._done.items() if exp <= now]:
+            del self._done[rid]
+
+    def used(self, key: str) -> int:
+        """Current value of a counter (0 when absent or expired); for tests and metrics."""
+        with self._lock:
+            value, exp = self._counts.get(key, (0, 0))
+            return value if exp > self._clock() else 0
+
+    def reserve(self, scopes: Sequence[Scope], tokens: int) -> Reservation:
+        now = self._clock()
+        steps = plan(scopes, tokens, now, self._grace_s)
+        with self._lock:
+            self._gc(now)
+            for scope, name, period, limit, charge, end in steps:
+                used = self._counts.get(charge.key, (0, 0))[0]
+                if used + charge.amount > limit:
+                    raise exceeded(scope, name, period, limit, used, charge.amount, end, now)
+            for _, _, _, _, charge, _ in steps:
+                used = self._counts.get(charge.key, (0, 0))[0]
+                self._counts[charge.key] = (used + charge.amount, charge.expire_at)
+        return Reservation(uuid.uuid4().hex, tokens, tuple(s[4] for s in steps))
+
+    def _adjust(self, reservation: Reservation, actual: int, refund_requests: bool) -> None:
+        if actual < 0:
+            raise ValueError(f"actual_tokens must be >= 0, got {actual}")
+        if not reservation.recorded:
+            return
+        now = self._clock()
+        with self._lock:
+            if reservation.id in self._done:
+                return
+            latest = max((c.expire_at for c in reservation.charges), default=int(now) + 1)
+            self._done[reservation.id] = latest
+            for c in reservation.charges:
+                if c.metric == TOKENS:
+                    delta = actual - c.amount
+                elif refund_requests:
+                    delta = -c.amount
+                else:
+                    continue
+                if c.key not in self._counts or self._counts[c.key][1] <= now:
+                    continue  # window gone: nothing to refund into
+                value, exp = self._counts[c.key]
+                self._counts[c.key] = (max(0, value + delta), exp)
+
+    def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        self._adjust(reservation, actual_tokens, refund_requests=False)
+
+    def release(self, reservation: Reservation) -> None:
+        self._adjust(reservation, 0, refund_requests=True)

@@ -1,0 +1,175 @@
+"""Admission on Redis, so every gateway replica shares the same counters.
+
+Design
+------
+Same algorithm and semantics as ``limits.InProcessAdmission`` (fixed UTC windows keyed by
+window start; reserve an estimate, settle the real count; see ``limits``'s header), with
+the counters in Redis:
+
+* ``reserve`` runs one Lua script (``EVALSHA`` via redis-py's ``Script``, which loads it on
+  ``NOSCRIPT``) that reads every counter, and only if every ``used + amount <= limit``
+  ``INCRBY``s them all and sets ``EXPIREAT`` window end + ``grace_s``. Redis runs a script
+  atomically, so check-and-charge is all-or-nothing across scopes and across replicas: no
+  two replicas can both take the last unit.
+* ``settle``/``release`` run a second script: ``SET <prefix>done|<id> NX EXAT`` makes it
+  idempotent (a second call finds the marker and does nothing), then each still-existing
+  counter gets ``max(0, value + delta)`` with ``KEEPTTL``; an expired window is not revived.
+* Keys: ``<prefix><scope>|<metric>|<period>|<window start>``. For Redis Cluster put a hash
+  tag in the prefix (e.g. ``"{tandem}:"``) so a script's keys share a slot.
+* Window boundaries come from the gateway's clock (``clock``); replicas are assumed
+  NTP-synced, a skew of s seconds only moves which window a request near a boundary lands in.
+
+Parameters: ``client`` (a ``redis.Redis``), ``prefix`` (key namespace, default
+``"tandem:limits:"``), ``on_store_error`` (below), ``clock`` (Unix seconds), ``grace_s``
+(seconds a counter outlives its window for late settles, default 120).
+
+``on_store_error`` when Redis cannot be reached or errors:
+
+* ``"fail-open"`` (**default**): admit the request, log a warning, and return a reservation
+  with ``recorded=False`` (its settle/release do nothing). Limits here protect capacity and
+  budgets; a Redis outage should not turn into a full outage of inference for every caller.
+  Authentication stays fail-closed elsewhere; this matches Kuadrant (closed for auth, open
+  for limits). The price: while Redis is down, usage is neither enforced nor counted.
+* ``"fail-closed"``: raise ``LimitStoreUnavailable`` (gRPC UNAVAILABLE, transient, with a
+  message naming the store) from reserve, settle and release. Choose it where a budget
+  overrun costs more than downtime.
+
+Calls are synchronous (redis-py); from asyncio use ``await asyncio.to_thread(adm.reserve,
+...)`` or a thread-pool executor, each call is one round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import redis
+
+from services.gateway.limits import (
+    Admission,
+    LimitStoreUnavailable,
+    Reservation,
+    Scope,
+    exceeded,
+    plan,
+)
+
+log = logging.getLogger(__name__)
+
+OnStoreError = Literal["fail-open", "fail-closed"]
+
+_RESERVE = """
+local n = #KEYS
+for i = 1, n do
+  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if used + tonumber(ARGV[3*i-2]) > tonumber(ARGV[3*i-1]) then
+    return {i, used}
+  end
+end
+for i = 1, n do
+  redis.call('INCRBY', KEYS[i], ARGV[3*i-2])
+  redis.call('EXPIREAT', KEYS[i], ARGV[3*i])
+end
+return {0, 0}
+"""
+
+_ADJUST = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EXAT', ARGV[1]) then
+  return 0
+end
+for i = 2, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    local nv = tonumber(v) + tonumber(ARGV[i])
+    if nv < 0 then nv = 0 end
+    redis.call('SET', KEYS[i], nv, 'KEEPTTL')
+  end
+end
+return 1
+"""
+
+
+class RedisAdmission(Admission):
+    """Reserve/settle admission with atomic Lua scripts on a shared Redis."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "tandem:limits:",
+        on_store_error: OnStoreError = "fail-open",
+        clock: Callable[[], float] = time.time,
+        grace_s: int = 120,
+    ) -> None:
+        if on_store_error not in ("fail-open", "fail-closed"):
+            raise ValueError(
+                f"on_store_error must be 'fail-open' or 'fail-closed', got {on_store_error!r}"
+            )
+        self._r = client
+        self._prefix = prefix
+        self._on_error = on_store_error
+        self._clock = clock
+        self._grace_s = grace_s
+        self._reserve = client.register_script(_RESERVE)
+        self._adjust_script = client.register_script(_ADJUST)
+
+    def _store_error(self, op: str, err: Exception) -> None:
+        msg = f"rate-limit store (Redis) unavailable during {op}: {err}"
+        if self._on_error == "fail-closed":
+            raise LimitStoreUnavailable(msg + "; limits fail closed, retry later") from err
+        log.warning("%s; admitting without limits (fail-open)", msg)
+
+    def reserve(self, scopes: Sequence[Scope], tokens: int) -> Reservation:
+        now = self._clock()
+        steps = plan(scopes, tokens, now, self._grace_s)
+        rid = uuid.uuid4().hex
+        charges = tuple(s[4] for s in steps)
+        if not steps:
+            return Reservation(rid, tokens, charges)
+        keys = [self._prefix + c.key for c in charges]
+        args: list[int] = []
+        for _, _, _, limit, c, _ in steps:
+            args += [c.amount, limit, c.expire_at]
+        try:
+            failed, used = self._reserve(keys=keys, args=args)
+        except redis.RedisError as err:
+            self._store_error("reserve", err)
+            return Reservation(rid, tokens, charges, recorded=False)
+        if failed:
+            scope, name, period, limit, c, end = steps[int(failed) - 1]
+            raise exceeded(scope, name, period, limit, int(used), c.amount, end, now)
+        return Reservation(rid, tokens, charges)
+
+    def _adjust(
+        self, op: str, reservation: Reservation, actual: int, refund_requests: bool
+    ) -> None:
+        if actual < 0:
+            raise ValueError(f"actual_tokens must be >= 0, got {actual}")
+        if not reservation.recorded:
+            return
+        keys = [f"{self._prefix}done|{reservation.id}"]
+        latest = max(
+            (c.expire_at for c in reservation.charges), default=int(self._clock()) + self._grace_s
+        )
+        args = [latest]
+        for c in reservation.charges:
+            if c.metric == "tokens":
+                delta = actual - c.amount
+            elif refund_requests:
+                delta = -c.amount
+            else:
+                continue
+            keys.append(self._prefix + c.key)
+            args.append(delta)
+        try:
+            self._adjust_script(keys=keys, args=args)
+        except redis.RedisError as err:
+            self._store_error(op, err)
+
+    def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        self._adjust("settle", reservation, actual_tokens, refund_requests=False)
+
+    def release(self, reservation: Reservation) -> None:
+        self._adjust("release", reservation, 0, refund_requests=True)

@@ -1,0 +1,318 @@
+"""Admission limits: window arithmetic, reserve/settle/release, Redis atomicity, outages."""
+
+from __future__ import annotations
+
+import calendar
+import itertools
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from services.gateway.limits import (
+    DAY,
+    MINUTE,
+    MONTH,
+    InProcessAdmission,
+    LimitExceeded,
+    Limits,
+    LimitStoreUnavailable,
+    Scope,
+    window_end,
+    window_start,
+)
+from services.gateway.limits_redis import RedisAdmission
+
+T0 = calendar.timegm((2028, 2, 29, 23, 59, 30))  # future leap day, 30 s before midnight
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def rds() -> Iterator[redis.Redis]:
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError:
+        pytest.skip("Redis not running at 127.0.0.1:6379")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(rds: redis.Redis) -> Iterator[str]:
+    p = f"test:limits:{uuid.uuid4().hex}:"
+    yield p
+    keys = list(rds.scan_iter(match=p + "*", count=1000))
+    if keys:
+        rds.delete(*keys)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest, rds: redis.Redis, prefix: str):
+    """(admission, clock, counter reader) for each implementation."""
+    clock = Clock(T0)
+    if request.param == "memory":
+        adm = InProcessAdmission(clock=clock)
+        return adm, clock, adm.used
+    adm = RedisAdmission(rds, prefix=prefix, clock=clock)
+
+    def used(key: str) -> int:
+        v = rds.get(prefix + key)
+        return int(v) if v is not None else 0
+
+    return adm, clock, used
+
+
+def key(scope: str, metric: str, period: str, now: float) -> str:
+    return f"{scope}|{metric}|{period}|{window_start(period, now)}"
+
+
+# --- window arithmetic ----------------------------------------------------------------------
+
+
+def test_window_arithmetic_exact() -> None:
+    t = T0 + 0.75
+    assert window_start(MINUTE, t) == calendar.timegm((2028, 2, 29, 23, 59, 0))
+    assert window_end(MINUTE, t) == calendar.timegm((2028, 3, 1, 0, 0, 0))
+    assert window_start(DAY, t) == calendar.timegm((2028, 2, 29, 0, 0, 0))
+    assert window_end(DAY, t) == calendar.timegm((2028, 3, 1, 0, 0, 0))
+    assert window_start(MONTH, t) == calendar.timegm((2028, 2, 1, 0, 0, 0))
+    assert window_end(MONTH, t) == calendar.timegm((2028, 3, 1, 0, 0, 0))
+    dec = calendar.timegm((2027, 12, 31, 12, 0, 0))
+    assert window_start(MONTH, dec) == calendar.timegm((2027, 12, 1, 0, 0, 0))
+    assert window_end(MONTH, dec) == calendar.timegm((2028, 1, 1, 0, 0, 0))
+    # a boundary instant belongs to the window it starts
+    b = calendar.timegm((2028, 3, 1, 0, 0, 0))
+    for period in (MINUTE, DAY, MONTH):
+        assert window_start(period, b) == b
+        assert window_start(period, b - 0.001) < b
+
+
+# --- reserve / settle / release -------------------------------------------------------------
+
+
+def test_reserve_settle_release_exact(backend) -> None:
+    adm, clock, used = backend
+    s = Scope(
+        "key:a",
+        Limits(
+            requests_per_minute=10,
+            tokens_per_minute=1000,
+            tokens_per_day=5000,
+            tokens_per_month=9000,
+        ),
+    )
+    r = adm.reserve([s], 300)
+    assert used(key("key:a", "requests", MINUTE, clock.t)) == 1
+    for period in (MINUTE, DAY, MONTH):
+        assert used(key("key:a", "tokens", period, clock.t)) == 300
+    adm.settle(r, 120)
+    for period in (MINUTE, DAY, MONTH):
+        assert used(key("key:a", "tokens", period, clock.t)) == 120
+    adm.settle(r, 5)  # second settle: no-op
+    adm.release(r)  # release after settle: no-op too
+    assert used(key("key:a", "tokens", DAY, clock.t)) == 120
+    assert used(key("key:a", "requests", MINUTE, clock.t)) == 1
+
+    r2 = adm.reserve([s], 200)
+    adm.settle(r2, 450)  # more than estimated: charged anyway
+    assert used(key("key:a", "tokens", DAY, clock.t)) == 570
+    r3 = adm.reserve([s], 100)
+    adm.release(r3)
+    adm.release(r3)
+    assert used(key("key:a", "tokens", DAY, clock.t)) == 570
+    assert used(key("key:a", "requests", MINUTE, clock.t)) == 2
+
+
+def test_settle_never_negative_and_after_rollover(backend) -> None:
+    adm, clock, used = backend
+    s = Scope("user:u", Limits(tokens_per_minute=1000, tokens_per_day=1000))
+    r = adm.reserve([s], 400)
+    clock.t += 31  # new minute and new day (T0 is 30 s before midnight)
+    adm.settle(r, 0)
+    assert used(key("user:u", "tokens", DAY, T0)) == 0
+    assert used(key("user:u", "tokens", DAY, clock.t)) == 0
+    # refunds go to the charged window, never below zero in the new one
+    r2 = adm.reserve([s], 1000)
+    assert used(key("user:u", "tokens", DAY, clock.t)) == 1000
+    adm.settle(r2, 10)
+    assert used(key("user:u", "tokens", DAY, clock.t)) == 10
+
+
+def test_all_or_nothing_across_scopes(backend) -> None:
+    adm, clock, used = backend
+    clock.t = T0 - 3600  # 22:59:30 on Feb 29: a minute later is still February
+    k = Scope("key:k", Limits(requests_per_minute=100, tokens_per_day=10_000))
+    u = Scope("user:u", Limits(tokens_per_minute=500))
+    t = Scope("team:t", Limits(tokens_per_month=700))
+    adm.reserve([k, u, t], 400)
+    with pytest.raises(LimitExceeded) as ei:
+        adm.reserve([k, u, t], 350)  # user minute window: 400 + 350 > 500
+    e = ei.value
+    assert (e.scope, e.limit_name, e.limit, e.used, e.requested) == (
+        "user:u",
+        "tokens_per_minute",
+        500,
+        400,
+        350,
+    )
+    assert e.retry_after_s == pytest.approx(30.0)
+    assert not e.is_quota
+    assert e.grpc_code == "RESOURCE_EXHAUSTED"
+    # nothing was charged anywhere for the rejected request
+    assert used(key("key:k", "requests", MINUTE, clock.t)) == 1
+    assert used(key("key:k", "tokens", DAY, clock.t)) == 400
+    assert used(key("team:t", "tokens", MONTH, clock.t)) == 400
+    clock.t += 60  # new minute: the user window resets, the team month budget does not
+    with pytest.raises(LimitExceeded) as ei:
+        adm.reserve([k, u, t], 350)
+    e = ei.value
+    assert (e.scope, e.limit_name, e.is_quota, e.retry_after_s) == (
+        "team:t",
+        "tokens_per_month",
+        True,
+        None,
+    )
+    assert e.reset_at == calendar.timegm((2028, 3, 1, 0, 0, 0))
+    assert "team:t" in str(e) and "tokens_per_month=700" in str(e)
+    adm.reserve([k, u, t], 300)
+    assert used(key("team:t", "tokens", MONTH, clock.t)) == 700
+
+
+def test_request_over_limit_outright_is_quota(backend) -> None:
+    adm, _, _ = backend
+    with pytest.raises(LimitExceeded) as ei:
+        adm.reserve([Scope("key:x", Limits(tokens_per_minute=100))], 101)
+    assert ei.value.is_quota and ei.value.retry_after_s is None
+
+
+def test_in_process_thread_safe() -> None:
+    adm = InProcessAdmission(clock=Clock(T0))
+    s = Scope("key:t", Limits(requests_per_minute=37))
+    ok = _hammer(lambda: adm.reserve([s], 1), 200)
+    assert ok == 37
+
+
+# --- Redis: replicas, concurrency -----------------------------------------------------------
+
+
+def _hammer(fn: Callable[[], object], n: int) -> int:
+    barrier = threading.Barrier(min(n, 50))
+    ok = 0
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        nonlocal ok
+        if i < 50:
+            barrier.wait()
+        try:
+            fn()
+        except LimitExceeded:
+            return
+        with lock:
+            ok += 1
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        list(pool.map(one, range(n)))
+    return ok
+
+
+def test_two_replicas_admit_exactly_n(rds: redis.Redis, prefix: str) -> None:
+    clock = Clock(time.time())  # frozen, so the run cannot straddle a minute boundary
+    replicas = [
+        RedisAdmission(redis.Redis(host="127.0.0.1", port=6379), prefix=prefix, clock=clock)
+        for _ in range(2)
+    ]
+    s = Scope("key:shared", Limits(requests_per_minute=37))
+    calls = itertools.count()
+    ok = _hammer(lambda: replicas[next(calls) % 2].reserve([s], 0), 200)
+    assert ok == 37
+    ks = list(rds.scan_iter(match=prefix + "key:shared|requests|*"))
+    assert len(ks) == 1
+    assert int(rds.get(ks[0])) == 37
+    assert 0 < rds.ttl(ks[0]) <= 60 + 120
+
+
+def test_daily_quota_concurrent_never_exceeded(rds: redis.Redis, prefix: str) -> None:
+    clock = Clock(T0 - 3600)
+    replicas = [
+        RedisAdmission(redis.Redis(host="127.0.0.1", port=6379), prefix=prefix, clock=clock)
+        for _ in range(2)
+    ]
+    s = Scope("team:q", Limits(tokens_per_day=1000))
+    held = []
+    lock = threading.Lock()
+    calls = itertools.count()
+
+    def take() -> None:
+        r = replicas[next(calls) % 2].reserve([s], 30)
+        with lock:
+            held.append(r)
+
+    assert _hammer(take, 200) == 33  # 33 * 30 = 990 <= 1000 < 34 * 30
+    k = prefix + key("team:q", "tokens", DAY, clock.t)
+    assert int(rds.get(k)) == 990
+    for i, r in enumerate(held):
+        replicas[i % 2].settle(r, 10)
+    assert int(rds.get(k)) == 330  # unused tokens returned
+    assert _hammer(lambda: replicas[0].reserve([s], 30), 100) == 22  # 330 + 22*30 = 990
+    assert int(rds.get(k)) == 990
+
+
+# --- store outages --------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _dead_client() -> redis.Redis:
+    return redis.Redis(
+        host="127.0.0.1",
+        port=_closed_port(),
+        socket_connect_timeout=0.5,
+        socket_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def test_fail_open_admits_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    adm = RedisAdmission(_dead_client())  # default: fail-open
+    s = Scope("key:o", Limits(requests_per_minute=1))
+    with caplog.at_level(logging.WARNING):
+        r1 = adm.reserve([s], 10)
+        r2 = adm.reserve([s], 10)
+    assert not r1.recorded and not r2.recorded
+    adm.settle(r1, 5)
+    adm.release(r2)
+    assert "fail-open" in caplog.text and "unavailable" in caplog.text
+
+
+def test_fail_closed_raises_unavailable() -> None:
+    adm = RedisAdmission(_dead_client(), on_store_error="fail-closed")
+    with pytest.raises(LimitStoreUnavailable) as ei:
+        adm.reserve([Scope("key:c", Limits(requests_per_minute=5))], 1)
+    assert ei.value.grpc_code == "UNAVAILABLE"
+    assert "Redis" in str(ei.value) and "fail closed" in str(ei.value)
+
+
+def test_bad_on_store_error(rds: redis.Redis) -> None:
+    with pytest.raises(ValueError, match="on_store_error"):
+        RedisAdmission(rds, on_store_error="ignore")  # type: ignore[arg-type]
