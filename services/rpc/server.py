@@ -46,6 +46,10 @@ class RunningServer:
         self._health = health_servicer
 
     @property
+    def health(self) -> health_aio.HealthServicer:
+        return self._health
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 

@@ -1,0 +1,207 @@
+"""The gateway end to end: test OIDC issuer, real router with fake workers, SQLite store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.gateway.api_keys import ApiKeys
+from services.gateway.audit import AuditLog
+from services.gateway.ledger import Ledger
+from services.gateway.server import Gateway, GatewayConfig, start_gateway
+from services.rpc.server import client_channel
+from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
+from tests.gateway.issuer import Issuer
+from tests.router.fakes import MODEL, expected_completion
+from tests.router.harness import DECODE, PREFILL, cluster, run
+
+PROMPT = [5, 6, 7, 8, 9]
+POLICY = f"""
+admin_role = "admin"
+
+[models."{MODEL}"]
+roles = ["model-user"]
+teams = ["ml"]
+
+[models.other]
+roles = ["other-user"]
+"""
+
+
+@pytest.fixture
+def issuer() -> Iterator[Issuer]:
+    server = Issuer()
+    yield server
+    server.close()
+
+
+@dataclass
+class Stack:
+    gateway: Gateway
+    stub: inference_pb2_grpc.InferenceStub
+    issuer: Issuer
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.gateway.store)
+
+    def audit(self) -> list:
+        return [r.event for r in AuditLog(self.gateway.store).records()]
+
+    async def generate(self, credential: str | None, **fields: object):  # type: ignore[no-untyped-def]
+        fields.setdefault("model", MODEL)
+        metadata = () if credential is None else (("authorization", f"Bearer {credential}"),)
+        call = self.stub.Generate(
+            inference_pb2.GenerateRequest(**fields), metadata=metadata, timeout=10
+        )
+        messages = []
+        try:
+            async for m in call:
+                messages.append(m)
+        except grpc.aio.AioRpcError:
+            return messages, call
+        return messages, call
+
+
+@asynccontextmanager
+async def stack(tmp_path: Path, issuer: Issuer, limits: str = "") -> AsyncIterator[Stack]:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY + limits)
+    async with cluster() as c:
+        await c.add("p1", PREFILL)
+        await c.add("d1", DECODE)
+        config = GatewayConfig(
+            router_address=c.router.address,
+            policy_path=policy,
+            store_url=f"sqlite:{tmp_path / 'gateway.db'}",
+            issuer_url=issuer.url,
+        )
+        gateway = await start_gateway(config)
+        channel = client_channel(gateway.address)
+        try:
+            yield Stack(gateway, inference_pb2_grpc.InferenceStub(channel), issuer)
+        finally:
+            await channel.close()
+            await gateway.stop(grace=0)
+
+
+def test_token_streams_and_records_exact_usage(tmp_path: Path, issuer: Issuer) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer) as s:
+            token = issuer.mint(realm_roles=["model-user"], groups=["/ml"], sub="ann")
+            messages, call = await s.generate(
+                token, prompt_token_ids=PROMPT, max_tokens=4, request_id="r1"
+            )
+            assert await call.code() == grpc.StatusCode.OK
+            assert [t for m in messages for t in m.token_ids] == expected_completion(5, 4)
+            finals = [m for m in messages if m.finish_reason]
+            assert len(finals) == 1 and finals[0] is messages[-1]
+            row = s.ledger.get("r1")
+            assert row is not None
+            assert (row.principal, row.team, row.model) == ("ann", "ml", MODEL)
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (5, 4, "ok")
+            [event] = s.audit()
+            assert (event.decision, event.reason, event.request_id) == ("allow", "ok", "r1")
+            assert (event.prompt_tokens, event.completion_tokens) == (5, 4)
+
+    run(body())
+
+
+def test_missing_or_bad_token_is_unauthenticated_and_audited(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer) as s:
+            for credential in (None, "not-a-jwt", issuer.mint(azp="someone-else")):
+                messages, call = await s.generate(credential, prompt_token_ids=PROMPT)
+                assert messages == []
+                assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
+                status = await rpc_status.aio.from_call(call)
+                assert status is not None
+                info = error_details_pb2.ErrorInfo()
+                assert status.details[0].Unpack(info)
+                assert info.reason.startswith("CREDENTIAL_")
+            events = s.audit()
+            assert [e.decision for e in events] == ["deny"] * 3
+            assert all(e.reason.startswith("unauthenticated") for e in events)
+            assert s.ledger.usage(0, 2**40) == ()
+
+    run(body())
+
+
+def test_model_not_allowed_is_permission_denied(tmp_path: Path, issuer: Issuer) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer) as s:
+            token = issuer.mint(realm_roles=["other-user"])
+            _, call = await s.generate(token, prompt_token_ids=PROMPT)
+            assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
+            [event] = s.audit()
+            assert (event.decision, event.reason) == ("deny", "model not allowed")
+
+    run(body())
+
+
+def test_request_limit_is_resource_exhausted_with_quota_failure(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    async def body() -> None:
+        limits = "\n[limits.user]\nrequests_per_minute = 1\n"
+        async with stack(tmp_path, issuer, limits) as s:
+            token = issuer.mint(realm_roles=["model-user"], sub="bob")
+            _, first = await s.generate(token, prompt_token_ids=PROMPT, max_tokens=2)
+            assert await first.code() == grpc.StatusCode.OK
+            _, second = await s.generate(token, prompt_token_ids=PROMPT, max_tokens=2)
+            assert await second.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            status = await rpc_status.aio.from_call(second)
+            assert status is not None
+            failure = error_details_pb2.QuotaFailure()
+            assert status.details[0].Unpack(failure)
+            assert failure.violations[0].subject == "user:bob"
+            assert [e.decision for e in s.audit()] == ["allow", "deny"]
+
+    run(body())
+
+
+def test_api_key_works_until_revoked(tmp_path: Path, issuer: Issuer) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer) as s:
+            keys = ApiKeys(s.gateway.store)
+            minted = keys.mint("ml", [MODEL])
+            messages, call = await s.generate(
+                minted.secret, prompt_token_ids=PROMPT, max_tokens=3, request_id="k1"
+            )
+            assert await call.code() == grpc.StatusCode.OK
+            assert [t for m in messages for t in m.token_ids] == expected_completion(5, 3)
+            row = s.ledger.get("k1")
+            assert row is not None and row.key_id == minted.key.key_id
+            assert (row.principal, row.team) == (f"key:{minted.key.key_id}", "ml")
+            keys.revoke(minted.key.key_id)
+            _, call = await s.generate(minted.secret, prompt_token_ids=PROMPT)
+            assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    run(body())
+
+
+def test_list_models_is_filtered_by_policy(tmp_path: Path, issuer: Issuer) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer) as s:
+            for roles, expected in ((["model-user"], [MODEL]), (["other-user"], [])):
+                token = issuer.mint(realm_roles=roles)
+                reply = await s.stub.ListModels(
+                    inference_pb2.ListModelsRequest(),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=10,
+                )
+                assert [m.id for m in reply.models] == expected
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await s.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    run(body())
