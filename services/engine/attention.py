@@ -36,40 +36,83 @@ class SeqSlice:
     """(first slot, count) runs covering its first kv_len slots, in order."""
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Sequences attended by one SDPA call: one sequence, or an evenly spaced decode group."""
+
+    seqs: tuple[SeqSlice, ...]
+    stride: int = 0
+    """Slots between consecutive members' starts (groups only)."""
+    max_len: int = 0
+    """Longest kv_len in a group; shorter members are masked."""
+    mask: torch.Tensor | None = None
+    """Boolean attention mask, or None when SDPA needs none (or is_causal does)."""
+
+
+def plan_attention(
+    seqs: list[SeqSlice], num_slots: int, device: torch.device | str
+) -> list[Segment]:
+    """Decide once per step how to attend ``seqs``; every layer reuses the plan."""
+    segments: list[Segment] = []
+    i = 0
+    while i < len(seqs):
+        end = _strided_group_end(seqs, i, num_slots)
+        if end - i > 1:
+            segments.append(_group_segment(tuple(seqs[i:end]), device))
+        else:
+            segments.append(Segment((seqs[i],), mask=_prefill_mask(seqs[i], device)))
+        i = max(end, i + 1)
+    return segments
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
-    seqs: list[SeqSlice],
+    plan: list[Segment],
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
-    outs = []
-    i = 0
-    while i < len(seqs):
-        end = _strided_group_end(seqs, i, k_cache.shape[0])
-        if end - i > 1:
-            outs.append(_strided_decode(q, k_cache, v_cache, seqs[i:end]))
-        else:
-            outs.append(_one_sequence(q, k_cache, v_cache, seqs[i]))
-        i = max(end, i + 1)
+    outs = [
+        _strided_decode(q, k_cache, v_cache, seg)
+        if len(seg.seqs) > 1
+        else _one_sequence(q, k_cache, v_cache, seg.seqs[0], seg.mask)
+        for seg in plan
+    ]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _one_sequence(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s: SeqSlice
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    s: SeqSlice,
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:  # [q_len, heads, head_dim]
     q_s = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
     k_s = _gather(k_cache, s.slot_runs).transpose(0, 1).unsqueeze(0)  # [1, Hkv, kv, d]
     v_s = _gather(v_cache, s.slot_runs).transpose(0, 1).unsqueeze(0)
-    if s.q_len == 1:
-        o = F.scaled_dot_product_attention(q_s, k_s, v_s, enable_gqa=True)
-    elif s.q_len == s.kv_len:
-        o = F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, enable_gqa=True)
-    else:
-        # New tokens sit at the end of the context: query i sees keys ≤ i + offset.
-        mask = torch.ones(s.q_len, s.kv_len, dtype=torch.bool, device=q.device)
-        mask = mask.tril(s.kv_len - s.q_len)
-        o = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=True)
+    causal = mask is None and 1 < s.q_len == s.kv_len
+    o = F.scaled_dot_product_attention(
+        q_s, k_s, v_s, attn_mask=mask, is_causal=causal, enable_gqa=True
+    )
     return o[0].transpose(0, 1)
+
+
+def _prefill_mask(s: SeqSlice, device: torch.device | str) -> torch.Tensor | None:
+    """A chunk after cached context: query i sees keys ≤ i + offset (None otherwise)."""
+    if s.q_len == 1 or s.q_len == s.kv_len:
+        return None
+    mask = torch.ones(s.q_len, s.kv_len, dtype=torch.bool, device=device)
+    return mask.tril(s.kv_len - s.q_len)
+
+
+def _group_segment(group: tuple[SeqSlice, ...], device: torch.device | str) -> Segment:
+    lengths = [s.kv_len for s in group]
+    max_len = max(lengths)
+    mask = None
+    if min(lengths) != max_len:
+        length_t = torch.tensor(lengths, device=device)
+        mask = (torch.arange(max_len, device=device) < length_t[:, None])[:, None, None, :]
+    return Segment(group, _start(group[1]) - _start(group[0]), max_len, mask)
 
 
 def _strided_group_end(seqs: list[SeqSlice], i: int, num_slots: int) -> int:
@@ -96,21 +139,13 @@ def _strided_group_end(seqs: list[SeqSlice], i: int, num_slots: int) -> int:
 
 
 def _strided_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: list[SeqSlice]
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: Segment
 ) -> torch.Tensor:  # [n, heads, head_dim]
-    n = len(group)
-    stride = _start(group[1]) - _start(group[0])
-    lengths = [s.kv_len for s in group]
-    max_len = max(lengths)
-    q_g = q[group[0].q_start : group[0].q_start + n].unsqueeze(2)  # [n, H, 1, d]
-    k_g = _lanes(k_cache, _start(group[0]), n, stride, max_len)  # [n, Hkv, max_len, d]
-    v_g = _lanes(v_cache, _start(group[0]), n, stride, max_len)
-    mask = None
-    if min(lengths) != max_len:
-        length_t = torch.tensor(lengths, device=q.device)
-        mask = torch.arange(max_len, device=q.device) < length_t[:, None]
-        mask = mask[:, None, None, :]  # [n, 1, 1, max_len]
-    o = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, enable_gqa=True)
+    n, first = len(seg.seqs), seg.seqs[0]
+    q_g = q[first.q_start : first.q_start + n].unsqueeze(2)  # [n, H, 1, d]
+    k_g = _lanes(k_cache, _start(first), n, seg.stride, seg.max_len)  # [n, Hkv, max_len, d]
+    v_g = _lanes(v_cache, _start(first), n, seg.stride, seg.max_len)
+    o = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=seg.mask, enable_gqa=True)
     return o.squeeze(2)
 
 

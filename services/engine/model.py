@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.engine.attention import SeqSlice, paged_attention
+from services.engine.attention import Segment, paged_attention
 from services.engine.kv_cache import KVCache
 from services.engine.model_config import ModelConfig
 from services.engine.rope import RotaryTable, apply_rotary
@@ -31,7 +31,8 @@ class StepBatch:
     """[T] each token's position in its sequence."""
     slot_mapping: torch.Tensor
     """[T] the KV-pool slot each token's keys and values are written to."""
-    seqs: list[SeqSlice]
+    attention: list[Segment]
+    """How each layer attends the sequences (planned once per step)."""
     logits_indices: torch.Tensor
     """[S] rows of the batch whose next-token logits are wanted."""
 
@@ -74,7 +75,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v.view(t, self.num_kv_heads, self.head_dim))
-        out = paged_attention(q, k_cache, v_cache, batch.seqs)  # [T, heads, head_dim]
+        out = paged_attention(q, k_cache, v_cache, batch.attention)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(t, self.q_size))
 
 

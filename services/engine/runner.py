@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from services.engine.attention import SeqSlice
+from services.engine.attention import SeqSlice, plan_attention
 from services.engine.kv_cache import KVCache, block_runs
 from services.engine.model import CausalLM, StepBatch
 from services.engine.model_config import ModelConfig
@@ -79,7 +79,7 @@ class ModelRunner:
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            seqs=seqs,
+            attention=plan_attention(seqs, self.kv_cache.num_slots, dev),
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
         )
 

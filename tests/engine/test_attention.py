@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.engine.attention import SeqSlice, _strided_group_end, paged_attention
+from services.engine.attention import (
+    SeqSlice,
+    _strided_group_end,
+    paged_attention,
+    plan_attention,
+)
 
 HEADS, KV_HEADS, DIM, SLOTS = 4, 2, 8, 512
 
@@ -22,6 +27,12 @@ def _reference(
         allowed = torch.ones(s.q_len, s.kv_len, dtype=torch.bool).tril(s.kv_len - s.q_len)
         outs.append(F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed).transpose(0, 1))
     return torch.cat(outs)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: list[SeqSlice]
+) -> torch.Tensor:
+    return paged_attention(q, k, v, plan_attention(seqs, SLOTS, "cpu"))
 
 
 def _inputs(seqs: list[SeqSlice]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,7 +52,9 @@ def test_evenly_spaced_decodes_of_different_lengths_match_reference() -> None:
     seqs.append(SeqSlice(9, 1, 30, ((400, 16), (480, 14))))
     assert _strided_group_end(seqs, 0, SLOTS) == 4
     q, k, v = _inputs(seqs)
-    torch.testing.assert_close(paged_attention(q, k, v, seqs), _reference(q, k, v, seqs))
+    torch.testing.assert_close(
+        paged_attention(q, k, v, plan_attention(seqs, SLOTS, "cpu")), _reference(q, k, v, seqs)
+    )
 
 
 def test_group_that_would_run_past_the_pool_end_is_split() -> None:
@@ -53,10 +66,14 @@ def test_group_that_would_run_past_the_pool_end_is_split() -> None:
     ]
     assert _strided_group_end(seqs, 0, SLOTS) == 2
     q, k, v = _inputs(seqs)
-    torch.testing.assert_close(paged_attention(q, k, v, seqs), _reference(q, k, v, seqs))
+    torch.testing.assert_close(
+        paged_attention(q, k, v, plan_attention(seqs, SLOTS, "cpu")), _reference(q, k, v, seqs)
+    )
 
 
 def test_full_prefill_is_causal() -> None:
     seqs = [SeqSlice(0, 9, 9, ((32, 9),)), SeqSlice(9, 3, 3, ((64, 3),))]
     q, k, v = _inputs(seqs)
-    torch.testing.assert_close(paged_attention(q, k, v, seqs), _reference(q, k, v, seqs))
+    torch.testing.assert_close(
+        paged_attention(q, k, v, plan_attention(seqs, SLOTS, "cpu")), _reference(q, k, v, seqs)
+    )
