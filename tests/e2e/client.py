@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -65,3 +67,12 @@ def metric(port: int, name: str) -> float:
     if not found:
         raise AssertionError(f"metric {name} not exported on port {port}")
     return total
+
+
+def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.2)

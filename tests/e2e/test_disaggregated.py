@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from services.launcher.local import LocalCluster
 from services.stubs.tandem.v1 import inference_pb2_grpc
-from tests.e2e.client import channel, generate, metric, request
+from tests.e2e.client import channel, eventually, generate, metric, request
 from tests.e2e.conftest import start_cluster
 
 BLOCK_BYTES = 16 * 8 * 2 * 4 * 64 * 4  # tokens × layers × K/V × kv heads × dim × fp32
@@ -78,7 +77,7 @@ def test_kv_crossed_processes_and_was_counted_on_both_sides(cluster: LocalCluste
     assert metric(decode.metrics_port, "tandem_kv_transfer_received_bytes_total") == (
         received + 4 * BLOCK_BYTES
     )
-    _eventually(lambda: metric(prefill.metrics_port, "tandem_kv_released_total") == released + 1)
+    eventually(lambda: metric(prefill.metrics_port, "tandem_kv_released_total") == released + 1)
     # The decode worker now caches the prompt's 3 full blocks: the same prompt
     # reads only the partial last block.
     (again,) = asyncio.run(_serve_all(cluster.address, [prompt], 4))
@@ -102,9 +101,9 @@ def test_client_cancel_returns_every_block(cluster: LocalCluster) -> None:
     total = 0.25 * 2**30 // BLOCK_BYTES
     for name in ("prefill-0", "decode-0"):
         port = cluster.child(name).metrics_port
-        _eventually(lambda p=port: metric(p, "tandem_running_requests") == 0)
+        eventually(lambda p=port: metric(p, "tandem_running_requests") == 0)
         # every block free (cached ones count as free): the pool is back to idle
-        _eventually(lambda p=port: metric(p, "tandem_kv_free_blocks") == total, timeout=15)
+        eventually(lambda p=port: metric(p, "tandem_kv_free_blocks") == total, timeout=15)
 
 
 @pytest.mark.parametrize(
@@ -136,11 +135,3 @@ def test_bad_requests_get_precise_statuses(
 async def _serve_all_raw(address: str, req) -> None:
     async with channel(address) as ch:
         await generate(inference_pb2_grpc.InferenceStub(ch), req)
-
-
-def _eventually(check, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.2)

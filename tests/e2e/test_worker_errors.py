@@ -7,7 +7,6 @@ the router, with malformed and unknown requests.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from services.launcher.local import LocalCluster
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
-from tests.e2e.client import channel, metric, request
+from tests.e2e.client import channel, eventually, metric, request
 from tests.e2e.conftest import start_cluster
 
 BLOCK_BYTES = 16 * 8 * 2 * 4 * 64 * 4
@@ -114,7 +113,7 @@ def test_decode_of_kv_nobody_pinned_falls_back_and_leaks_nothing(cluster: LocalC
     assert sum(len(m.token_ids) for m in messages) == 2  # the first token is not repeated
     for name in ("prefill-0", "decode-0"):
         port = cluster.child(name).metrics_port
-        _eventually(lambda p=port: metric(p, "tandem_kv_free_blocks") == TOTAL_BLOCKS)
+        eventually(lambda p=port: metric(p, "tandem_kv_free_blocks") == TOTAL_BLOCKS)
 
 
 def test_handshake_from_an_incompatible_peer_is_refused(cluster: LocalCluster) -> None:
@@ -137,11 +136,3 @@ def test_handshake_from_an_incompatible_peer_is_refused(cluster: LocalCluster) -
         grpc.StatusCode.FAILED_PRECONDITION,
         "model_id",
     )
-
-
-def _eventually(check, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.2)
