@@ -52,12 +52,24 @@ from services.rpc.server import start_server  # noqa: E402
 
 MODEL_ID = "tandem-tiny"
 GEOMETRY = dict(num_layers=8, block_size=16, num_kv_heads=4, head_dim=64, dtype=torch.bfloat16)
-REMOTE_BLOCKS, LOCAL_BLOCKS = 256, 512
 READY = "BENCH PEER READY "
+DEVICE = "cpu"
+"""Where every pool lives (--device): host memory, or GPU memory for NIXL's VRAM path."""
+
+
+def pool_sizes(num_blocks: int) -> tuple[int, int]:
+    """(remote, local) pool blocks: room for both access patterns of ``block_sets``."""
+    return max(256, 2 * num_blocks), max(512, 3 * num_blocks + 128)
 
 
 def make_kv(num_blocks: int) -> KVCache:
-    return KVCache(num_blocks=num_blocks, **GEOMETRY)
+    return KVCache(num_blocks=num_blocks, device=DEVICE, **GEOMETRY)
+
+
+def synchronize() -> None:
+    """Wait for queued GPU copies, so a timed copy is a finished copy."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def planes(kv: KVCache) -> torch.Tensor:
@@ -67,11 +79,12 @@ def planes(kv: KVCache) -> torch.Tensor:
 def block_sets(num_blocks: int) -> dict[str, tuple[list[int], list[int]]]:
     """(remote ids, local ids) per access pattern, ``num_blocks`` each; the patterns'
     local ids do not overlap (one pool receives both)."""
+    _, local_blocks = pool_sizes(num_blocks)
     return {
         "contiguous": (list(range(64, 64 + num_blocks)), list(range(100, 100 + num_blocks))),
         "scattered": (
             list(range(0, 2 * num_blocks, 2)),
-            list(range(LOCAL_BLOCKS - 2 * num_blocks + 1, LOCAL_BLOCKS, 2)),
+            list(range(local_blocks - 2 * num_blocks + 1, local_blocks, 2)),
         ),
     }
 
@@ -80,7 +93,7 @@ def block_sets(num_blocks: int) -> dict[str, tuple[list[int], list[int]]]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    kv = make_kv(REMOTE_BLOCKS)
+    kv = make_kv(pool_sizes(args.num_blocks)[0])
     fill(kv, args.seed)
     transport = make_transport(args.transport, kv, f"bench-peer-{args.transport}")
     pins = {name: remote for name, (remote, _) in block_sets(args.num_blocks).items()}
@@ -105,6 +118,7 @@ def start_peer(transport: str, num_blocks: int, seed: int) -> tuple[subprocess.P
             f"--transport={transport}",
             f"--num-blocks={num_blocks}",
             f"--seed={seed}",
+            f"--device={DEVICE}",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -136,8 +150,10 @@ class Method:
         self.times: dict[str, list[float]] = {"interleaved": [], "grouped": []}
 
     async def timed(self) -> float:
+        synchronize()
         start = time.perf_counter()
         await self.run()
+        synchronize()
         return time.perf_counter() - start
 
     def summary(self, order: str) -> dict[str, Any]:
@@ -157,10 +173,11 @@ class Method:
 
 
 def local_methods(num_blocks: int) -> list[Method]:
-    src_kv, dst_kv = make_kv(REMOTE_BLOCKS), make_kv(LOCAL_BLOCKS)
+    remote_blocks, local_blocks = pool_sizes(num_blocks)
+    src_kv, dst_kv = make_kv(remote_blocks), make_kv(local_blocks)
     fill(src_kv, seed=1)
     nbytes = num_blocks * src_kv.bytes_per_block
-    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).to(DEVICE)
     dst = torch.empty_like(src)
 
     async def memcpy() -> None:
@@ -186,21 +203,23 @@ def local_methods(num_blocks: int) -> list[Method]:
             dst_planes[:, local].view(torch.uint8), src_planes[:, remote].view(torch.uint8)
         )
 
-    return [
-        Method("memcpy", memcpy, lambda: torch.equal(dst, src), nbytes),
-        Method("memcpy_1thread", memcpy_1thread, lambda: torch.equal(dst, src), nbytes),
-        Method("gather", gather, gathered, nbytes),
-    ]
+    methods = [Method("memcpy", memcpy, lambda: torch.equal(dst, src), nbytes)]
+    if DEVICE == "cpu":  # torch's CPU threads; a GPU copy has no such knob
+        methods.append(
+            Method("memcpy_1thread", memcpy_1thread, lambda: torch.equal(dst, src), nbytes)
+        )
+    return [*methods, Method("gather", gather, gathered, nbytes)]
 
 
 async def remote_methods(
     kind: str, patterns: list[str], address: str, args: argparse.Namespace
 ) -> tuple[list[Method], KVTransport]:
-    kv = make_kv(LOCAL_BLOCKS)
+    remote_blocks, local_blocks = pool_sizes(args.num_blocks)
+    kv = make_kv(local_blocks)
     transport = make_transport(kind, kv, f"bench-reader-{kind}")
     reader = KVReader("bench-reader", kv_layout.describe(kv, MODEL_ID), transport)
     peer = await reader.peer(address, timeout_s=30)
-    source = make_kv(REMOTE_BLOCKS)
+    source = make_kv(remote_blocks)
     fill(source, args.seed)  # what the peer holds
     methods = []
     for pattern in patterns:
@@ -225,7 +244,7 @@ async def remote_methods(
 def fill(kv: KVCache, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     data = kv.tensor.view(-1).view(torch.uint8)
-    data.copy_(torch.randint(0, 256, (data.numel(),), dtype=torch.uint8, generator=g))
+    data.copy_(torch.randint(0, 256, (data.numel(),), dtype=torch.uint8, generator=g).to(DEVICE))
 
 
 async def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -287,10 +306,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the KV pools live: cpu (NIXL DRAM) or cuda[:N] (NIXL VRAM); default cpu",
+    )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--transport", default="nixl", help=argparse.SUPPRESS)
     p.add_argument("--num-blocks", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if args.serve:
         asyncio.run(serve(args))
         return
@@ -309,8 +335,9 @@ def main() -> None:
             "blocks": args.num_blocks,
             "bytes_per_token": KVCache.bytes_per_token(8, 4, 64, torch.bfloat16),
             "geometry": {k: str(v) for k, v in GEOMETRY.items()},
-            "remote_pool_blocks": REMOTE_BLOCKS,
-            "local_pool_blocks": LOCAL_BLOCKS,
+            "device": DEVICE,
+            "remote_pool_blocks": pool_sizes(args.num_blocks)[0],
+            "local_pool_blocks": pool_sizes(args.num_blocks)[1],
             "reps": args.reps,
             "warmup": args.warmup,
         },

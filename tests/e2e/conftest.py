@@ -13,7 +13,10 @@ from services.launcher.local import ClusterConfig, LocalCluster, free_port
 
 # float32 on every worker and in the reference engine: greedy tokens must match
 # exactly, and bf16 rounding could differ between batch shapes.
-WORKER_ARGS = ("--dtype", "float32", "--kv-cache-gib", "0.25")
+# TANDEM_E2E_DEVICE=cuda runs workers and the reference on the GPU (KV pools in
+# device memory, so NIXL moves VRAM); the default is the CPU that CI has.
+DEVICE = os.environ.get("TANDEM_E2E_DEVICE", "cpu")
+WORKER_ARGS = ("--dtype", "float32", "--kv-cache-gib", "0.25", "--device", DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +35,7 @@ def tandem_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def reference_engine(tandem_home: Path) -> LLMEngine:
     """The offline engine every served result is compared with."""
-    return LLMEngine("tandem-tiny", EngineConfig(dtype="float32", device="cpu"))
+    return LLMEngine("tandem-tiny", EngineConfig(dtype="float32", device=DEVICE))
 
 
 # These tests are about the prefill → decode hand-off, so the router must not

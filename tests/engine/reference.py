@@ -6,6 +6,7 @@ equal its tokens, and its fp32 logits must agree to 1e-3.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -58,16 +59,22 @@ def build_checkpoint(
     return directory
 
 
+# TANDEM_TEST_DEVICE=cuda runs the reference and the engine on the GPU (the device check
+# in bench/gpu/); CI has only the CPU.
+DEVICE = os.environ.get("TANDEM_TEST_DEVICE", "cpu")
+
+
 def load_reference(directory: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return model.to(DEVICE).eval()
 
 
 @torch.inference_mode()
 def greedy_tokens(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation, EOS not stopping it (the engine uses ignore_eos)."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=DEVICE)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -81,4 +88,4 @@ def greedy_tokens(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 @torch.inference_mode()
 def last_logits(model, prompt: list[int]) -> torch.Tensor:
-    return model(torch.tensor([prompt])).logits[0, -1].float()
+    return model(torch.tensor([prompt], device=DEVICE)).logits[0, -1].float().cpu()

@@ -16,7 +16,13 @@ import torch
 
 from services.engine.engine import EngineConfig, LLMEngine
 from services.engine.sampling_params import SamplingParams
-from tests.engine.reference import build_checkpoint, greedy_tokens, last_logits, load_reference
+from tests.engine.reference import (
+    DEVICE,
+    build_checkpoint,
+    greedy_tokens,
+    last_logits,
+    load_reference,
+)
 
 NEW_TOKENS = 64
 PROMPT_LENGTHS = (1, 7, 16, 33, 100)
@@ -56,7 +62,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory, tiny_model_dir: Path)
 
 
 def _engine(directory: Path, **overrides: object) -> LLMEngine:
-    config = {"dtype": "float32", "device": "cpu", "num_blocks": 256, **overrides}
+    config = {"dtype": "float32", "device": DEVICE, "num_blocks": 256, **overrides}
     return LLMEngine(str(directory), EngineConfig(**config))
 
 
@@ -82,7 +88,7 @@ def test_fp32_logits_match(case) -> None:
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, GREEDY)
     chunks = engine.scheduler.schedule()
-    logits = engine.runner.execute(chunks)
+    logits = engine.runner.execute(chunks).cpu()
     want = torch.stack([last_logits(reference, p) for p in prompts])
     torch.testing.assert_close(logits, want, atol=1e-3, rtol=0)
 
