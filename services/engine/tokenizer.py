@@ -58,9 +58,10 @@ class Tokenizer:
                     )
         return cls(backend, bos[0] if bos else None, frozenset(eos))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with the special tokens the model's template adds."""
-        return list(self.backend.encode(text, add_special_tokens=True).ids)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, with the special tokens the model's post-processor adds
+        unless ``add_special_tokens`` is False (text from a chat template holds its own)."""
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))

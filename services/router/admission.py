@@ -14,10 +14,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from services.engine.block_hash import BlockHash, hash_prefix_blocks
+from services.engine.chat_template import ChatTemplate, load_chat_template
 from services.engine.errors import InvalidRequestError
 from services.engine.model_source import resolve_model
 from services.engine.sampling_params import SamplingParams
@@ -42,7 +44,7 @@ class AdmittedRequest:
     max_context_length: int
     """The model's context (the smallest among its workers) when admitted."""
     template: inference_pb2.GenerateRequest
-    """The client's request with ``prompt`` cleared, ``prompt_token_ids`` and
+    """The client's request with ``prompt`` and ``messages`` cleared, ``prompt_token_ids`` and
     ``request_id`` set, sampling fields exactly as the client set them."""
     block_size: int = 0
     """Tokens per KV block of the model's workers (0: none was alive to say)."""
@@ -54,30 +56,44 @@ class AdmittedRequest:
 
 
 class TokenizerCache:
-    """One Tokenizer per model name, loaded off the event loop on first use."""
+    """One Tokenizer and one ChatTemplate per model name, loaded off the event loop on
+    first use."""
 
     def __init__(self, locate: Callable[[str], Path] = resolve_model) -> None:
         """``locate`` maps a model name to its directory (default: resolve_model, which
         builds tandem-tiny on first use); only tokenizer.json and configs are read."""
         self._locate = locate
-        self._loading: dict[str, asyncio.Future[Tokenizer]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     async def get(self, model: str) -> Tokenizer:
         """The model's tokenizer; raises the TandemError of a model that cannot be found
         or loaded (nothing is cached then, so a later call tries again)."""
-        future = self._loading.get(model)
+        tokenizer: Tokenizer = await self._cached("tokenizer", model)
+        return tokenizer
+
+    async def chat_template(self, model: str) -> ChatTemplate:
+        """The model's chat template (the plain one when it has none); errors as ``get``."""
+        template: ChatTemplate = await self._cached("chat_template", model)
+        return template
+
+    async def _cached(self, kind: str, model: str) -> Any:
+        key = (kind, model)
+        future = self._loading.get(key)
         if future is None:
-            future = asyncio.ensure_future(asyncio.to_thread(self._load, model))
-            self._loading[model] = future
+            future = asyncio.ensure_future(asyncio.to_thread(self._load, kind, model))
+            self._loading[key] = future
         try:
             return await asyncio.shield(future)
         except Exception:
-            if self._loading.get(model) is future and future.done():
-                del self._loading[model]
+            if self._loading.get(key) is future and future.done():
+                del self._loading[key]
             raise
 
-    def _load(self, model: str) -> Tokenizer:
-        return Tokenizer.from_dir(self._locate(model))
+    def _load(self, kind: str, model: str) -> Tokenizer | ChatTemplate:
+        directory = self._locate(model)
+        if kind == "chat_template":
+            return load_chat_template(directory)
+        return Tokenizer.from_dir(directory)
 
 
 async def admit(
@@ -85,7 +101,7 @@ async def admit(
     registry: WorkerRegistry,
     tokenizers: TokenizerCache,
 ) -> AdmittedRequest:
-    """Check ``request`` and tokenize its prompt.
+    """Check ``request`` and tokenize its prompt (chat messages through the model's template).
 
     Raises InvalidRequestError naming the field, RouteError(NOT_FOUND) for a model
     no worker ever served, RouteError(UNAVAILABLE) for one whose workers are all
@@ -94,12 +110,17 @@ async def admit(
     if not request.model:
         raise InvalidRequestError("model", "is required: one of the ids ListModels returns")
     has_text, has_ids = bool(request.prompt), len(request.prompt_token_ids) > 0
+    has_chat = len(request.messages) > 0
+    if has_chat and (has_text or has_ids):
+        raise InvalidRequestError(
+            "messages", "set exactly one of prompt, prompt_token_ids and messages, not several"
+        )
     if has_text and has_ids:
         raise InvalidRequestError(
             "prompt", "set exactly one of prompt and prompt_token_ids, not both"
         )
-    if not has_text and not has_ids:
-        raise InvalidRequestError("prompt", "is empty; set prompt or prompt_token_ids")
+    if not (has_text or has_ids or has_chat):
+        raise InvalidRequestError("prompt", "is empty; set prompt, prompt_token_ids or messages")
     params = sampling_params(request)
     info = registry.model_info(request.model)
     if info is None:
@@ -113,12 +134,8 @@ async def admit(
             grpc.StatusCode.NOT_FOUND,
             f"model {request.model!r} is not served here; served models: {served}",
         )
-    if has_text:
-        tokenizer = await tokenizers.get(request.model)
-        prompt = tuple(tokenizer.encode(request.prompt))
-        field = "prompt"
-        if not prompt:
-            raise InvalidRequestError("prompt", "encodes to no tokens")
+    if has_text or has_chat:
+        prompt, field = await _encode(request, tokenizers)
     else:
         prompt = tuple(request.prompt_token_ids)
         field = "prompt_token_ids"
@@ -136,6 +153,7 @@ async def admit(
     template = inference_pb2.GenerateRequest()
     template.CopyFrom(request)
     template.ClearField("prompt")
+    template.ClearField("messages")
     template.prompt_token_ids[:] = prompt
     template.request_id = request.request_id or uuid.uuid4().hex
     block_size, model_id = _block_layout(registry, request.model)
@@ -150,6 +168,24 @@ async def admit(
         model_id=model_id,
         block_hashes=tuple(prompt_block_hashes(prompt, block_size, model_id)),
     )
+
+
+async def _encode(
+    request: inference_pb2.GenerateRequest, tokenizers: TokenizerCache
+) -> tuple[tuple[int, ...], str]:
+    """The token ids of a text or chat prompt, and the field they came from."""
+    tokenizer = await tokenizers.get(request.model)
+    if not request.messages:
+        prompt = tuple(tokenizer.encode(request.prompt))
+        if not prompt:
+            raise InvalidRequestError("prompt", "encodes to no tokens")
+        return prompt, "prompt"
+    chat = await tokenizers.chat_template(request.model)
+    text = chat.render([(m.role, m.content) for m in request.messages])
+    prompt = tuple(tokenizer.encode(text, add_special_tokens=chat.add_special_tokens))
+    if not prompt:
+        raise InvalidRequestError("messages", "render to a prompt of no tokens")
+    return prompt, "messages"
 
 
 def prompt_block_hashes(

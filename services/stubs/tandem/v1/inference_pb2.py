@@ -24,29 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/inference.proto\x12\ttandem.v1\"\xd2\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0c \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\r \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x0e \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xc1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\'\n\x07serving\x18\x06 \x01(\x0b\x32\x16.tandem.v1.ServingInfo\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbb\x01\n\x0bServingInfo\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12\x15\n\rdecode_worker\x18\x02 \x01(\t\x12\x19\n\x11kv_transfer_bytes\x18\x03 \x01(\x04\x12\x14\n\x0ckv_transport\x18\x04 \x01(\t\x12\x18\n\x10kv_blocks_reused\x18\x05 \x01(\r\x12\x0f\n\x07retries\x18\x06 \x01(\r\x12\x11\n\tplacement\x18\x07 \x01(\t\x12\x0e\n\x06policy\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelCard\"G\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x9d\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/inference.proto\x12\ttandem.v1\"\xfc\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\x08messages\x18\x05 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0c \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\r \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x0e \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\'\n\x07serving\x18\x06 \x01(\x0b\x32\x16.tandem.v1.ServingInfo\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbb\x01\n\x0bServingInfo\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12\x15\n\rdecode_worker\x18\x02 \x01(\t\x12\x19\n\x11kv_transfer_bytes\x18\x03 \x01(\x04\x12\x14\n\x0ckv_transport\x18\x04 \x01(\t\x12\x18\n\x10kv_blocks_reused\x18\x05 \x01(\r\x12\x0f\n\x07retries\x18\x06 \x01(\r\x12\x11\n\tplacement\x18\x07 \x01(\t\x12\x0e\n\x06policy\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelCard\"G\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x9d\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1004
-  _globals['_FINISHREASON']._serialized_end=1153
+  _globals['_FINISHREASON']._serialized_start=1092
+  _globals['_FINISHREASON']._serialized_end=1241
   _globals['_GENERATEREQUEST']._serialized_start=41
-  _globals['_GENERATEREQUEST']._serialized_end=379
-  _globals['_GENERATERESPONSE']._serialized_start=382
-  _globals['_GENERATERESPONSE']._serialized_end=575
-  _globals['_USAGE']._serialized_start=577
-  _globals['_USAGE']._serialized_end=657
-  _globals['_SERVINGINFO']._serialized_start=660
-  _globals['_SERVINGINFO']._serialized_end=847
-  _globals['_LISTMODELSREQUEST']._serialized_start=849
-  _globals['_LISTMODELSREQUEST']._serialized_end=868
-  _globals['_LISTMODELSRESPONSE']._serialized_start=870
-  _globals['_LISTMODELSRESPONSE']._serialized_end=928
-  _globals['_MODELCARD']._serialized_start=930
-  _globals['_MODELCARD']._serialized_end=1001
-  _globals['_INFERENCE']._serialized_start=1156
-  _globals['_INFERENCE']._serialized_end=1313
+  _globals['_GENERATEREQUEST']._serialized_end=421
+  _globals['_CHATMESSAGE']._serialized_start=423
+  _globals['_CHATMESSAGE']._serialized_end=467
+  _globals['_GENERATERESPONSE']._serialized_start=470
+  _globals['_GENERATERESPONSE']._serialized_end=663
+  _globals['_USAGE']._serialized_start=665
+  _globals['_USAGE']._serialized_end=745
+  _globals['_SERVINGINFO']._serialized_start=748
+  _globals['_SERVINGINFO']._serialized_end=935
+  _globals['_LISTMODELSREQUEST']._serialized_start=937
+  _globals['_LISTMODELSREQUEST']._serialized_end=956
+  _globals['_LISTMODELSRESPONSE']._serialized_start=958
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1016
+  _globals['_MODELCARD']._serialized_start=1018
+  _globals['_MODELCARD']._serialized_end=1089
+  _globals['_INFERENCE']._serialized_start=1244
+  _globals['_INFERENCE']._serialized_end=1401
 # @@protoc_insertion_point(module_scope)
