@@ -18,6 +18,8 @@ Limits: a chain alone cannot reveal truncation of the newest records, nor a log 
 from some point on by someone who recomputes every later hash; anchor :meth:`AuditLog.head`
 elsewhere (a metric, an external log) to catch those.
 
+Each committed append is counted in the decision metrics (:mod:`services.gateway.metrics`).
+
 Appends serialize on the table (SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``LOCK TABLE … IN
 EXCLUSIVE MODE``), so concurrent appenders — threads or gateway replicas — extend one chain.
 """
@@ -31,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from services.engine.errors import InvalidRequestError
+from services.gateway.metrics import METRICS, GatewayMetrics
 from services.gateway.store import Store
 
 GENESIS_HASH = "0" * 64
@@ -83,8 +86,9 @@ class AuditRecord:
 class AuditLog:
     """Append to and verify the hash-chained audit log in a :class:`Store`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics: GatewayMetrics | None = METRICS) -> None:
         self._store = store
+        self._metrics = metrics
 
     def append(self, event: AuditEvent) -> AuditRecord:
         """Add one record at the end of the chain and return it."""
@@ -100,6 +104,8 @@ class AuditLog:
                 "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?)",
                 (record_id, time_us, body, prev_hash, digest),
             )
+        if self._metrics is not None:  # after the commit: a failed append counts nothing
+            self._metrics.decided(event)
         return AuditRecord(id=record_id, event=event, prev_hash=prev_hash, hash=digest)
 
     def records(self, after_id: int = 0) -> Iterator[AuditRecord]:

@@ -2,7 +2,9 @@
 
 ``request_id`` is the row's primary key and inserts use ``ON CONFLICT DO NOTHING``, so a
 retried settle (the router retrying, a replayed stream end) never counts a request twice:
-the first settlement wins and later ones report ``False``. Usage queries sum rows over a
+the first settlement wins and later ones report ``False``. The metering counters
+(:mod:`services.gateway.metrics`) are incremented only when a row is new, after the commit,
+so they match the ledger's sums exactly. Usage queries sum rows over a
 half-open time range ``[start, end)``, grouped by any of team, model, principal and key id.
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.engine.errors import InvalidRequestError
+from services.gateway.metrics import METRICS, GatewayMetrics
 from services.gateway.store import Store
 
 GROUP_COLUMNS = ("team", "model", "principal", "key_id")
@@ -70,11 +73,15 @@ class UsageTotal:
 class Ledger:
     """Record settled requests and answer usage queries from a :class:`Store`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics: GatewayMetrics | None = METRICS) -> None:
         self._store = store
+        self._metrics = metrics
 
     def record(self, rec: UsageRecord) -> bool:
-        """Insert the row; True if new, False if this request id was already recorded."""
+        """Insert the row; True if new, False if this request id was already recorded.
+
+        Only a new row is counted in the metrics: a duplicated settle changes nothing.
+        """
         _check(rec)
         with self._store.transaction() as tx:
             changed = tx.execute(
@@ -95,7 +102,10 @@ class Ledger:
                     round(rec.time * 1e6),
                 ),
             )
-        return changed == 1
+        new = changed == 1
+        if new and self._metrics is not None:
+            self._metrics.settled(rec)
+        return new
 
     def usage(
         self,

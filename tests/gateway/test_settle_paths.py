@@ -1,0 +1,186 @@
+"""How a request through the gateway settles when it does not simply finish.
+
+Each path must settle exactly once (one ledger row, one allow audit record, one admission
+adjustment) with the tokens actually produced, and must give the caller the router's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+
+from services.gateway.limits import DAY, MINUTE, InProcessAdmission, window_start
+from services.stubs.tandem.v1 import inference_pb2
+from tests.gateway import harness
+from tests.gateway.harness import (
+    DECODE,
+    HANG_PREFILL,
+    PAUSE,
+    PREFILL,
+    Spec,
+    Stack,
+    stack,
+    token,
+    until,
+)
+from tests.gateway.issuer import Issuer
+from tests.router.fakes import Behaviour
+from tests.router.harness import run
+
+issuer = harness.issuer  # the fixture
+
+LIMITS = """
+[limits.user]
+requests_per_minute = 1000
+tokens_per_minute = 100000
+
+[limits.team]
+tokens_per_day = 1000000
+"""
+
+
+class Counters:
+    """The admission counters one caller (user ``ann``, team ``ml``) is charged on."""
+
+    def __init__(self, now: float) -> None:
+        self.admission = InProcessAdmission(clock=lambda: now)  # frozen: no window rollover
+        m, d = window_start(MINUTE, now), window_start(DAY, now)
+        self._keys = (
+            f"user:ann|requests|minute|{m}",
+            f"user:ann|tokens|minute|{m}",
+            f"team:ml|tokens|day|{d}",
+        )
+
+    def read(self) -> tuple[int, int, int]:
+        """(requests this minute, user tokens this minute, team tokens today)."""
+        return tuple(self.admission.used(k) for k in self._keys)  # type: ignore[return-value]
+
+
+async def _settled(s: Stack, request_id: str) -> None:
+    """Wait for the ledger row, then long enough that a second settle would have landed."""
+    await until(lambda: s.ledger.get(request_id) is not None)
+    await asyncio.sleep(0.3)
+
+
+def _allows(s: Stack, request_id: str) -> list:
+    return [e for e in s.audit() if e.request_id == request_id and e.decision == "allow"]
+
+
+def test_a_cancelled_stream_settles_once_with_the_tokens_produced(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    async def body() -> None:
+        counters = Counters(time.time())
+        store = f"sqlite:{tmp_path / 'gw.db'}"
+        async with stack(
+            tmp_path, store, issuer.url, limits=LIMITS, admission=[counters.admission]
+        ) as s:
+            prompt = [PAUSE + 3, 1, 2, 3, 4]  # decode stops after 3 tokens and waits
+            reply = await s.generate(
+                token(issuer),
+                prompt_token_ids=prompt,
+                max_tokens=10,
+                request_id="c1",
+                cancel_after=4,  # the prefill's token and the decode's 3: all there is
+            )
+            assert reply.code == grpc.StatusCode.CANCELLED
+            assert reply.tokens == 4
+            await _settled(s, "c1")
+            row = s.ledger.get("c1")
+            assert row is not None
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (5, 4, "cancelled")
+            [event] = _allows(s, "c1")
+            assert (event.reason, event.prompt_tokens, event.completion_tokens) == (
+                "cancelled",
+                5,
+                4,
+            )
+            # reserved 5 + 10, settled to the 9 produced, once
+            assert counters.read() == (1, 9, 9)
+            decode = s.cluster.workers["d1"]
+            await asyncio.wait_for(decode.cancelled.wait(), 5)  # the cancel went upstream
+
+    run(body())
+
+
+def test_an_upstream_error_mid_stream_settles_and_relays_the_routers_status(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    async def body() -> None:
+        counters = Counters(time.time())
+        store = f"sqlite:{tmp_path / 'gw.db'}"
+        workers = (Spec("p1", PREFILL), Spec("d1", DECODE, behaviour=Behaviour(error_after=2)))
+        async with stack(
+            tmp_path, store, issuer.url, limits=LIMITS, admission=[counters.admission],
+            workers=workers,
+        ) as s:  # fmt: skip
+            fields = {"prompt_token_ids": [7, 8, 9], "max_tokens": 6}
+            direct = await s.cluster.generate(**fields, request_id="direct")
+            reply = await s.generate(token(issuer), **fields, request_id="e1")
+            assert direct.code == grpc.StatusCode.INTERNAL
+            assert (reply.code, reply.details) == (direct.code, direct.details)
+            assert reply.tokens == len(direct.tokens) == 3
+            assert reply.final is not None
+            assert reply.final.finish_reason == inference_pb2.FINISH_REASON_ERROR
+            await _settled(s, "e1")
+            row = s.ledger.get("e1")
+            assert row is not None
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (3, 3, "error")
+            [event] = _allows(s, "e1")
+            assert event.reason == "error (FINISH_REASON_ERROR)"
+            assert counters.read() == (1, 6, 6)  # reserved 3 + 6, settled to 6
+
+    run(body())
+
+
+def test_no_token_produced_releases_the_reservation(tmp_path: Path, issuer: Issuer) -> None:
+    """Cancelled while the prefill hangs, and refused by the worker before any token: the
+    counters (requests included) return to where they were; the ledger row says 0 tokens."""
+
+    async def body() -> None:
+        counters = Counters(time.time())
+        store = f"sqlite:{tmp_path / 'gw.db'}"
+        async with stack(
+            tmp_path, store, issuer.url, limits=LIMITS, admission=[counters.admission]
+        ) as s:
+            done = await s.generate(token(issuer), prompt_token_ids=[5, 6], max_tokens=2)
+            assert done.code == grpc.StatusCode.OK
+            assert counters.read() == (1, 4, 4)
+            reply = await s.generate(
+                token(issuer),
+                prompt_token_ids=[HANG_PREFILL, 1, 2],
+                max_tokens=8,
+                request_id="h1",
+                cancel_when=s.cluster.workers["p1"].hanging,  # the prefill has it
+            )
+            assert (reply.code, reply.tokens) == (grpc.StatusCode.CANCELLED, 0)
+            await asyncio.wait_for(s.cluster.workers["p1"].cancelled.wait(), 5)
+            await _settled(s, "h1")
+            row = s.ledger.get("h1")
+            assert row is not None
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (0, 0, "cancelled")
+            assert len(_allows(s, "h1")) == 1
+            assert counters.read() == (1, 4, 4)
+
+        failing = Behaviour(fail_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+        workers = (Spec("p1", PREFILL, behaviour=failing), Spec("d1", DECODE))
+        async with stack(
+            tmp_path, store, issuer.url, limits=LIMITS, admission=[counters.admission],
+            workers=workers,
+        ) as s:  # fmt: skip
+            direct = await s.cluster.generate(prompt_token_ids=[5, 6], max_tokens=2)
+            reply = await s.generate(
+                token(issuer), prompt_token_ids=[5, 6], max_tokens=2, request_id="f1"
+            )
+            assert direct.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert (reply.code, reply.details, reply.tokens) == (direct.code, direct.details, 0)
+            await _settled(s, "f1")
+            row = s.ledger.get("f1")
+            assert row is not None
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (0, 0, "error")
+            assert counters.read() == (1, 4, 4)
+
+    run(body())
