@@ -1,0 +1,353 @@
+"""Place prefill and decode workers as Ray actors on a Ray cluster.
+
+Each actor hosts a real worker, the same ``services.worker.host.WorkerHost`` that
+``tandem prefill`` / ``tandem decode`` run, and the worker registers with the router
+over gRPC like any other: the router knows nothing of Ray. Ray adds placement (each
+actor asks for its CPUs and, where the cluster has GPUs, one GPU) and supervision:
+actors are created with ``max_restarts``, so when an actor's process dies Ray starts a
+new one, whose constructor starts the worker again under the same worker id; the
+worker re-registers and the router's stale state for that id is replaced.
+
+The worker runs on its own thread with its own asyncio loop, started from the actor's
+constructor, because a restarted actor runs only its constructor: serving must begin
+there, not in a method someone has to call again.
+
+The router runs where this launcher runs (``tandem router`` as a child process,
+listening on every interface) unless an existing router is given. Every Ray node needs
+Tandem installed (the deploy/Dockerfile image, or the same virtual environment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.stubs.tandem.v1 import inference_pb2 as pb
+from services.stubs.tandem.v1 import inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class RayClusterConfig:
+    address: str | None = None
+    """Ray cluster to join (``ray.init(address=...)``, e.g. ``ray://head:10001`` or
+    ``auto``); None starts a local Ray instance."""
+    model: str = "tandem-tiny"
+    prefill: int = 1
+    """Prefill actors; 0 runs the decode actors aggregated."""
+    decode: int = 1
+    router: str | None = None
+    """An existing router (host:port) the workers register with; None starts one here."""
+    router_host: str | None = None
+    """The address workers use to reach the router this launcher starts; None: this
+    machine's address as Ray sees it (reachable from the other Ray nodes)."""
+    port: int = 50051
+    """Port of the router this launcher starts."""
+    policy: str = "kv-aware"
+    router_args: tuple[str, ...] = ()
+    """Extra ``tandem router`` flags."""
+    worker_args: tuple[str, ...] = ()
+    """Extra ``tandem prefill``/``tandem decode`` flags for every worker (engine
+    settings such as --kv-cache-gib, --dtype): parsed by the real CLI parser."""
+    num_cpus: float = 1.0
+    """CPUs each actor reserves from Ray."""
+    num_gpus: float | None = None
+    """GPUs each actor reserves; None: 1 when the cluster has GPUs, else 0."""
+    max_restarts: int = -1
+    """How often Ray restarts a dead actor (-1: without limit)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for the actors (e.g. TANDEM_HOME), through Ray's runtime_env."""
+    ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra ``ray.init`` arguments (``num_cpus`` for a local instance, ...)."""
+    startup_timeout_s: float = 300.0
+
+
+def worker_config_from_flags(role: str, model: str, host: str, router: str, worker_id: str,
+                             flags: Sequence[str]) -> Any:  # fmt: skip
+    """The WorkerConfig ``tandem <role> <flags>`` would run, for this actor's host and id."""
+    from services.cli.engine_args import engine_config
+    from services.cli.main import build_parser
+    from services.worker.host import WorkerConfig
+
+    args = build_parser().parse_args([role, *flags])
+    return WorkerConfig(
+        model=model,
+        host=host,
+        port=args.port,
+        router=router,
+        worker_id=worker_id,
+        kv_transport=args.kv_transport,
+        lease_s=getattr(args, "lease_s", 30.0),
+        kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
+        metrics_port=args.metrics_port,
+        engine=engine_config(args),
+    )
+
+
+class WorkerActor:
+    """A Ray actor hosting one prefill or decode worker (see the module docstring)."""
+
+    def __init__(self, role: str, model: str, router: str, worker_id: str,
+                 flags: Sequence[str], use_gpu: bool) -> None:  # fmt: skip
+        import ray
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        flags = list(flags)
+        if use_gpu and "--device" not in flags:
+            flags += ["--device", "cuda"]  # Ray set CUDA_VISIBLE_DEVICES to our GPU
+        host = ray.util.get_node_ip_address()
+        self.role = role
+        self.config = worker_config_from_flags(role, model, host, router, worker_id, flags)
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._host: Any = None
+        self._thread = threading.Thread(target=self._serve, name=f"tandem-{role}", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise RuntimeError(f"{role} worker {worker_id} failed to start") from self._error
+
+    def _serve(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        from services.stubs.tandem.v1 import worker_pb2 as wpb
+        from services.worker.host import WorkerHost
+
+        if self.role == "prefill":
+            from services.prefill.server import _servicers
+
+            role = wpb.WORKER_ROLE_PREFILL
+        else:
+            from services.decode.server import _servicers
+
+            role = wpb.WORKER_ROLE_DECODE
+        self._loop = asyncio.get_running_loop()
+        host = WorkerHost(self.config, role)
+        try:
+            await host.start(_servicers)
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            await host.stop()
+            return
+        self._host = host
+        self._started.set()
+        await host._stop.wait()  # set by stop() below, or when the router refuses us
+        await host.stop()
+        if host.refused is not None:
+            # A refused worker must not linger as a live actor serving nothing: end the
+            # process, and Ray's restart policy decides what happens next.
+            log.error("the router refused this worker; exiting")
+            os._exit(1)
+
+    def address(self) -> str:
+        """host:port the worker serves on (and registered with the router)."""
+        return self._host.address
+
+    def worker_id(self) -> str:
+        return self._host.worker_id
+
+    def registered(self) -> bool:
+        """Whether the router knows this worker now: one real heartbeat (the worker's own
+        load figures, as the heartbeat loop sends), which the router answers NOT_FOUND
+        for a worker it has not registered."""
+        future = asyncio.run_coroutine_threadsafe(self._heartbeat(), self._loop)
+        return future.result(timeout=10)
+
+    async def _heartbeat(self) -> bool:
+        from services.rpc.server import client_channel
+        from services.stubs.tandem.v1 import worker_pb2 as wpb
+        from services.stubs.tandem.v1 import worker_pb2_grpc
+
+        host = self._host
+        async with client_channel(self.config.router) as channel:
+            beat = wpb.HeartbeatRequest(worker_id=host.worker_id, load=await host.load())
+            try:
+                await worker_pb2_grpc.RegistryStub(channel).Heartbeat(beat, timeout=5)
+            except grpc.aio.AioRpcError:
+                return False
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        """Deregister-free graceful stop: the router drops us after the heartbeat timeout."""
+        if self._loop is not None and self._host is not None:
+            self._loop.call_soon_threadsafe(self._host._stop.set)
+            self._thread.join(timeout=15)
+
+
+@dataclass
+class RayCluster:
+    """Started by :func:`start_on_ray`; ``stop()`` ends the actors and the router."""
+
+    config: RayClusterConfig
+    router_address: str
+    actors: dict[str, Any] = field(default_factory=dict)
+    """Actor handles by worker id (``prefill-0``, ``decode-1``, ...)."""
+    router_process: subprocess.Popen | None = None
+    owns_ray: bool = False
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            # already dead, or Ray is going down: killed below all the same
+            with contextlib.suppress(Exception):
+                ray.get(actor.stop.remote(), timeout=20)
+            ray.kill(actor, no_restart=True)
+        self.actors.clear()
+        if self.router_process is not None and self.router_process.poll() is None:
+            self.router_process.send_signal(signal.SIGTERM)
+            try:
+                self.router_process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.router_process.kill()
+                self.router_process.wait()
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def start_on_ray(config: RayClusterConfig) -> RayCluster:
+    """Join (or start) Ray, start or reuse the router, create the worker actors, and
+    return once every actor serves and the model is listed by the router."""
+    import ray
+
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        runtime_env = {"env_vars": dict(config.env)} if config.env else None
+        ray.init(address=config.address, runtime_env=runtime_env, **config.ray_init_kwargs)
+    cluster: RayCluster | None = None
+    try:
+        router_process = None
+        router = config.router
+        if router is None:
+            router_host = config.router_host or ray.util.get_node_ip_address()
+            router_process = _start_router(config)
+            router = f"{router_host}:{config.port}"
+        cluster = RayCluster(config, router, router_process=router_process, owns_ray=owns_ray)
+        deadline = time.monotonic() + config.startup_timeout_s
+        _wait_serving(router, deadline, router_process)
+        num_gpus = config.num_gpus
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        actor_class = ray.remote(WorkerActor)
+        for role, count in (("prefill", config.prefill), ("decode", config.decode)):
+            for i in range(count):
+                worker_id = f"ray-{role}-{i}"
+                cluster.actors[worker_id] = actor_class.options(
+                    name=f"tandem-{worker_id}",
+                    num_cpus=config.num_cpus,
+                    num_gpus=num_gpus,
+                    max_restarts=config.max_restarts,
+                    # a call in flight when the actor dies is retried on the restarted one
+                    max_task_retries=-1 if config.max_restarts else 0,
+                ).remote(role, config.model, router, worker_id, config.worker_args, num_gpus > 0)
+        wait_registered(cluster.actors.values(), deadline)
+    except BaseException:
+        if cluster is not None:
+            cluster.stop()
+        elif owns_ray:
+            ray.shutdown()
+        raise
+    return cluster
+
+
+def run_on_ray(config: RayClusterConfig) -> int:
+    """``tandem up --ray``: start, print where to connect, serve until Ctrl-C/SIGTERM."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    cluster = start_on_ray(config)
+    print(
+        f"Tandem is up on Ray ({config.prefill} prefill + {config.decode} decode actors, "
+        f"model {config.model}): connect to {cluster.router_address} (tandem.v1.Inference). "
+        "Ray restarts a worker actor that dies. Ctrl-C stops everything.",
+        flush=True,
+    )
+    try:
+        while cluster.router_process is None or cluster.router_process.poll() is None:
+            time.sleep(0.5)
+        print("error: the router stopped unexpectedly. Stopping.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr)
+        return 0
+    finally:
+        cluster.stop()
+
+
+def _start_router(config: RayClusterConfig) -> subprocess.Popen:
+    args = [
+        sys.executable, "-m", "services.cli.main", "router", "--host", "0.0.0.0",
+        "--port", str(config.port), "--policy", config.policy, *config.router_args,
+    ]  # fmt: skip
+    return subprocess.Popen(args, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_serving(address: str, deadline: float, process: subprocess.Popen | None) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the router exited with status {process.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router at {address} did not start serving in time")
+            time.sleep(0.2)
+
+
+def wait_registered(actors: Iterable[Any], deadline: float) -> None:
+    """Wait until the router has registered every one of ``actors``."""
+    import ray
+
+    pending = list(actors)
+    while pending:
+        remaining = max(1.0, deadline - time.monotonic())
+        answers = ray.get([a.registered.remote() for a in pending], timeout=remaining)
+        pending = [a for a, ok in zip(pending, answers, strict=True) if not ok]
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} worker actors did not register in time")
+        if pending:
+            time.sleep(0.2)
+
+
+def wait_model_listed(router: str, model: str, deadline: float) -> None:
+    """Wait until the router lists ``model`` (some worker serving it has registered)."""
+    with grpc.insecure_channel(router) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                models = stub.ListModels(pb.ListModelsRequest(), timeout=2.0).models
+                if any(m.id == model for m in models):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"no worker registered {model} with the router at {router} in time")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

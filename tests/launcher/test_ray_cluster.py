@@ -1,0 +1,104 @@
+"""Workers as Ray actors on a local Ray instance: they serve, and Ray restarts a killed one.
+
+One prefill and one decode actor (half a CPU each, on a 2-CPU local Ray) behind a real
+router process; the router is told to always disaggregate, so both actors are on the
+path of every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from services.engine.engine import LLMEngine  # noqa: E402
+from services.engine.sampling_params import SamplingParams  # noqa: E402
+from services.launcher.local import free_port  # noqa: E402
+from services.launcher.ray_cluster import (  # noqa: E402
+    RayCluster,
+    RayClusterConfig,
+    start_on_ray,
+    wait_registered,
+)
+from services.stubs.tandem.v1 import inference_pb2_grpc  # noqa: E402
+from tests.e2e.client import channel, generate, request  # noqa: E402
+from tests.e2e.conftest import ALWAYS_DISAGGREGATE, WORKER_ARGS  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PROMPTS = [[5, 17, 99, 3, 250, 61, 7], list(range(40, 80))]
+
+
+@pytest.fixture(scope="module")
+def cluster(tandem_home: Path) -> Iterator[RayCluster]:
+    port = free_port()
+    c = start_on_ray(
+        RayClusterConfig(
+            address=None,  # a local Ray instance
+            prefill=1,
+            decode=1,
+            port=port,
+            router_host="127.0.0.1",
+            router_args=ALWAYS_DISAGGREGATE,
+            worker_args=(*WORKER_ARGS, "--kv-transport", "grpc", "--num-threads", "1"),
+            num_cpus=0.5,
+            num_gpus=0,
+            env={"TANDEM_HOME": str(tandem_home)},
+            ray_init_kwargs={"num_cpus": 2, "include_dashboard": False},
+            startup_timeout_s=180,
+        )
+    )
+    yield c
+    c.stop()
+
+
+def _offline(engine: LLMEngine, max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [list(c.token_ids) for c in engine.generate(PROMPTS, params)]
+
+
+async def _serve(address: str, max_tokens: int) -> list[list[int]]:
+    async with channel(address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        done = await asyncio.gather(*(generate(stub, request(p, max_tokens)) for p in PROMPTS))
+    return [c.tokens for c in done]
+
+
+def test_actors_serve_the_offline_tokens(cluster: RayCluster, reference_engine: LLMEngine) -> None:
+    assert asyncio.run(_serve(cluster.router_address, 12)) == _offline(reference_engine, 12)
+    ids = {ray.get(a.worker_id.remote()) for a in cluster.actors.values()}
+    assert ids == {"ray-prefill-0", "ray-decode-0"}
+
+
+def test_a_killed_actor_is_restarted_and_serves_again(
+    cluster: RayCluster, reference_engine: LLMEngine
+) -> None:
+    decode = cluster.actors["ray-decode-0"]
+    old_pid = ray.get(decode.pid.remote())
+    os.kill(old_pid, signal.SIGKILL)  # a crash, not a polite stop: Ray must notice
+    # Calls on the handle are retried on the restarted actor (max_task_retries); the
+    # first may still reach the dying process, so ask until another process answers.
+    deadline = time.monotonic() + 120
+    while ray.get(decode.pid.remote(), timeout=120) == old_pid:
+        assert time.monotonic() < deadline, "Ray did not restart the killed actor"
+        time.sleep(0.2)
+    assert ray.get(decode.worker_id.remote()) == "ray-decode-0"
+    wait_registered([decode], time.monotonic() + 60)
+    expected = _offline(reference_engine, 8)
+    # The router may still hold the dead address until it hears the new registration
+    # or times the old one out; it retries on failure, so a request soon succeeds.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert asyncio.run(_serve(cluster.router_address, 8)) == expected
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
