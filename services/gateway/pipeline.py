@@ -1,0 +1,353 @@
+"""The gateway's policy chain, independent of the transport (gRPC or the OpenAI HTTP API).
+
+Generate, step by step:
+
+1. :meth:`Pipeline.authenticate` resolves the ``authorization: Bearer …`` value
+   (:mod:`services.gateway.auth`): UNAUTHENTICATED with ErrorInfo when missing or invalid.
+2. :meth:`Pipeline.generate` authorizes the model with the policy: PERMISSION_DENIED with
+   ErrorInfo otherwise.
+3. It reserves ``prompt estimate + max_tokens`` tokens (and one request) on the scopes
+   ``key:<id>`` (API keys), ``user:<principal>`` and ``team:<team>`` with the policy's
+   default limits (a key's own limits override the key scope's): RESOURCE_EXHAUSTED with
+   QuotaFailure (and RetryInfo for rate limits) otherwise. See :func:`prompt_estimate`.
+   ``max_tokens`` unset counts as 16, the engine's default.
+4. It forwards to the router with the caller's remaining deadline and yields every message.
+5. It settles exactly once: with the final message's ``usage.prompt_tokens +
+   completion_tokens``; on an error or cancellation (a gRPC cancel, an HTTP client that went
+   away, a consumer that stopped iterating) with the prompt estimate plus the tokens already
+   relayed, or it releases the reservation when no token was produced. The same numbers go
+   into one ledger row (idempotent on the request id) and one audit record (allow, with the
+   outcome as its reason). The settle is shielded from cancellation, so a second cancel does
+   not cut it short. Denials get one audit record (deny + reason) and no ledger row. Prompt
+   text is never logged or audited.
+
+Every refusal and upstream failure is a :class:`GatewayError` carrying a ``google.rpc.Status``
+(code, message, details): gRPC sends it as is, HTTP maps it to a status code and body.
+The stores are synchronous, so ledger, audit, key lookups and admission run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+from google.rpc import error_details_pb2, status_pb2
+
+from services.engine.errors import TandemError
+from services.gateway import status_details
+from services.gateway.audit import AuditEvent, AuditLog
+from services.gateway.auth import Authenticator, Identity, MissingCredential
+from services.gateway.identity import AuthenticationError
+from services.gateway.ledger import Ledger, UsageRecord
+from services.gateway.limits import Admission, LimitExceeded, Limits, Reservation, Scope
+from services.gateway.policy import LIMIT_FIELDS, Policy
+from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 16
+"""What the engine generates when ``max_tokens`` is unset (reserved as such)."""
+CHAT_TOKENS_PER_MESSAGE = 8
+"""Reserved per chat message for what a chat template adds (role markers, special tokens)."""
+
+
+def prompt_estimate(request: inference_pb2.GenerateRequest) -> int:
+    """Prompt tokens to reserve before the router has tokenized anything.
+
+    Exact for ``prompt_token_ids``. For text, ``bytes // 2 + 1``: a conservative bound, since
+    real tokenizers average well over two bytes a token. For chat messages, the same over
+    roles and contents plus :data:`CHAT_TOKENS_PER_MESSAGE` each; a template that adds a long
+    preamble can exceed it, which only means the reservation errs low until the settle.
+    """
+    if request.prompt_token_ids:
+        return len(request.prompt_token_ids)
+    if request.messages:
+        size = sum(len(m.role.encode()) + len(m.content.encode()) for m in request.messages)
+        return size // 2 + CHAT_TOKENS_PER_MESSAGE * len(request.messages) + 1
+    return len(request.prompt.encode()) // 2 + 1
+
+
+class GatewayError(Exception):
+    """A refusal or an upstream failure, as the ``google.rpc.Status`` the caller gets."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+    @classmethod
+    def upstream(cls, error: grpc.aio.AioRpcError) -> GatewayError:
+        """The router's status, relayed with its code and message."""
+        return cls(status_pb2.Status(code=error.code().value[0], message=error.details() or ""))
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return next(c for c in grpc.StatusCode if c.value[0] == self.status.code)
+
+    @property
+    def message(self) -> str:
+        return self.status.message
+
+    def detail(self, kind: type) -> object | None:
+        """The first detail of type ``kind`` (e.g. ``error_details_pb2.RetryInfo``), if any."""
+        for packed in self.status.details:
+            value = kind()
+            if packed.Unpack(value):
+                return value
+        return None
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """RetryInfo's delay in seconds; None when there is none (e.g. a monthly quota)."""
+        info = self.detail(error_details_pb2.RetryInfo)
+        if not isinstance(info, error_details_pb2.RetryInfo):
+            return None
+        return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What a transport knows about one call."""
+
+    request_id: str
+    """The request's id: the caller's, or one the transport assigned."""
+    metadata: Iterable[tuple[str, str | bytes]] = ()
+    """Headers or metadata holding ``authorization: Bearer …`` (only that one is read)."""
+    peer: str = ""
+    """The caller's address, for the audit record."""
+    time_remaining: Callable[[], float | None] = lambda: None
+    """Seconds left before the caller's deadline (None: no deadline), asked when forwarding."""
+    started: float = field(default_factory=time.monotonic)
+    """When the call arrived (monotonic), for the ledger's latency."""
+
+
+def _limits(defaults: Mapping[str, int], overrides: Mapping[str, float] | None = None) -> Limits:
+    merged = {k: int(v) for k, v in defaults.items() if k in LIMIT_FIELDS}
+    merged.update({k: int(v) for k, v in (overrides or {}).items() if k in LIMIT_FIELDS})
+    return Limits(**merged)
+
+
+@dataclass
+class _Relay:
+    """What the relay saw of one stream, for the settle."""
+
+    streamed: int = 0
+    final: inference_pb2.GenerateResponse | None = None
+    outcome: str = "ok"
+
+
+class Pipeline:
+    """Authenticate, authorize, admit, forward, settle; see the module docstring."""
+
+    def __init__(
+        self,
+        router: inference_pb2_grpc.InferenceStub,
+        authenticator: Authenticator,
+        policy: Policy,
+        admission: Admission,
+        ledger: Ledger,
+        audit: AuditLog,
+    ) -> None:
+        self.router = router
+        self.authenticator = authenticator
+        self.policy = policy
+        self.admission = admission
+        self.ledger = ledger
+        self.audit = audit
+
+    async def authenticate(self, call: CallInfo, model: str = "") -> Identity:
+        """The caller; GatewayError(UNAUTHENTICATED), audited as a denial, otherwise."""
+        try:
+            return await self.authenticator.authenticate(call.metadata)
+        except AuthenticationError as exc:
+            missing = isinstance(exc, MissingCredential)
+            reason = "CREDENTIAL_MISSING" if missing else "CREDENTIAL_INVALID"
+            await self._record_audit(
+                AuditEvent(
+                    principal="anonymous",
+                    decision="deny",
+                    reason=f"unauthenticated: {exc}",
+                    model=model,
+                    request_id=call.request_id,
+                    source=call.peer,
+                )
+            )
+            raise GatewayError(status_details.unauthenticated(str(exc), reason)) from exc
+
+    async def list_models(self, who: Identity, call: CallInfo) -> inference_pb2.ListModelsResponse:
+        """The router's models that ``who`` may use."""
+        try:
+            served = await self.router.ListModels(
+                inference_pb2.ListModelsRequest(), timeout=call.time_remaining()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise GatewayError.upstream(exc) from exc
+        visible = set(self.policy.visible_models(who.caller, [m.id for m in served.models]))
+        return inference_pb2.ListModelsResponse(
+            models=[m for m in served.models if m.id in visible]
+        )
+
+    async def generate(
+        self, who: Identity, request: inference_pb2.GenerateRequest, call: CallInfo
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Authorize, reserve, relay the router's stream, settle once (see the module doc).
+
+        Refusals raise GatewayError before the first message; an upstream failure raises
+        it after the settle, following whatever messages were relayed.
+        """
+        await self._authorize(who, request.model, call)
+        prompt = prompt_estimate(request)
+        max_tokens = request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        reservation = await self._reserve(who, request.model, call, prompt + max(0, max_tokens))
+        forwarded = inference_pb2.GenerateRequest()
+        forwarded.CopyFrom(request)
+        forwarded.request_id = call.request_id
+        relay = _Relay()
+        error: grpc.aio.AioRpcError | None = None
+        stream = self.router.Generate(forwarded, timeout=call.time_remaining())
+        try:
+            async for message in stream:
+                relay.streamed += len(message.token_ids)
+                if message.finish_reason:
+                    relay.final = message
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            error, relay.outcome = exc, "error"
+        except (asyncio.CancelledError, GeneratorExit):
+            relay.outcome = "cancelled"
+            stream.cancel()
+            raise
+        finally:
+            settle = self._settle(who, request.model, call, reservation, prompt, relay)
+            done = asyncio.ensure_future(settle)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(done)  # if cancelled again, the settle still finishes
+        if error is not None:
+            raise GatewayError.upstream(error)
+
+    # ---- steps ---------------------------------------------------------------------------
+
+    async def _authorize(self, who: Identity, model: str, call: CallInfo) -> None:
+        if self.policy.allows(who.caller, model):
+            return
+        await self._record_audit(self._event(who, "deny", "model not allowed", model, call))
+        raise GatewayError(
+            status_details.permission_denied(
+                f"{who.principal} may not use model {model!r}",
+                "MODEL_NOT_ALLOWED",
+                metadata={"model": model},
+            )
+        )
+
+    async def _reserve(self, who: Identity, model: str, call: CallInfo, tokens: int) -> Reservation:
+        try:
+            return await asyncio.to_thread(self.admission.reserve, self._scopes(who), tokens)
+        except LimitExceeded as exc:
+            reason = f"limit exceeded: {exc}"
+            await self._record_audit(self._event(who, "deny", reason, model, call))
+            raise GatewayError(status_details.limit_exceeded(exc)) from exc
+        except TandemError as exc:  # e.g. the limit store is down and fail-closed
+            reason = f"admission failed: {exc}"
+            await self._record_audit(self._event(who, "deny", reason, model, call))
+            raise GatewayError(status_details.from_error(exc)) from exc
+
+    def _scopes(self, who: Identity) -> list[Scope]:
+        limits = self.policy.limits
+        scopes = []
+        if who.key_id is not None:
+            key_limits = _limits(limits.get("key", {}), who.key_limits)
+            scopes.append(Scope(f"key:{who.key_id}", key_limits))
+        else:
+            scopes.append(Scope(f"user:{who.principal}", _limits(limits.get("user", {}))))
+        if who.team:
+            scopes.append(Scope(f"team:{who.team}", _limits(limits.get("team", {}))))
+        return scopes
+
+    async def _settle(
+        self,
+        who: Identity,
+        model: str,
+        call: CallInfo,
+        reservation: Reservation,
+        prompt: int,
+        relay: _Relay,
+    ) -> None:
+        prompt_tokens, completion, cached, outcome, reason = _counts(prompt, relay)
+        request_id = call.request_id
+        try:
+            if prompt_tokens + completion:
+                await asyncio.to_thread(
+                    self.admission.settle, reservation, prompt_tokens + completion
+                )
+            else:
+                await asyncio.to_thread(self.admission.release, reservation)
+        except Exception:
+            log.exception("settling request %s failed", request_id)
+        record = UsageRecord(
+            request_id=request_id,
+            principal=who.principal,
+            team=who.team or "-",
+            model=model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            latency_ms=(time.monotonic() - call.started) * 1000,
+            outcome=outcome,
+            key_id=who.key_id,
+        )
+        try:
+            await asyncio.to_thread(self.ledger.record, record)
+        except Exception:
+            log.exception("ledger write failed for request %s", request_id)
+        event = self._event(who, "allow", reason, model, call)
+        await self._record_audit(
+            dataclasses.replace(event, prompt_tokens=prompt_tokens, completion_tokens=completion)
+        )
+
+    # ---- records -------------------------------------------------------------------------
+
+    async def _record_audit(self, event: AuditEvent) -> None:
+        try:
+            await asyncio.to_thread(self.audit.append, event)
+        except Exception:
+            log.exception("audit append failed for request %s", event.request_id or "?")
+
+    def _event(
+        self, who: Identity, decision: str, reason: str, model: str, call: CallInfo
+    ) -> AuditEvent:
+        return AuditEvent(
+            principal=who.principal,
+            decision=decision,
+            reason=reason,
+            team=who.team,
+            model=model,
+            request_id=call.request_id,
+            client=who.client,
+            source=call.peer,
+        )
+
+
+def _counts(prompt: int, relay: _Relay) -> tuple[int, int, int, str, str]:
+    """(prompt tokens, completion tokens, cached tokens, outcome, audit reason) to settle."""
+    outcome, final = relay.outcome, relay.final
+    if final is not None and final.HasField("usage"):
+        prompt_tokens = final.usage.prompt_tokens
+        cached = min(final.usage.cached_tokens, prompt_tokens)
+        name = inference_pb2.FinishReason.Name(final.finish_reason)
+        if final.finish_reason == inference_pb2.FINISH_REASON_CANCELLED:
+            outcome = "cancelled"
+        elif final.finish_reason == inference_pb2.FINISH_REASON_ERROR:
+            outcome = "error"
+        reason = "ok" if outcome == "ok" else f"{outcome} ({name})"
+        return prompt_tokens, final.usage.completion_tokens, cached, outcome, reason
+    # No final message: the prompt was processed if any token came back.
+    prompt_tokens = prompt if relay.streamed else 0
+    if outcome == "ok":  # the stream ended without a final message
+        outcome = "error"
+    return prompt_tokens, relay.streamed, 0, outcome, outcome
