@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "tdm"
 DEFAULT_ITERATIONS = 1_000
+MAX_DESCRIPTION = 200
 _SECRET = re.compile(r"^tdm_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _DUMMY_SALT = b"\x00" * 16
 
@@ -60,6 +61,10 @@ class ApiKey:
     """Mint time, seconds since the epoch."""
     revoked_at: float | None = None
     """Revocation time, or None while the key is live."""
+    admin: bool = False
+    """The key carries the policy's admin role (Admin API, all usage); see ``auth``."""
+    description: str = ""
+    """Free text given at mint time: what the key is for."""
 
     @property
     def revoked(self) -> bool:
@@ -92,10 +97,19 @@ class ApiKeys:
         models: Iterable[str],
         limits: Mapping[str, float] | None = None,
         created_by: str = "",
+        *,
+        admin: bool = False,
+        description: str = "",
     ) -> MintedKey:
-        """Create a key for ``team`` and ``models``; return its secret (this one time only)."""
+        """Create a key for ``team`` and ``models``; return its secret (this one time only).
+
+        ``admin`` stores a flag, not a role name: the authenticator maps it to whatever the
+        policy's ``admin_role`` is, so renaming that role does not strand admin keys.
+        """
         model_list = _check_scope(team, models)
         limit_map = _check_limits(limits or {})
+        if len(description) > MAX_DESCRIPTION:
+            raise InvalidRequestError("description", f"at most {MAX_DESCRIPTION} characters")
         key_id = secrets.token_hex(8)
         secret = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
         salt = secrets.token_bytes(16)
@@ -103,8 +117,8 @@ class ApiKeys:
         with self._store.transaction() as tx:
             tx.execute(
                 "INSERT INTO api_keys (key_id, team, models, limits, salt, iterations,"
-                " secret_hash, created_by, created_us, revoked_us)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                " secret_hash, created_by, created_us, revoked_us, admin, description)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
                 (
                     key_id,
                     team,
@@ -115,6 +129,8 @@ class ApiKeys:
                     _hash(secret, salt, self._iterations),
                     created_by,
                     created_us,
+                    int(admin),
+                    description,
                 ),
             )
         log.info("minted API key %s for team %s by %s", key_id, team, created_by or "?")
@@ -125,6 +141,8 @@ class ApiKeys:
             limits=MappingProxyType(limit_map),
             created_by=created_by,
             created_at=created_us / 1e6,
+            admin=admin,
+            description=description,
         )
         return MintedKey(secret=secret, key=key)
 
@@ -178,11 +196,11 @@ class ApiKeys:
         return key
 
 
-_COLUMNS = "key_id, team, models, limits, created_by, created_us, revoked_us"
+_COLUMNS = "key_id, team, models, limits, created_by, created_us, revoked_us, admin, description"
 
 
 def _key_from_row(row: tuple[object, ...]) -> ApiKey:
-    key_id, team, models, limits, created_by, created_us, revoked_us = row
+    key_id, team, models, limits, created_by, created_us, revoked_us, admin, description = row
     return ApiKey(
         key_id=str(key_id),
         team=str(team),
@@ -191,6 +209,8 @@ def _key_from_row(row: tuple[object, ...]) -> ApiKey:
         created_by=str(created_by),
         created_at=int(created_us) / 1e6,  # type: ignore[call-overload]
         revoked_at=None if revoked_us is None else int(revoked_us) / 1e6,  # type: ignore[call-overload]
+        admin=bool(admin),
+        description=str(description),
     )
 
 

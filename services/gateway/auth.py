@@ -1,9 +1,10 @@
 """Resolve a call's ``authorization: Bearer X`` metadata to an authenticated caller.
 
 A bearer value starting with ``tdm_`` is an API key (:class:`ApiKeys`); anything else is an
-OIDC access token (:class:`OidcVerifier`). Either way the result is an :class:`Identity`:
-the policy :class:`Caller` plus who to charge and audit. Missing or invalid credentials raise
-:class:`AuthenticationError` with a short reason (never the credential itself).
+OIDC access token (:class:`OidcVerifier`). An API key minted with ``admin`` gets the policy's
+admin role; otherwise a key has no roles, only its team and models. Either way the result is an
+:class:`Identity`: the policy :class:`Caller` plus who to charge and audit. Missing or invalid
+credentials raise :class:`AuthenticationError` with a short reason (never the credential itself).
 """
 
 from __future__ import annotations
@@ -56,9 +57,15 @@ def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 class Authenticator:
     """API keys first (by prefix), then OIDC tokens."""
 
-    def __init__(self, verifier: OidcVerifier | None, api_keys: ApiKeys | None) -> None:
+    def __init__(
+        self, verifier: OidcVerifier | None, api_keys: ApiKeys | None, admin_role: str = ""
+    ) -> None:
         self._verifier = verifier
         self._api_keys = api_keys
+        # The policy's admin role, given to keys minted with ``admin`` (empty: none). Keys
+        # store a flag rather than the role's name so that renaming the role in the policy
+        # does not strand them.
+        self._admin_role = admin_role
 
     async def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Identity:
         credential = bearer(metadata)
@@ -70,14 +77,20 @@ class Authenticator:
                 raise AuthenticationError("invalid API key (unknown, wrong or revoked)")
             return Identity(
                 principal=f"key:{key.key_id}",
-                caller=Caller(teams=frozenset({key.team}), key_models=frozenset(key.models)),
+                caller=Caller(
+                    roles=frozenset({self._admin_role} if key.admin and self._admin_role else ()),
+                    teams=frozenset({key.team}),
+                    key_models=frozenset(key.models),
+                ),
                 team=key.team,
                 key_id=key.key_id,
                 client=key.key_id,
                 key_limits=key.limits,
             )
         if self._verifier is None:
-            raise AuthenticationError("access tokens are not accepted here")
+            raise AuthenticationError(
+                "OIDC is not configured on this gateway (no issuer): use an API key (tdm_…)"
+            )
         principal = await self._verifier.verify(credential)
         return Identity(
             principal=principal.subject,

@@ -1,23 +1,28 @@
-"""Start the gateway: the Inference servicer in front of a router, on one gRPC server."""
+"""Start the gateway: Inference in front of a router, plus Admin and UsageService, on one
+gRPC server (and Prometheus ``/metrics`` when ``metrics_port`` is set)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import grpc.aio
 
+from services.gateway.admin_service import AdminService
 from services.gateway.api_keys import ApiKeys
 from services.gateway.audit import AuditLog
 from services.gateway.auth import Authenticator
+from services.gateway.call_auth import CallGuard
 from services.gateway.identity import OidcVerifier
 from services.gateway.ledger import Ledger
 from services.gateway.limits import Admission, InProcessAdmission
 from services.gateway.policy import load_policy
 from services.gateway.service import GatewayService
 from services.gateway.store import Store, open_store
+from services.gateway.usage_service import UsageService
 from services.rpc.server import RunningServer, Servicer, client_channel, start_server
-from services.stubs.tandem.v1 import inference_pb2_grpc
+from services.stubs.tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,9 @@ class GatewayConfig:
     """The TOML policy file (models and default limits)."""
     store_url: str
     """``sqlite:PATH`` or ``postgresql://…`` for keys, ledger and audit log."""
-    issuer_url: str
-    """The OIDC realm URL, e.g. ``https://keycloak/realms/tandem``."""
+    issuer_url: str | None = None
+    """The OIDC realm URL, e.g. ``https://keycloak/realms/tandem``; None accepts API keys only
+    (a JWT is then refused UNAUTHENTICATED, saying OIDC is not configured)."""
     audience: str | None = "tandem-gateway"
     """Required ``aud`` of access tokens (None: not checked)."""
     allowed_clients: frozenset[str] = frozenset({"tandem-cli"})
@@ -39,6 +45,15 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 0
     """0 picks a free port (see ``RunningServer.port``)."""
+    redis_url: str | None = None
+    """``redis://…`` for rate limits and quotas shared by every replica (``RedisAdmission``);
+    None keeps the counters in this process (one replica only)."""
+    limits_on_store_failure: Literal["open", "closed"] = "open"
+    """When Redis cannot be reached: ``open`` admits without limits (logged), ``closed``
+    refuses requests UNAVAILABLE. In-process counters cannot fail, so this is Redis only."""
+    metrics_port: int | None = None
+    """Serve Prometheus ``/metrics`` (the metering counters) on this port and ``host``; None
+    or 0: off."""
 
 
 class Gateway(RunningServer):
@@ -49,51 +64,108 @@ class Gateway(RunningServer):
         running: RunningServer,
         service: GatewayService,
         channel: grpc.aio.Channel,
-        verifier: OidcVerifier,
+        verifier: OidcVerifier | None,
         store: Store,
+        metrics_server: Any = None,
+        redis_client: Any = None,
     ) -> None:
         super().__init__(running.server, running.port, running.health)
         self.service = service
         self.store = store
         self._channel = channel
         self._verifier = verifier
+        self._metrics_server = metrics_server
+        self._redis = redis_client
 
     async def stop(self, grace: float = 5.0) -> None:
         await super().stop(grace)
         await self._channel.close()
-        self._verifier.close()
+        _close_extras(self._verifier, self._metrics_server, self._redis)
         self.store.close()
 
 
 async def start_gateway(config: GatewayConfig, admission: Admission | None = None) -> Gateway:
-    """Start serving; ``admission`` defaults to in-process counters (one replica)."""
+    """Start serving; ``admission`` overrides the one the config describes (tests)."""
     policy = load_policy(Path(config.policy_path))
     store = open_store(config.store_url)
-    verifier = OidcVerifier(config.issuer_url, config.audience, config.allowed_clients)
+    verifier = (
+        OidcVerifier(config.issuer_url, config.audience, config.allowed_clients)
+        if config.issuer_url
+        else None
+    )
+    redis_client = None
+    if admission is None:
+        admission, redis_client = _admission(config)
     channel = client_channel(config.router_address)
+    authenticator = Authenticator(verifier, ApiKeys(store), policy.admin_role)
+    audit = AuditLog(store)
     service = GatewayService(
         inference_pb2_grpc.InferenceStub(channel),
-        Authenticator(verifier, ApiKeys(store)),
+        authenticator,
         policy,
-        admission if admission is not None else InProcessAdmission(),
+        admission,
         Ledger(store),
-        AuditLog(store),
+        audit,
     )
+    guard = CallGuard(authenticator, audit)
+    servicers = [
+        Servicer(
+            service, inference_pb2_grpc.add_InferenceServicer_to_server, "tandem.v1.Inference"
+        ),
+        Servicer(
+            AdminService(guard, policy, ApiKeys(store)),
+            admin_pb2_grpc.add_AdminServicer_to_server,
+            "tandem.v1.Admin",
+        ),
+        Servicer(
+            UsageService(guard, policy, Ledger(store)),
+            admin_pb2_grpc.add_UsageServiceServicer_to_server,
+            "tandem.v1.UsageService",
+        ),
+    ]
+    metrics_server = None
     try:
-        running = await start_server(
-            [
-                Servicer(
-                    service,
-                    inference_pb2_grpc.add_InferenceServicer_to_server,
-                    "tandem.v1.Inference",
-                )
-            ],
-            host=config.host,
-            port=config.port,
-        )
+        running = await start_server(servicers, host=config.host, port=config.port)
+        if config.metrics_port:
+            metrics_server = _serve_metrics(config.metrics_port, config.host)
     except BaseException:
         await channel.close()
-        verifier.close()
+        _close_extras(verifier, None, redis_client)
         store.close()
         raise
-    return Gateway(running, service, channel, verifier, store)
+    return Gateway(running, service, channel, verifier, store, metrics_server, redis_client)
+
+
+def _admission(config: GatewayConfig) -> tuple[Admission, Any]:
+    """In-process counters, or Redis ones (and the client to close) when ``redis_url`` is set."""
+    if not config.redis_url:
+        return InProcessAdmission(), None
+    import redis
+
+    from services.gateway.limits_redis import RedisAdmission
+
+    # Short socket timeouts: with fail-open, an unreachable Redis must cost a request
+    # about a second, not the OS's connect timeout.
+    client = redis.Redis.from_url(config.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+    on_error = "fail-open" if config.limits_on_store_failure == "open" else "fail-closed"
+    return RedisAdmission(client, on_store_error=on_error), client
+
+
+def _serve_metrics(port: int, host: str) -> Any:
+    """Serve the metering counters on ``/metrics`` as the router does; returns the server."""
+    from prometheus_client import start_http_server
+
+    from services.gateway.metrics import METRICS
+
+    server, _thread = start_http_server(port, addr=host, registry=METRICS.registry)
+    return server
+
+
+def _close_extras(verifier: OidcVerifier | None, metrics_server: Any, redis_client: Any) -> None:
+    if verifier is not None:
+        verifier.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+        metrics_server.server_close()
+    if redis_client is not None:
+        redis_client.close()

@@ -91,6 +91,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        version=2,
+        description="api_keys.admin (the policy's admin role) and api_keys.description",
+        statements=(
+            # An integer, not BOOLEAN: the same 0/1 parameters work on both backends.
+            "ALTER TABLE api_keys ADD COLUMN admin BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE api_keys ADD COLUMN description TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 )
 
 _BINARY_TYPE = {"sqlite": "BLOB", "postgresql": "BYTEA"}

@@ -1,0 +1,171 @@
+"""The gateway's ``tandem.v1.UsageService``: sums of metered tokens from the ledger.
+
+Who sees what (also in admin.proto): an admin (the policy's admin role) sees every row. Any
+other caller sees only rows whose principal is itself — a token's subject, or ``key:<id>``
+for an API key. Team membership alone does not open colleagues' usage: a token's groups are
+managed in Keycloak for access, not for reading others' consumption, and a team lead who
+needs team totals gets an admin key or role. A non-admin that filters on another principal,
+or on a team it is not in, is told PERMISSION_DENIED (not an empty answer, which would read
+as "no usage").
+
+The period is a UTC ``day`` ("YYYY-MM-DD"), a UTC ``month`` ("YYYY-MM") or a ``range``
+[start, end); exactly one is required. Rows group by team, principal and model unless
+``group_by`` says otherwise. Every answered or refused query leaves one audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import datetime as dt
+
+import grpc.aio
+
+from services.engine.errors import TandemError
+from services.gateway import status_details
+from services.gateway.auth import Identity
+from services.gateway.call_auth import CallGuard, abort_error
+from services.gateway.ledger import Ledger, UsageTotal
+from services.gateway.policy import Policy
+from services.stubs.tandem.v1 import admin_pb2, admin_pb2_grpc
+
+_GROUP_COLUMNS = {
+    admin_pb2.USAGE_GROUP_BY_TEAM: "team",
+    admin_pb2.USAGE_GROUP_BY_PRINCIPAL: "principal",
+    admin_pb2.USAGE_GROUP_BY_MODEL: "model",
+}
+DEFAULT_GROUP_BY = ("team", "principal", "model")
+
+
+class BadRequest(Exception):
+    """A request field is invalid: ``field`` and ``description`` go into BadRequest."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+def period(request: admin_pb2.GetUsageRequest) -> tuple[float, float]:
+    """The request's [start, end) in epoch seconds; BadRequest names the bad field."""
+    which = request.WhichOneof("period")
+    if which == "day":
+        try:
+            day = dt.datetime.strptime(request.day, "%Y-%m-%d").replace(tzinfo=dt.UTC)
+        except ValueError:
+            raise BadRequest("day", f"must be YYYY-MM-DD, got {request.day[:40]!r}") from None
+        return day.timestamp(), (day + dt.timedelta(days=1)).timestamp()
+    if which == "month":
+        try:
+            first = dt.datetime.strptime(request.month, "%Y-%m").replace(tzinfo=dt.UTC)
+        except ValueError:
+            raise BadRequest("month", f"must be YYYY-MM, got {request.month[:40]!r}") from None
+        days = calendar.monthrange(first.year, first.month)[1]
+        return first.timestamp(), (first + dt.timedelta(days=days)).timestamp()
+    if which == "range":
+        if not request.range.HasField("start") or not request.range.HasField("end"):
+            raise BadRequest("range", "needs both start and end")
+        start = request.range.start.ToMicroseconds() / 1e6
+        end = request.range.end.ToMicroseconds() / 1e6
+        if not start < end:
+            raise BadRequest("range", "start must be before end")
+        return start, end
+    raise BadRequest("period", "set exactly one of range, day (YYYY-MM-DD) or month (YYYY-MM)")
+
+
+def group_columns(request: admin_pb2.GetUsageRequest) -> tuple[str, ...]:
+    """The ledger columns to group by; BadRequest for an unknown or repeated value."""
+    if not request.group_by:
+        return DEFAULT_GROUP_BY
+    columns = []
+    for i, value in enumerate(request.group_by):
+        column = _GROUP_COLUMNS.get(value)
+        if column is None:
+            raise BadRequest(f"group_by[{i}]", f"must be TEAM, PRINCIPAL or MODEL, got {value}")
+        if column in columns:
+            raise BadRequest(f"group_by[{i}]", f"{column} is named twice")
+        columns.append(column)
+    return tuple(columns)
+
+
+def usage_row(total: UsageTotal) -> admin_pb2.UsageRow:
+    groups = {name: value or "" for name, value in total.group}
+    return admin_pb2.UsageRow(
+        **groups,
+        requests=total.requests,
+        prompt_tokens=total.prompt_tokens,
+        completion_tokens=total.completion_tokens,
+        cached_tokens=total.cached_tokens,
+    )
+
+
+class UsageService(admin_pb2_grpc.UsageServiceServicer):
+    """Usage queries; see the module docstring."""
+
+    def __init__(self, guard: CallGuard, policy: Policy, ledger: Ledger) -> None:
+        self._guard = guard
+        self._policy = policy
+        self._ledger = ledger
+
+    async def _scope(
+        self, context: grpc.aio.ServicerContext, who: Identity, request: admin_pb2.GetUsageRequest
+    ) -> str | None:
+        """The principal to restrict the query to (None: no restriction, an admin)."""
+        if self._policy.is_admin(who.caller):
+            return request.principal or None
+        if request.principal and request.principal != who.principal:
+            await self._guard.deny(
+                context,
+                who,
+                "GetUsage",
+                f"{who.principal} may only read its own usage, not {request.principal!r}'s",
+                "USAGE_NOT_OWN",
+                {"principal": request.principal},
+            )
+        if request.team and request.team not in who.caller.teams:
+            await self._guard.deny(
+                context,
+                who,
+                "GetUsage",
+                f"{who.principal} is not in team {request.team!r}",
+                "USAGE_NOT_OWN",
+                {"team": request.team},
+            )
+        return who.principal
+
+    async def GetUsage(
+        self, request: admin_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetUsageResponse:
+        who = await self._guard.authenticate(context, "GetUsage")
+        try:
+            start, end = period(request)
+            columns = group_columns(request)
+        except BadRequest as exc:
+            await status_details.abort_with_details(
+                context,
+                status_details.invalid_argument(
+                    f"invalid GetUsageRequest: {exc}", [(exc.field, exc.description)]
+                ),
+            )
+        principal = await self._scope(context, who, request)
+        try:
+            totals = await asyncio.to_thread(
+                self._ledger.usage,
+                start,
+                end,
+                columns,
+                team=request.team or None,
+                principal=principal,
+                model=request.model or None,
+            )
+        except TandemError as exc:
+            await abort_error(context, exc)
+        reason = (
+            f"GetUsage: [{int(start)}, {int(end)}) team={request.team or '*'} "
+            f"principal={principal or '*'} model={request.model or '*'}"
+        )
+        await self._guard.record(context, self._guard.event(context, who, "allow", reason))
+        response = admin_pb2.GetUsageResponse(rows=[usage_row(t) for t in totals])
+        response.range.start.FromMicroseconds(round(start * 1e6))
+        response.range.end.FromMicroseconds(round(end * 1e6))
+        return response
