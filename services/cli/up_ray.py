@@ -45,7 +45,9 @@ def config_from_args(args: argparse.Namespace) -> RayClusterConfig:
         prefill=args.prefill,
         decode=args.decode,
         port=args.port,
-        policy=args.policy,
+        # the router's placement policy (`tandem up --routing-policy`; --policy is the
+        # gateway's policy file there)
+        policy=getattr(args, "routing_policy", None) or "kv-aware",
         worker_args=worker_args,
     )
 
