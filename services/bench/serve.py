@@ -71,6 +71,9 @@ class ServeConfig:
     """Deadline of each request, counted from when it is sent."""
     show_progress: bool = True
     """Draw a tqdm progress bar on stderr while requests complete."""
+    api_key: str | None = field(default=None, repr=False)
+    """Sent as ``authorization: Bearer …`` on every call (a gateway needs it); never
+    printed, and left out of ``serve_report.result_dict``."""
 
     @property
     def prompt_len(self) -> int:
@@ -161,7 +164,7 @@ def build_prompts(config: ServeConfig, vocab_size: int) -> list[list[int]]:
 
 
 async def _measure(config: ServeConfig) -> ServeResult:
-    async with client_channel(config.target) as channel:
+    async with client_channel(config.target, config.api_key) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         card = await _model_card(stub, config)
         prompts = build_prompts(config, card.vocab_size)

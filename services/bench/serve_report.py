@@ -133,7 +133,10 @@ def result_dict(result: ServeResult, environment: dict[str, Any]) -> dict[str, A
     return _finite(
         {
             "benchmark": "serve",
-            "config": dataclasses.asdict(result.config),
+            # the API key stays out of result files
+            "config": {
+                k: v for k, v in dataclasses.asdict(result.config).items() if k != "api_key"
+            },
             "model_card": {
                 "id": result.config.model,
                 "vocab_size": result.vocab_size,

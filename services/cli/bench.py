@@ -193,6 +193,13 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="deadline of each request in seconds, from when it is sent (300)",
     )
+    load.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="API key (or access token) sent as 'authorization: Bearer KEY' on every request, "
+        "needed by a gateway (default: $TANDEM_API_KEY); never printed, and kept out of the "
+        "--json file's config and command line",
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--goodput",
@@ -257,6 +264,7 @@ def run_throughput(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from services.bench.serve import ServeBenchError, ServeConfig, measure_serving
     from services.bench.serve_report import format_table, result_dict
+    from services.cli.generate import api_key_from
 
     config = ServeConfig(
         target=args.target,
@@ -272,6 +280,7 @@ def run_serve(args: argparse.Namespace) -> int:
         prefix_len=args.prefix_len,
         slos_ms=args.goodput,
         timeout_s=args.timeout,
+        api_key=api_key_from(args),
     )
     try:
         result = measure_serving(config)
@@ -283,7 +292,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from services.bench.environment import describe_environment
         from services.bench.report import write_json
 
-        environment = describe_environment(["tandem", *args.argv])
+        environment = describe_environment(["tandem", *redact_api_key(args.argv)])
         write_json(args.json, result_dict(result, environment))
         print(f"wrote {args.json}")
     if args.plot:
@@ -292,6 +301,20 @@ def run_serve(args: argparse.Namespace) -> int:
         plot_latency_cdfs(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def redact_api_key(argv: list[str]) -> list[str]:
+    """``argv`` with the value of ``--api-key`` replaced, for the recorded command line."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+        elif arg.startswith("--api-key="):
+            out.append("--api-key=***")
+        else:
+            out.append(arg)
+        hide_next = arg == "--api-key"
+    return out
 
 
 def _request_rate(text: str) -> float:

@@ -80,6 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="with --target: deadline of the whole request in seconds (300)",
     )
+    remote.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="with --target: API key (or access token) sent as 'authorization: Bearer KEY', "
+        "needed by a gateway (default: $TANDEM_API_KEY; `tandem up` prints one). Prefer the "
+        "variable: a flag is visible to other users in the process list",
+    )
     add_engine_args(parser)
     parser.set_defaults(handler=run)
 
@@ -166,7 +173,11 @@ def run_remote(args: argparse.Namespace) -> int:
     completion = RemoteCompletion()
     on_text = None if args.json else _write_stdout
     try:
-        asyncio.run(stream_remote(args.target, request, args.timeout, completion, on_text))
+        asyncio.run(
+            stream_remote(
+                args.target, request, args.timeout, completion, on_text, api_key_from(args)
+            )
+        )
     except grpc.aio.AioRpcError as exc:
         _print_partial(completion, args.json)
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -178,6 +189,13 @@ def run_remote(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(json.dumps(completion.as_json()) if args.json else "")
     return 0
+
+
+def api_key_from(args: argparse.Namespace) -> str | None:
+    """``--api-key``, else ``$TANDEM_API_KEY``, else None (no authorization metadata)."""
+    import os
+
+    return args.api_key or os.environ.get("TANDEM_API_KEY") or None
 
 
 def remote_request(
@@ -246,12 +264,15 @@ async def stream_remote(
     timeout_s: float,
     completion: RemoteCompletion,
     on_text: Callable[[str], None] | None = None,
+    api_key: str | None = None,
 ) -> None:
-    """Call Inference.Generate at ``target``, adding each message to ``completion``."""
+    """Call Inference.Generate at ``target``, adding each message to ``completion``.
+
+    ``api_key`` goes out as ``authorization: Bearer …`` metadata (never printed)."""
     from services.rpc.server import client_channel
     from services.stubs.tandem.v1 import inference_pb2_grpc
 
-    async with client_channel(target) as channel:
+    async with client_channel(target, api_key) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         async for message in stub.Generate(request, timeout=timeout_s):
             completion.add(message)

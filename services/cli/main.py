@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from services.cli import bench, generate, router, up, worker
+from services.cli import bench, gateway, generate, keys, router, up, worker
 from services.engine.errors import TandemError
 
 Register = Callable[[argparse._SubParsersAction], None]
@@ -25,6 +25,8 @@ COMMANDS: tuple[Register, ...] = (
     bench.register,
     router.register,
     worker.register,
+    gateway.register,
+    keys.register,
 )
 
 EXIT_USAGE = 2

@@ -1,4 +1,13 @@
-"""``tandem up``: the whole system on this machine, one process per service."""
+"""``tandem up``: the whole system on this machine, one process per service.
+
+The gateway is the door: it listens on ``--port``, the router on a free loopback port behind
+it, with a SQLite store in the run's state directory and the repo's example policy
+(``deploy/policy.example.toml``) unless ``--policy`` names another. At start an admin API key
+is minted into that store and printed once, on the terminal only (never to a log file, never
+on a child's command line); the previous run's ``tandem up`` key in the same store is revoked
+first. ``--no-gateway`` serves the router on ``--port`` directly (development only: no
+authentication, limits or metering).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,13 @@ from pathlib import Path
 
 from services.cli import arg_types
 
-SUMMARY = "run the router and its prefill/decode workers as local processes"
+SUMMARY = "run the gateway, router and prefill/decode workers as local processes"
+ROUTING_POLICIES = ("kv-aware", "round-robin", "least-loaded")
+EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy.example.toml"
+"""The documented example policy, in the source tree (``pip install -e .`` keeps it there)."""
+UP_KEY_CREATOR = "tandem-up"
+"""``created_by`` of the admin keys ``tandem up`` mints (the previous one is revoked)."""
+UP_KEY_TEAM = "platform"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,13 +55,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--port",
         type=arg_types.port,
         default=50051,
-        help="port clients connect to (the router's; default 50051)",
+        help="port clients connect to: the gateway's (the router's with --no-gateway); "
+        "default 50051",
     )
     parser.add_argument(
         "--policy",
+        dest="policy_file",
+        metavar="FILE",
+        help="the gateway's TOML policy (models, roles, limits) (default: the repo's "
+        "deploy/policy.example.toml)",
+    )
+    parser.add_argument(
+        "--routing-policy",
+        dest="policy",
         default="kv-aware",
-        choices=("kv-aware", "round-robin", "least-loaded"),
+        choices=ROUTING_POLICIES,
         help="how the router places requests (default kv-aware)",
+    )
+    parser.add_argument(
+        "--no-gateway",
+        action="store_true",
+        help="development only: no gateway; clients call the router on --port without "
+        "credentials, limits or metering",
     )
     parser.add_argument(
         "--kv-transport",
@@ -55,9 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how KV blocks move between workers (default auto: NIXL when available)",
     )
     parser.add_argument(
+        "--state-dir",
         "--log-dir",
+        dest="log_dir",
         type=Path,
-        help="write each service's log to DIR/<service>.log (default: a temporary directory)",
+        metavar="DIR",
+        help="the run's state: each service's log DIR/<service>.log and the gateway's store "
+        "DIR/gateway.db (default: a new temporary directory)",
     )
     parser.add_argument(
         "--kv-cache-gib",
@@ -74,9 +108,11 @@ def _up(args: argparse.Namespace) -> int:
 
     # SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    policy = None if args.no_gateway else _policy_file(args)  # fail before building anything
     resolve_model(args.model)  # build tandem-tiny once here, not in every worker at once
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-up-"))
     worker_args = ("--kv-cache-gib", str(args.kv_cache_gib)) if args.kv_cache_gib else ()
+    gateway, secret = (None, None) if policy is None else _gateway(policy, log_dir, args.model)
     cluster = LocalCluster(
         ClusterConfig(
             model=args.model,
@@ -87,20 +123,23 @@ def _up(args: argparse.Namespace) -> int:
             kv_transport=args.kv_transport,
             worker_args=worker_args,
             log_dir=log_dir,
+            gateway=gateway,
         )
     )
+    front = "" if gateway is None else "a gateway, "
     print(
-        f"starting {args.prefill} prefill + {args.decode} decode workers (logs in {log_dir}) ...",
+        f"starting {front}{args.prefill} prefill + {args.decode} decode workers "
+        f"(state and logs in {log_dir}) ...",
         file=sys.stderr,
     )
     cluster.start()
-    mode = "aggregated" if args.prefill == 0 else "disaggregated"
-    print(
-        f"Tandem is up ({mode}, model {args.model}): connect to {cluster.address} "
-        f"(tandem.v1.Inference); try: tandem generate --target {cluster.address} "
-        f"--prompt 'Hello' --max-tokens 16. Ctrl-C stops everything.",
-        flush=True,
-    )
+    print(_where_to_connect(args, cluster.address, secret), flush=True)
+    if gateway is not None:
+        print(
+            f"mint more keys: tandem keys create --store {gateway.store} --team T --model "
+            f"{args.model}  (or tandem.v1.Admin with the key above)",
+            file=sys.stderr,
+        )
     try:
         while not (dead := cluster.dead_children()):
             time.sleep(0.5)
@@ -112,6 +151,64 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     finally:
         cluster.stop()
+
+
+def _policy_file(args: argparse.Namespace) -> Path:
+    """The gateway policy to use; PolicyError (exit 2, with the fix) when it is missing."""
+    from services.gateway.policy import PolicyError
+
+    if args.policy_file in ROUTING_POLICIES and not Path(args.policy_file).exists():
+        # `tandem up --policy kv-aware` predates the gateway: keep it working.
+        print(f"note: --policy {args.policy_file} is now --routing-policy", file=sys.stderr)
+        args.policy, args.policy_file = args.policy_file, None
+    path = Path(args.policy_file) if args.policy_file else EXAMPLE_POLICY
+    if not path.is_file():
+        where = "given with --policy" if args.policy_file else "the repo's example policy"
+        raise PolicyError(
+            f"gateway policy {path} ({where}) does not exist; pass --policy FILE "
+            "(format: deploy/policy.example.toml in the Tandem repository; an install other "
+            "than `pip install -e .` does not ship it), or --no-gateway for development"
+        )
+    return path
+
+
+def _gateway(policy: Path, state_dir: Path, model: str):  # type: ignore[no-untyped-def]
+    """The GatewaySpec for this run and a fresh admin key's secret (the last run's revoked)."""
+    from services.gateway.api_keys import ApiKeys
+    from services.gateway.store import open_store
+    from services.launcher.local import GatewaySpec
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store_url = f"sqlite:{state_dir / 'gateway.db'}"
+    with open_store(store_url) as store:
+        keys = ApiKeys(store)
+        for old in keys.list():
+            if old.created_by == UP_KEY_CREATOR and not old.revoked:
+                keys.revoke(old.key_id)
+        minted = keys.mint(
+            UP_KEY_TEAM,
+            [model],
+            created_by=UP_KEY_CREATOR,
+            admin=True,
+            description="tandem up admin key (revoked by the next tandem up on this store)",
+        )
+    return GatewaySpec(policy=policy, store=store_url), minted.secret
+
+
+def _where_to_connect(args: argparse.Namespace, address: str, secret: str | None) -> str:
+    """The one line saying where to connect (and, with a gateway, the key to use)."""
+    mode = "aggregated" if args.prefill == 0 else "disaggregated"
+    try_it = f"tandem generate --target {address} --prompt 'Hello' --max-tokens 16"
+    if secret is None:
+        return (
+            f"Tandem is up ({mode}, model {args.model}, no gateway): connect to {address} "
+            f"(tandem.v1.Inference, no credentials); try: {try_it}. Ctrl-C stops everything."
+        )
+    return (
+        f"Tandem is up ({mode}, model {args.model}): connect to {address} (tandem.v1.Inference "
+        f"through the gateway, with an API key); admin key, shown only now: "
+        f"export TANDEM_API_KEY={secret} ; then try: {try_it}. Ctrl-C stops everything."
+    )
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

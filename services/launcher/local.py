@@ -1,9 +1,11 @@
-"""Run the router and its workers as child processes on loopback.
+"""Run the router and its workers (and optionally a gateway in front) as child processes.
 
 Every child is a ``tandem <service>`` process on a port chosen here, so the
 launcher can wait for each to report SERVING on grpc.health.v1 before
-declaring the system up. Children are stopped with SIGTERM (graceful), then
-SIGKILL after a grace period; a child that dies on its own is reported by name.
+declaring the system up. With ``ClusterConfig.gateway`` set, the gateway takes ``port`` (the
+public door) and the router moves to a free loopback port behind it. Children are stopped
+with SIGTERM (graceful), then SIGKILL after a grace period; a child that dies on its own is
+reported by name.
 """
 
 from __future__ import annotations
@@ -25,6 +27,18 @@ from services.stubs.tandem.v1 import inference_pb2_grpc
 
 
 @dataclass(frozen=True)
+class GatewaySpec:
+    """A ``tandem gateway`` in front of the router (``tandem up``'s default)."""
+
+    policy: Path
+    """The gateway's policy file (models, roles, default limits)."""
+    store: str
+    """Its store URL, e.g. ``sqlite:<state dir>/gateway.db``."""
+    args: tuple[str, ...] = ()
+    """Extra ``tandem gateway`` flags."""
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     model: str = "tandem-tiny"
     """Model every worker serves."""
@@ -33,7 +47,7 @@ class ClusterConfig:
     decode: int = 1
     """Decode workers."""
     port: int = 50051
-    """The router's port: where clients connect."""
+    """Where clients connect: the gateway's port when there is one, else the router's."""
     host: str = "127.0.0.1"
     policy: str = "kv-aware"
     """Router placement policy."""
@@ -53,6 +67,8 @@ class ClusterConfig:
     """Where each child's output goes (one file per child); None inherits stderr."""
     startup_timeout_s: float = 180.0
     """How long to wait for every service to be SERVING and registered."""
+    gateway: GatewaySpec | None = None
+    """Put a gateway on ``port`` in front of the router; None: clients call the router."""
 
 
 @dataclass
@@ -72,30 +88,40 @@ class Child:
 class LocalCluster:
     config: ClusterConfig
     children: list[Child] = field(default_factory=list)
+    router_port: int = 0
+    """The router's port, chosen by ``start`` (``config.port`` without a gateway)."""
 
     @property
     def address(self) -> str:
+        """Where clients connect (the gateway, if any, else the router)."""
         return f"{self.config.host}:{self.config.port}"
+
+    @property
+    def router_address(self) -> str:
+        return f"127.0.0.1:{self.router_port}"
 
     def start(self) -> None:
         """Start the router, then the workers; return once all serve and registered."""
         cfg = self.config
+        self.router_port = free_port() if cfg.gateway else cfg.port
         try:
             router_metrics = free_port() if cfg.metrics else 0
             router_args = [
                 "router",
                 "--port",
-                str(cfg.port),
+                str(self.router_port),
                 "--policy",
                 cfg.policy,
                 "--metrics-port",
                 str(router_metrics),
                 *cfg.router_args,
             ]
-            self._spawn("router", cfg.port, router_args, router_metrics)
+            self._spawn("router", self.router_port, router_args, router_metrics)
             for role, count in (("prefill", cfg.prefill), ("decode", cfg.decode)):
                 for i in range(count):
                     self._spawn_worker(role, i)
+            if cfg.gateway is not None:
+                self._spawn_gateway(cfg.gateway)
             deadline = time.monotonic() + cfg.startup_timeout_s
             for child in self.children:
                 self._wait_serving(child, deadline)
@@ -130,11 +156,21 @@ class LocalCluster:
         metrics_port = free_port() if cfg.metrics else 0
         role_args = cfg.prefill_args if role == "prefill" else cfg.decode_args
         args = [
-            role, "--port", str(port), "--router", self.address, "--model", cfg.model,
+            role, "--port", str(port), "--router", self.router_address, "--model", cfg.model,
             "--worker-id", f"{role}-{index}", "--kv-transport", cfg.kv_transport,
             "--metrics-port", str(metrics_port), *cfg.worker_args, *role_args,
         ]  # fmt: skip
         self._spawn(f"{role}-{index}", port, args, metrics_port)
+
+    def _spawn_gateway(self, spec: GatewaySpec) -> None:
+        cfg = self.config
+        metrics_port = free_port() if cfg.metrics else 0
+        args = [
+            "gateway", "--port", str(cfg.port), "--host", cfg.host,
+            "--router", self.router_address, "--policy", str(spec.policy),
+            "--store", spec.store, "--metrics-port", str(metrics_port), *spec.args,
+        ]  # fmt: skip
+        self._spawn("gateway", cfg.port, args, metrics_port)
 
     def _spawn(self, name: str, port: int, args: list[str], metrics_port: int = 0) -> None:
         out = None
@@ -169,7 +205,8 @@ class LocalCluster:
                 time.sleep(0.2)
 
     def _wait_model_listed(self, deadline: float) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        # Asks the router itself: the gateway in front would want a credential.
+        with grpc.insecure_channel(self.router_address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             while time.monotonic() < deadline:
                 for child in self.children:

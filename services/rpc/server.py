@@ -85,11 +85,20 @@ async def start_server(
     return RunningServer(server, bound, health_servicer)
 
 
-def client_channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel with Tandem's message limits (TLS arrives with the gateway)."""
+def client_channel(address: str, api_key: str | None = None) -> grpc.aio.Channel:
+    """An insecure channel with Tandem's message limits (TLS arrives with the gateway).
+
+    ``api_key`` (an API key or access token) is sent as ``authorization: Bearer …`` on
+    every call (``services.rpc.bearer``).
+    """
+    interceptors = list(client_interceptors())
+    if api_key:
+        from services.rpc.bearer import bearer_interceptors
+
+        interceptors += bearer_interceptors(api_key)
     return grpc.aio.insecure_channel(
         address,
-        interceptors=client_interceptors(),
+        interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -1,0 +1,170 @@
+"""``tandem gateway``: run the policy gateway in front of a router until stopped.
+
+Clients call tandem.v1.Inference here with ``authorization: Bearer <API key or Keycloak
+token>``; the gateway authenticates, authorizes the model (policy file), admits (rate limits
+and quotas), forwards to the router, meters and audits. Admin (API keys) and UsageService
+are served on the same port. ``tandem keys`` and ``tandem audit`` (``services/cli/keys.py``)
+work on the same store without a running gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from services.cli import arg_types
+
+DEFAULT_STORE = "sqlite:tandem-gateway.db"
+DEFAULT_AUDIENCE = "tandem-gateway"
+DEFAULT_CLIENTS = ("tandem-cli",)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "gateway",
+        help="run the policy gateway (authn, authz, limits, metering, audit) before a router",
+        description="Run the gateway until SIGINT/SIGTERM: tandem.v1.Inference (relayed to the "
+        "router after authentication, authorization and admission), tandem.v1.Admin and "
+        "tandem.v1.UsageService on one gRPC port.",
+    )
+    parser.add_argument(
+        "--port",
+        type=arg_types.non_negative_int,
+        required=True,
+        metavar="P",
+        help="port clients connect to (0 picks a free one and logs it)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="H",
+        help="interface to listen on; 0.0.0.0 accepts other machines (default %(default)s)",
+    )
+    parser.add_argument(
+        "--router",
+        required=True,
+        metavar="HOST:PORT",
+        help="the router requests are forwarded to",
+    )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="TOML policy: which roles and teams may use which model, the admin role, default "
+        "limits per key/user/team (format: deploy/policy.example.toml)",
+    )
+    parser.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        metavar="sqlite:PATH|postgresql://…",
+        help="where API keys, the usage ledger and the audit log live: a SQLite file (one "
+        "replica) or PostgreSQL (shared by replicas) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--oidc-issuer",
+        metavar="URL",
+        help="Keycloak realm URL whose access tokens are accepted, e.g. "
+        "https://keycloak/realms/tandem (default: none; only API keys are accepted and a "
+        "token is refused UNAUTHENTICATED)",
+    )
+    parser.add_argument(
+        "--audience",
+        default=DEFAULT_AUDIENCE,
+        metavar="AUD",
+        help="the 'aud' a token must carry; '' skips the check (default %(default)s)",
+    )
+    parser.add_argument(
+        "--allowed-client",
+        action="append",
+        metavar="ID",
+        help="OIDC client ('azp') whose tokens are accepted; repeat for several "
+        f"(default: {', '.join(DEFAULT_CLIENTS)})",
+    )
+    parser.add_argument(
+        "--redis",
+        metavar="redis://…",
+        help="keep rate-limit and quota counters in Redis, shared by every gateway replica "
+        "(default: in this process, right for one replica only)",
+    )
+    parser.add_argument(
+        "--limits-on-store-failure",
+        choices=("open", "closed"),
+        default="open",
+        help="when Redis is unreachable: 'open' admits without limits (logged warning), "
+        "'closed' refuses requests UNAVAILABLE; identity checks always fail closed "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=arg_types.port,
+        default=0,
+        metavar="P",
+        help="serve Prometheus /metrics (requests, tokens, decisions, limit rejections per "
+        "team and model) on this port (default 0: off)",
+    )
+    parser.set_defaults(handler=run)
+
+
+def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The GatewayConfig the flags describe."""
+    from services.gateway.server import GatewayConfig
+
+    return GatewayConfig(
+        router_address=args.router,
+        policy_path=args.policy,
+        store_url=args.store,
+        issuer_url=args.oidc_issuer or None,
+        audience=args.audience or None,
+        allowed_clients=frozenset(args.allowed_client or DEFAULT_CLIENTS),
+        host=args.host,
+        port=args.port,
+        redis_url=args.redis or None,
+        limits_on_store_failure=args.limits_on_store_failure,
+        metrics_port=args.metrics_port or None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import sys
+
+    logging.getLogger("services.gateway").setLevel(logging.INFO)
+    try:
+        asyncio.run(serve(gateway_config(args)))
+    except OSError as exc:  # the port is taken, or the host is not this machine's
+        print(f"tandem gateway: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve(config) -> None:  # type: ignore[no-untyped-def]
+    """Run the gateway until SIGINT or SIGTERM, then drain in-flight calls."""
+    import asyncio
+    import logging
+    import signal
+
+    from services.gateway.server import start_gateway
+
+    log = logging.getLogger("services.gateway")
+    gateway = await start_gateway(config)
+    log.info(
+        "gateway listening on %s:%d → router %s (OIDC %s, limits %s)",
+        config.host,
+        gateway.port,
+        config.router_address,
+        config.issuer_url or "off: API keys only",
+        "Redis" if config.redis_url else "in-process",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("gateway shutting down")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await gateway.stop()

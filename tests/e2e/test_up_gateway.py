@@ -1,0 +1,82 @@
+"""`tandem up` as a user runs it: the gateway is the door and the printed admin key opens it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from services.launcher.local import free_port
+from services.stubs.tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
+from services.stubs.tandem.v1 import inference_pb2 as pb
+
+KEY = re.compile(r"export TANDEM_API_KEY=(tdm_\S+)")
+
+
+def _wait_up(process: subprocess.Popen, timeout_s: float = 180.0) -> str:
+    """The "Tandem is up" line from ``process``'s stdout (fails if it exits first)."""
+    deadline = time.monotonic() + timeout_s
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "Tandem is up" in line:
+            return line
+        assert time.monotonic() < deadline, "tandem up did not come up in time"
+    raise AssertionError(f"tandem up exited with {process.wait()} before it was up")
+
+
+def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_home: Path) -> None:
+    port, state = free_port(), tmp_path / "state"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", "--prefill", "0", "--decode", "1",
+         "--port", str(port), "--state-dir", str(state), "--kv-cache-gib", "0.25"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        line = _wait_up(up)
+        found = KEY.search(line)
+        assert found, line
+        secret, target = found.group(1), f"127.0.0.1:{port}"
+
+        generate = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "generate", "--target", target,
+             "--prompt-token-ids", "5,6,7,8", "--max-tokens", "4", "--temperature", "0",
+             "--ignore-eos", "--json"],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "TANDEM_API_KEY": secret},
+        )  # fmt: skip
+        assert generate.returncode == 0, generate.stderr
+        result = json.loads(generate.stdout)
+        assert len(result["token_ids"]) == 4 and result["usage"]["completion_tokens"] == 4
+        assert secret not in generate.stdout + generate.stderr
+
+        with grpc.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            request = pb.GenerateRequest(model="tandem-tiny", prompt_token_ids=[5], max_tokens=2)
+            try:
+                list(stub.Generate(request, timeout=30))
+                raise AssertionError("a call without a key was served")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+            # the printed key is an admin key: it reads the usage just metered
+            usage = admin_pb2_grpc.UsageServiceStub(channel).GetUsage(
+                admin_pb2.GetUsageRequest(month=time.strftime("%Y-%m", time.gmtime())),
+                metadata=(("authorization", f"Bearer {secret}"),),
+                timeout=30,
+            )
+            assert [(r.model, r.requests, r.completion_tokens) for r in usage.rows] == [
+                ("tandem-tiny", 1, 4)
+            ]
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+    assert up.returncode == 0
+    logs = list(state.glob("*.log"))
+    assert {p.name for p in logs} >= {"gateway.log", "router.log", "decode-0.log"}
+    assert all(secret not in p.read_text(errors="replace") for p in logs)
