@@ -3,6 +3,7 @@ gRPC server (and Prometheus ``/metrics`` when ``metrics_port`` is set)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from services.gateway.call_auth import CallGuard
 from services.gateway.identity import OidcVerifier
 from services.gateway.ledger import Ledger
 from services.gateway.limits import Admission, InProcessAdmission
+from services.gateway.openai_http import HttpServer, start_http
 from services.gateway.policy import load_policy
 from services.gateway.service import GatewayService
 from services.gateway.store import Store, open_store
@@ -54,6 +56,11 @@ class GatewayConfig:
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` (the metering counters) on this port and ``host``; None
     or 0: off."""
+    http_port: int | None = None
+    """Serve the OpenAI-compatible HTTP API (``/v1/models``, ``/v1/completions``,
+    ``/v1/chat/completions``) on this port; None: off, 0: a free port (``Gateway.http_port``)."""
+    http_host: str | None = None
+    """Address the HTTP API listens on; None: the same as ``host``."""
 
 
 class Gateway(RunningServer):
@@ -68,8 +75,10 @@ class Gateway(RunningServer):
         store: Store,
         metrics_server: Any = None,
         redis_client: Any = None,
+        http: HttpServer | None = None,
     ) -> None:
         super().__init__(running.server, running.port, running.health)
+        self._http = http
         self.service = service
         self.store = store
         self._channel = channel
@@ -77,8 +86,15 @@ class Gateway(RunningServer):
         self._metrics_server = metrics_server
         self._redis = redis_client
 
+    @property
+    def http_port(self) -> int | None:
+        """The port the OpenAI HTTP API is bound to; None when it is off."""
+        return self._http.port if self._http is not None else None
+
     async def stop(self, grace: float = 5.0) -> None:
-        await super().stop(grace)
+        # Both drain at once; the router channel stays open until both are done.
+        http_stopped = self._http.stop() if self._http is not None else asyncio.sleep(0)
+        await asyncio.gather(super().stop(grace), http_stopped)
         await self._channel.close()
         _close_extras(self._verifier, self._metrics_server, self._redis)
         self.store.close()
@@ -124,16 +140,23 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
         ),
     ]
     metrics_server = None
+    http = None
+    running = None
     try:
         running = await start_server(servicers, host=config.host, port=config.port)
         if config.metrics_port:
             metrics_server = _serve_metrics(config.metrics_port, config.host)
+        if config.http_port is not None:
+            host = config.http_host or config.host
+            http = await start_http(service.pipeline, host, config.http_port)
     except BaseException:
+        if running is not None:
+            await running.stop(0)
         await channel.close()
-        _close_extras(verifier, None, redis_client)
+        _close_extras(verifier, metrics_server, redis_client)
         store.close()
         raise
-    return Gateway(running, service, channel, verifier, store, metrics_server, redis_client)
+    return Gateway(running, service, channel, verifier, store, metrics_server, redis_client, http)
 
 
 def _admission(config: GatewayConfig) -> tuple[Admission, Any]:

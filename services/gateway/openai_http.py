@@ -1,0 +1,297 @@
+"""The OpenAI-compatible HTTP API of the gateway: aiohttp on the gateway's asyncio loop.
+
+Routes: ``GET /v1/models`` (the caller's models), ``GET /v1/models/{id}``,
+``POST /v1/completions``, ``POST /v1/chat/completions``. Credentials are the gRPC ones, in
+the ``Authorization: Bearer`` header (an API key ``tdm_…`` or a Keycloak access token), and
+every request goes through the same :class:`Pipeline` as gRPC: authenticate, authorize,
+reserve, forward, settle once into admission, ledger and audit. Chat messages are sent to
+the router as ``GenerateRequest.messages``; it applies the model's chat template.
+
+Order of checks: the credential first (401 even for a malformed body), then the body (400,
+not audited: no policy decision was made), then the pipeline's policy.
+
+Streaming (``stream: true``): server-sent events, ``data: {chunk}\\n\\n`` per chunk and
+``data: [DONE]`` at the end. Refusals before the first token still get a plain HTTP error
+(status and JSON body): the event stream starts only once the router sent its first message.
+A failure after that is sent as a last event ``data: {"error": {…}}`` and the stream ends
+without ``[DONE]``. The usage chunk is sent only when ``stream_options.include_usage`` is
+true, as OpenAI does (clients that index ``choices[0]`` of every chunk would break on it);
+metering never depends on it. A client that disconnects cancels the request (aiohttp's
+``handler_cancellation``), and the pipeline settles the tokens produced so far.
+
+Every generate response has an ``x-request-id`` header: the request's id in the ledger and
+audit log (OpenAI's ``id`` is ``cmpl-``/``chatcmpl-`` plus it). Prompt text is never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from services.gateway import openai_responses as shapes
+from services.gateway.openai_errors import error_body, error_response, gateway_error
+from services.gateway.openai_requests import (
+    BadRequest,
+    OpenAIRequest,
+    parse_chat,
+    parse_completion,
+)
+from services.gateway.pipeline import CallInfo, GatewayError, Pipeline
+from services.stubs.tandem.v1 import inference_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 2**20
+"""Largest request body (long prompts fit; aiohttp's default of 1 MiB may not)."""
+SHUTDOWN_TIMEOUT_S = 5.0
+"""How long stop() lets in-flight requests finish before cancelling them (they settle)."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Messages = AsyncIterator[inference_pb2.GenerateResponse]
+
+
+class OpenAIApi:
+    """The routes, in front of one :class:`Pipeline`."""
+
+    def __init__(self, pipeline: Pipeline, owned_by: str = "tandem") -> None:
+        self._pipeline = pipeline
+        self._owned_by = owned_by
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_openai_errors], client_max_size=MAX_BODY_BYTES)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        return app
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        cards = await self._visible(request)
+        if isinstance(cards, web.Response):
+            return cards
+        data = [shapes.model_card(c, self._owned_by) for c in cards]
+        return web.json_response({"object": "list", "data": data})
+
+    async def model(self, request: web.Request) -> web.StreamResponse:
+        cards = await self._visible(request)
+        if isinstance(cards, web.Response):
+            return cards
+        name = request.match_info["model"]
+        for card in cards:
+            if card.id == name:
+                return web.json_response(shapes.model_card(card, self._owned_by))
+        message = f"The model {name!r} does not exist or you do not have access to it."
+        return error_response(404, message, "invalid_request_error", "model", "model_not_found")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    # ---- the generate routes -------------------------------------------------------------
+
+    async def _visible(self, request: web.Request) -> list[inference_pb2.ModelCard] | web.Response:
+        call = _call_info(request, "")
+        try:
+            who = await self._pipeline.authenticate(call)
+            return list((await self._pipeline.list_models(who, call)).models)
+        except GatewayError as error:
+            return _error(error)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        call = _call_info(request, uuid.uuid4().hex)
+        headers = {"x-request-id": call.request_id}
+        body, unreadable = await _read_json(request)
+        model = body.get("model") if isinstance(body, dict) else None
+        try:
+            who = await self._pipeline.authenticate(call, model if isinstance(model, str) else "")
+            if unreadable:
+                raise BadRequest(None, unreadable)
+            parsed = parse_chat(body) if chat else parse_completion(body)
+        except GatewayError as error:
+            return _error(error, headers=headers)
+        except BadRequest as error:
+            return error_response(
+                400, str(error), "invalid_request_error", error.param, None, headers
+            )
+        shape = shapes.Shape(chat, call.request_id, parsed.generate.model)
+        async with aclosing(self._pipeline.generate(who, parsed.generate, call)) as stream:
+            try:
+                first = await anext(stream, None)
+            except GatewayError as error:
+                return _error(error, parsed.max_tokens_param, headers)
+            if parsed.stream:
+                return await _stream(request, parsed, shape, first, stream, headers)
+            return await _complete(parsed, shape, first, stream, headers)
+
+
+async def _complete(
+    parsed: OpenAIRequest,
+    shape: shapes.Shape,
+    first: inference_pb2.GenerateResponse | None,
+    stream: Messages,
+    headers: dict[str, str],
+) -> web.Response:
+    """Collect the whole completion into one response."""
+    texts: list[str] = []
+    final = None
+    message = first
+    try:
+        while message is not None:
+            texts.append(message.text)
+            if message.finish_reason:
+                final = message
+            message = await anext(stream, None)
+    except GatewayError as error:
+        return _error(error, parsed.max_tokens_param, headers)
+    failure = _unfinished(final)
+    if failure is not None:
+        status, body = failure
+        return web.json_response(body, status=status, headers=headers)
+    assert final is not None
+    return web.json_response(shapes.completion(shape, "".join(texts), final), headers=headers)
+
+
+async def _stream(
+    request: web.Request,
+    parsed: OpenAIRequest,
+    shape: shapes.Shape,
+    first: inference_pb2.GenerateResponse | None,
+    stream: Messages,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Relay the completion as server-sent events (see the module docstring)."""
+    response = web.StreamResponse(
+        headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    try:
+        if shape.chat:
+            await _event(response, shapes.role_chunk(shape))
+        final = None
+        message = first
+        try:
+            while message is not None:
+                if message.finish_reason:
+                    final = message
+                elif message.text:
+                    await _event(response, shapes.chunk(shape, message.text))
+                message = await anext(stream, None)
+        except GatewayError as error:
+            await _event(response, gateway_error(error, parsed.max_tokens_param)[1])
+            return response
+        await _end_stream(response, parsed, shape, final)
+    except ConnectionResetError:  # the client left; the pipeline settles on close
+        log.info("client of request %s disconnected mid-stream", shape.request_id)
+    return response
+
+
+async def _end_stream(
+    response: web.StreamResponse,
+    parsed: OpenAIRequest,
+    shape: shapes.Shape,
+    final: inference_pb2.GenerateResponse | None,
+) -> None:
+    failure = _unfinished(final)
+    if failure is not None:
+        await _event(response, failure[1])
+        return
+    assert final is not None
+    reason = shapes.FINISH_REASONS[final.finish_reason]
+    await _event(response, shapes.chunk(shape, final.text, reason))
+    if parsed.include_usage:
+        await _event(response, shapes.usage_chunk(shape, final))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+
+
+def _unfinished(
+    final: inference_pb2.GenerateResponse | None,
+) -> tuple[int, dict[str, Any]] | None:
+    """An error (status, body) when the stream did not finish normally, else None."""
+    if final is None:
+        message = "the router ended the stream without a final message"
+        return 502, error_body(message, "server_error", None, "bad_gateway")
+    if final.finish_reason not in shapes.FINISH_REASONS:  # CANCELLED (ERROR raises instead)
+        message = "the server aborted the request before it finished (e.g. shutting down)"
+        return 503, error_body(message, "server_error", None, "service_unavailable")
+    return None
+
+
+async def _event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    await response.write(f"data: {data}\n\n".encode())
+
+
+def _error(
+    error: GatewayError, max_tokens_param: str = "max_tokens", headers: dict[str, str] | None = None
+) -> web.Response:
+    status, body, extra = gateway_error(error, max_tokens_param)
+    return web.json_response(body, status=status, headers={**(headers or {}), **extra})
+
+
+def _call_info(request: web.Request, request_id: str) -> CallInfo:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    address = f"http:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "http:"
+    credentials = [("authorization", v) for v in request.headers.getall("Authorization", [])]
+    return CallInfo(request_id=request_id, metadata=credentials, peer=address)
+
+
+async def _read_json(request: web.Request) -> tuple[Any, str | None]:
+    """The parsed body, or (None, why it cannot be read)."""
+    try:
+        return json.loads(await request.read()), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"the request body is not valid JSON ({exc})"
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors (unknown route, wrong method, body too large) in OpenAI's shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = f"{exc.reason}: {request.method} {request.path}"
+        if exc.status == 404:
+            message = f"Invalid URL ({request.method} {request.path})"
+        return error_response(exc.status, message, "invalid_request_error")
+
+
+@dataclass
+class HttpServer:
+    """A running HTTP API; ``stop()`` drains it."""
+
+    runner: web.AppRunner
+    port: int
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_http(pipeline: Pipeline, host: str, port: int) -> HttpServer:
+    """Serve the API on host:port (0: a free port) on the running loop."""
+    runner = web.AppRunner(
+        OpenAIApi(pipeline).app(),
+        handler_cancellation=True,  # a client that leaves stops its generation
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0]
+    return HttpServer(runner, int(bound[1]))

@@ -1,0 +1,417 @@
+"""The OpenAI HTTP API end to end, driven by the official ``openai`` SDK: real gateway (gRPC
+and HTTP), real router with the fake workers, tandem-tiny's tokenizer for text and chat,
+SQLite store, the test OIDC issuer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from services.engine.tiny import ensure_tiny_model
+from services.engine.tokenizer import Tokenizer
+from services.gateway.api_keys import ApiKeys
+from services.gateway.audit import AuditEvent, AuditLog
+from services.gateway.ledger import Ledger, UsageRecord
+from services.gateway.server import Gateway, GatewayConfig, start_gateway
+from services.router.admission import TokenizerCache
+from tests.gateway.issuer import Issuer
+from tests.router.fakes import MODEL, Behaviour, expected_completion, token_text
+from tests.router.harness import DECODE, FAST, PREFILL, Cluster, cluster, run
+
+PROMPT = [5, 6, 7, 8, 9]
+GHOST = "ghost-model"  # allowed by the policy, served by nobody
+POLICY = f"""
+admin_role = "admin"
+
+[models."{MODEL}"]
+roles = ["model-user"]
+teams = ["ml"]
+
+[models."{GHOST}"]
+teams = ["ml"]
+
+[models.other]
+roles = ["other-user"]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_tiny_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def issuer() -> Iterator[Issuer]:
+    server = Issuer()
+    yield server
+    server.close()
+
+
+@dataclass
+class Stack:
+    gateway: Gateway
+    cluster: Cluster
+    issuer: Issuer
+    tokenizer: Tokenizer
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.http_port}/v1"
+
+    def client(self, api_key: str) -> openai.AsyncOpenAI:
+        # No retries: a 429 or 503 must reach the test as it was sent.
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0)
+        self.clients.append(client)
+        return client
+
+    def key(self, models: list[str] | None = None, **kwargs: object) -> str:
+        minted = ApiKeys(self.gateway.store).mint("ml", models or [MODEL], **kwargs)
+        return minted.secret
+
+    def row(self, request_id: str) -> UsageRecord | None:
+        return Ledger(self.gateway.store).get(request_id)
+
+    def rows(self) -> list[UsageRecord]:
+        usage = Ledger(self.gateway.store)
+        return [r for r in (usage.get(e.request_id) for e in self.audit()) if r is not None]
+
+    def audit(self) -> list[AuditEvent]:
+        return [r.event for r in AuditLog(self.gateway.store).records()]
+
+
+@asynccontextmanager
+async def stack(
+    tmp_path: Path, issuer: Issuer, tiny: Path, limits: str = "", decode: Behaviour | None = None
+) -> AsyncIterator[Stack]:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY + limits)
+    async with cluster(FAST, TokenizerCache(locate=lambda name: tiny)) as c:
+        await c.add("p1", PREFILL)
+        await c.add("d1", DECODE, decode)
+        config = GatewayConfig(
+            router_address=c.router.address,
+            policy_path=policy,
+            store_url=f"sqlite:{tmp_path / 'gateway.db'}",
+            issuer_url=issuer.url,
+            http_port=0,
+        )
+        gateway = await start_gateway(config)
+        s = Stack(gateway, c, issuer, Tokenizer.from_dir(tiny))
+        try:
+            yield s
+        finally:
+            for client in s.clients:
+                await client.close()
+            await gateway.stop(grace=0)
+
+
+def _text(tokens: list[int]) -> str:
+    return "".join(token_text(t) for t in tokens)
+
+
+def _message(error: openai.APIStatusError) -> str:
+    """The error's message as the server sent it (the SDK's ``message`` adds a prefix)."""
+    assert isinstance(error.body, dict)
+    return str(error.body["message"])
+
+
+def _once(s: Stack, request_id: str) -> tuple[UsageRecord, AuditEvent]:
+    """The request's one ledger row and its one audit record."""
+    row = s.row(request_id)
+    assert row is not None
+    events = [e for e in s.audit() if e.request_id == request_id]
+    assert len(events) == 1, events
+    return row, events[0]
+
+
+def test_models_lists_only_the_callers_models(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            mine = s.client(s.key())
+            models = await mine.models.list()
+            assert [m.id for m in models.data] == [MODEL]
+            card = await mine.models.retrieve(MODEL)
+            assert card.id == MODEL and card.object == "model"
+            with pytest.raises(openai.NotFoundError):
+                await mine.models.retrieve("other")
+            # A key for another model sees nothing the router serves.
+            assert (await s.client(s.key(["other"])).models.list()).data == []
+            token = issuer.mint(realm_roles=["model-user"])  # a Keycloak token works too
+            assert [m.id for m in (await s.client(token).models.list()).data] == [MODEL]
+
+    run(body())
+
+
+def test_completion_from_token_ids_and_from_text(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            client = s.client(s.key())
+            raw = await client.completions.with_raw_response.create(
+                model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, seed=3, stop=["zz"]
+            )
+            request_id = raw.headers["x-request-id"]
+            reply = raw.parse()
+            assert reply.id == f"cmpl-{request_id}" and reply.object == "text_completion"
+            [choice] = reply.choices
+            assert choice.text == _text(expected_completion(5, 4))
+            assert choice.finish_reason == "length"
+            assert reply.usage is not None
+            assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (5, 4)
+            assert reply.usage.total_tokens == 9
+            row, event = _once(s, request_id)
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (5, 4, "ok")
+            assert (event.decision, event.reason) == ("allow", "ok")
+            assert event.source.startswith("http:127.0.0.1:")
+
+            text = "The quick brown fox"
+            reply = await client.completions.create(model=MODEL, prompt=[text], max_tokens=2)
+            assert reply.usage is not None
+            assert reply.usage.prompt_tokens == len(s.tokenizer.encode(text))
+
+    run(body())
+
+
+def test_chat_completion_renders_the_template_and_meters_once(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            token = issuer.mint(realm_roles=["model-user"], groups=["/ml"], sub="ann")
+            raw = await s.client(token).chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=[
+                    {"role": "developer", "content": "Be brief."},
+                    {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                ],
+                max_completion_tokens=3,
+                n=1,
+                user="end-user-7",
+            )
+            reply = raw.parse()
+            prompt = s.tokenizer.encode("system: Be brief.\nuser: Hi\nassistant:")
+            assert reply.object == "chat.completion"
+            [choice] = reply.choices
+            assert choice.message.role == "assistant"
+            assert choice.message.content == _text(expected_completion(len(prompt), 3))
+            assert reply.usage is not None
+            assert reply.usage.prompt_tokens == len(prompt)
+            row, event = _once(s, raw.headers["x-request-id"])
+            assert (row.principal, row.team) == ("ann", "ml")
+            assert (row.prompt_tokens, row.completion_tokens) == (len(prompt), 3)
+            assert (event.prompt_tokens, event.completion_tokens) == (len(prompt), 3)
+
+    run(body())
+
+
+def test_streaming_sends_chunks_a_usage_chunk_and_done(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            client = s.client(s.key())
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [c async for c in stream]
+            prompt = len(s.tokenizer.encode("user: Hi\nassistant:"))
+            assert chunks[0].choices[0].delta.role == "assistant"
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert content == _text(expected_completion(prompt, 4))
+            finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+            assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+            assert chunks[-1].choices == [] and chunks[-1].usage is not None
+            assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+                prompt,
+                4,
+            )
+            assert len({c.id for c in chunks}) == 1
+            request_id = chunks[0].id.removeprefix("chatcmpl-")
+            row, _ = _once(s, request_id)
+            assert (row.prompt_tokens, row.completion_tokens) == (prompt, 4)
+
+            # Without include_usage, no usage chunk (as OpenAI); the raw stream ends [DONE].
+            events = await _raw_events(
+                s,
+                "completions",
+                s.key(),
+                {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "stream": True},
+            )
+            assert events[-1] == "[DONE]"
+            parsed = [json.loads(e) for e in events[:-1]]
+            assert all(p["choices"] and p.get("usage") is None for p in parsed)
+            assert "".join(p["choices"][0]["text"] for p in parsed) == _text(
+                expected_completion(5, 2)
+            )
+
+    run(body())
+
+
+async def _raw_events(s: Stack, route: str, key: str, payload: dict[str, object]) -> list[str]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{s.base_url}/{route}", json=payload, headers={"Authorization": f"Bearer {key}"}
+        ) as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        text = await response.text()
+    assert all(part.startswith("data: ") for part in text.split("\n\n") if part)
+    return [part.removeprefix("data: ") for part in text.split("\n\n") if part]
+
+
+def test_credentials_and_model_refusals_are_401_and_403_and_audited(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            for bad in ("not-a-key", "tdm_nope_nope", issuer.mint(azp="someone-else")):
+                with pytest.raises(openai.AuthenticationError) as err:
+                    await s.client(bad).completions.create(model=MODEL, prompt=PROMPT)
+                assert err.value.code == "invalid_api_key"
+            async with aiohttp.ClientSession() as http, http.get(f"{s.base_url}/models") as r:
+                assert r.status == 401
+                assert (await r.json())["error"]["type"] == "invalid_request_error"
+            denied = s.audit()
+            assert [e.decision for e in denied] == ["deny"] * 4
+            assert all(e.reason.startswith("unauthenticated") for e in denied)
+
+            with pytest.raises(openai.PermissionDeniedError) as err:
+                await s.client(s.key(["other"])).chat.completions.create(
+                    model="other", messages=[{"role": "user", "content": "x"}]
+                )
+            assert (err.value.code, err.value.param) == ("model_not_allowed", "model")
+            assert (s.audit()[-1].decision, s.audit()[-1].reason) == ("deny", "model not allowed")
+            assert s.rows() == []  # denials have no ledger row
+
+    run(body())
+
+
+def test_rate_limit_is_429_with_retry_after_and_quota_without(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    limits = "\n[limits.key]\nrequests_per_minute = 1\n\n[limits.team]\ntokens_per_month = 40\n"
+
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir, limits) as s:
+            client = s.client(s.key())
+            await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+            with pytest.raises(openai.RateLimitError) as err:
+                await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+            assert err.value.code == "rate_limit_exceeded"
+            assert 1 <= int(err.value.response.headers["Retry-After"]) <= 60
+            assert "requests_per_minute=1" in err.value.message
+
+            # Another key of the same team: the team's monthly quota (7 used of 40) is next.
+            with pytest.raises(openai.RateLimitError) as err:
+                await s.client(s.key()).completions.create(
+                    model=MODEL, prompt=PROMPT, max_tokens=30
+                )
+            assert err.value.code == "insufficient_quota"
+            assert "Retry-After" not in err.value.response.headers
+            reasons = [e.reason for e in s.audit()]
+            assert reasons[0] == "ok"
+            assert [r.startswith("limit exceeded") for r in reasons[1:]] == [True, True]
+            assert len(s.rows()) == 1
+
+    run(body())
+
+
+def test_bad_input_is_400_naming_the_parameter_and_unknowns_are_404(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            key = s.key([MODEL, GHOST])
+            client = s.client(key)
+            cases: list[tuple[dict[str, object], str]] = [
+                ({"n": 2}, "n"),
+                ({"temperature": -1}, "temperature"),  # checked by the router
+                ({"max_tokens": 0}, "max_tokens"),
+                ({"prompt": ["a", "b"]}, "prompt"),
+                ({"logprobs": 2}, "logprobs"),
+                ({"stop": 5}, "stop"),
+            ]
+            for fields, param in cases:
+                request = {"model": MODEL, "prompt": PROMPT, **fields}
+                with pytest.raises(openai.BadRequestError) as err:
+                    await client.completions.create(**request)  # type: ignore[call-overload]
+                assert err.value.param == param, (fields, err.value.message)
+                assert _message(err.value).startswith(f"{param}:"), err.value.message
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "x"}],
+                    max_completion_tokens=-1,
+                )
+            assert err.value.param == "max_completion_tokens"
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": [{"type": "image_url"}]}],  # type: ignore[list-item]
+                )
+            assert err.value.param == "messages[0].content[0]"
+
+            with pytest.raises(openai.NotFoundError) as err:
+                await client.completions.create(model=GHOST, prompt=PROMPT)
+            assert (err.value.code, err.value.param) == ("model_not_found", "model")
+
+            headers = {"Authorization": f"Bearer {key}"}
+            async with aiohttp.ClientSession(headers=headers) as http:
+                async with http.post(f"{s.base_url}/completions", data=b"{nope") as r:
+                    assert r.status == 400
+                    assert "not valid JSON" in (await r.json())["error"]["message"]
+                async with http.post(f"{s.base_url}/embeddings", json={}) as r:
+                    assert r.status == 404
+                    assert (await r.json())["error"][
+                        "message"
+                    ] == "Invalid URL (POST /v1/embeddings)"
+
+    run(body())
+
+
+def test_a_client_that_disconnects_mid_stream_is_charged_what_was_produced(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        # The decode worker sends two tokens and then waits until it is cancelled.
+        hang = Behaviour(hang_after=2)
+        async with stack(tmp_path, issuer, tiny_model_dir, decode=hang) as s:
+            client = s.client(s.key())
+            stream = await client.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=50, stream=True
+            )
+            received = ""
+            async for chunk in stream:
+                received += chunk.choices[0].text
+                if received == _text(expected_completion(5, 3)):  # prefill's token + 2
+                    break
+            request_id = chunk.id.removeprefix("cmpl-")
+            await stream.close()
+            await asyncio.wait_for(s.cluster.workers["d1"].cancelled.wait(), 5)
+            for _ in range(100):  # the settle runs after the disconnect; audit comes last
+                if any(e.request_id == request_id for e in s.audit()):
+                    break
+                await asyncio.sleep(0.05)
+            row, event = _once(s, request_id)
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (5, 3, "cancelled")
+            assert (event.reason, event.completion_tokens) == ("cancelled", 3)
+
+    run(body())
