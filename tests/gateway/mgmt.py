@@ -87,7 +87,7 @@ class Mgmt:
 
 @asynccontextmanager
 async def management(
-    tmp_path: Path, store_url: str, issuer: Issuer | None = None
+    tmp_path: Path, store_url: str, issuer: Issuer | None = None, metrics_port: int | None = None
 ) -> AsyncIterator[Mgmt]:
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
@@ -96,6 +96,7 @@ async def management(
         policy_path=policy,
         store_url=store_url,
         issuer_url=issuer.url if issuer else None,
+        metrics_port=metrics_port,
     )
     gateway = await start_gateway(config)
     channel = client_channel(gateway.address)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import urllib.request
 from pathlib import Path
 
 import grpc
 
 from services.gateway.api_keys import ApiKeys
+from services.launcher.local import free_port
 from services.stubs.tandem.v1 import admin_pb2
 from tests.gateway import mgmt
 from tests.gateway.issuer import Issuer
@@ -165,3 +168,19 @@ def test_invalid_requests_name_every_bad_field(tmp_path: Path, gateway_store: st
             assert "not found" in m.audit()[-1].reason or "no API key" in m.audit()[-1].reason
 
     asyncio.run(body())
+
+
+def test_metrics_port_serves_prometheus_and_stops(tmp_path: Path) -> None:
+    port = free_port()
+
+    async def body() -> None:
+        async with management(tmp_path, f"sqlite:{tmp_path / 'g.db'}", metrics_port=port) as m:
+            await call(m.admin.ListApiKeys, admin_pb2.ListApiKeysRequest(), None)  # a denial
+            url = f"http://127.0.0.1:{port}/metrics"
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+            assert b"tandem_gateway_decisions_total" in text
+
+    asyncio.run(body())
+    # stopped with the gateway: the port is free again
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
