@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import urllib.request
 from pathlib import Path
@@ -181,6 +182,7 @@ def test_metrics_port_serves_prometheus_and_stops(tmp_path: Path) -> None:
             assert b"tandem_gateway_decisions_total" in text
 
     asyncio.run(body())
-    # stopped with the gateway: the port is free again
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+    # stopped with the gateway: nothing listens there any more
+    with socket.socket() as s, contextlib.suppress(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))
+        raise AssertionError("/metrics still served after the gateway stopped")
