@@ -22,6 +22,8 @@ from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.server import Gateway, GatewayConfig, start_gateway
 from services.router.admission import TokenizerCache
+from services.rpc.server import client_channel
+from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
 from tests.gateway.issuer import Issuer
 from tests.router.fakes import MODEL, Behaviour, expected_completion, token_text
 from tests.router.harness import DECODE, FAST, PREFILL, Cluster, cluster, run
@@ -413,5 +415,66 @@ def test_a_client_that_disconnects_mid_stream_is_charged_what_was_produced(
             row, event = _once(s, request_id)
             assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (5, 3, "cancelled")
             assert (event.reason, event.completion_tokens) == ("cancelled", 3)
+
+    run(body())
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event_and_is_metered_once(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        # The decode worker sends two tokens, then a FINISH_REASON_ERROR and INTERNAL.
+        failing = Behaviour(error_after=2)
+        async with stack(tmp_path, issuer, tiny_model_dir, decode=failing) as s:
+            key = s.key()
+            events = await _raw_events(
+                s,
+                "chat/completions",
+                key,
+                {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True},
+            )
+            assert "[DONE]" not in events
+            *chunks, last = [json.loads(e) for e in events]
+            assert last["error"]["type"] == "server_error"
+            assert "scripted engine failure" in last["error"]["message"]
+            received = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            request_id = chunks[0]["id"].removeprefix("chatcmpl-")
+            row, event = _once(s, request_id)
+            assert row.outcome == "error" and event.decision == "allow"
+            assert row.completion_tokens == received.count(" t") == 3  # prefill's + 2
+
+            # Not streamed: the same failure is a plain 500 (INTERNAL), metered once too.
+            with pytest.raises(openai.InternalServerError) as err:
+                await s.client(key).completions.create(model=MODEL, prompt=PROMPT)
+            assert err.value.status_code == 500
+            request_id = err.value.response.headers["x-request-id"]
+            row, _ = _once(s, request_id)
+            assert (row.outcome, row.completion_tokens) == ("error", 3)
+
+    run(body())
+
+
+def test_grpc_clients_chat_through_the_gateway_too(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            channel = client_channel(s.gateway.address)
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            request = inference_pb2.GenerateRequest(
+                model=MODEL,
+                messages=[inference_pb2.ChatMessage(role="user", content="Hi")],
+                max_tokens=2,
+                request_id="chat-1",
+            )
+            metadata = (("authorization", f"Bearer {s.key()}"),)
+            try:
+                messages = [m async for m in stub.Generate(request, metadata=metadata, timeout=10)]
+            finally:
+                await channel.close()
+            prompt = len(s.tokenizer.encode("user: Hi\nassistant:"))
+            assert messages[-1].usage.prompt_tokens == prompt
+            row, _ = _once(s, "chat-1")
+            assert (row.prompt_tokens, row.completion_tokens) == (prompt, 2)
 
     run(body())
