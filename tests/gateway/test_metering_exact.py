@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 
 from services.gateway.metrics import METRICS
 from tests.gateway import harness
@@ -206,5 +207,34 @@ def test_router_retries_do_not_double_count(tmp_path: Path, issuer: Issuer) -> N
             assert (total.requests, total.prompt_tokens, total.completion_tokens) == (6, 18, 48)
             allows = [e for e in s.audit() if e.decision == "allow"]
             assert sorted(e.request_id for e in allows) == [f"x{i}" for i in range(6)]
+
+    run(body())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (pipeline.py/service.py): the client's request_id is the ledger key, so "
+    "reusing one is served but not metered; the gateway should key the ledger by an id it "
+    "mints",
+)
+def test_a_reused_client_request_id_is_still_metered(tmp_path: Path, issuer: Issuer) -> None:
+    """Each served request must be metered, whatever request_id the client sends: another
+    tenant (or the same one, replaying) must not be able to ride on an existing row."""
+
+    async def body() -> None:
+        store = f"sqlite:{tmp_path / 'gw.db'}"
+        async with stack(tmp_path, store, issuer.url) as s:
+            for sub, team in (("ann", "ml"), ("ann", "ml"), ("eve", "data")):
+                reply = await s.generate(
+                    token(issuer, sub=sub, team=team),
+                    prompt_token_ids=[1, 2, 3],
+                    max_tokens=4,
+                    request_id="same-id",
+                )
+                assert (reply.code, reply.tokens) == (grpc.StatusCode.OK, 4)
+            await asyncio.sleep(0.2)
+            totals = {dict(t.group)["team"]: t for t in s.ledger.usage(0, 2**40, ("team",))}
+            assert totals["ml"].requests == 2 and totals["ml"].completion_tokens == 8
+            assert totals["data"].requests == 1 and totals["data"].completion_tokens == 4
 
     run(body())
