@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import grpc
 import openai
 import pytest
 
@@ -478,3 +479,30 @@ def test_grpc_clients_chat_through_the_gateway_too(
             assert (row.prompt_tokens, row.completion_tokens) == (prompt, 2)
 
     run(body())
+
+
+def test_no_worker_left_is_503_and_wrong_methods_are_405(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        broken = Behaviour(fail_code=grpc.StatusCode.UNAVAILABLE)
+        async with stack(tmp_path, issuer, tiny_model_dir, decode=broken) as s:
+            key = s.key()
+            with pytest.raises(openai.InternalServerError) as err:
+                await s.client(key).completions.create(model=MODEL, prompt=PROMPT)
+            assert err.value.status_code == 503
+            assert _error_code(err.value) == "service_unavailable"
+            row, _ = _once(s, err.value.response.headers["x-request-id"])
+            # The prefill's token was produced before the decode failed: charged, as on gRPC,
+            # although a non-streaming client never sees it.
+            assert (row.outcome, row.prompt_tokens, row.completion_tokens) == ("error", 5, 1)
+            async with aiohttp.ClientSession() as http, http.get(f"{s.base_url}/completions") as r:
+                assert r.status == 405
+                assert (await r.json())["error"]["type"] == "invalid_request_error"
+
+    run(body())
+
+
+def _error_code(error: openai.APIStatusError) -> object:
+    assert isinstance(error.body, dict)
+    return error.body["code"]
