@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.cli import arg_types
+from services.cli import arg_types, up_ray
 
 SUMMARY = "run the gateway, router and prefill/decode workers as local processes"
 ROUTING_POLICIES = ("kv-aware", "round-robin", "least-loaded")
@@ -99,10 +99,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="GIB",
         help="KV cache memory per worker in GiB (default 1.0)",
     )
+    up_ray.add_ray_arg(parser)
     parser.set_defaults(handler=_up)
 
 
 def _up(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        return up_ray.run(args)
     from services.engine.model_source import resolve_model
     from services.launcher.local import ClusterConfig, LocalCluster
 
