@@ -15,7 +15,9 @@ settle, write one ledger row and one audit record to SQLite.
    strictly alternating one request each way, one at a time, so noise hits both equally.
    Reported: TTFT (first token-bearing message) and end-to-end per path, and the gateway's
    added latency as p50(gateway) − p50(direct) and p99(gateway) − p99(direct), plus the
-   p50/p99 of the per-pair differences. Targets: p50 added ≤ 2 ms, p99 ≤ 10 ms.
+   p50/p99 of the per-pair differences. Targets: p50 added ≤ 2 ms, p99 ≤ 10 ms. The
+   gateway's ablations (``VARIANTS``) and a bare relay (``Proxy``: no auth, limits or
+   metering, same pinning) run in the same rotation, to split the cost.
 2. **Maximum requests/s on one core.** An instant upstream (an Inference server in another
    process that answers every Generate with one message of 8 tokens and usage) sits behind
    the gateway; ``--concurrency`` closed-loop clients drive it for ``--duration`` seconds.
@@ -283,6 +285,31 @@ def gateway_process(
         Path(breakdown).write_text(json.dumps(summary, indent=1))
 
 
+class Proxy(inference_pb2_grpc.InferenceServicer):
+    """A bare relay: no auth, limits or metering; what a Python gRPC hop costs by itself."""
+
+    def __init__(self, upstream: Any) -> None:
+        self._upstream = upstream
+
+    async def Generate(self, request: Any, context: Any) -> Any:
+        async for message in self._upstream.Generate(request, timeout=context.time_remaining()):
+            yield message
+
+
+def proxy_process(ready: Any, upstream: str) -> None:
+    _pin({GATEWAY_CORE})
+    from services.rpc.server import Servicer, client_channel, start_server
+
+    async def start() -> Any:
+        stub = inference_pb2_grpc.InferenceStub(client_channel(upstream))
+        servicer = Servicer(
+            Proxy(stub), inference_pb2_grpc.add_InferenceServicer_to_server, "tandem.v1.Inference"
+        )
+        return await start_server([servicer])
+
+    _serve_forever(start, ready)
+
+
 def spawn(target: Any, *args: Any) -> tuple[mp.Process, int]:
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
@@ -452,6 +479,9 @@ def latency_phase(issuer_url: str, token: str, pairs: int, work: Path) -> dict[s
             proc, port = spawn(gateway_process, upstream, issuer_url, str(workdir), variant)
             procs.append(proc)
             paths["gateway" if variant == "full" else f"gateway_{variant}"] = f"127.0.0.1:{port}"
+        proc, port = spawn(proxy_process, upstream)
+        procs.append(proc)
+        paths["bare_proxy"] = f"127.0.0.1:{port}"
         out = asyncio.run(latency(paths, token, pairs))
     finally:
         for proc in procs:
