@@ -103,6 +103,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve Prometheus /metrics (requests, tokens, decisions, limit rejections per "
         "team and model) on this port (default 0: off)",
     )
+    parser.add_argument(
+        "--http-port",
+        type=arg_types.port,
+        default=0,
+        metavar="P",
+        help="also serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+        "/v1/chat/completions) on this port, same credentials and policy as gRPC "
+        "(default 0: off)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -122,6 +131,8 @@ def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         redis_url=args.redis or None,
         limits_on_store_failure=args.limits_on_store_failure,
         metrics_port=args.metrics_port or None,
+        http_port=args.http_port or None,
+        http_host=args.host,
     )
 
 

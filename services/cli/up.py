@@ -59,6 +59,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "default 50051",
     )
     parser.add_argument(
+        "--http-port",
+        type=arg_types.port,
+        default=8000,
+        metavar="P",
+        help="port of the gateway's OpenAI-compatible HTTP API (http://127.0.0.1:P/v1); "
+        "0 turns it off (default 8000; none with --no-gateway)",
+    )
+    parser.add_argument(
         "--policy",
         dest="policy_file",
         metavar="FILE",
@@ -115,7 +123,9 @@ def _up(args: argparse.Namespace) -> int:
     resolve_model(args.model)  # build tandem-tiny once here, not in every worker at once
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-up-"))
     worker_args = ("--kv-cache-gib", str(args.kv_cache_gib)) if args.kv_cache_gib else ()
-    gateway, secret = (None, None) if policy is None else _gateway(policy, log_dir, args.model)
+    gateway, secret = (
+        (None, None) if policy is None else _gateway(policy, log_dir, args.model, args.http_port)
+    )
     cluster = LocalCluster(
         ClusterConfig(
             model=args.model,
@@ -175,7 +185,9 @@ def _policy_file(args: argparse.Namespace) -> Path:
     return path
 
 
-def _gateway(policy: Path, state_dir: Path, model: str):  # type: ignore[no-untyped-def]
+def _gateway(  # type: ignore[no-untyped-def]
+    policy: Path, state_dir: Path, model: str, http_port: int = 0
+):
     """The GatewaySpec for this run and a fresh admin key's secret (the last run's revoked)."""
     from services.gateway.api_keys import ApiKeys
     from services.gateway.store import open_store
@@ -183,6 +195,7 @@ def _gateway(policy: Path, state_dir: Path, model: str):  # type: ignore[no-unty
 
     state_dir.mkdir(parents=True, exist_ok=True)
     store_url = f"sqlite:{state_dir / 'gateway.db'}"
+    http_args = ("--http-port", str(http_port)) if http_port else ()
     with open_store(store_url) as store:
         keys = ApiKeys(store)
         for old in keys.list():
@@ -195,13 +208,19 @@ def _gateway(policy: Path, state_dir: Path, model: str):  # type: ignore[no-unty
             admin=True,
             description="tandem up admin key (revoked by the next tandem up on this store)",
         )
-    return GatewaySpec(policy=policy, store=store_url), minted.secret
+    return GatewaySpec(policy=policy, store=store_url, args=http_args), minted.secret
 
 
 def _where_to_connect(args: argparse.Namespace, address: str, secret: str | None) -> str:
     """The one line saying where to connect (and, with a gateway, the key to use)."""
     mode = "aggregated" if args.prefill == 0 else "disaggregated"
     try_it = f"tandem generate --target {address} --prompt 'Hello' --max-tokens 16"
+    host = address.rsplit(":", 1)[0]
+    http = (
+        f" (OpenAI-compatible HTTP API: http://{host}:{args.http_port}/v1)"
+        if args.http_port
+        else ""
+    )
     if secret is None:
         return (
             f"Tandem is up ({mode}, model {args.model}, no gateway): connect to {address} "
@@ -210,7 +229,7 @@ def _where_to_connect(args: argparse.Namespace, address: str, secret: str | None
     return (
         f"Tandem is up ({mode}, model {args.model}): connect to {address} (tandem.v1.Inference "
         f"through the gateway, with an API key); admin key, shown only now: "
-        f"export TANDEM_API_KEY={secret} ; then try: {try_it}. Ctrl-C stops everything."
+        f"export TANDEM_API_KEY={secret} ; then try: {try_it}{http}. Ctrl-C stops everything."
     )
 
 

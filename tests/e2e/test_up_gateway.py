@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import openai
 
 from services.launcher.local import free_port
 from services.stubs.tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
@@ -32,10 +33,11 @@ def _wait_up(process: subprocess.Popen, timeout_s: float = 180.0) -> str:
 
 
 def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_home: Path) -> None:
-    port, state = free_port(), tmp_path / "state"
+    port, http_port, state = free_port(), free_port(), tmp_path / "state"
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "up", "--prefill", "0", "--decode", "1",
-         "--port", str(port), "--state-dir", str(state), "--kv-cache-gib", "0.25"],
+         "--port", str(port), "--state-dir", str(state), "--kv-cache-gib", "0.25",
+         "--http-port", str(http_port)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
@@ -73,6 +75,14 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
             assert [(r.model, r.requests, r.completion_tokens) for r in usage.rows] == [
                 ("tandem-tiny", 1, 4)
             ]
+        # the same key opens the OpenAI-compatible HTTP API, whose address the line names
+        assert f"http://127.0.0.1:{http_port}/v1" in line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=secret)
+        assert [m.id for m in client.models.list().data] == ["tandem-tiny"]
+        completion = client.completions.create(
+            model="tandem-tiny", prompt=[5, 6, 7, 8], max_tokens=3, temperature=0
+        )
+        assert completion.usage.completion_tokens == 3
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
