@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 
 from services.cli import arg_types
+from services.cli.telemetry_args import add_tracing_arg
+from services.cli.telemetry_args import configure as configure_tracing
 
 DEFAULT_STORE = "sqlite:tandem-gateway.db"
 DEFAULT_AUDIENCE = "tandem-gateway"
@@ -112,6 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/v1/chat/completions) on this port, same credentials and policy as gRPC "
         "(default 0: off)",
     )
+    add_tracing_arg(parser)
     parser.set_defaults(handler=run)
 
 
@@ -142,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     logging.getLogger("services.gateway").setLevel(logging.INFO)
+    # before the server and the router channel exist: both take their interceptors then
+    configure_tracing(args, "tandem-gateway")
     try:
         asyncio.run(serve(gateway_config(args)))
     except OSError as exc:  # the port is taken, or the host is not this machine's

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from services.cli import arg_types, up_ray
+from services.cli.telemetry_args import add_tracing_arg
 
 SUMMARY = "run the gateway, router and prefill/decode workers as local processes"
 ROUTING_POLICIES = ("kv-aware", "round-robin", "least-loaded")
@@ -107,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="GIB",
         help="KV cache memory per worker in GiB (default 1.0)",
     )
+    add_tracing_arg(parser)  # passed on to every child: one trace per request
     up_ray.add_ray_arg(parser)
     parser.set_defaults(handler=_up)
 
@@ -137,6 +139,7 @@ def _up(args: argparse.Namespace) -> int:
             worker_args=worker_args,
             log_dir=log_dir,
             gateway=gateway,
+            trace_exporter=args.trace_exporter,
         )
     )
     front = "" if gateway is None else "a gateway, "

@@ -48,6 +48,13 @@ from services.gateway.identity import AuthenticationError
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.limits import Admission, LimitExceeded, Limits, Reservation, Scope
 from services.gateway.policy import LIMIT_FIELDS, Policy
+from services.gateway.tracing import (
+    annotate,
+    identity_attributes,
+    step_attributes,
+    traced,
+    usage_attributes,
+)
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -163,8 +170,14 @@ class Pipeline:
 
     async def authenticate(self, call: CallInfo, model: str = "") -> Identity:
         """The caller; GatewayError(UNAUTHENTICATED), audited as a denial, otherwise."""
+        attributes = step_attributes(call.request_id, model)
+        return await traced("authenticate", self._authenticate(call, model), attributes)
+
+    async def _authenticate(self, call: CallInfo, model: str) -> Identity:
         try:
-            return await self.authenticator.authenticate(call.metadata)
+            who = await self.authenticator.authenticate(call.metadata)
+            annotate(identity_attributes(who))
+            return who
         except AuthenticationError as exc:
             missing = isinstance(exc, MissingCredential)
             reason = "CREDENTIAL_MISSING" if missing else "CREDENTIAL_INVALID"
@@ -201,10 +214,16 @@ class Pipeline:
         Refusals raise GatewayError before the first message; an upstream failure raises
         it after the settle, following whatever messages were relayed.
         """
-        await self._authorize(who, request.model, call)
+        attributes = step_attributes(call.request_id, request.model, who)
+        await traced("authorize", self._authorize(who, request.model, call), attributes)
         prompt = prompt_estimate(request)
         max_tokens = request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        reservation = await self._reserve(who, request.model, call, prompt + max(0, max_tokens))
+        estimate = prompt + max(0, max_tokens)
+        reservation = await traced(
+            "admit",
+            self._reserve(who, request.model, call, estimate),
+            {**attributes, "tandem.gateway.tokens_reserved": estimate},
+        )
         forwarded = inference_pb2.GenerateRequest()
         forwarded.CopyFrom(request)
         forwarded.request_id = call.request_id
@@ -224,7 +243,11 @@ class Pipeline:
             stream.cancel()
             raise
         finally:
-            settle = self._settle(who, request.model, call, reservation, prompt, relay)
+            settle = traced(
+                "settle",
+                self._settle(who, request.model, call, reservation, prompt, relay),
+                attributes,
+            )
             done = asyncio.ensure_future(settle)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(done)  # if cancelled again, the settle still finishes
@@ -279,6 +302,7 @@ class Pipeline:
         relay: _Relay,
     ) -> None:
         prompt_tokens, completion, cached, outcome, reason = _counts(prompt, relay)
+        annotate(usage_attributes(prompt_tokens, completion, cached, outcome))
         request_id = call.request_id
         try:
             if prompt_tokens + completion:

@@ -69,6 +69,10 @@ class ClusterConfig:
     """How long to wait for every service to be SERVING and registered."""
     gateway: GatewaySpec | None = None
     """Put a gateway on ``port`` in front of the router; None: clients call the router."""
+    trace_exporter: str = "none"
+    """``--trace-exporter`` for every child (gateway, router, workers): one trace per request
+    across all of them. OTLP endpoints come from the OTEL_EXPORTER_OTLP_* variables, which
+    the children inherit."""
 
 
 @dataclass
@@ -173,6 +177,8 @@ class LocalCluster:
         self._spawn("gateway", cfg.port, args, metrics_port)
 
     def _spawn(self, name: str, port: int, args: list[str], metrics_port: int = 0) -> None:
+        if self.config.trace_exporter != "none":
+            args = [*args, "--trace-exporter", self.config.trace_exporter]
         out = None
         log_path = None
         if self.config.log_dir is not None:
