@@ -4,7 +4,9 @@ Each record has a consecutive ``id`` (1, 2, …) and carries
 ``hash = SHA-256(prev_hash ‖ canonical JSON of the record)``, where ``prev_hash`` is the
 previous record's hash (the first record's is :data:`GENESIS_HASH`) and the canonical JSON
 (sorted keys, no spaces, UTF-8) covers every field including ``id`` and the time. Prompt text
-is never recorded.
+is never recorded. ``client_request_id`` (added later) is written only when set, so a record
+without one has exactly the body it had before the field existed; verification hashes the
+stored body, so records from either time check out.
 
 :meth:`AuditLog.verify_chain` walks the log in ``id`` order and returns the id of the first
 record that does not check out, or None:
@@ -56,7 +58,7 @@ class AuditEvent:
     model: str = ""
     """The model asked for, when known."""
     request_id: str = ""
-    """The request's id, joining the record to the ledger."""
+    """The gateway's id for the request, joining the record to the ledger."""
     client: str = ""
     """The OIDC client (``azp``) or API key id."""
     source: str = ""
@@ -67,6 +69,8 @@ class AuditEvent:
     """Completion tokens, when settled."""
     time: float = field(default_factory=time.time)
     """When the decision was made, seconds since the epoch."""
+    client_request_id: str = ""
+    """The id the client sent, if any (not unique; for correlation only)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,8 @@ def chain_hash(prev_hash: str, record_id: int, time_us: int, body: str) -> str:
 def _body(event: AuditEvent) -> dict[str, object]:
     fields = asdict(event)
     del fields["time"]
+    if not fields["client_request_id"]:  # keep the pre-field body (see the module docstring)
+        del fields["client_request_id"]
     return fields
 
 

@@ -2,7 +2,10 @@
 
 ``request_id`` is the row's primary key and inserts use ``ON CONFLICT DO NOTHING``, so a
 retried settle (the router retrying, a replayed stream end) never counts a request twice:
-the first settlement wins and later ones report ``False``. The metering counters
+the first settlement wins and later ones report ``False``. The key is an id the gateway
+mints per call, never the client's: a client that reused its own (or another tenant's) id
+would otherwise be served without a row. The client's id is kept in ``client_request_id``
+for correlation only; :meth:`Ledger.find` looks rows up by it. The metering counters
 (:mod:`services.gateway.metrics`) are incremented only when a row is new, after the commit,
 so they match the ledger's sums exactly. Usage queries sum rows over a
 half-open time range ``[start, end)``, grouped by any of team, model, principal and key id.
@@ -26,7 +29,7 @@ class UsageRecord:
     """One settled request."""
 
     request_id: str
-    """Unique per request; the ledger's idempotency key."""
+    """The gateway's id for the request (minted per call); the ledger's idempotency key."""
     principal: str
     """Who made the request (token subject or ``key:<id>``)."""
     team: str
@@ -47,6 +50,8 @@ class UsageRecord:
     """The API key used, if any."""
     time: float = field(default_factory=time.time)
     """Settlement time, seconds since the epoch."""
+    client_request_id: str = ""
+    """The id the client sent, if any: not unique, for correlation only."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,9 @@ class Ledger:
         with self._store.transaction() as tx:
             changed = tx.execute(
                 "INSERT INTO usage_ledger (request_id, principal, team, key_id, model,"
-                " prompt_tokens, completion_tokens, cached_tokens, latency_ms, outcome, time_us)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                " prompt_tokens, completion_tokens, cached_tokens, latency_ms, outcome, time_us,"
+                " client_request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (request_id) DO NOTHING",
                 (
                     rec.request_id,
                     rec.principal,
@@ -100,6 +106,7 @@ class Ledger:
                     float(rec.latency_ms),
                     rec.outcome,
                     round(rec.time * 1e6),
+                    rec.client_request_id,
                 ),
             )
         new = changed == 1
@@ -134,21 +141,44 @@ class Ledger:
         return tuple(_total(columns, row) for row in rows if row[len(columns)])
 
     def get(self, request_id: str) -> UsageRecord | None:
-        """The row recorded for this request, or None."""
+        """The row recorded for this request (the gateway's id), or None."""
         with self._store.transaction() as tx:
-            row = tx.fetchone(
-                "SELECT request_id, principal, team, model, prompt_tokens, completion_tokens,"
-                " cached_tokens, latency_ms, outcome, key_id, time_us"
-                " FROM usage_ledger WHERE request_id = ?",
-                (request_id,),
+            row = tx.fetchone(f"{_SELECT_ROW} WHERE request_id = ?", (request_id,))
+        return None if row is None else _record(row)
+
+    def find(self, principal: str, client_request_id: str) -> tuple[UsageRecord, ...]:
+        """Every row of ``principal`` whose client sent ``client_request_id``, oldest first.
+
+        For support and debugging: a caller knows only its own id, which need not be unique
+        (a client may reuse one), so this can return several rows; scoped to one principal so
+        one tenant's ids never surface another's rows.
+        """
+        if not client_request_id:
+            raise InvalidRequestError("client_request_id", "must be a non-empty string")
+        with self._store.transaction() as tx:
+            rows = tx.fetchall(
+                f"{_SELECT_ROW} WHERE principal = ? AND client_request_id = ?"
+                " ORDER BY time_us, request_id",
+                (principal, client_request_id),
             )
-        if row is None:
-            return None
-        *head, time_us = row
-        return UsageRecord(*head, time=int(time_us) / 1e6)
+        return tuple(_record(row) for row in rows)
 
 
 _SUMMED = ("prompt_tokens", "completion_tokens", "cached_tokens")
+_SELECT_ROW = (
+    "SELECT request_id, principal, team, model, prompt_tokens, completion_tokens,"
+    " cached_tokens, latency_ms, outcome, key_id, time_us, client_request_id FROM usage_ledger"
+)
+
+
+def _record(row: tuple[object, ...]) -> UsageRecord:
+    """A :data:`_SELECT_ROW` row as a record (times are stored in microseconds)."""
+    *head, time_us, client_request_id = row
+    return UsageRecord(
+        *head,  # type: ignore[arg-type]
+        time=int(time_us) / 1e6,  # type: ignore[call-overload]
+        client_request_id=str(client_request_id or ""),
+    )
 
 
 def _total(columns: tuple[str, ...], row: tuple[object, ...]) -> UsageTotal:

@@ -100,6 +100,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE api_keys ADD COLUMN description TEXT NOT NULL DEFAULT ''",
         ),
     ),
+    Migration(
+        version=3,
+        description="usage_ledger.client_request_id (the caller's id, for correlation only)",
+        statements=(
+            # The primary key is the id the gateway mints; the client's own id is not unique
+            # (clients reuse ids), so it is kept beside it and indexed per principal.
+            "ALTER TABLE usage_ledger ADD COLUMN client_request_id TEXT NOT NULL DEFAULT ''",
+            "CREATE INDEX IF NOT EXISTS usage_ledger_client"
+            " ON usage_ledger (principal, client_request_id)",
+        ),
+    ),
 )
 
 _BINARY_TYPE = {"sqlite": "BLOB", "postgresql": "BYTEA"}

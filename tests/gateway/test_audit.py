@@ -108,3 +108,30 @@ def test_no_prompt_text_and_bad_events_refused(store: Store) -> None:
     log.append(AuditEvent(principal="u", decision="allow", reason="ok", prompt_tokens=12))
     (row,) = all_rows(store, "audit_log")
     assert "prompt_tokens" in row[2] and 'prompt"' not in row[2]
+
+
+def test_client_request_id_is_recorded_only_when_set(store: Store) -> None:
+    """Records without one keep the body they had before the field existed, so a chain
+    mixing both (an upgraded gateway appending to an old log) still verifies."""
+    log = AuditLog(store)
+    old_body = '{"decision":"allow","principal":"old","reason":"ok"}'
+    with store.transaction() as tx:  # as a gateway from before the field wrote it
+        tx.execute(
+            "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) VALUES (1, 5, ?, ?, ?)",
+            (old_body, GENESIS_HASH, chain_hash(GENESIS_HASH, 1, 5, old_body)),
+        )
+    log.append(AuditEvent(principal="u", decision="allow", reason="ok", request_id="g1"))
+    log.append(
+        AuditEvent(
+            principal="u", decision="allow", reason="ok", request_id="g2", client_request_id="c"
+        )
+    )
+    bodies = [str(row[2]) for row in sorted(all_rows(store, "audit_log"))]
+    assert "client_request_id" not in bodies[1] and '"client_request_id":"c"' in bodies[2]
+    events = [r.event for r in log.records()]
+    assert [(e.request_id, e.client_request_id) for e in events] == [
+        ("", ""),
+        ("g1", ""),
+        ("g2", "c"),
+    ]
+    assert log.verify_chain() is None

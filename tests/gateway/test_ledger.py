@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from services.engine.errors import InvalidRequestError
+from services.gateway import store as store_module
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.store import Store
 from tests.gateway.conftest import StoreFactory
@@ -125,3 +126,42 @@ def test_bad_records_and_queries_are_refused(store: Store) -> None:
         ledger.record(_rec(1, request_id=""))
     with pytest.raises(InvalidRequestError, match="group_by"):
         ledger.usage(T0, T0 + 1, group_by=("team; DROP TABLE usage_ledger",))
+
+
+def test_rows_are_found_by_principal_and_client_request_id(store: Store) -> None:
+    """The client's id is not a key: reused, it finds every row, but only the caller's."""
+    ledger = Ledger(store)
+    mine = [_rec(i, principal="ann", client_request_id="abc") for i in (1, 2)]
+    theirs = _rec(3, principal="eve", client_request_id="abc")
+    for rec in (*mine, theirs, _rec(4, principal="ann")):
+        assert ledger.record(rec) is True
+    assert ledger.find("ann", "abc") == tuple(mine)  # oldest first
+    assert ledger.find("eve", "abc") == (theirs,)
+    assert ledger.find("ann", "nope") == ()
+    assert ledger.get("req-4") == _rec(4, principal="ann")  # no client id: stored as ""
+    with pytest.raises(InvalidRequestError, match="client_request_id"):
+        ledger.find("ann", "")
+
+
+def test_migration_3_keeps_rows_written_before_it(
+    open_same: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database from before ``client_request_id`` migrates in place; old rows read as ""."""
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:2])
+        old = open_same()
+        assert old.schema_version() == 2
+        with old.transaction() as tx:
+            tx.execute(
+                "INSERT INTO usage_ledger (request_id, principal, team, key_id, model,"
+                " prompt_tokens, completion_tokens, cached_tokens, latency_ms, outcome, time_us)"
+                " VALUES ('old', 'ann', 'ml', NULL, 'm', 3, 4, 0, 1.5, 'ok', 1700000000000000)"
+            )
+    new = open_same()
+    assert new.schema_version() == 3
+    ledger = Ledger(new)
+    row = ledger.get("old")
+    assert row is not None and row.client_request_id == ""
+    assert (row.prompt_tokens, row.completion_tokens, row.time) == (3, 4, T0)
+    assert ledger.record(_rec(5, client_request_id="abc")) is True
+    assert ledger.find("user-2", "abc") == (_rec(5, client_request_id="abc"),)
