@@ -6,7 +6,9 @@ counts happens exactly once, so retries and duplicated settles never double-coun
 - ``tandem_gateway_requests_total{team, model, outcome}`` and the token counters
   ``tandem_gateway_{prompt,completion,cached}_tokens_total{team, model}``: when the ledger
   inserts a request id for the first time (:meth:`GatewayMetrics.settled`, called by
-  ``Ledger.record``; a second settle of the same id inserts nothing and counts nothing).
+  ``Ledger.record``; a second settle of the same id inserts nothing and counts nothing). The
+  id is the one the gateway mints per call, so a client that reuses its own is counted
+  every time it is served.
 - ``tandem_gateway_decisions_total{team, model, decision, reason}``: on each committed audit
   append (:meth:`GatewayMetrics.decided`, called by ``AuditLog.append``); ``reason`` is a
   class, not the audit text (see :func:`reason_class`).

@@ -16,10 +16,11 @@ Generate, step by step:
    completion_tokens``; on an error or cancellation (a gRPC cancel, an HTTP client that went
    away, a consumer that stopped iterating) with the prompt estimate plus the tokens already
    relayed, or it releases the reservation when no token was produced. The same numbers go
-   into one ledger row (idempotent on the request id) and one audit record (allow, with the
-   outcome as its reason). The settle is shielded from cancellation, so a second cancel does
-   not cut it short. Denials get one audit record (deny + reason) and no ledger row. Prompt
-   text is never logged or audited.
+   into one ledger row (idempotent on the gateway's request id, never the client's: see
+   :class:`CallInfo`) and one audit record (allow, with the outcome as its reason). The
+   settle is shielded from cancellation, so a second cancel does not cut it short. Denials
+   get one audit record (deny + reason) and no ledger row. Prompt text is never logged or
+   audited.
 
 Every refusal and upstream failure is a :class:`GatewayError` carrying a ``google.rpc.Status``
 (code, message, details): gRPC sends it as is, HTTP maps it to a status code and body.
@@ -123,7 +124,13 @@ class CallInfo:
     """What a transport knows about one call."""
 
     request_id: str
-    """The request's id: the caller's, or one the transport assigned."""
+    """The gateway's id for the request, minted by the transport for every call: the ledger's
+    key, the audit record's ``request_id`` and the id the router sees (its retries dedupe on
+    it). Never the client's, which a client may reuse to dodge metering or collide with
+    another tenant's."""
+    client_request_id: str = ""
+    """The id the client sent, if any: stored beside the gateway's for correlation, and put
+    back on relayed messages so the client sees the id it chose."""
     metadata: Iterable[tuple[str, str | bytes]] = ()
     """Headers or metadata holding ``authorization: Bearer …`` (only that one is read)."""
     peer: str = ""
@@ -189,6 +196,7 @@ class Pipeline:
                     model=model,
                     request_id=call.request_id,
                     source=call.peer,
+                    client_request_id=call.client_request_id,
                 )
             )
             raise GatewayError(status_details.unauthenticated(str(exc), reason)) from exc
@@ -232,6 +240,8 @@ class Pipeline:
         stream = self.router.Generate(forwarded, timeout=call.time_remaining())
         try:
             async for message in stream:
+                if call.client_request_id:  # the router echoes our id; show the client its own
+                    message.request_id = call.client_request_id
                 relay.streamed += len(message.token_ids)
                 if message.finish_reason:
                     relay.final = message
@@ -324,6 +334,7 @@ class Pipeline:
             latency_ms=(time.monotonic() - call.started) * 1000,
             outcome=outcome,
             key_id=who.key_id,
+            client_request_id=call.client_request_id,
         )
         try:
             await asyncio.to_thread(self.ledger.record, record)
@@ -354,6 +365,7 @@ class Pipeline:
             request_id=call.request_id,
             client=who.client,
             source=call.peer,
+            client_request_id=call.client_request_id,
         )
 
 

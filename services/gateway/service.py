@@ -5,6 +5,11 @@ Authentication, authorization, admission, forwarding and the settle live in
 the call (metadata, peer, deadline) and turns a :class:`GatewayError` into the call's status:
 with its google.rpc details (ErrorInfo, QuotaFailure, RetryInfo, BadRequest) when it has
 some, or as the router's plain code and message when it relays an upstream failure.
+
+Every Generate call gets an id the gateway mints (the ledger's key, the audit record's id, the
+id the router sees), sent to the caller as initial metadata ``x-request-id``. The id the
+client put in ``request_id`` is kept for correlation only and stays the id on the messages it
+receives (see :class:`CallInfo`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from services.gateway.pipeline import (
 from services.gateway.policy import Policy
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
 
-__all__ = ["DEFAULT_MAX_TOKENS", "GatewayService", "prompt_estimate"]
+__all__ = ["DEFAULT_MAX_TOKENS", "REQUEST_ID_HEADER", "GatewayService", "prompt_estimate"]
+
+REQUEST_ID_HEADER = "x-request-id"
+"""Initial metadata carrying the gateway's id for the call (as the HTTP API's header does)."""
 
 
 class GatewayService(inference_pb2_grpc.InferenceServicer):
@@ -50,7 +58,9 @@ class GatewayService(inference_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        call = _call_info(context, request.request_id or uuid.uuid4().hex)
+        call = _call_info(context, uuid.uuid4().hex, request.request_id)
+        # First, so the caller has the id to quote even when the call is refused.
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
         try:
             who = await self.pipeline.authenticate(call, request.model)
             async with aclosing(self.pipeline.generate(who, request, call)) as stream:
@@ -71,9 +81,12 @@ class GatewayService(inference_pb2_grpc.InferenceServicer):
             raise  # abort raises; this is never reached
 
 
-def _call_info(context: grpc.aio.ServicerContext, request_id: str) -> CallInfo:
+def _call_info(
+    context: grpc.aio.ServicerContext, request_id: str, client_request_id: str = ""
+) -> CallInfo:
     return CallInfo(
         request_id=request_id,
+        client_request_id=client_request_id,
         metadata=context.invocation_metadata() or (),
         peer=context.peer() or "",
         time_remaining=context.time_remaining,

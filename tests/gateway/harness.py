@@ -180,6 +180,8 @@ class Reply:
     messages: list[inference_pb2.GenerateResponse] = field(default_factory=list)
     code: grpc.StatusCode = grpc.StatusCode.OK
     details: str = ""
+    request_id: str = ""
+    """The gateway's id for the call (initial metadata ``x-request-id``): the ledger's key."""
 
     @property
     def tokens(self) -> int:
@@ -228,6 +230,7 @@ class Stack:
         )
         reply = Reply()
         if cancel_when is not None:
+            reply.request_id = await gateway_id(call)  # sent first, before any policy step
             await asyncio.wait_for(cancel_when.wait(), timeout)
             call.cancel()
             reply.code = grpc.StatusCode.CANCELLED
@@ -241,7 +244,15 @@ class Stack:
                     break
         except grpc.aio.AioRpcError as err:
             reply.code, reply.details = err.code(), err.details() or ""
+        reply.request_id = await gateway_id(call)
         return reply
+
+
+async def gateway_id(call: grpc.aio.UnaryStreamCall) -> str:
+    """The gateway's id for ``call``, from its initial metadata ``x-request-id``."""
+    ids = [str(v) for k, v in await call.initial_metadata() or () if k == "x-request-id"]
+    assert len(ids) == 1, ids
+    return ids[0]
 
 
 @asynccontextmanager

@@ -18,6 +18,7 @@ from services.gateway.ledger import Ledger
 from services.gateway.server import Gateway, GatewayConfig, start_gateway
 from services.rpc.server import client_channel
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
+from tests.gateway.harness import gateway_id
 from tests.gateway.issuer import Issuer
 from tests.router.fakes import MODEL, expected_completion
 from tests.router.harness import DECODE, PREFILL, cluster, run
@@ -103,13 +104,39 @@ def test_token_streams_and_records_exact_usage(tmp_path: Path, issuer: Issuer) -
             assert [t for m in messages for t in m.token_ids] == expected_completion(5, 4)
             finals = [m for m in messages if m.finish_reason]
             assert len(finals) == 1 and finals[0] is messages[-1]
-            row = s.ledger.get("r1")
+            assert {m.request_id for m in messages} == {"r1"}  # the client's id, as it sent it
+            minted = await gateway_id(call)
+            assert minted != "r1" and s.ledger.get("r1") is None
+            row = s.ledger.get(minted)
             assert row is not None
+            assert (row.request_id, row.client_request_id) == (minted, "r1")
             assert (row.principal, row.team, row.model) == ("ann", "ml", MODEL)
             assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (5, 4, "ok")
+            assert s.ledger.find("ann", "r1") == (row,)
+            assert s.ledger.find("bob", "r1") == ()  # scoped to the principal
             [event] = s.audit()
-            assert (event.decision, event.reason, event.request_id) == ("allow", "ok", "r1")
+            assert (event.decision, event.reason, event.request_id) == ("allow", "ok", minted)
+            assert event.client_request_id == "r1"
             assert (event.prompt_tokens, event.completion_tokens) == (5, 4)
+
+    run(body())
+
+
+def test_without_a_client_id_messages_carry_the_gateway_id(tmp_path: Path, issuer: Issuer) -> None:
+    """What clients saw before the gateway minted its own ids: no id sent, the relayed
+    messages carry the id the ledger and audit log use."""
+
+    async def body() -> None:
+        async with stack(tmp_path, issuer) as s:
+            token = issuer.mint(realm_roles=["model-user"], groups=["/ml"], sub="ann")
+            messages, call = await s.generate(token, prompt_token_ids=PROMPT, max_tokens=2)
+            assert await call.code() == grpc.StatusCode.OK
+            minted = await gateway_id(call)
+            assert {m.request_id for m in messages} == {minted}
+            row = s.ledger.get(minted)
+            assert row is not None and row.client_request_id == ""
+            [event] = s.audit()
+            assert (event.request_id, event.client_request_id) == (minted, "")
 
     run(body())
 
@@ -119,6 +146,7 @@ def test_missing_or_bad_token_is_unauthenticated_and_audited(
 ) -> None:
     async def body() -> None:
         async with stack(tmp_path, issuer) as s:
+            denied: list[str] = []
             for credential in (None, "not-a-jwt", issuer.mint(azp="someone-else")):
                 messages, call = await s.generate(credential, prompt_token_ids=PROMPT)
                 assert messages == []
@@ -128,8 +156,10 @@ def test_missing_or_bad_token_is_unauthenticated_and_audited(
                 info = error_details_pb2.ErrorInfo()
                 assert status.details[0].Unpack(info)
                 assert info.reason.startswith("CREDENTIAL_")
+                denied.append(await gateway_id(call))  # refused calls get an id too
             events = s.audit()
             assert [e.decision for e in events] == ["deny"] * 3
+            assert [e.request_id for e in events] == denied and len(set(denied)) == 3
             assert all(e.reason.startswith("unauthenticated") for e in events)
             assert s.ledger.usage(0, 2**40) == ()
 
@@ -179,8 +209,9 @@ def test_api_key_works_until_revoked(tmp_path: Path, issuer: Issuer) -> None:
             )
             assert await call.code() == grpc.StatusCode.OK
             assert [t for m in messages for t in m.token_ids] == expected_completion(5, 3)
-            row = s.ledger.get("k1")
+            row = s.ledger.get(await gateway_id(call))
             assert row is not None and row.key_id == minted.key.key_id
+            assert s.ledger.find(f"key:{minted.key.key_id}", "k1") == (row,)
             assert (row.principal, row.team) == (f"key:{minted.key.key_id}", "ml")
             keys.revoke(minted.key.key_id)
             _, call = await s.generate(minted.secret, prompt_token_ids=PROMPT)

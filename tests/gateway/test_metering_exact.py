@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import pytest
 
 from services.gateway.metrics import METRICS
 from tests.gateway import harness
@@ -97,7 +96,8 @@ def _plans(rng: random.Random, teams: list[str]) -> list[Plan]:
     return plans
 
 
-async def _send(s: Stack, issuer: Issuer, plan: Plan, gate: asyncio.Semaphore) -> None:
+async def _send(s: Stack, issuer: Issuer, plan: Plan, gate: asyncio.Semaphore) -> str:
+    """Send ``plan``, check what the client got; the gateway's id for the call."""
     async with gate:
         fields = {
             "model": plan.model,
@@ -111,16 +111,18 @@ async def _send(s: Stack, issuer: Issuer, plan: Plan, gate: asyncio.Semaphore) -
             asyncio.get_running_loop().call_later(0.1, cancel.set)
             reply = await s.generate(credential, cancel_when=cancel, **fields)
             assert reply.tokens == 0
-            return
+            return reply.request_id
         cancel_after = 1 + plan.pause if plan.kind == "cancel" else None
         reply = await s.generate(credential, cancel_after=cancel_after, **fields)
+        assert {m.request_id for m in reply.messages} == {plan.request_id}  # the client's id
         if plan.kind == "cancel":
             assert (reply.code, reply.tokens) == (grpc.StatusCode.CANCELLED, 1 + plan.pause)
-            return
+            return reply.request_id
         assert (reply.code, reply.tokens) == (grpc.StatusCode.OK, plan.max_tokens)
         assert reply.final is not None
         usage = reply.final.usage
         assert (usage.prompt_tokens, usage.completion_tokens) == plan.charged
+        return reply.request_id
 
 
 def _metered(team: str, model: str) -> tuple[float, float]:
@@ -140,7 +142,7 @@ def test_ledger_sums_equal_what_clients_were_served(
     async def body() -> None:
         async with stack(tmp_path, store_url, issuer.url, workers=WORKERS) as s:
             gate = asyncio.Semaphore(IN_FLIGHT)
-            await asyncio.gather(*(_send(s, issuer, p, gate) for p in plans))
+            ids = await asyncio.gather(*(_send(s, issuer, p, gate) for p in plans))
             settled = [p for p in plans if p.kind != "early"]
             # the cancelled ones settle after their clients are gone: wait for every row
             await harness.until(
@@ -165,12 +167,15 @@ def test_ledger_sums_equal_what_clients_were_served(
             }
             assert got == {k: v for k, v in expected.items() if k in got}
             assert all(v == [0, 0] for k, v in expected.items() if k not in got)
-            for p in plans:  # and request by request
-                row = s.ledger.get(p.request_id)
+            assert len(set(ids)) == len(plans)  # one gateway id per call
+            for p, request_id in zip(plans, ids, strict=True):  # and request by request
+                row = s.ledger.get(request_id)
                 if p.kind == "early":
                     assert row is None or (row.prompt_tokens, row.completion_tokens) == (0, 0)
                     continue
                 assert row is not None, p
+                assert row.client_request_id == p.request_id
+                assert s.ledger.find(f"user-{p.team}", p.request_id) == (row,)
                 assert (row.prompt_tokens, row.completion_tokens) == p.charged, p
                 assert row.outcome == ("ok" if p.kind == "complete" else "cancelled")
             for (team, model), sums in got.items():  # the counters agree with the ledger
@@ -191,7 +196,7 @@ def test_router_retries_do_not_double_count(tmp_path: Path, issuer: Issuer) -> N
     async def body() -> None:
         store = f"sqlite:{tmp_path / 'gw.db'}"
         async with stack(tmp_path, store, issuer.url, router=ROUND_ROBIN, workers=workers) as s:
-            retries = []
+            retries, ids = [], []
             for i in range(6):
                 reply = await s.generate(
                     token(issuer), prompt_token_ids=[11, 12, 13], max_tokens=8, request_id=f"x{i}"
@@ -199,42 +204,90 @@ def test_router_retries_do_not_double_count(tmp_path: Path, issuer: Issuer) -> N
                 assert (reply.code, reply.tokens) == (grpc.StatusCode.OK, 8)
                 assert reply.final is not None
                 retries.append(reply.final.serving.retries)
-                row = s.ledger.get(f"x{i}")
-                assert row is not None
+                ids.append(reply.request_id)
+                row = s.ledger.get(reply.request_id)
+                assert row is not None and row.client_request_id == f"x{i}"
                 assert (row.prompt_tokens, row.completion_tokens) == (3, 8)
             assert retries[0] == 1 and sum(retries) >= 1  # round-robin: d1 first
             [total] = s.ledger.usage(0, 2**40, group_by=())
             assert (total.requests, total.prompt_tokens, total.completion_tokens) == (6, 18, 48)
             allows = [e for e in s.audit() if e.decision == "allow"]
-            assert sorted(e.request_id for e in allows) == [f"x{i}" for i in range(6)]
+            assert [e.request_id for e in allows] == ids
+            assert [e.client_request_id for e in allows] == [f"x{i}" for i in range(6)]
 
     run(body())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (pipeline.py/service.py): the client's request_id is the ledger key, so "
-    "reusing one is served but not metered; the gateway should key the ledger by an id it "
-    "mints",
-)
 def test_a_reused_client_request_id_is_still_metered(tmp_path: Path, issuer: Issuer) -> None:
     """Each served request must be metered, whatever request_id the client sends: another
     tenant (or the same one, replaying) must not be able to ride on an existing row."""
+    teams = {"ann": f"ml-{uuid.uuid4().hex[:6]}", "eve": f"data-{uuid.uuid4().hex[:6]}"}
 
     async def body() -> None:
         store = f"sqlite:{tmp_path / 'gw.db'}"
         async with stack(tmp_path, store, issuer.url) as s:
-            for sub, team in (("ann", "ml"), ("ann", "ml"), ("eve", "data")):
+            ids = []
+            for sub in ("ann", "ann", "eve"):
                 reply = await s.generate(
-                    token(issuer, sub=sub, team=team),
+                    token(issuer, sub=sub, team=teams[sub]),
                     prompt_token_ids=[1, 2, 3],
                     max_tokens=4,
                     request_id="same-id",
                 )
                 assert (reply.code, reply.tokens) == (grpc.StatusCode.OK, 4)
-            await asyncio.sleep(0.2)
+                assert {m.request_id for m in reply.messages} == {"same-id"}
+                ids.append(reply.request_id)
+            assert len(set(ids)) == 3
             totals = {dict(t.group)["team"]: t for t in s.ledger.usage(0, 2**40, ("team",))}
-            assert totals["ml"].requests == 2 and totals["ml"].completion_tokens == 8
-            assert totals["data"].requests == 1 and totals["data"].completion_tokens == 4
+            ml, data = totals[teams["ann"]], totals[teams["eve"]]
+            assert (ml.requests, ml.prompt_tokens, ml.completion_tokens) == (2, 6, 8)
+            assert (data.requests, data.prompt_tokens, data.completion_tokens) == (1, 3, 4)
+            assert [r.request_id for r in s.ledger.find("ann", "same-id")] == ids[:2]
+            assert [r.request_id for r in s.ledger.find("eve", "same-id")] == ids[2:]
+            assert _metered(teams["ann"], MODEL) == (6.0, 8.0)  # the counters, twice
+            assert _metered(teams["eve"], MODEL) == (3.0, 4.0)
+            ok = {"team": teams["ann"], "model": MODEL, "outcome": "ok"}
+            assert METRICS.value("tandem_gateway_requests_total", **ok) == 2
+
+    run(body())
+
+
+def test_tenants_sending_the_same_id_concurrently_are_metered_apart(
+    tmp_path: Path, issuer: Issuer, store_url: str
+) -> None:
+    """Two tenants choose the same request_id at the same time: both are served in full
+    (the router sees two distinct ids, so neither call is taken for the other's retry) and
+    each is charged for its own."""
+    teams = [f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"]
+    # The decode pauses after 2 tokens until cancelled: both calls are in flight together.
+    prompt = [PAUSE + 2, 7, 8, 9]
+
+    async def one(s: Stack, team: str) -> harness.Reply:
+        credential = token(issuer, sub=f"user-{team}", team=team)
+        return await s.generate(
+            credential, prompt_token_ids=prompt, max_tokens=8, request_id="dup", cancel_after=3
+        )
+
+    async def body() -> None:
+        async with stack(tmp_path, store_url, issuer.url) as s:
+            replies = await asyncio.gather(*(one(s, team) for team in teams))
+            for reply in replies:
+                assert (reply.code, reply.tokens) == (grpc.StatusCode.CANCELLED, 3)
+                assert {m.request_id for m in reply.messages} == {"dup"}
+            assert replies[0].request_id != replies[1].request_id
+            await harness.until(lambda: all(s.ledger.get(r.request_id) for r in replies))
+            for team, reply in zip(teams, replies, strict=True):
+                row = s.ledger.get(reply.request_id)
+                assert row is not None
+                assert (row.principal, row.team, row.client_request_id) == (
+                    f"user-{team}",
+                    team,
+                    "dup",
+                )
+                assert (row.prompt_tokens, row.completion_tokens) == (4, 3)
+                assert s.ledger.find(f"user-{team}", "dup") == (row,)
+                assert _metered(team, MODEL) == (4.0, 3.0)
+            decodes = s.cluster.workers["d1"].calls
+            assert len({c.request.request_id for c in decodes}) == 2  # no collision upstream
 
     run(body())

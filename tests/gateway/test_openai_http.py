@@ -25,6 +25,7 @@ from services.gateway.server import Gateway, GatewayConfig, start_gateway
 from services.router.admission import TokenizerCache
 from services.rpc.server import client_channel
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
+from tests.gateway.harness import gateway_id
 from tests.gateway.issuer import Issuer
 from tests.router.fakes import MODEL, Behaviour, expected_completion, token_text
 from tests.router.harness import DECODE, FAST, PREFILL, Cluster, cluster, run
@@ -470,13 +471,17 @@ def test_grpc_clients_chat_through_the_gateway_too(
             )
             metadata = (("authorization", f"Bearer {s.key()}"),)
             try:
-                messages = [m async for m in stub.Generate(request, metadata=metadata, timeout=10)]
+                call = stub.Generate(request, metadata=metadata, timeout=10)
+                messages = [m async for m in call]
+                request_id = await gateway_id(call)
             finally:
                 await channel.close()
             prompt = len(s.tokenizer.encode("user: Hi\nassistant:"))
             assert messages[-1].usage.prompt_tokens == prompt
-            row, _ = _once(s, "chat-1")
+            assert {m.request_id for m in messages} == {"chat-1"}
+            row, event = _once(s, request_id)
             assert (row.prompt_tokens, row.completion_tokens) == (prompt, 2)
+            assert row.client_request_id == event.client_request_id == "chat-1"
 
     run(body())
 

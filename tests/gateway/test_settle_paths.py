@@ -88,11 +88,12 @@ def test_a_cancelled_stream_settles_once_with_the_tokens_produced(
             )
             assert reply.code == grpc.StatusCode.CANCELLED
             assert reply.tokens == 4
-            await _settled(s, "c1")
-            row = s.ledger.get("c1")
-            assert row is not None
+            await _settled(s, reply.request_id)
+            row = s.ledger.get(reply.request_id)
+            assert row is not None and row.client_request_id == "c1"
             assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (5, 4, "cancelled")
-            [event] = _allows(s, "c1")
+            assert s.ledger.find("ann", "c1") == (row,)
+            [event] = _allows(s, reply.request_id)
             assert (event.reason, event.prompt_tokens, event.completion_tokens) == (
                 "cancelled",
                 5,
@@ -125,11 +126,11 @@ def test_an_upstream_error_mid_stream_settles_and_relays_the_routers_status(
             assert reply.tokens == len(direct.tokens) == 3
             assert reply.final is not None
             assert reply.final.finish_reason == inference_pb2.FINISH_REASON_ERROR
-            await _settled(s, "e1")
-            row = s.ledger.get("e1")
-            assert row is not None
+            await _settled(s, reply.request_id)
+            row = s.ledger.get(reply.request_id)
+            assert row is not None and row.client_request_id == "e1"
             assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (3, 3, "error")
-            [event] = _allows(s, "e1")
+            [event] = _allows(s, reply.request_id)
             assert event.reason == "error (FINISH_REASON_ERROR)"
             assert counters.read() == (1, 6, 6)  # reserved 3 + 6, settled to 6
 
@@ -158,11 +159,11 @@ def test_no_token_produced_releases_the_reservation(tmp_path: Path, issuer: Issu
             )
             assert (reply.code, reply.tokens) == (grpc.StatusCode.CANCELLED, 0)
             await asyncio.wait_for(s.cluster.workers["p1"].cancelled.wait(), 5)
-            await _settled(s, "h1")
-            row = s.ledger.get("h1")
-            assert row is not None
+            await _settled(s, reply.request_id)
+            row = s.ledger.get(reply.request_id)
+            assert row is not None and row.client_request_id == "h1"
             assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (0, 0, "cancelled")
-            assert len(_allows(s, "h1")) == 1
+            assert len(_allows(s, reply.request_id)) == 1
             assert counters.read() == (1, 4, 4)
 
         failing = Behaviour(fail_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -177,9 +178,9 @@ def test_no_token_produced_releases_the_reservation(tmp_path: Path, issuer: Issu
             )
             assert direct.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert (reply.code, reply.details, reply.tokens) == (direct.code, direct.details, 0)
-            await _settled(s, "f1")
-            row = s.ledger.get("f1")
-            assert row is not None
+            await _settled(s, reply.request_id)
+            row = s.ledger.get(reply.request_id)
+            assert row is not None and row.client_request_id == "f1"
             assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (0, 0, "error")
             assert counters.read() == (1, 4, 4)
 
