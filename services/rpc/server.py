@@ -4,6 +4,10 @@ Every server also serves ``grpc.health.v1.Health`` (SERVING once started,
 NOT_SERVING while draining) and server reflection, listens on the given
 address (port 0 picks a free port, which tests use), and shuts down
 gracefully: new calls are refused, in-flight ones get ``grace`` seconds.
+
+Without a ``TlsConfig`` servers and channels are plaintext (development, tests); with one they
+are TLS, and mTLS when it requires client certificates (``services.rpc.tls``). A configured
+TLS never falls back to plaintext.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from services.rpc.tls import TlsConfig, channel_credentials, server_credentials
 from services.telemetry.tracing import client_interceptors, server_interceptors
 
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -63,9 +68,18 @@ class RunningServer:
 
 
 async def start_server(
-    servicers: Sequence[Servicer], host: str = "127.0.0.1", port: int = 0
+    servicers: Sequence[Servicer],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls: TlsConfig | None = None,
 ) -> RunningServer:
-    """Start serving ``servicers`` plus health and reflection on host:port."""
+    """Start serving ``servicers`` plus health and reflection on host:port.
+
+    ``tls``: serve TLS with its certificate (mTLS when it requires client certificates); its
+    files are checked before anything listens (TlsError names a bad one). None: plaintext.
+    """
+    # Before the server exists, so a bad file leaves nothing half-started behind.
+    credentials = server_credentials(tls) if tls is not None else None
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
     # The asyncio servicer: a sync one breaks under async interceptors (tracing).
     health_servicer = health_aio.HealthServicer()
@@ -76,7 +90,10 @@ async def start_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}: the port is taken or not allowed")
     await server.start()
@@ -85,22 +102,26 @@ async def start_server(
     return RunningServer(server, bound, health_servicer)
 
 
-def client_channel(address: str, api_key: str | None = None) -> grpc.aio.Channel:
-    """An insecure channel with Tandem's message limits (TLS arrives with the gateway).
+def client_channel(
+    address: str, api_key: str | None = None, tls: TlsConfig | None = None
+) -> grpc.aio.Channel:
+    """A channel to ``address`` with Tandem's message limits.
 
     ``api_key`` (an API key or access token) is sent as ``authorization: Bearer …`` on
-    every call (``services.rpc.bearer``).
+    every call (``services.rpc.bearer``). ``tls``: verify the server against its CA and
+    present its certificate, if any (mTLS); None: plaintext.
     """
     interceptors = list(client_interceptors())
     if api_key:
         from services.rpc.bearer import bearer_interceptors
 
         interceptors += bearer_interceptors(api_key)
-    return grpc.aio.insecure_channel(
-        address,
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ],
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if tls is None:
+        return grpc.aio.insecure_channel(address, interceptors=interceptors, options=options)
+    return grpc.aio.secure_channel(
+        address, channel_credentials(tls), interceptors=interceptors, options=options
     )

@@ -1,0 +1,233 @@
+"""TLS for Tandem's ports, from PEM certificate files: gRPC credentials and an ``ssl`` context.
+
+One :class:`TlsConfig` describes a process's identity (certificate and key) and the CAs it
+trusts for peers. Servers present the certificate and, with ``require_client_auth``, refuse
+callers without a certificate signed by the CA (mTLS); clients verify the server against the
+CA and present their own certificate when they have one.
+
+Files are read and checked once per process, when a server starts or the first channel is
+made (:func:`load`), so a missing, unreadable or mismatched file fails the start with its name
+in the message rather than the first request. Rotating a certificate therefore means
+restarting the service. Only TLS 1.2 and newer are accepted: gRPC's BoringSSL refuses older
+versions by default, and the HTTP context sets the same floor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.engine.errors import TandemError
+
+if TYPE_CHECKING:
+    import grpc
+
+
+class TlsError(TandemError, ValueError):
+    """A certificate, key or CA file is missing, unreadable, malformed or does not match."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Where a process's certificate, key and trusted CAs are, and whether callers need certs."""
+
+    cert: Path | None = None
+    """PEM certificate (leaf first, then any intermediates): the server's identity on its
+    port, and the client certificate this process presents when it dials others (mTLS).
+    None: no identity (a client that only verifies the server)."""
+    key: Path | None = None
+    """PEM private key of ``cert``, unencrypted (protect it with file permissions, 0600)."""
+    ca: Path | None = None
+    """PEM bundle of the CAs that sign peers: servers this process dials are verified against
+    it, and so are callers when ``require_client_auth`` is set. None: dial with the system's
+    trust store."""
+    require_client_auth: bool = False
+    """As a server: refuse callers that present no certificate signed by ``ca`` (mTLS)."""
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise TlsError(
+                "a TLS certificate needs its private key and a key its certificate: give both "
+                f"(certificate {self.cert}, key {self.key})"
+            )
+        if self.require_client_auth and self.ca is None:
+            raise TlsError(
+                "requiring client certificates needs the CA that signs them: give the CA bundle"
+            )
+
+    @classmethod
+    def from_files(
+        cls,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        ca: str | Path | None = None,
+        require_client_auth: bool = False,
+    ) -> TlsConfig:
+        """A config from paths as strings (CLI flags); empty strings count as not given."""
+        return cls(
+            Path(cert) if cert else None,
+            Path(key) if key else None,
+            Path(ca) if ca else None,
+            require_client_auth,
+        )
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The checked bytes of a TlsConfig's files, as read at start."""
+
+    cert_chain: bytes | None
+    key: bytes | None
+    ca: bytes | None
+
+
+@functools.lru_cache(maxsize=32)
+def load(tls: TlsConfig) -> TlsMaterial:
+    """Read and check ``tls``'s files once per process (rotation = restart); TlsError names
+    the file and what to do when one is missing, unreadable, malformed, expired or the key
+    does not belong to the certificate."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    cert_pem = key_pem = ca_pem = None
+    if tls.cert is not None and tls.key is not None:
+        cert_pem = _read(tls.cert, "certificate")
+        key_pem = _read(tls.key, "private key")
+        try:
+            chain = x509.load_pem_x509_certificates(cert_pem)
+        except ValueError as exc:
+            raise TlsError(
+                f"TLS certificate {tls.cert} is not a PEM certificate ({exc}); give the "
+                "certificate file (-----BEGIN CERTIFICATE-----), not the key or a DER file"
+            ) from None
+        try:
+            private_key = serialization.load_pem_private_key(key_pem, password=None)
+        except TypeError:
+            raise TlsError(
+                f"TLS private key {tls.key} is encrypted; services read keys unattended, so "
+                "give an unencrypted key (openssl pkey -in KEY -out KEY.plain) kept 0600"
+            ) from None
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise TlsError(
+                f"TLS private key {tls.key} is not a PEM private key ({exc}); give the key "
+                "file (-----BEGIN PRIVATE KEY-----), not the certificate"
+            ) from None
+        leaf = chain[0]
+        if _public_der(leaf.public_key()) != _public_der(private_key.public_key()):
+            raise TlsError(
+                f"TLS private key {tls.key} does not belong to certificate {tls.cert}; give "
+                "the key the certificate was issued for"
+            )
+        _check_validity(leaf, tls.cert)
+    if tls.ca is not None:
+        ca_pem = _read(tls.ca, "CA bundle")
+        try:
+            x509.load_pem_x509_certificates(ca_pem)
+        except ValueError as exc:
+            raise TlsError(
+                f"TLS CA bundle {tls.ca} holds no PEM certificate ({exc}); give the CA's "
+                "certificate (e.g. ca.pem of `tandem up --tls`)"
+            ) from None
+    return TlsMaterial(cert_pem, key_pem, ca_pem)
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """gRPC server credentials: ``tls.cert`` presented; with ``require_client_auth``,
+    callers must present a certificate signed by ``tls.ca``."""
+    import grpc
+
+    material = load(tls)
+    if material.cert_chain is None or material.key is None:
+        raise TlsError("a TLS server needs a certificate and its private key")
+    return grpc.ssl_server_credentials(
+        [(material.key, material.cert_chain)],
+        root_certificates=material.ca if tls.require_client_auth else None,
+        require_client_auth=tls.require_client_auth,
+    )
+
+
+def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+    """gRPC channel credentials: the server is verified against ``tls.ca`` (or the system's
+    trust store), and ``tls.cert`` is presented as the client certificate when set."""
+    import grpc
+
+    material = load(tls)
+    return grpc.ssl_channel_credentials(
+        root_certificates=material.ca,
+        private_key=material.key,
+        certificate_chain=material.cert_chain,
+    )
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """An ``ssl`` context for an HTTP server (the gateway's OpenAI API): TLS 1.2+, ``tls.cert``
+    presented, client certificates signed by ``tls.ca`` required with ``require_client_auth``."""
+    load(tls)  # the same checks and messages as the gRPC port, before ssl's terser ones
+    if tls.cert is None or tls.key is None:
+        raise TlsError("a TLS server needs a certificate and its private key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert, tls.key)
+    if tls.require_client_auth and tls.ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=tls.ca)
+    return context
+
+
+def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """An ``ssl`` context for an HTTPS client: verifies the server against ``tls.ca`` (or the
+    system's trust store) and the host name, presents ``tls.cert`` when set."""
+    load(tls)
+    context = ssl.create_default_context(cafile=tls.ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert is not None and tls.key is not None:
+        context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TlsError(f"TLS {what} {path} does not exist; check the path") from None
+    except PermissionError:
+        raise TlsError(
+            f"TLS {what} {path} cannot be read by this user; fix its owner or permissions"
+        ) from None
+    except OSError as exc:
+        raise TlsError(f"TLS {what} {path} cannot be read: {exc.strerror}") from None
+    if not data.strip():
+        raise TlsError(f"TLS {what} {path} is empty")
+    return data
+
+
+def _public_der(public_key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _check_validity(cert: object, path: Path) -> None:
+    """An expired or not-yet-valid certificate would fail every handshake: say so now."""
+    now = datetime.datetime.now(datetime.UTC)
+    not_before = cert.not_valid_before_utc  # type: ignore[attr-defined]
+    not_after = cert.not_valid_after_utc  # type: ignore[attr-defined]
+    if now > not_after:
+        raise TlsError(
+            f"TLS certificate {path} expired on {not_after:%Y-%m-%d %H:%M} UTC; renew it "
+            "(`tandem up --tls` mints fresh ones every run)"
+        )
+    if now < not_before:
+        raise TlsError(
+            f"TLS certificate {path} is not valid before {not_before:%Y-%m-%d %H:%M} UTC; "
+            "check this machine's clock"
+        )
