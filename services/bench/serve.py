@@ -26,6 +26,7 @@ from services.bench.serve_metrics import SLO_METRICS, RequestRecord, ServeMetric
 from services.bench.workload import WARMUP_OUTPUT_LEN
 from services.engine.errors import InvalidRequestError, ModelNotFoundError, TandemError
 from services.rpc.server import client_channel
+from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
 
 LIST_MODELS_TIMEOUT_S = 10.0
@@ -74,6 +75,9 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)
     """Sent as ``authorization: Bearer …`` on every call (a gateway needs it); never
     printed, and left out of ``serve_report.result_dict``."""
+    tls: TlsConfig | None = None
+    """Connect over TLS, verifying the server with its CA (and presenting its client
+    certificate, if any); None: plaintext."""
 
     @property
     def prompt_len(self) -> int:
@@ -164,7 +168,7 @@ def build_prompts(config: ServeConfig, vocab_size: int) -> list[list[int]]:
 
 
 async def _measure(config: ServeConfig) -> ServeResult:
-    async with client_channel(config.target, config.api_key) as channel:
+    async with client_channel(config.target, config.api_key, config.tls) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         card = await _model_card(stub, config)
         prompts = build_prompts(config, card.vocab_size)

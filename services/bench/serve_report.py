@@ -133,9 +133,14 @@ def result_dict(result: ServeResult, environment: dict[str, Any]) -> dict[str, A
     return _finite(
         {
             "benchmark": "serve",
-            # the API key stays out of result files
+            # the API key stays out of result files; TLS is recorded as on or off
             "config": {
-                k: v for k, v in dataclasses.asdict(result.config).items() if k != "api_key"
+                **{
+                    k: v
+                    for k, v in dataclasses.asdict(result.config).items()
+                    if k not in ("api_key", "tls")
+                },
+                "tls": result.config.tls is not None,
             },
             "model_card": {
                 "id": result.config.model,

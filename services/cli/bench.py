@@ -14,6 +14,7 @@ from pathlib import Path
 
 from services.cli import arg_types
 from services.cli.engine_args import add_engine_args, add_model_arg, engine_config
+from services.cli.tls_args import add_client_tls_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -200,6 +201,7 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         "needed by a gateway (default: $TANDEM_API_KEY); never printed, and kept out of the "
         "--json file's config and command line",
     )
+    add_client_tls_args(load)
     output = parser.add_argument_group("output")
     output.add_argument(
         "--goodput",
@@ -265,6 +267,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from services.bench.serve import ServeBenchError, ServeConfig, measure_serving
     from services.bench.serve_report import format_table, result_dict
     from services.cli.generate import api_key_from
+    from services.cli.tls_args import client_tls
 
     config = ServeConfig(
         target=args.target,
@@ -281,6 +284,7 @@ def run_serve(args: argparse.Namespace) -> int:
         slos_ms=args.goodput,
         timeout_s=args.timeout,
         api_key=api_key_from(args),
+        tls=client_tls(args),
     )
     try:
         result = measure_serving(config)

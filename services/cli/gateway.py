@@ -15,6 +15,7 @@ from pathlib import Path
 from services.cli import arg_types
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
+from services.cli.tls_args import add_service_tls_args, gateway_tls
 
 DEFAULT_STORE = "sqlite:tandem-gateway.db"
 DEFAULT_AUDIENCE = "tandem-gateway"
@@ -115,6 +116,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default 0: off)",
     )
     add_tracing_arg(parser)
+    tls = add_service_tls_args(
+        parser,
+        ca_help="PEM CA bundle that signs the router: verifies it, and the gateway presents "
+        "--tls-cert to it (mTLS between gateway and router)",
+    )
+    tls.add_argument(
+        "--client-ca",
+        metavar="FILE",
+        help="public port: clients must present a certificate this PEM CA signed, on top of "
+        "their API key or token (default: none asked for; with --tls-cert the public port is "
+        "TLS that authenticates the server only)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -122,6 +135,7 @@ def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The GatewayConfig the flags describe."""
     from services.gateway.server import GatewayConfig
 
+    public_tls, router_tls = gateway_tls(args)
     return GatewayConfig(
         router_address=args.router,
         policy_path=args.policy,
@@ -136,6 +150,8 @@ def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         metrics_port=args.metrics_port or None,
         http_port=args.http_port or None,
         http_host=args.host,
+        tls=public_tls,
+        router_tls=router_tls,
     )
 
 

@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 from services.cli import arg_types
 from services.cli.engine_args import add_engine_args, engine_config
 from services.cli.sampling_args import add_sampling_args, sampling_params
+from services.cli.tls_args import add_client_tls_args, client_tls
 from services.engine.errors import InvalidRequestError
 from services.engine.outputs import FinishReason, RequestOutput
 from services.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from services.engine.engine import LLMEngine
+    from services.rpc.tls import TlsConfig
     from services.stubs.tandem.v1 import inference_pb2
 
 REQUEST_ID = "cli-generate"
@@ -87,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "needed by a gateway (default: $TANDEM_API_KEY; `tandem up` prints one). Prefer the "
         "variable: a flag is visible to other users in the process list",
     )
+    add_client_tls_args(remote)
     add_engine_args(parser)
     parser.set_defaults(handler=run)
 
@@ -175,7 +178,13 @@ def run_remote(args: argparse.Namespace) -> int:
     try:
         asyncio.run(
             stream_remote(
-                args.target, request, args.timeout, completion, on_text, api_key_from(args)
+                args.target,
+                request,
+                args.timeout,
+                completion,
+                on_text,
+                api_key_from(args),
+                client_tls(args),
             )
         )
     except grpc.aio.AioRpcError as exc:
@@ -265,14 +274,16 @@ async def stream_remote(
     completion: RemoteCompletion,
     on_text: Callable[[str], None] | None = None,
     api_key: str | None = None,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Call Inference.Generate at ``target``, adding each message to ``completion``.
 
-    ``api_key`` goes out as ``authorization: Bearer …`` metadata (never printed)."""
+    ``api_key`` goes out as ``authorization: Bearer …`` metadata (never printed); ``tls``
+    verifies the server (and presents a client certificate, if it has one)."""
     from services.rpc.server import client_channel
     from services.stubs.tandem.v1 import inference_pb2_grpc
 
-    async with client_channel(target, api_key) as channel:
+    async with client_channel(target, api_key, tls) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         async for message in stub.Generate(request, timeout=timeout_s):
             completion.add(message)

@@ -11,6 +11,7 @@ import argparse
 from services.cli import arg_types
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
+from services.cli.tls_args import add_service_tls_args, service_tls
 from services.router.config import DEFAULT_POLICY, RouterConfig
 
 POLICY_NAMES = ("kv-aware", "least-loaded", "round-robin")
@@ -111,6 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default 0: off)",
     )
     add_tracing_arg(parser)
+    add_service_tls_args(parser)
     parser.set_defaults(handler=run)
 
 
@@ -138,6 +140,7 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         metrics_port=args.metrics_port,
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         local_prefill_min_cached=args.local_prefill_min_cached,
+        tls=service_tls(args),
     )
 
 

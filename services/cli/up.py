@@ -109,11 +109,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="KV cache memory per worker in GiB (default 1.0)",
     )
     add_tracing_arg(parser)  # passed on to every child: one trace per request
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="development TLS: mint a throwaway CA in the state directory (DIR/tls/ca.pem), "
+        "give every service a certificate, serve TLS on the public ports (gRPC and https) "
+        "and mTLS between gateway, router and workers",
+    )
     up_ray.add_ray_arg(parser)
     parser.set_defaults(handler=_up)
 
 
 def _up(args: argparse.Namespace) -> int:
+    if args.tls and args.ray is not None:
+        from services.engine.errors import InvalidRequestError
+
+        raise InvalidRequestError("--tls", "is not supported with --ray yet; drop one of them")
     if args.ray is not None:
         return up_ray.run(args)
     from services.engine.model_source import resolve_model
@@ -125,6 +136,7 @@ def _up(args: argparse.Namespace) -> int:
     resolve_model(args.model)  # build tandem-tiny once here, not in every worker at once
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-up-"))
     worker_args = ("--kv-cache-gib", str(args.kv_cache_gib)) if args.kv_cache_gib else ()
+    tls_dir = _dev_ca(log_dir) if args.tls else None
     gateway, secret = (
         (None, None) if policy is None else _gateway(policy, log_dir, args.model, args.http_port)
     )
@@ -140,6 +152,7 @@ def _up(args: argparse.Namespace) -> int:
             log_dir=log_dir,
             gateway=gateway,
             trace_exporter=args.trace_exporter,
+            tls_dir=tls_dir,
         )
     )
     front = "" if gateway is None else "a gateway, "
@@ -149,7 +162,14 @@ def _up(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     cluster.start()
-    print(_where_to_connect(args, cluster.address, secret), flush=True)
+    print(_where_to_connect(args, cluster.address, secret, tls_dir), flush=True)
+    if tls_dir is not None:
+        print(
+            f"TLS: the public port serves TLS and every internal hop is mTLS; clients verify "
+            f"with the throwaway CA {tls_dir / 'ca.pem'} (tandem --tls-ca, curl --cacert); "
+            "do not trust it beyond this run.",
+            file=sys.stderr,
+        )
     if gateway is not None:
         print(
             f"mint more keys: tandem keys create --store {gateway.store} --team T --model "
@@ -214,13 +234,32 @@ def _gateway(  # type: ignore[no-untyped-def]
     return GatewaySpec(policy=policy, store=store_url, args=http_args), minted.secret
 
 
-def _where_to_connect(args: argparse.Namespace, address: str, secret: str | None) -> str:
+def _dev_ca(state_dir: Path) -> Path:
+    """A fresh throwaway CA in ``state_dir/tls`` (the launcher issues each child's
+    certificate from it); a CA left by an earlier run there is replaced."""
+    from services.rpc.tls_dev_ca import DevCa
+
+    return DevCa.create(state_dir / "tls").directory
+
+
+def _where_to_connect(
+    args: argparse.Namespace, address: str, secret: str | None, tls_dir: Path | None = None
+) -> str:
     """The one line saying where to connect (and, with a gateway, the key to use)."""
     mode = "aggregated" if args.prefill == 0 else "disaggregated"
     try_it = f"tandem generate --target {address} --prompt 'Hello' --max-tokens 16"
+    scheme = "http"
+    if tls_dir is not None:
+        scheme = "https"
+        try_it += f" --tls-ca {tls_dir / 'ca.pem'}"
+        if secret is None:  # the router itself is the door: it requires a client certificate
+            from services.rpc.tls_dev_ca import DevCa
+
+            client = DevCa(tls_dir).issue("client")
+            try_it += f" --tls-cert {client.cert} --tls-key {client.key}"
     host = address.rsplit(":", 1)[0]
     http = (
-        f" (OpenAI-compatible HTTP API: http://{host}:{args.http_port}/v1)"
+        f" (OpenAI-compatible HTTP API: {scheme}://{host}:{args.http_port}/v1)"
         if args.http_port
         else ""
     )

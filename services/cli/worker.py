@@ -11,6 +11,7 @@ from services.cli import arg_types
 from services.cli.engine_args import add_engine_args, engine_config
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
+from services.cli.tls_args import add_service_tls_args, service_tls
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,12 +68,14 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
         )
     add_engine_args(parser, batching=True)
     add_tracing_arg(parser)
+    add_service_tls_args(parser)
 
 
 def _handler(role: str) -> Callable[[argparse.Namespace], int]:
     def handle(args: argparse.Namespace) -> int:
         from services.worker.host import WorkerConfig
 
+        tls = service_tls(args)  # a half-given set fails before the model loads
         logging.getLogger().setLevel(logging.INFO)
         configure_tracing(args, f"tandem-{role}")
         config = WorkerConfig(
@@ -86,6 +89,7 @@ def _handler(role: str) -> Callable[[argparse.Namespace], int]:
             kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
             metrics_port=args.metrics_port,
             engine=engine_config(args),
+            tls=tls,
         )
         if role == "prefill":
             from services.prefill.server import run

@@ -21,8 +21,9 @@ def _servicers(host: WorkerHost) -> list[Servicer]:
     engine = host.engine
     kv = engine.runner.kv_cache
     layout = describe(kv, engine.model_id)
-    host.transport = make_transport(host.config.kv_transport, kv, host.worker_id)
-    reader = KVReader(host.worker_id, layout, host.transport)
+    tls = host.config.tls
+    host.transport = make_transport(host.config.kv_transport, kv, host.worker_id, tls)
+    reader = KVReader(host.worker_id, layout, host.transport, tls)
     decode = DecodeService(
         host.loop, host.worker_id, reader, host.config.kv_timeout_s, host.metrics
     )

@@ -157,7 +157,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         """Tell the prefill worker to unpin, without waiting (its lease is the backstop)."""
         channel = self._channels.get(kv.address)
         if channel is None:
-            channel = self._channels[kv.address] = client_channel(kv.address)
+            channel = self._channels[kv.address] = client_channel(kv.address, tls=self.peers.tls)
         task = asyncio.create_task(_release(channel, kv))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -278,8 +279,11 @@ class HttpServer:
         await self.runner.cleanup()
 
 
-async def start_http(pipeline: Pipeline, host: str, port: int) -> HttpServer:
-    """Serve the API on host:port (0: a free port) on the running loop."""
+async def start_http(
+    pipeline: Pipeline, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> HttpServer:
+    """Serve the API on host:port (0: a free port) on the running loop; HTTPS with
+    ``ssl_context`` (``services.rpc.tls.server_ssl_context``)."""
     runner = web.AppRunner(
         OpenAIApi(pipeline).app(),
         handler_cancellation=True,  # a client that leaves stops its generation
@@ -287,7 +291,7 @@ async def start_http(pipeline: Pipeline, host: str, port: int) -> HttpServer:
         access_log=None,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:

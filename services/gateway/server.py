@@ -24,6 +24,7 @@ from services.gateway.service import GatewayService
 from services.gateway.store import Store, open_store
 from services.gateway.usage_service import UsageService
 from services.rpc.server import RunningServer, Servicer, client_channel, start_server
+from services.rpc.tls import TlsConfig, load, server_ssl_context
 from services.stubs.tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
 
 
@@ -61,6 +62,13 @@ class GatewayConfig:
     ``/v1/chat/completions``) on this port; None: off, 0: a free port (``Gateway.http_port``)."""
     http_host: str | None = None
     """Address the HTTP API listens on; None: the same as ``host``."""
+    tls: TlsConfig | None = None
+    """TLS on the public ports (gRPC, and the HTTP API as https) with this certificate.
+    Client certificates are required only when it says so (``--client-ca``): public
+    clients authenticate with bearer tokens. None: plaintext."""
+    router_tls: TlsConfig | None = None
+    """How the gateway dials the router: the router's CA, and the gateway's certificate as
+    its client identity (mTLS). None: plaintext."""
 
 
 class Gateway(RunningServer):
@@ -102,6 +110,9 @@ class Gateway(RunningServer):
 
 async def start_gateway(config: GatewayConfig, admission: Admission | None = None) -> Gateway:
     """Start serving; ``admission`` overrides the one the config describes (tests)."""
+    for tls in (config.tls, config.router_tls):
+        if tls is not None:
+            load(tls)  # a bad certificate file fails the start before the store opens
     policy = load_policy(Path(config.policy_path))
     store = open_store(config.store_url)
     verifier = (
@@ -112,7 +123,7 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
     redis_client = None
     if admission is None:
         admission, redis_client = _admission(config)
-    channel = client_channel(config.router_address)
+    channel = client_channel(config.router_address, tls=config.router_tls)
     authenticator = Authenticator(verifier, ApiKeys(store), policy.admin_role)
     audit = AuditLog(store)
     service = GatewayService(
@@ -143,12 +154,13 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
     http = None
     running = None
     try:
-        running = await start_server(servicers, host=config.host, port=config.port)
+        running = await start_server(servicers, host=config.host, port=config.port, tls=config.tls)
         if config.metrics_port:
             metrics_server = _serve_metrics(config.metrics_port, config.host)
         if config.http_port is not None:
             host = config.http_host or config.host
-            http = await start_http(service.pipeline, host, config.http_port)
+            ssl_context = server_ssl_context(config.tls) if config.tls is not None else None
+            http = await start_http(service.pipeline, host, config.http_port, ssl_context)
     except BaseException:
         if running is not None:
             await running.stop(0)

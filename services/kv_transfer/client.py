@@ -16,6 +16,7 @@ from services.kv_transfer import layout as kv_layout
 from services.kv_transfer.errors import IncompatiblePeerError, KVTransferError
 from services.kv_transfer.transport import KVTransport, PeerInfo
 from services.rpc.server import client_channel
+from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,19 @@ async def handshake(
     layout: worker_pb2.KVLayout,
     transport: KVTransport,
     timeout_s: float,
+    tls: TlsConfig | None = None,
 ) -> PeerInfo:
     """Call ``address``'s KVTransfer.Handshake with this worker's layout and NIXL metadata.
 
     Raises IncompatiblePeerError when either side finds the layouts incompatible,
-    KVTransferError when the peer cannot be reached within ``timeout_s``.
+    KVTransferError when the peer cannot be reached within ``timeout_s``. ``tls``: dial with
+    this identity and CA (None: plaintext).
     """
     payload = await transport.handshake_payload()
     request = worker_pb2.HandshakeRequest(
         worker_id=worker_id, layout=layout, nixl_metadata=payload.nixl_metadata
     )
-    async with client_channel(address) as channel:
+    async with client_channel(address, tls=tls) as channel:
         try:
             response = await worker_pb2_grpc.KVTransferStub(channel).Handshake(
                 request, timeout=timeout_s
@@ -60,10 +63,19 @@ class KVReader:
     new agent) handshakes again and retries once within the same deadline.
     """
 
-    def __init__(self, worker_id: str, layout: worker_pb2.KVLayout, transport: KVTransport) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        layout: worker_pb2.KVLayout,
+        transport: KVTransport,
+        tls: TlsConfig | None = None,
+    ) -> None:
         self.worker_id = worker_id
         self.layout = layout
         self.transport = transport
+        self.tls = tls
+        """This worker's identity and the peers' CA for handshakes (and, via the decode
+        service, ReleaseKV); None: plaintext."""
         self._peers: dict[str, PeerInfo] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -73,7 +85,9 @@ class KVReader:
             known = self._peers.get(address)
             if known is not None and not refresh:
                 return known
-            peer = await handshake(address, self.worker_id, self.layout, self.transport, timeout_s)
+            peer = await handshake(
+                address, self.worker_id, self.layout, self.transport, timeout_s, self.tls
+            )
             await self.transport.connect(peer)
             self._peers[address] = peer
             return peer

@@ -21,6 +21,7 @@ from services.kv_transfer import layout as kv_layout
 from services.kv_transfer.errors import KVTransferError
 from services.kv_transfer.transport import HandshakePayload, KVTransport, PeerInfo
 from services.rpc.server import client_channel
+from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
 
 CHUNK_BYTES = 4 * 2**20
@@ -120,9 +121,12 @@ class GrpcTransport(KVTransport):
 
     name = "grpc"
 
-    def __init__(self, kv: KVCache, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(
+        self, kv: KVCache, chunk_bytes: int = CHUNK_BYTES, tls: TlsConfig | None = None
+    ) -> None:
         super().__init__(kv)
         self.chunk_bytes = chunk_bytes
+        self._tls = tls  # peers' CA and this worker's identity (mTLS); None: plaintext
         self._peers: dict[str, tuple[PeerInfo, grpc.aio.Channel]] = {}
 
     async def handshake_payload(self) -> HandshakePayload:
@@ -133,7 +137,7 @@ class GrpcTransport(KVTransport):
         old = self._peers.get(peer.address)
         if old is not None and old[0] == peer:
             return
-        self._peers[peer.address] = (peer, client_channel(peer.address))
+        self._peers[peer.address] = (peer, client_channel(peer.address, tls=self._tls))
         if old is not None:
             await old[1].close()
 

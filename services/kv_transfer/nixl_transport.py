@@ -34,6 +34,7 @@ from services.kv_transfer.agent_thread import PROGRESS_INTERVAL_S, AgentThread
 from services.kv_transfer.errors import IncompatiblePeerError, KVTransferError
 from services.kv_transfer.grpc_transport import GrpcTransport
 from services.kv_transfer.transport import HandshakePayload, KVTransport, PeerInfo
+from services.rpc.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,8 +87,11 @@ class NixlTransport(KVTransport):
         kv: KVCache,
         worker_id: str,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
+        tls: TlsConfig | None = None,
     ) -> None:
-        """Creates the agent and registers ``kv.tensor`` with it, once."""
+        """Creates the agent and registers ``kv.tensor`` with it, once. ``tls`` secures only
+        the gRPC fallback's channels: the handshake is the KVReader's, and UCX moves the
+        blocks themselves unencrypted (keep workers on a trusted network)."""
         from nixl._api import nixl_agent
 
         super().__init__(kv)
@@ -101,7 +105,7 @@ class NixlTransport(KVTransport):
         self._thread = AgentThread(self._agent, f"nixl-{worker_id}", progress_interval_s)
         self._peers: dict[str, PeerInfo] = {}  # address -> peer read over NIXL
         self._accepted: dict[str, str] = {}  # caller worker id -> its agent name
-        self._grpc = GrpcTransport(kv)  # for peers without NIXL
+        self._grpc = GrpcTransport(kv, tls=tls)  # for peers without NIXL
 
     @property
     def remote_agents(self) -> frozenset[str]:

@@ -6,6 +6,10 @@ declaring the system up. With ``ClusterConfig.gateway`` set, the gateway takes `
 public door) and the router moves to a free loopback port behind it. Children are stopped
 with SIGTERM (graceful), then SIGKILL after a grace period; a child that dies on its own is
 reported by name.
+
+With ``ClusterConfig.tls_dir`` every child gets a certificate from a development CA there
+(``services.rpc.tls_dev_ca``): every internal hop is mTLS, and the public port is TLS with
+the gateway's (or, without a gateway, the router's) certificate.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.rpc.tls import TlsConfig, channel_credentials
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
 
@@ -73,6 +78,11 @@ class ClusterConfig:
     """``--trace-exporter`` for every child (gateway, router, workers): one trace per request
     across all of them. OTLP endpoints come from the OTEL_EXPORTER_OTLP_* variables, which
     the children inherit."""
+    tls_dir: Path | None = None
+    """A development CA's directory (``services.rpc.tls_dev_ca.DevCa``; made there when it
+    has none): each child gets its own certificate from it and requires mTLS from its
+    callers, except the gateway's public port, which asks no client certificate. Clients
+    verify with ``<tls_dir>/ca.pem``. None: plaintext everywhere."""
 
 
 @dataclass
@@ -94,6 +104,9 @@ class LocalCluster:
     children: list[Child] = field(default_factory=list)
     router_port: int = 0
     """The router's port, chosen by ``start`` (``config.port`` without a gateway)."""
+    tls: TlsConfig | None = None
+    """With ``config.tls_dir``: the launcher's own certificate, signed by the dev CA, which
+    every child accepts (mTLS), the router included; None without TLS."""
 
     @property
     def address(self) -> str:
@@ -108,6 +121,8 @@ class LocalCluster:
         """Start the router, then the workers; return once all serve and registered."""
         cfg = self.config
         self.router_port = free_port() if cfg.gateway else cfg.port
+        if cfg.tls_dir is not None:
+            self.tls = self._dev_ca().issue("launcher")
         try:
             router_metrics = free_port() if cfg.metrics else 0
             router_args = [
@@ -179,6 +194,13 @@ class LocalCluster:
     def _spawn(self, name: str, port: int, args: list[str], metrics_port: int = 0) -> None:
         if self.config.trace_exporter != "none":
             args = [*args, "--trace-exporter", self.config.trace_exporter]
+        if self.config.tls_dir is not None:
+            # The child's own name and the public host too, beside the loopback names.
+            host = self.config.host
+            extra = () if host in ("0.0.0.0", "::", "") else (host,)
+            tls = self._dev_ca().issue(name, extra)
+            args = [*args, "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+            args += ["--tls-ca", str(tls.ca)]
         out = None
         log_path = None
         if self.config.log_dir is not None:
@@ -195,8 +217,23 @@ class LocalCluster:
         )
         self.children.append(Child(name, port, process, log_path, metrics_port))
 
+    def _dev_ca(self):  # type: ignore[no-untyped-def]
+        """The CA in ``config.tls_dir``, created there when it holds none."""
+        from services.rpc.tls_dev_ca import DevCa
+
+        assert self.config.tls_dir is not None
+        ca = DevCa(self.config.tls_dir)
+        if ca.cert.is_file() and ca.key.is_file():
+            return ca
+        return DevCa.create(self.config.tls_dir)
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, channel_credentials(self.tls))
+
     def _wait_serving(self, child: Child, deadline: float) -> None:
-        with grpc.insecure_channel(child.address) as channel:
+        with self._channel(child.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 self._check_alive(child)
@@ -212,7 +249,7 @@ class LocalCluster:
 
     def _wait_model_listed(self, deadline: float) -> None:
         # Asks the router itself: the gateway in front would want a credential.
-        with grpc.insecure_channel(self.router_address) as channel:
+        with self._channel(self.router_address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             while time.monotonic() < deadline:
                 for child in self.children:

@@ -20,7 +20,7 @@ async def run(config: WorkerConfig) -> int:
 def _servicers(host: WorkerHost) -> list[Servicer]:
     engine = host.engine
     kv = engine.runner.kv_cache
-    host.transport = make_transport(host.config.kv_transport, kv, host.worker_id)
+    host.transport = make_transport(host.config.kv_transport, kv, host.worker_id, host.config.tls)
 
     async def pinned(request_id: str, block_ids: list[int]) -> PinCheck:
         def check(e: LLMEngine) -> PinCheck:

@@ -12,13 +12,16 @@ import grpc
 
 from services.router.registry import WorkerState
 from services.rpc.server import client_channel
+from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2_grpc
 
 
 class WorkerChannels:
     """Lazily opened channels and stubs to workers; ``drop`` is a registry remove listener."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsConfig | None = None) -> None:
+        self._tls = tls
+        """The router's TLS identity and the workers' CA (mTLS); None: plaintext."""
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -26,7 +29,7 @@ class WorkerChannels:
         key = (worker.worker_id, worker.address)
         channel = self._channels.get(key)
         if channel is None:
-            channel = self._channels[key] = client_channel(worker.address)
+            channel = self._channels[key] = client_channel(worker.address, tls=self._tls)
         return channel
 
     def prefill(self, worker: WorkerState) -> worker_pb2_grpc.PrefillWorkerStub:

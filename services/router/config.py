@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.rpc.tls import TlsConfig
 
 DEFAULT_POLICY = "kv-aware"
 
@@ -51,6 +55,10 @@ class RouterConfig:
     """Conditional disaggregation (kv-aware policy only): when the chosen decode worker
     already holds at least this share of the prompt (its cached prefix, per the router's
     index), it prefills the rest locally ("local-cached-prefix"). Above 1: never."""
+    tls: TlsConfig | None = None
+    """TLS on the router's port (mTLS when it requires client certificates: the gateway and
+    workers must present ones signed by its CA), and the identity it presents to workers it
+    dials. None: plaintext."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -87,7 +87,7 @@ class Orchestrator:
         self.policy = policy
         self.config = config
         self.tokenizers = tokenizers or TokenizerCache()
-        self.channels = WorkerChannels()
+        self.channels = WorkerChannels(config.tls)
         registry.add_remove_listener(self.channels.drop)
         self._attempt_seq = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()

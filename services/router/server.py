@@ -102,6 +102,7 @@ async def start_router(
         ],
         host=config.host,
         port=config.port,
+        tls=config.tls,
     )
     return Router(config, server, registry, orchestrator, kv_state)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from services.engine.engine import EngineConfig, LLMEngine
 from services.kv_transfer.transport import KVTransport
 from services.rpc.server import RunningServer, Servicer, start_server
+from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.telemetry.tracing import shutdown_tracing
 from services.worker.engine_loop import EngineLoop
@@ -50,6 +51,11 @@ class WorkerConfig:
     """Prometheus /metrics port; 0 disables it."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Engine settings (KV pool size, batch limits, dtype, device)."""
+    tls: TlsConfig | None = None
+    """TLS on the worker's port (mTLS when it requires client certificates: the router and
+    peer workers must present ones signed by its CA) and the identity it presents when it
+    dials the router and peers (registration, KV events, KV handshake and reads). None:
+    plaintext."""
 
 
 class WorkerHost:
@@ -78,24 +84,36 @@ class WorkerHost:
     async def start(self, servicers: Callable[[WorkerHost], list[Servicer]]) -> None:
         """Load the model, start the engine thread and the server, then register and
         publish KV events to the router (when one is configured)."""
+        if self.config.tls is not None:
+            from services.rpc.tls import load
+
+            load(self.config.tls)  # a bad certificate file fails now, not after the model loads
         self.engine = await asyncio.to_thread(LLMEngine, self.config.model, self.config.engine)
         self.loop = EngineLoop(self.engine)
         self.loop.on_tick(self._expire_leases)
         self.loop.start()
-        self.server = await start_server(servicers(self), self.config.host, self.config.port)
+        self.server = await start_server(
+            servicers(self), self.config.host, self.config.port, tls=self.config.tls
+        )
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port, self.config.host)
         if self.config.router:
             self._registration = asyncio.create_task(
                 register_and_heartbeat(
-                    self.config.router, self.registration(), self.load, self._stop
+                    self.config.router,
+                    self.registration(),
+                    self.load,
+                    self._stop,
+                    tls=self.config.tls,
                 )
             )
             self._registration.add_done_callback(self._registration_ended)
             # Streams prefix-cache changes to the router's KV index. The router refuses
             # the stream until the registration above lands; the publisher retries.
             self._kv_publisher = asyncio.create_task(
-                publish_kv_events(self.config.router, self.worker_id, self.loop, self._stop)
+                publish_kv_events(
+                    self.config.router, self.worker_id, self.loop, self._stop, tls=self.config.tls
+                )
             )
         log.info(
             "%s worker %s serving %s on %s",

@@ -26,6 +26,7 @@ import grpc
 from services.engine.engine import LLMEngine
 from services.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from services.rpc.server import client_channel
+from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
 from services.worker.engine_loop import EngineLoop
@@ -44,9 +45,11 @@ async def publish_kv_events(
     loop: EngineLoop,
     stop: asyncio.Event,
     interval_s: float = 0.05,
+    tls: TlsConfig | None = None,
 ) -> None:
-    """Publish until ``stop`` is set (or the task is cancelled); never raises otherwise."""
-    async with client_channel(router) as channel:
+    """Publish until ``stop`` is set (or the task is cancelled); never raises otherwise.
+    ``tls``: dial the router with this identity and CA (None: plaintext)."""
+    async with client_channel(router, tls=tls) as channel:
         stub = worker_pb2_grpc.RegistryStub(channel)
         delay = RETRY_S
         while not stop.is_set():

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from services.rpc.server import client_channel
+from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
 
@@ -29,10 +30,12 @@ async def register_and_heartbeat(
     registration: wpb.RegisterRequest,
     load: Callable[[], Awaitable[wpb.WorkerLoad]],
     stop: asyncio.Event,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Run until ``stop`` is set. A refusal (FAILED_PRECONDITION) is raised: the
-    worker cannot serve with the others and must not keep trying."""
-    async with client_channel(router) as channel:
+    worker cannot serve with the others and must not keep trying. ``tls``: dial the
+    router with this identity and CA (None: plaintext)."""
+    async with client_channel(router, tls=tls) as channel:
         stub = worker_pb2_grpc.RegistryStub(channel)
         while not stop.is_set():
             interval = await _register(stub, registration, stop)

@@ -1,0 +1,107 @@
+"""The TLS flags every service and client shares, and the TlsConfig they describe.
+
+Services (router, workers, gateway): ``--tls-cert`` and ``--tls-key`` are the service's
+identity, served on its port and presented when it dials others; ``--tls-ca`` is the CA that
+signs its peers: with all three the service requires client certificates (mTLS). Clients
+(``generate --target``, ``bench serve``): ``--tls-ca`` verifies the server, ``--tls-cert`` and
+``--tls-key`` are an optional client certificate. Nothing here reads a file: the services
+check them at start (``services.rpc.tls.load``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from services.engine.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from services.rpc.tls import TlsConfig
+
+
+SERVICE_CA_HELP = (
+    "PEM CA bundle that signs the other services: verifies the services this one dials, and "
+    "callers must present a certificate it signed (mTLS)"
+)
+
+
+def add_service_tls_args(
+    parser: argparse.ArgumentParser, ca_help: str = SERVICE_CA_HELP
+) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("TLS")
+    group.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate: serve TLS on this service's port and present it when dialing "
+        "other services (with --tls-key; default: plaintext)",
+    )
+    group.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    group.add_argument("--tls-ca", metavar="FILE", help=ca_help)
+    return group
+
+
+def add_client_tls_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="connect over TLS, verifying the server with this PEM CA bundle (`tandem up "
+        "--tls` prints its ca.pem)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect over TLS, verifying the server with the system's trust store",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="client certificate (PEM) for a server that requires one (with --tls-key)",
+    )
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def service_tls(args: argparse.Namespace) -> TlsConfig | None:
+    """The service's TlsConfig (mTLS with --tls-ca), None without TLS flags; an
+    InvalidRequestError names an incomplete set."""
+    from services.rpc.tls import TlsConfig
+
+    cert, key, ca = args.tls_cert, args.tls_key, args.tls_ca
+    if not (cert or key or ca):
+        return None
+    if not (cert and key):
+        raise InvalidRequestError(
+            "--tls-cert/--tls-key",
+            "a service needs both its certificate and its key to serve TLS (with --tls-ca "
+            "it also requires client certificates)",
+        )
+    return TlsConfig.from_files(cert, key, ca, require_client_auth=bool(ca))
+
+
+def gateway_tls(args: argparse.Namespace) -> tuple[TlsConfig | None, TlsConfig | None]:
+    """The gateway's public TlsConfig (client certificates only with --client-ca: public
+    clients carry bearer tokens) and the one it dials the router with (mTLS with --tls-ca)."""
+    from services.rpc.tls import TlsConfig
+
+    cert, key, ca, client_ca = args.tls_cert, args.tls_key, args.tls_ca, args.client_ca
+    if not (cert or key or ca or client_ca):
+        return None, None
+    if not (cert and key):
+        raise InvalidRequestError(
+            "--tls-cert/--tls-key",
+            "the gateway needs both its certificate and its key for TLS (--tls-ca and "
+            "--client-ca only say whom to trust)",
+        )
+    public = TlsConfig.from_files(cert, key, client_ca, require_client_auth=bool(client_ca))
+    return public, TlsConfig.from_files(cert, key, ca)
+
+
+def client_tls(args: argparse.Namespace) -> TlsConfig | None:
+    """The client's TlsConfig, None for plaintext; InvalidRequestError for a half-given pair."""
+    from services.rpc.tls import TlsConfig
+
+    cert, key, ca = args.tls_cert, args.tls_key, args.tls_ca
+    if not (cert or key or ca or args.tls):
+        return None
+    if bool(cert) != bool(key):
+        raise InvalidRequestError("--tls-cert/--tls-key", "a client certificate needs its key")
+    return TlsConfig.from_files(cert, key, ca)
