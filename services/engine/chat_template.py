@@ -33,6 +33,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.engine.errors import CheckpointError, InvalidRequestError
+from services.engine.tokenizer import read_json_object
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -95,7 +96,7 @@ class ChatTemplate:
 def load_chat_template(directory: Path) -> ChatTemplate:
     """The template of the model in ``directory``, or the plain one when it has none."""
     directory = Path(directory)
-    config = _read_config(directory / TOKENIZER_CONFIG)
+    config = read_json_object(directory / TOKENIZER_CONFIG)
     tokens = _special_tokens(config)
     jinja_file = directory / TEMPLATE_FILE
     if jinja_file.is_file():
@@ -132,18 +133,6 @@ def _special_tokens(config: Mapping[str, Any]) -> dict[str, str]:
         if isinstance(value, str):
             tokens[name] = value
     return tokens
-
-
-def _read_config(file: Path) -> dict[str, Any]:
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc}); fix or remove it") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 class _GenerationBlock(Extension):

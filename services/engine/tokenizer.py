@@ -88,10 +88,10 @@ def _load_backend(file: Path) -> HFTokenizer:
 def _find_special_ids(directory: Path, backend: HFTokenizer, kind: str) -> list[int]:
     """Ids of the ``kind`` ("bos" or "eos") token: the first config file that names one wins."""
     for name in _ID_SOURCES:
-        value = _read_json(directory / name).get(f"{kind}_token_id")
+        value = read_json_object(directory / name).get(f"{kind}_token_id")
         if value is not None:
             return _as_id_list(value, directory / name, f"{kind}_token_id")
-    token = _read_json(directory / _TOKEN_SOURCE).get(f"{kind}_token")
+    token = read_json_object(directory / _TOKEN_SOURCE).get(f"{kind}_token")
     if isinstance(token, dict):  # serialized AddedToken: {"content": "<s>", ...}
         token = token.get("content")
     if not isinstance(token, str):
@@ -115,8 +115,9 @@ def _as_id_list(value: Any, file: Path, key: str) -> list[int]:
     return list(values)
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    """The file's top-level object, or {} when the file is absent (all three are optional)."""
+def read_json_object(file: Path) -> dict[str, Any]:
+    """The file's top-level object, or {} when the file is absent (a checkpoint's
+    tokenizer_config.json, special_tokens_map.json and generation_config.json are optional)."""
     if not file.is_file():
         return {}
     try:
