@@ -11,10 +11,12 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from services.gateway.store import Store, open_store
+from tests.gateway.issuer import Issuer
 
 POSTGRES_URL = os.environ.get(
     "TANDEM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -75,3 +77,31 @@ def all_rows(store: Store, table: str) -> list[tuple[object, ...]]:
     """Every row of ``table`` (a test helper: raw SQL)."""
     with store.transaction() as tx:
         return tx.fetchall(f"SELECT * FROM {table}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store URL a gateway opens by itself on a fresh database: a SQLite file, or a
+    PostgreSQL schema selected through libpq's ``options=-csearch_path=…``."""
+    if request.param == "sqlite":
+        yield f"sqlite:{tmp_path / 'gateway.db'}"
+        return
+    if reason := _postgres_unreachable():
+        pytest.skip(reason)
+    import psycopg
+    from psycopg import sql
+
+    schema = f"tandem_test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{sep}options={quote(f'-csearch_path={schema}')}"
+    _drop_schema(schema)
+
+
+@pytest.fixture
+def issuer() -> Iterator[Issuer]:
+    """The Keycloak-compatible test issuer, on loopback for one test."""
+    server = Issuer()
+    yield server
+    server.close()

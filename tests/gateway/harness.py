@@ -18,15 +18,12 @@ same skip rule as ``conftest.open_same``.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import grpc
-import pytest
 
 from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.ledger import Ledger
@@ -35,7 +32,6 @@ from services.gateway.server import Gateway, GatewayConfig, start_gateway
 from services.router.config import RouterConfig
 from services.rpc.server import Servicer, client_channel, start_server
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.gateway.conftest import POSTGRES_URL, _drop_schema, _postgres_unreachable
 from tests.gateway.issuer import Issuer
 from tests.router.fakes import (
     MODEL,
@@ -60,25 +56,6 @@ def policy_text(limits: str = "", models: Sequence[str] = (MODEL, MODEL_B)) -> s
     for m in models:
         parts.append(f'[models."{m}"]\nroles = ["model-user"]\n')
     return "\n".join(parts) + limits
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A store URL for the gateway on a fresh database: SQLite file or PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:{tmp_path / 'gateway.db'}"
-        return
-    if reason := _postgres_unreachable():
-        pytest.skip(reason)
-    import psycopg
-    from psycopg import sql
-
-    schema = f"tandem_test_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options={quote(f'-csearch_path={schema}')}"
-    _drop_schema(schema)
 
 
 # ---- scripted workers -------------------------------------------------------------------
@@ -156,13 +133,6 @@ async def add_scripted(c: Cluster, spec: Spec) -> FakeWorker:
     c.workers[worker_id] = worker  # stopped with the cluster
     await worker.register(c.router.address)
     return worker
-
-
-@pytest.fixture
-def issuer() -> Iterator[Issuer]:
-    server = Issuer()
-    yield server
-    server.close()
 
 
 def token(issuer: Issuer, sub: str = "ann", team: str = "ml") -> str:

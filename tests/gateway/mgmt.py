@@ -1,22 +1,19 @@
 """A real gateway for the Admin / UsageService tests, on a SQLite file or a PostgreSQL schema.
 
 These services never reach the router, so the gateway points at a closed loopback port.
-``gateway_store`` yields a store URL the gateway can open by itself (PostgreSQL: a fresh
+``store_url`` (conftest) yields a store URL the gateway can open by itself (PostgreSQL: a fresh
 schema chosen with libpq's ``options=-csearch_path=…``), with the skip rule of
 ``conftest.open_same``.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import grpc
-import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -27,7 +24,6 @@ from services.gateway.store import Store, open_store
 from services.launcher.local import free_port
 from services.rpc.server import client_channel
 from services.stubs.tandem.v1 import admin_pb2_grpc
-from tests.gateway.conftest import POSTGRES_URL, _drop_schema, _postgres_unreachable
 from tests.gateway.issuer import Issuer
 
 POLICY = """
@@ -37,32 +33,6 @@ admin_role = "admin"
 roles = ["model-user"]
 teams = ["ml"]
 """
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def gateway_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A store URL on a fresh database: a SQLite file, or a PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:{tmp_path / 'gateway.db'}"
-        return
-    if reason := _postgres_unreachable():
-        pytest.skip(reason)
-    import psycopg
-    from psycopg import sql
-
-    schema = f"tandem_test_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options={quote(f'-csearch_path={schema}')}"
-    _drop_schema(schema)
-
-
-@pytest.fixture
-def issuer() -> Iterator[Issuer]:
-    server = Issuer()
-    yield server
-    server.close()
 
 
 @dataclass

@@ -13,19 +13,15 @@ import grpc
 from services.gateway.api_keys import ApiKeys
 from services.launcher.local import free_port
 from services.stubs.tandem.v1 import admin_pb2
-from tests.gateway import mgmt
 from tests.gateway.issuer import Issuer
 from tests.gateway.mgmt import call, error_reason, field_violations, management
 
-gateway_store = mgmt.gateway_store  # fixtures
-issuer = mgmt.issuer
-
 
 def test_admin_token_mints_lists_and_revokes(
-    tmp_path: Path, gateway_store: str, issuer: Issuer
+    tmp_path: Path, store_url: str, issuer: Issuer
 ) -> None:
     async def body() -> None:
-        async with management(tmp_path, gateway_store, issuer) as m:
+        async with management(tmp_path, store_url, issuer) as m:
             token = issuer.mint(realm_roles=["admin"], sub="root")
             request = admin_pb2.CreateApiKeyRequest(
                 team="ml",
@@ -73,11 +69,9 @@ def test_admin_token_mints_lists_and_revokes(
     asyncio.run(body())
 
 
-def test_admin_api_key_may_administer_and_mint_admin_keys(
-    tmp_path: Path, gateway_store: str
-) -> None:
+def test_admin_api_key_may_administer_and_mint_admin_keys(tmp_path: Path, store_url: str) -> None:
     async def body() -> None:
-        async with management(tmp_path, gateway_store) as m:
+        async with management(tmp_path, store_url) as m:
             admin = m.admin_key()
             request = admin_pb2.CreateApiKeyRequest(team="ops", models=["m1"], admin=True)
             created, code, _, _ = await call(m.admin.CreateApiKey, request, admin)
@@ -91,11 +85,9 @@ def test_admin_api_key_may_administer_and_mint_admin_keys(
     asyncio.run(body())
 
 
-def test_non_admin_is_denied_and_audited(
-    tmp_path: Path, gateway_store: str, issuer: Issuer
-) -> None:
+def test_non_admin_is_denied_and_audited(tmp_path: Path, store_url: str, issuer: Issuer) -> None:
     async def body() -> None:
-        async with management(tmp_path, gateway_store, issuer) as m:
+        async with management(tmp_path, store_url, issuer) as m:
             plain_key = ApiKeys(m.store).mint("ml", ["m1"]).secret
             token = issuer.mint(realm_roles=["model-user"], sub="ann")
             requests = [
@@ -116,9 +108,9 @@ def test_non_admin_is_denied_and_audited(
     asyncio.run(body())
 
 
-def test_missing_or_bad_credentials_are_unauthenticated(tmp_path: Path, gateway_store: str) -> None:
+def test_missing_or_bad_credentials_are_unauthenticated(tmp_path: Path, store_url: str) -> None:
     async def body() -> None:
-        async with management(tmp_path, gateway_store) as m:  # no OIDC issuer configured
+        async with management(tmp_path, store_url) as m:  # no OIDC issuer configured
             request = admin_pb2.ListApiKeysRequest()
             _, code, status, _ = await call(m.admin.ListApiKeys, request, None)
             assert code == grpc.StatusCode.UNAUTHENTICATED
@@ -134,9 +126,9 @@ def test_missing_or_bad_credentials_are_unauthenticated(tmp_path: Path, gateway_
     asyncio.run(body())
 
 
-def test_invalid_requests_name_every_bad_field(tmp_path: Path, gateway_store: str) -> None:
+def test_invalid_requests_name_every_bad_field(tmp_path: Path, store_url: str) -> None:
     async def body() -> None:
-        async with management(tmp_path, gateway_store) as m:
+        async with management(tmp_path, store_url) as m:
             admin = m.admin_key()
             request = admin_pb2.CreateApiKeyRequest(
                 team=" ",

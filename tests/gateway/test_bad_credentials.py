@@ -15,13 +15,10 @@ from jwcrypto.jwk import JWK
 from services.gateway.api_keys import ApiKeys
 from services.gateway.audit import AuditEvent
 from services.stubs.tandem.v1 import inference_pb2
-from tests.gateway import harness
 from tests.gateway.harness import MODEL, Stack, stack, token
 from tests.gateway.issuer import Issuer
 from tests.gateway.test_identity import BAD
 from tests.router.harness import run
-
-issuer = harness.issuer  # the fixture
 
 PROMPT = [5, 6, 7]
 

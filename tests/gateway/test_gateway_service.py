@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +34,6 @@ teams = ["ml"]
 [models.other]
 roles = ["other-user"]
 """
-
-
-@pytest.fixture
-def issuer() -> Iterator[Issuer]:
-    server = Issuer()
-    yield server
-    server.close()
 
 
 @dataclass

@@ -22,13 +22,9 @@ import redis
 
 from services.gateway.limits import DAY, MINUTE, window_start
 from services.gateway.limits_redis import RedisAdmission
-from tests.gateway import harness
 from tests.gateway.harness import Reply, Stack, stack, token
 from tests.gateway.issuer import Issuer
 from tests.router.harness import run
-
-issuer = harness.issuer  # fixtures
-store_url = harness.store_url
 
 REQUESTS = 200
 

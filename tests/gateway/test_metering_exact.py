@@ -45,9 +45,6 @@ from tests.router.fakes import Behaviour
 from tests.router.harness import run
 from tests.router.test_failover import ROUND_ROBIN
 
-issuer = harness.issuer  # fixtures
-store_url = harness.store_url
-
 REQUESTS = 300
 IN_FLIGHT = 32
 WORKERS = (

@@ -25,8 +25,6 @@ from tests.gateway.harness import MODEL, PAUSE, stack
 from tests.gateway.issuer import Issuer
 from tests.router.harness import run
 
-issuer = harness.issuer  # fixture
-
 
 def _rec(request_id: str, **kw: object) -> UsageRecord:
     fields: dict[str, object] = dict(

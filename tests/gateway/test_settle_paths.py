@@ -14,7 +14,6 @@ import grpc
 
 from services.gateway.limits import DAY, MINUTE, InProcessAdmission, window_start
 from services.stubs.tandem.v1 import inference_pb2
-from tests.gateway import harness
 from tests.gateway.harness import (
     DECODE,
     HANG_PREFILL,
@@ -29,8 +28,6 @@ from tests.gateway.harness import (
 from tests.gateway.issuer import Issuer
 from tests.router.fakes import Behaviour
 from tests.router.harness import run
-
-issuer = harness.issuer  # the fixture
 
 LIMITS = """
 [limits.user]

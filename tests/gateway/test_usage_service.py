@@ -12,12 +12,8 @@ from services.gateway.api_keys import ApiKeys
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.store import Store
 from services.stubs.tandem.v1 import admin_pb2
-from tests.gateway import mgmt
 from tests.gateway.issuer import Issuer
 from tests.gateway.mgmt import call, error_reason, field_violations, management
-
-gateway_store = mgmt.gateway_store  # fixtures
-issuer = mgmt.issuer
 
 DAY = dt.datetime(2025, 3, 14, tzinfo=dt.UTC).timestamp()
 HOUR = 3600.0
@@ -48,9 +44,9 @@ def rows(response: admin_pb2.GetUsageResponse) -> list[tuple]:
     ]  # fmt: skip
 
 
-def test_admin_sees_every_principal_grouped(tmp_path: Path, gateway_store: str) -> None:
+def test_admin_sees_every_principal_grouped(tmp_path: Path, store_url: str) -> None:
     async def body() -> None:
-        async with management(tmp_path, gateway_store) as m:
+        async with management(tmp_path, store_url) as m:
             seed(m.store, "key:0123456789abcdef")
             admin = m.admin_key()
             answer, code, _, _ = await call(
@@ -83,11 +79,9 @@ def test_admin_sees_every_principal_grouped(tmp_path: Path, gateway_store: str) 
     asyncio.run(body())
 
 
-def test_a_member_sees_only_its_own_usage(
-    tmp_path: Path, gateway_store: str, issuer: Issuer
-) -> None:
+def test_a_member_sees_only_its_own_usage(tmp_path: Path, store_url: str, issuer: Issuer) -> None:
     async def body() -> None:
-        async with management(tmp_path, gateway_store, issuer) as m:
+        async with management(tmp_path, store_url, issuer) as m:
             seed(m.store, "key:0123456789abcdef")
             ann = issuer.mint(realm_roles=["model-user"], groups=["/ml"], sub="ann")
             for request in (
@@ -113,9 +107,9 @@ def test_a_member_sees_only_its_own_usage(
     asyncio.run(body())
 
 
-def test_an_api_key_sees_its_own_rows(tmp_path: Path, gateway_store: str) -> None:
+def test_an_api_key_sees_its_own_rows(tmp_path: Path, store_url: str) -> None:
     async def body() -> None:
-        async with management(tmp_path, gateway_store) as m:
+        async with management(tmp_path, store_url) as m:
             minted = ApiKeys(m.store).mint("apps", ["m1"])
             seed(m.store, f"key:{minted.key.key_id}")
             request = admin_pb2.GetUsageRequest(month="2025-03")
@@ -126,9 +120,9 @@ def test_an_api_key_sees_its_own_rows(tmp_path: Path, gateway_store: str) -> Non
     asyncio.run(body())
 
 
-def test_bad_periods_and_groupings_are_invalid_argument(tmp_path: Path, gateway_store: str) -> None:
+def test_bad_periods_and_groupings_are_invalid_argument(tmp_path: Path, store_url: str) -> None:
     async def body() -> None:
-        async with management(tmp_path, gateway_store) as m:
+        async with management(tmp_path, store_url) as m:
             admin = m.admin_key()
             backwards = admin_pb2.GetUsageRequest()
             backwards.range.start.FromSeconds(200)
