@@ -3,11 +3,18 @@
 Kept apart from up.py so that up.py only has to add the flag and hand over:
 ``add_ray_arg(parser)`` in its ``register`` and, first thing in its handler,
 ``if args.ray is not None: return up_ray.run(args)``. Ray is imported only then.
+
+As with ``tandem up``, the gateway is the door (``--port``), in front of the router, both
+on this machine; an admin key is minted into the gateway's store (``--state-dir``) and
+printed once; ``--no-gateway`` puts the router on ``--port`` instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,7 +33,8 @@ def add_ray_arg(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="place the prefill/decode workers as Ray actors (restarted by Ray when they "
         "die) on the Ray cluster at ADDRESS (e.g. ray://head:10001, or 'auto' on a "
-        "cluster node); without ADDRESS, on a local Ray instance. The router runs here.",
+        "cluster node); without ADDRESS, on a local Ray instance. The gateway and the "
+        "router run here.",
     )
 
 
@@ -45,19 +53,38 @@ def config_from_args(args: argparse.Namespace) -> RayClusterConfig:
         prefill=args.prefill,
         decode=args.decode,
         port=args.port,
-        # the router's placement policy (`tandem up --routing-policy`; --policy is the
-        # gateway's policy file there)
-        policy=getattr(args, "routing_policy", None) or "kv-aware",
+        # the router's placement policy: `tandem up --routing-policy` stores it as
+        # args.policy (--policy, the gateway's policy file, is args.policy_file)
+        policy=getattr(args, "policy", None) or "kv-aware",
         worker_args=worker_args,
+        trace_exporter=getattr(args, "trace_exporter", "none"),
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.engine.model_source import resolve_model
-    from services.launcher.ray_cluster import run_on_ray
+    import dataclasses
 
+    from services.cli import up
+    from services.engine.model_source import resolve_model
+    from services.launcher.ray_cluster import RayCluster, run_on_ray
+
+    # the policy file is checked before Ray or anything else starts
+    policy = None if getattr(args, "no_gateway", False) else up._policy_file(args)
     if args.ray in (None, "", LOCAL):
         # one local build of tandem-tiny, not one per actor at once (as `tandem up` does);
         # on a remote cluster each node builds its own on first use
         resolve_model(args.model)
-    return run_on_ray(config_from_args(args))
+    config = config_from_args(args)
+    secret = None
+    if policy is not None:
+        state_dir = getattr(args, "log_dir", None) or Path(tempfile.mkdtemp(prefix="tandem-up-"))
+        http_port = getattr(args, "http_port", 0) or 0
+        spec, secret = up._gateway(policy, state_dir, args.model, http_port)
+        config = dataclasses.replace(config, gateway=spec)
+        print(f"the gateway's store: {spec.store}", file=sys.stderr)
+
+    def announce(cluster: RayCluster) -> str:
+        line = up._where_to_connect(args, cluster.address, secret)
+        return f"{line} Worker actors run on Ray, which restarts one that dies."
+
+    return run_on_ray(config, announce)

@@ -13,8 +13,11 @@ constructor, because a restarted actor runs only its constructor: serving must b
 there, not in a method someone has to call again.
 
 The router runs where this launcher runs (``tandem router`` as a child process,
-listening on every interface) unless an existing router is given. Every Ray node needs
-Tandem installed (the deploy/Dockerfile image, or the same virtual environment).
+listening on every interface) unless an existing router is given. With
+``RayClusterConfig.gateway`` set (``tandem up --ray``'s default), a ``tandem gateway`` runs
+here too, in front: it takes ``port`` (the door clients use) and the router moves to a free
+port behind it, as with ``services.launcher.local``. Every Ray node needs Tandem installed
+(the deploy/Dockerfile image, or the same virtual environment).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.launcher.local import GatewaySpec, free_port
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
 
@@ -58,7 +62,17 @@ class RayClusterConfig:
     """The address workers use to reach the router this launcher starts; None: this
     machine's address as Ray sees it (reachable from the other Ray nodes)."""
     port: int = 50051
-    """Port of the router this launcher starts."""
+    """Where clients connect: the gateway's port when there is one, else the port of the
+    router this launcher starts."""
+    gateway: GatewaySpec | None = None
+    """Run a ``tandem gateway`` here on ``port`` in front of the router; None: clients call
+    the router (development only)."""
+    gateway_host: str = "0.0.0.0"
+    """Interface the gateway listens on (every one by default, as the router did before
+    there was a gateway: clients may be on other machines)."""
+    trace_exporter: str = "none"
+    """``--trace-exporter`` for the router, the gateway and every worker actor (OTLP
+    endpoints from the OTEL_EXPORTER_OTLP_* variables; give them to actors through ``env``)."""
     policy: str = "kv-aware"
     router_args: tuple[str, ...] = ()
     """Extra ``tandem router`` flags."""
@@ -100,6 +114,14 @@ def worker_config_from_flags(role: str, model: str, host: str, router: str, work
     )
 
 
+def _configure_tracing(role: str, flags: Sequence[str]) -> None:
+    """What ``tandem <role> --trace-exporter …`` would do, in this actor's process."""
+    from services.cli.main import build_parser
+    from services.cli.telemetry_args import configure
+
+    configure(build_parser().parse_args([role, *flags]), f"tandem-{role}")
+
+
 class WorkerActor:
     """A Ray actor hosting one prefill or decode worker (see the module docstring)."""
 
@@ -114,6 +136,7 @@ class WorkerActor:
         host = ray.util.get_node_ip_address()
         self.role = role
         self.config = worker_config_from_flags(role, model, host, router, worker_id, flags)
+        _configure_tracing(role, flags)  # before the worker's server and channels exist
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -206,23 +229,30 @@ class RayCluster:
     """Actor handles by worker id (``prefill-0``, ``decode-1``, ...)."""
     router_process: subprocess.Popen | None = None
     owns_ray: bool = False
+    gateway_process: subprocess.Popen | None = None
+    gateway_address: str | None = None
+
+    @property
+    def address(self) -> str:
+        """Where clients connect: the gateway, if any, else the router."""
+        return self.gateway_address or self.router_address
+
+    def dead_processes(self) -> list[str]:
+        """Names of the local services (router, gateway) that have exited."""
+        local = (("router", self.router_process), ("gateway", self.gateway_process))
+        return [name for name, p in local if p is not None and p.poll() is not None]
 
     def stop(self) -> None:
         import ray
 
+        _terminate(self.gateway_process)  # the door first: no new requests
         for actor in self.actors.values():
             # already dead, or Ray is going down: killed below all the same
             with contextlib.suppress(Exception):
                 ray.get(actor.stop.remote(), timeout=20)
             ray.kill(actor, no_restart=True)
         self.actors.clear()
-        if self.router_process is not None and self.router_process.poll() is None:
-            self.router_process.send_signal(signal.SIGTERM)
-            try:
-                self.router_process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.router_process.kill()
-                self.router_process.wait()
+        _terminate(self.router_process)
         if self.owns_ray:
             ray.shutdown()
 
@@ -241,9 +271,11 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
         router_process = None
         router = config.router
         if router is None:
+            # behind a gateway the router leaves `port` to it and takes a free one
+            router_port = free_port() if config.gateway else config.port
             router_host = config.router_host or ray.util.get_node_ip_address()
-            router_process = _start_router(config)
-            router = f"{router_host}:{config.port}"
+            router_process = _start_router(config, router_port)
+            router = f"{router_host}:{router_port}"
         cluster = RayCluster(config, router, router_process=router_process, owns_ray=owns_ray)
         deadline = time.monotonic() + config.startup_timeout_s
         _wait_serving(router, deadline, router_process)
@@ -251,6 +283,9 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
         if num_gpus is None:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         actor_class = ray.remote(WorkerActor)
+        flags = tuple(config.worker_args)
+        if config.trace_exporter != "none":
+            flags += ("--trace-exporter", config.trace_exporter)
         for role, count in (("prefill", config.prefill), ("decode", config.decode)):
             for i in range(count):
                 worker_id = f"ray-{role}-{i}"
@@ -261,8 +296,14 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
                     max_restarts=config.max_restarts,
                     # a call in flight when the actor dies is retried on the restarted one
                     max_task_retries=-1 if config.max_restarts else 0,
-                ).remote(role, config.model, router, worker_id, config.worker_args, num_gpus > 0)
+                ).remote(role, config.model, router, worker_id, flags, num_gpus > 0)
         wait_registered(cluster.actors.values(), deadline)
+        if config.gateway is not None:
+            cluster.gateway_process = _start_gateway(config, config.gateway, router)
+            listen = config.gateway_host
+            host = "127.0.0.1" if listen in ("0.0.0.0", "::", "") else listen
+            cluster.gateway_address = f"{host}:{config.port}"
+            _wait_serving(cluster.gateway_address, deadline, cluster.gateway_process, "gateway")
     except BaseException:
         if cluster is not None:
             cluster.stop()
@@ -272,20 +313,25 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
     return cluster
 
 
-def run_on_ray(config: RayClusterConfig) -> int:
-    """``tandem up --ray``: start, print where to connect, serve until Ctrl-C/SIGTERM."""
+def _announce(cluster: RayCluster) -> str:
+    config = cluster.config
+    return (
+        f"Tandem is up on Ray ({config.prefill} prefill + {config.decode} decode actors, "
+        f"model {config.model}): connect to {cluster.address} (tandem.v1.Inference). "
+        "Ray restarts a worker actor that dies. Ctrl-C stops everything."
+    )
+
+
+def run_on_ray(config: RayClusterConfig, announce: Callable[[RayCluster], str] = _announce) -> int:
+    """``tandem up --ray``: start, print ``announce``'s line (where to connect), serve until
+    Ctrl-C/SIGTERM or until the router or gateway here exits."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     cluster = start_on_ray(config)
-    print(
-        f"Tandem is up on Ray ({config.prefill} prefill + {config.decode} decode actors, "
-        f"model {config.model}): connect to {cluster.router_address} (tandem.v1.Inference). "
-        "Ray restarts a worker actor that dies. Ctrl-C stops everything.",
-        flush=True,
-    )
+    print(announce(cluster), flush=True)
     try:
-        while cluster.router_process is None or cluster.router_process.poll() is None:
+        while not (dead := cluster.dead_processes()):
             time.sleep(0.5)
-        print("error: the router stopped unexpectedly. Stopping.", file=sys.stderr)
+        print(f"error: the {' and '.join(dead)} stopped unexpectedly. Stopping.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stopping ...", file=sys.stderr)
@@ -294,20 +340,52 @@ def run_on_ray(config: RayClusterConfig) -> int:
         cluster.stop()
 
 
-def _start_router(config: RayClusterConfig) -> subprocess.Popen:
+def _start_router(config: RayClusterConfig, port: int) -> subprocess.Popen:
     args = [
-        sys.executable, "-m", "services.cli.main", "router", "--host", "0.0.0.0",
-        "--port", str(config.port), "--policy", config.policy, *config.router_args,
+        "router", "--host", "0.0.0.0", "--port", str(port), "--policy", config.policy,
+        *config.router_args,
     ]  # fmt: skip
-    return subprocess.Popen(args, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return _start_local(config, args)
 
 
-def _wait_serving(address: str, deadline: float, process: subprocess.Popen | None) -> None:
+def _start_gateway(config: RayClusterConfig, spec: GatewaySpec, router: str) -> subprocess.Popen:
+    args = [
+        "gateway", "--host", config.gateway_host, "--port", str(config.port),
+        "--router", router, "--policy", str(spec.policy), "--store", spec.store, *spec.args,
+    ]  # fmt: skip
+    return _start_local(config, args)
+
+
+def _start_local(config: RayClusterConfig, args: list[str]) -> subprocess.Popen:
+    """``tandem <args>`` as a child process here (output to this terminal)."""
+    if config.trace_exporter != "none":
+        args = [*args, "--trace-exporter", config.trace_exporter]
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", *args],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _terminate(process: subprocess.Popen | None) -> None:
+    """SIGTERM (graceful), SIGKILL after 10 s."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait_serving(
+    address: str, deadline: float, process: subprocess.Popen | None, name: str = "router"
+) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process is not None and process.poll() is not None:
-                raise RuntimeError(f"the router exited with status {process.returncode}")
+                raise RuntimeError(f"the {name} exited with status {process.returncode}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -315,7 +393,7 @@ def _wait_serving(address: str, deadline: float, process: subprocess.Popen | Non
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the router at {address} did not start serving in time")
+                raise TimeoutError(f"the {name} at {address} did not start serving in time")
             time.sleep(0.2)
 
 

@@ -1,8 +1,8 @@
 """Workers as Ray actors on a local Ray instance: they serve, and Ray restarts a killed one.
 
 One prefill and one decode actor (half a CPU each, on a 2-CPU local Ray) behind a real
-router process; the router is told to always disaggregate, so both actors are on the
-path of every request.
+router process and a gateway in front of it, as ``tandem up --ray`` runs them; the router is
+told to always disaggregate, so both actors are on the path of every request.
 """
 
 from __future__ import annotations
@@ -14,19 +14,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 ray = pytest.importorskip("ray")
 
+from services.cli.up import EXAMPLE_POLICY  # noqa: E402
+from services.cli.up import _gateway as up_gateway  # noqa: E402
 from services.engine.engine import LLMEngine  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
-from services.launcher.local import free_port  # noqa: E402
+from services.launcher.local import GatewaySpec, free_port  # noqa: E402
 from services.launcher.ray_cluster import (  # noqa: E402
     RayCluster,
     RayClusterConfig,
     start_on_ray,
     wait_registered,
 )
+from services.stubs.tandem.v1 import inference_pb2 as pb  # noqa: E402
 from services.stubs.tandem.v1 import inference_pb2_grpc  # noqa: E402
 from tests.e2e.client import channel, generate, request  # noqa: E402
 from tests.e2e.conftest import ALWAYS_DISAGGREGATE, WORKER_ARGS  # noqa: E402
@@ -36,7 +40,13 @@ PROMPTS = [[5, 17, 99, 3, 250, 61, 7], list(range(40, 80))]
 
 
 @pytest.fixture(scope="module")
-def cluster(tandem_home: Path) -> Iterator[RayCluster]:
+def gateway_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[GatewaySpec, str]:
+    """The gateway ``tandem up --ray`` would run, and its minted admin key."""
+    return up_gateway(EXAMPLE_POLICY, tmp_path_factory.mktemp("state"), "tandem-tiny")
+
+
+@pytest.fixture(scope="module")
+def cluster(tandem_home: Path, gateway_key: tuple[GatewaySpec, str]) -> Iterator[RayCluster]:
     port = free_port()
     c = start_on_ray(
         RayClusterConfig(
@@ -52,6 +62,8 @@ def cluster(tandem_home: Path) -> Iterator[RayCluster]:
             env={"TANDEM_HOME": str(tandem_home)},
             ray_init_kwargs={"num_cpus": 2, "include_dashboard": False},
             startup_timeout_s=180,
+            gateway=gateway_key[0],
+            gateway_host="127.0.0.1",
         )
     )
     yield c
@@ -74,6 +86,20 @@ def test_actors_serve_the_offline_tokens(cluster: RayCluster, reference_engine: 
     assert asyncio.run(_serve(cluster.router_address, 12)) == _offline(reference_engine, 12)
     ids = {ray.get(a.worker_id.remote()) for a in cluster.actors.values()}
     assert ids == {"ray-prefill-0", "ray-decode-0"}
+
+
+def test_the_gateway_is_the_door(cluster: RayCluster, gateway_key: tuple[GatewaySpec, str]) -> None:
+    assert cluster.address != cluster.router_address
+    req = request(PROMPTS[0], 4)
+    with grpc.insecure_channel(cluster.address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(req, timeout=30))  # no key
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        metadata = (("authorization", f"Bearer {gateway_key[1]}"),)
+        replies = list(stub.Generate(req, timeout=60, metadata=metadata))
+    assert sum(len(r.token_ids) for r in replies) == 4
+    assert any(r.finish_reason == pb.FINISH_REASON_LENGTH for r in replies)
 
 
 def test_a_killed_actor_is_restarted_and_serves_again(
