@@ -45,6 +45,7 @@ from services.gateway.openai_requests import (
     parse_completion,
 )
 from services.gateway.pipeline import CallInfo, GatewayError, Pipeline
+from services.gateway.tracing import http_middlewares
 from services.stubs.tandem.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class OpenAIApi:
         self._owned_by = owned_by
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_openai_errors], client_max_size=MAX_BODY_BYTES)
+        middlewares = [*http_middlewares(), _openai_errors]  # the span sees the final status
+        app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_post("/v1/completions", self.completions)

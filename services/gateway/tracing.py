@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, StatusCode
@@ -99,3 +99,34 @@ def usage_attributes(
         "tandem.usage.cached_tokens": cached,
         "tandem.gateway.outcome": outcome,
     }
+
+
+def http_middlewares() -> list[Any]:
+    """aiohttp middleware giving each OpenAI HTTP API request a server span (none while
+    tracing is off): the policy steps and the router call become its children, and a
+    ``traceparent`` header from the client continues the client's trace."""
+    if not tracing_enabled():
+        return []
+    from aiohttp import web
+    from opentelemetry.propagate import extract
+    from opentelemetry.trace import SpanKind
+
+    @web.middleware
+    async def http_span(request: web.Request, handler: Any) -> web.StreamResponse:
+        # The route's template, not the path: no ids or model names from the URL, and
+        # never the query string or the body.
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        with _tracer.start_as_current_span(
+            f"{request.method} {route}",
+            context=extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "http.route": route},
+        ) as span:
+            response = await handler(request)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(StatusCode.ERROR)
+            return response
+
+    return [http_span]

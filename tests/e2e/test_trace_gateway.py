@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import grpc.aio
 
 from services.cli.up import EXAMPLE_POLICY
 from services.cli.up import _gateway as up_gateway
+from services.launcher.local import free_port
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
 from tests.e2e.conftest import start_cluster
@@ -59,6 +61,18 @@ async def _one_request(address: str, secret: str) -> list[int]:
     return tokens
 
 
+def _http_completion(port: int, secret: str) -> dict:
+    """POST /v1/completions on the gateway's OpenAI HTTP API."""
+    body = {"model": "tandem-tiny", "prompt": CANARY, "max_tokens": 2, "temperature": 0}
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as reply:
+        return json.load(reply)
+
+
 async def _refused(address: str, credential: str) -> grpc.StatusCode:
     """The status of a call with a credential the gateway does not accept."""
     req = pb.GenerateRequest(model="tandem-tiny", prompt=CANARY, max_tokens=1)
@@ -73,8 +87,15 @@ async def _refused(address: str, credential: str) -> grpc.StatusCode:
     raise AssertionError("a bad credential was served")
 
 
+def _under_http(span: dict, spans: list[dict]) -> bool:
+    """Whether ``span`` belongs to the trace of an OpenAI HTTP API request."""
+    http = {s["context"]["trace_id"] for s in spans if s["name"].startswith("POST /v1/")}
+    return span["context"]["trace_id"] in http
+
+
 def test_one_trace_from_the_gateway_to_decode(tmp_path: Path, tandem_home: Path) -> None:
-    spec, secret = up_gateway(EXAMPLE_POLICY, tmp_path / "state", "tandem-tiny")
+    http_port = free_port()
+    spec, secret = up_gateway(EXAMPLE_POLICY, tmp_path / "state", "tandem-tiny", http_port)
     # the gRPC KV transport, so that the transfer is a traced call (NIXL moves bytes
     # outside gRPC; the decode side's kv.read span covers it either way)
     cluster = start_cluster(
@@ -84,14 +105,16 @@ def test_one_trace_from_the_gateway_to_decode(tmp_path: Path, tandem_home: Path)
         assert len(asyncio.run(_one_request(cluster.address, secret))) == 3
         refused = asyncio.run(_refused(cluster.address, BAD_KEY))
         assert refused == grpc.StatusCode.UNAUTHENTICATED
+        assert _http_completion(http_port, secret)["usage"]["completion_tokens"] == 2
     finally:
         cluster.stop()  # the console exporter has written every span by now
     logs = tmp_path / "logs"
     spans = {name: list(_spans(logs / f"{name}.log")) for name in CHILDREN}
 
-    denied = [s for s in spans["gateway"] if s["name"] == "gateway.authenticate"]
+    grpc_spans = [s for s in spans["gateway"] if not _under_http(s, spans["gateway"])]
+    denied = [s for s in grpc_spans if s["name"] == "gateway.authenticate"]
     assert [s["attributes"]["tandem.gateway.decision"] for s in denied] == ["allow", "deny"]
-    gateway = {s["name"]: s for s in spans["gateway"] if s not in denied[1:]}
+    gateway = {s["name"]: s for s in grpc_spans if s not in denied[1:]}
     assert set(POLICY_STEPS) <= set(gateway), sorted(gateway)
     (trace_id,) = {gateway[step]["context"]["trace_id"] for step in POLICY_STEPS}
     for name in CHILDREN:
@@ -115,6 +138,13 @@ def test_one_trace_from_the_gateway_to_decode(tmp_path: Path, tandem_home: Path)
     assert admit["tandem.gateway.decision"] == "allow" and admit["tandem.gateway.tokens_reserved"]
     assert settle["tandem.usage.completion_tokens"] == 3 and settle["tandem.usage.prompt_tokens"]
     assert settle["tandem.gateway.outcome"] == "ok"
+    # the HTTP request: its own trace, the policy steps under the HTTP span, on to the router
+    (http,) = [s for s in spans["gateway"] if s["name"] == "POST /v1/completions"]
+    assert http["attributes"]["http.response.status_code"] == 200
+    http_trace = http["context"]["trace_id"]
+    steps = {s["name"] for s in spans["gateway"] if s["context"]["trace_id"] == http_trace}
+    assert set(POLICY_STEPS) <= steps, sorted(steps)
+    assert http_trace in {s["context"]["trace_id"] for s in spans["router"]}
     # nothing secret or private in any span or log line
     for log in logs.glob("*.log"):
         text = log.read_text(errors="replace")
