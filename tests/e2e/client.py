@@ -39,9 +39,13 @@ def request(prompt: list[int], max_tokens: int, **fields: object) -> pb.Generate
 
 
 async def generate(
-    stub: inference_pb2_grpc.InferenceStub, req: pb.GenerateRequest, timeout: float = 120.0
+    stub: inference_pb2_grpc.InferenceStub,
+    req: pb.GenerateRequest,
+    timeout: float = 120.0,
+    into: Completion | None = None,
 ) -> Completion:
-    result = Completion()
+    """Run one request to its end; ``into`` lets a caller watch the tokens arrive."""
+    result = into if into is not None else Completion()
     async for msg in stub.Generate(req, timeout=timeout):
         result.tokens += msg.token_ids
         result.text += msg.text

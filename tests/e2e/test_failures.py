@@ -64,9 +64,16 @@ def test_decode_worker_killed_mid_stream_resumes_elsewhere(
     async def kill_after_first_tokens() -> list[Completion]:
         async with channel(cluster.address) as ch:
             stub = inference_pb2_grpc.InferenceStub(ch)
-            tasks = [asyncio.create_task(generate(stub, request(p, 120))) for p in prompts]
-            await asyncio.sleep(1.5)  # both are streaming by now
+            seen = [Completion() for _ in prompts]
+            tasks = [
+                asyncio.create_task(generate(stub, request(p, 120), into=c))
+                for p, c in zip(prompts, seen, strict=True)
+            ]
+            # Kill once both stream (a fixed sleep let a fast run finish first).
+            while min(len(c.tokens) for c in seen) < 4:
+                await asyncio.sleep(0.005)
             os.kill(cluster.child("decode-0").process.pid, signal.SIGKILL)
+            assert not any(c.finals for c in seen), "a request ended before the kill"
             return await asyncio.gather(*tasks)
 
     results = asyncio.run(kill_after_first_tokens())
