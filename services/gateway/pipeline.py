@@ -64,22 +64,28 @@ DEFAULT_MAX_TOKENS = 16
 """What the engine generates when ``max_tokens`` is unset (reserved as such)."""
 CHAT_TOKENS_PER_MESSAGE = 8
 """Reserved per chat message for what a chat template adds (role markers, special tokens)."""
+SPECIAL_TOKENS = 4
+"""Tokens a tokenizer may add around a text (BOS, EOS, a role marker), for the bound."""
 
 
 def prompt_estimate(request: inference_pb2.GenerateRequest) -> int:
     """Prompt tokens to reserve before the router has tokenized anything.
 
-    Exact for ``prompt_token_ids``. For text, ``bytes // 2 + 1``: a conservative bound, since
-    real tokenizers average well over two bytes a token. For chat messages, the same over
-    roles and contents plus :data:`CHAT_TOKENS_PER_MESSAGE` each; a template that adds a long
-    preamble can exceed it, which only means the reservation errs low until the settle.
+    Exact for ``prompt_token_ids``. For text, an upper bound, so concurrent requests cannot
+    overshoot a budget: byte-level BPE tokens (Llama 3, Qwen2, tandem-tiny) and
+    SentencePiece pieces with byte fallback are each at least one byte, so a text holds at
+    most ``bytes`` tokens, plus :data:`SPECIAL_TOKENS` the tokenizer adds (BOS). An average
+    (e.g. bytes / 2) is not a bound: tandem-tiny gives 1.5 bytes a token on prose. For chat
+    messages, the same over roles and contents plus :data:`CHAT_TOKENS_PER_MESSAGE` each
+    for the template's markup; a template with a long preamble can exceed that, which only
+    means the reservation errs low until the settle. The settle gives the difference back.
     """
     if request.prompt_token_ids:
         return len(request.prompt_token_ids)
     if request.messages:
         size = sum(len(m.role.encode()) + len(m.content.encode()) for m in request.messages)
-        return size // 2 + CHAT_TOKENS_PER_MESSAGE * len(request.messages) + 1
-    return len(request.prompt.encode()) // 2 + 1
+        return size + CHAT_TOKENS_PER_MESSAGE * len(request.messages) + SPECIAL_TOKENS
+    return len(request.prompt.encode()) + SPECIAL_TOKENS
 
 
 class GatewayError(Exception):
@@ -152,6 +158,8 @@ class _Relay:
     """What the relay saw of one stream, for the settle."""
 
     streamed: int = 0
+    prompt_tokens: int | None = None
+    """The prompt's size as the router's first message reported it (exact, tokenized)."""
     final: inference_pb2.GenerateResponse | None = None
     outcome: str = "ok"
 
@@ -243,6 +251,8 @@ class Pipeline:
                 if call.client_request_id:  # the router echoes our id; show the client its own
                     message.request_id = call.client_request_id
                 relay.streamed += len(message.token_ids)
+                if relay.prompt_tokens is None and message.usage.prompt_tokens:
+                    relay.prompt_tokens = message.usage.prompt_tokens
                 if message.finish_reason:
                     relay.final = message
                 yield message
@@ -382,8 +392,9 @@ def _counts(prompt: int, relay: _Relay) -> tuple[int, int, int, str, str]:
             outcome = "error"
         reason = "ok" if outcome == "ok" else f"{outcome} ({name})"
         return prompt_tokens, final.usage.completion_tokens, cached, outcome, reason
-    # No final message: the prompt was processed if any token came back.
-    prompt_tokens = prompt if relay.streamed else 0
+    # No final message: the prompt was processed if any token came back; its size is
+    # what the router reported on its first message (the estimate only as a fallback).
+    prompt_tokens = (relay.prompt_tokens or prompt) if relay.streamed else 0
     if outcome == "ok":  # the stream ended without a final message
         outcome = "error"
     return prompt_tokens, relay.streamed, 0, outcome, outcome

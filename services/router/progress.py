@@ -112,12 +112,20 @@ class Progress:
         self.cached_tokens = min(cached_tokens, len(self.admitted.prompt_token_ids))
 
     def chunk(self, token_ids: list[int], text: str) -> inference_pb2.GenerateResponse:
-        """A non-final message carrying ``token_ids`` and ``text``; records them as sent."""
+        """A non-final message carrying ``token_ids`` and ``text``; records them as sent.
+
+        The first one also says the prompt's size (``usage.prompt_tokens``): a metering
+        proxy whose stream ends early (a cancel, a failure) then charges the prompt
+        exactly instead of estimating it from text."""
+        first = not self.started
         self.sent.extend(token_ids)
         self.started = True
-        return inference_pb2.GenerateResponse(
+        message = inference_pb2.GenerateResponse(
             request_id=self.request_id, token_ids=token_ids, text=text
         )
+        if first:
+            message.usage.prompt_tokens = len(self.admitted.prompt_token_ids)
+        return message
 
     def final(
         self,

@@ -421,6 +421,44 @@ def test_a_client_that_disconnects_mid_stream_is_charged_what_was_produced(
     run(body())
 
 
+def test_a_text_prompt_cut_short_is_charged_its_tokenized_size_not_the_reservation(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    """Reserved: the byte bound (every token is at least a byte). Charged when the stream
+    ends without a final message: the prompt size the router reported on its first
+    message, i.e. what the tokenizer made of the text."""
+
+    async def body() -> None:
+        text = "The quick brown fox jumps over the lazy dog, twice."
+        hang = Behaviour(hang_after=2)
+        async with stack(tmp_path, issuer, tiny_model_dir, decode=hang) as s:
+            tokenized = len(s.tokenizer.encode(text))  # as the router tokenizes it
+            assert tokenized < len(text.encode())  # so charge and reservation differ
+            stream = await s.client(s.key()).completions.create(
+                model=MODEL, prompt=text, max_tokens=50, stream=True
+            )
+            received = ""
+            async for chunk in stream:
+                received += chunk.choices[0].text
+                if received.count(" t") == 3:  # the prefill's token + 2, then it hangs
+                    break
+            request_id = chunk.id.removeprefix("cmpl-")
+            await stream.close()
+            await asyncio.wait_for(s.cluster.workers["d1"].cancelled.wait(), 5)
+            for _ in range(100):
+                if any(e.request_id == request_id for e in s.audit()):
+                    break
+                await asyncio.sleep(0.05)
+            row, _ = _once(s, request_id)
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (
+                tokenized,
+                3,
+                "cancelled",
+            )
+
+    run(body())
+
+
 def test_a_failure_mid_stream_ends_with_an_error_event_and_is_metered_once(
     tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
 ) -> None:
