@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -69,6 +70,18 @@ def agent_config() -> Any:
     return nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
 
 
+def allow_cuda_ipc_reads() -> None:
+    """Let UCX READ device memory over CUDA IPC on hosts without NVLink.
+
+    UCX's cuda_ipc transport disables GET by default ("auto") unless it finds NVLink, and
+    the decode side pulls with READ (GET): on a single-GPU or PCIe-only host every block
+    then went through software emulation over loopback TCP (0.56 GB/s measured on an
+    H200, bench/gpu/README.md). An operator's own setting wins (setdefault); UCX reads
+    it when the agent's UCX context is created, which happens after this call.
+    """
+    os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
+
+
 def memory_type(kv: KVCache) -> tuple[str, int]:
     """NIXL memory type and device id of the pool: ("DRAM", 0) or ("VRAM", cuda index)."""
     device = kv.tensor.device
@@ -96,6 +109,8 @@ class NixlTransport(KVTransport):
 
         super().__init__(kv)
         self.memory_type, self.device_id = memory_type(kv)
+        if self.memory_type == "VRAM":
+            allow_cuda_ipc_reads()
         self.agent_name = f"tandem-{worker_id}-{uuid.uuid4().hex[:8]}"
         self._agent = nixl_agent(self.agent_name, agent_config())
         if "UCX" not in self._agent.backends:
