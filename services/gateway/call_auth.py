@@ -1,6 +1,6 @@
 """Authenticate, authorize and audit one call of the gateway's Admin and Usage services.
 
-Inference does the same inline (``service.py``) because it also meters; the management
+Inference does the same in its pipeline (``pipeline.py``) because it also meters; the management
 services share these helpers so that every refusal has the same shape: UNAUTHENTICATED or
 PERMISSION_DENIED with ``google.rpc.ErrorInfo``, and one ``deny`` audit record naming the
 action and why.
@@ -36,11 +36,6 @@ class CallGuard:
         try:
             return await self._auth.authenticate(context.invocation_metadata())
         except AuthenticationError as exc:
-            reason = (
-                "CREDENTIAL_MISSING"
-                if isinstance(exc, MissingCredential)
-                else ("CREDENTIAL_INVALID")
-            )
             event = AuditEvent(
                 principal="anonymous",
                 decision="deny",
@@ -48,9 +43,8 @@ class CallGuard:
                 source=context.peer() or "",
             )
             await self.record(context, event)
-            await status_details.abort_with_details(
-                context, status_details.unauthenticated(str(exc), reason)
-            )
+            refused = status_details.refused_credential(exc, isinstance(exc, MissingCredential))
+            await status_details.abort_with_details(context, refused)
             raise  # abort raises; never reached
 
     async def deny(

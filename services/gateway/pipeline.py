@@ -194,8 +194,6 @@ class Pipeline:
             annotate(identity_attributes(who))
             return who
         except AuthenticationError as exc:
-            missing = isinstance(exc, MissingCredential)
-            reason = "CREDENTIAL_MISSING" if missing else "CREDENTIAL_INVALID"
             await self._record_audit(
                 AuditEvent(
                     principal="anonymous",
@@ -207,7 +205,8 @@ class Pipeline:
                     client_request_id=call.client_request_id,
                 )
             )
-            raise GatewayError(status_details.unauthenticated(str(exc), reason)) from exc
+            refused = status_details.refused_credential(exc, isinstance(exc, MissingCredential))
+            raise GatewayError(refused) from exc
 
     async def list_models(self, who: Identity, call: CallInfo) -> inference_pb2.ListModelsResponse:
         """The router's models that ``who`` may use."""

@@ -119,6 +119,12 @@ def unauthenticated(
     return _error_info(grpc.StatusCode.UNAUTHENTICATED, message, reason, domain, metadata)
 
 
+def refused_credential(exc: Exception, missing: bool) -> status_pb2.Status:
+    """UNAUTHENTICATED for a credential refused by authentication: ErrorInfo reason
+    CREDENTIAL_MISSING when none was sent, CREDENTIAL_INVALID otherwise."""
+    return unauthenticated(str(exc), "CREDENTIAL_MISSING" if missing else "CREDENTIAL_INVALID")
+
+
 def from_error(exc: TandemError) -> status_pb2.Status:
     """The Status for any TandemError, with details where its type carries them."""
     if isinstance(exc, LimitExceeded):
