@@ -193,8 +193,12 @@ def _apply_variant(variant: str) -> None:
         from services.gateway.audit import AuditLog
         from services.gateway.ledger import Ledger
 
+        # the settle writes both inside one transaction (insert / append_in); other
+        # records (denials) go through record / append
         Ledger.record = lambda self, rec: True  # type: ignore[method-assign]
+        Ledger.insert = lambda self, tx, rec: True  # type: ignore[method-assign]
         AuditLog.append = lambda self, event: None  # type: ignore[method-assign,assignment,return-value]
+        AuditLog.append_in = lambda self, tx, event: None  # type: ignore[method-assign,assignment,return-value]
     elif variant != "full":
         raise ValueError(f"unknown variant {variant!r}")
 

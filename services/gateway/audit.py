@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from services.engine.errors import InvalidRequestError
 from services.gateway.metrics import METRICS, GatewayMetrics
-from services.gateway.store import Store
+from services.gateway.store import Store, Tx
 
 GENESIS_HASH = "0" * 64
 DECISIONS = ("allow", "deny")
@@ -87,6 +87,10 @@ class AuditRecord:
     """SHA-256 (hex) of ``prev_hash`` bytes followed by the canonical JSON of this record."""
 
 
+EXCLUSIVE = "audit_log"
+"""The table whose appenders a transaction must serialize (the chain's next id and hash)."""
+
+
 class AuditLog:
     """Append to and verify the hash-chained audit log in a :class:`Store`."""
 
@@ -96,21 +100,36 @@ class AuditLog:
 
     def append(self, event: AuditEvent) -> AuditRecord:
         """Add one record at the end of the chain and return it."""
+        with self._store.transaction(exclusive=EXCLUSIVE) as tx:
+            record = self.append_in(tx, event)
+        self.count(event)  # after the commit: a failed append counts nothing
+        return record
+
+    @property
+    def store(self) -> Store:
+        """The store the records go to."""
+        return self._store
+
+    def append_in(self, tx: Tx, event: AuditEvent) -> AuditRecord:
+        """Append inside ``tx``, which must hold the chain's lock
+        (``transaction(exclusive=EXCLUSIVE)``); uncounted until :meth:`count`."""
         _check(event)
         time_us = round(event.time * 1e6)
         body = json.dumps(_body(event), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        with self._store.transaction(exclusive="audit_log") as tx:
-            last = tx.fetchone("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")
-            prev_id, prev_hash = (int(last[0]), str(last[1])) if last else (0, GENESIS_HASH)
-            record_id = prev_id + 1
-            digest = chain_hash(prev_hash, record_id, time_us, body)
-            tx.execute(
-                "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?)",
-                (record_id, time_us, body, prev_hash, digest),
-            )
-        if self._metrics is not None:  # after the commit: a failed append counts nothing
-            self._metrics.decided(event)
+        last = tx.fetchone("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")
+        prev_id, prev_hash = (int(last[0]), str(last[1])) if last else (0, GENESIS_HASH)
+        record_id = prev_id + 1
+        digest = chain_hash(prev_hash, record_id, time_us, body)
+        tx.execute(
+            "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?)",
+            (record_id, time_us, body, prev_hash, digest),
+        )
         return AuditRecord(id=record_id, event=event, prev_hash=prev_hash, hash=digest)
+
+    def count(self, event: AuditEvent) -> None:
+        """Count a committed record in the decision metrics."""
+        if self._metrics is not None:
+            self._metrics.decided(event)
 
     def records(self, after_id: int = 0) -> Iterator[AuditRecord]:
         """Every record with ``id > after_id``, in order (fetched in batches)."""

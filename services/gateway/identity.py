@@ -37,6 +37,13 @@ token with Keycloak's client-credentials grant (``POST …/protocol/openid-conne
 Nothing here does I/O on the hot path: a verification with a cached key is pure CPU work on
 the calling thread; key fetches run on a worker thread (python-keycloak is blocking) that the
 event loop awaits.
+
+Verified tokens are remembered (an LRU of ``verified_cache_size`` entries, keyed by the
+whole token): a client sends the same access token with every request for its lifetime, and
+the signature check with jwcrypto costs ~0.5 ms of CPU each time. A remembered token is
+still refused once ``exp`` (+ leeway) has passed, and every entry is forgotten when the key
+set changes, so a key dropped from the realm stops its tokens at the next refetch. Nothing
+else about a token can change: its claims are signed.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -170,6 +178,7 @@ class OidcVerifier:
         algorithms: Iterable[str] = ALLOWED_ALGORITHMS,
         fetch_timeout_s: int = 5,
         gateway_client_id: str = "tandem-gateway",
+        verified_cache_size: int = 4096,
     ) -> None:
         match = _REALM_URL.match(issuer_url)
         if match is None:
@@ -203,6 +212,10 @@ class OidcVerifier:
             max_workers=1, thread_name_prefix="jwks-fetch"
         )
         self.fetches = 0  # JWKS fetches attempted (for metrics and tests)
+        # token -> (principal, the key set it was verified with); see the module docstring
+        self._verified: OrderedDict[str, tuple[Principal, JWKSet]] = OrderedDict()
+        self.verified_cache_size = verified_cache_size
+        self.cache_hits = 0  # verifications answered from memory (for tests)
 
     # ---- key set -------------------------------------------------------------------------
 
@@ -259,13 +272,38 @@ class OidcVerifier:
 
     async def verify(self, token: str) -> Principal:
         """Verify an access token; raises :class:`AuthenticationError` saying why not."""
+        remembered = self._remembered(token)
+        if remembered is not None:
+            return remembered
         header = self._header(token)
         key = await self._key_for(header["kid"])
-        if key is None:
-            if self._keys is None:
+        keys = self._keys
+        if key is None or keys is None:
+            if keys is None:
                 raise _refuse("the identity provider's signing keys are unavailable")
             raise _refuse("signed with an unknown key (kid not in the realm's JWKS)")
-        return self._check(token, header, key)
+        principal = self._check(token, header, key)
+        self._remember(token, principal, keys)
+        return principal
+
+    def _remembered(self, token: str) -> Principal | None:
+        entry = self._verified.get(token) if isinstance(token, str) else None
+        if entry is None:
+            return None
+        principal, keys = entry
+        if keys is not self._keys or time.time() > principal.expires_at + self.leeway_s:
+            del self._verified[token]  # re-verified below, and refused if now invalid
+            return None
+        self._verified.move_to_end(token)
+        self.cache_hits += 1
+        return principal
+
+    def _remember(self, token: str, principal: Principal, keys: JWKSet) -> None:
+        if self.verified_cache_size <= 0:
+            return
+        self._verified[token] = (principal, keys)
+        while len(self._verified) > self.verified_cache_size:
+            self._verified.popitem(last=False)
 
     def _header(self, token: str) -> dict[str, Any]:
         if not isinstance(token, str) or not token:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from services.engine.errors import InvalidRequestError
 from services.gateway.metrics import METRICS, GatewayMetrics
-from services.gateway.store import Store
+from services.gateway.store import Store, Tx
 
 GROUP_COLUMNS = ("team", "model", "principal", "key_id")
 
@@ -87,32 +87,45 @@ class Ledger:
 
         Only a new row is counted in the metrics: a duplicated settle changes nothing.
         """
-        _check(rec)
         with self._store.transaction() as tx:
-            changed = tx.execute(
-                "INSERT INTO usage_ledger (request_id, principal, team, key_id, model,"
-                " prompt_tokens, completion_tokens, cached_tokens, latency_ms, outcome, time_us,"
-                " client_request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (request_id) DO NOTHING",
-                (
-                    rec.request_id,
-                    rec.principal,
-                    rec.team,
-                    rec.key_id,
-                    rec.model,
-                    rec.prompt_tokens,
-                    rec.completion_tokens,
-                    rec.cached_tokens,
-                    float(rec.latency_ms),
-                    rec.outcome,
-                    round(rec.time * 1e6),
-                    rec.client_request_id,
-                ),
-            )
-        new = changed == 1
+            new = self.insert(tx, rec)
+        self.count(rec, new)
+        return new
+
+    @property
+    def store(self) -> Store:
+        """The store the rows go to (settles write ledger and audit in one transaction)."""
+        return self._store
+
+    def insert(self, tx: Tx, rec: UsageRecord) -> bool:
+        """Insert the row inside ``tx`` (uncounted until :meth:`count`); True if new."""
+        _check(rec)
+        changed = tx.execute(
+            "INSERT INTO usage_ledger (request_id, principal, team, key_id, model,"
+            " prompt_tokens, completion_tokens, cached_tokens, latency_ms, outcome, time_us,"
+            " client_request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (request_id) DO NOTHING",
+            (
+                rec.request_id,
+                rec.principal,
+                rec.team,
+                rec.key_id,
+                rec.model,
+                rec.prompt_tokens,
+                rec.completion_tokens,
+                rec.cached_tokens,
+                float(rec.latency_ms),
+                rec.outcome,
+                round(rec.time * 1e6),
+                rec.client_request_id,
+            ),
+        )
+        return changed == 1
+
+    def count(self, rec: UsageRecord, new: bool) -> None:
+        """Count a committed row in the metrics, once: only when it was new."""
         if new and self._metrics is not None:
             self._metrics.settled(rec)
-        return new
 
     def usage(
         self,

@@ -252,6 +252,11 @@ def exceeded(
 class Admission(ABC):
     """Reserve-then-settle admission against per-scope limits."""
 
+    blocking: bool = True
+    """Whether calls may wait on I/O (a network store): the gateway then runs them on a
+    thread; a non-blocking one runs on the event loop, where a thread hop would cost more
+    than the work."""
+
     @abstractmethod
     def reserve(self, scopes: Sequence[Scope], tokens: int) -> Reservation:
         """Check and charge every window of every scope, all or nothing."""
@@ -267,6 +272,8 @@ class Admission(ABC):
 
 class InProcessAdmission(Admission):
     """Counters in this process's memory; safe from many threads and asyncio tasks."""
+
+    blocking = False  # a lock and a dict: microseconds
 
     def __init__(self, clock: Callable[[], float] = time.time, grace_s: int = 120) -> None:
         self._clock = clock

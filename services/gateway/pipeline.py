@@ -43,6 +43,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.engine.errors import TandemError
 from services.gateway import status_details
+from services.gateway.audit import EXCLUSIVE as AUDIT_EXCLUSIVE
 from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.auth import Authenticator, Identity, MissingCredential
 from services.gateway.identity import AuthenticationError
@@ -289,6 +290,8 @@ class Pipeline:
 
     async def _reserve(self, who: Identity, model: str, call: CallInfo, tokens: int) -> Reservation:
         try:
+            if not self.admission.blocking:
+                return self.admission.reserve(self._scopes(who), tokens)
             return await asyncio.to_thread(self.admission.reserve, self._scopes(who), tokens)
         except LimitExceeded as exc:
             reason = f"limit exceeded: {exc}"
@@ -322,18 +325,8 @@ class Pipeline:
     ) -> None:
         prompt_tokens, completion, cached, outcome, reason = _counts(prompt, relay)
         annotate(usage_attributes(prompt_tokens, completion, cached, outcome))
-        request_id = call.request_id
-        try:
-            if prompt_tokens + completion:
-                await asyncio.to_thread(
-                    self.admission.settle, reservation, prompt_tokens + completion
-                )
-            else:
-                await asyncio.to_thread(self.admission.release, reservation)
-        except Exception:
-            log.exception("settling request %s failed", request_id)
         record = UsageRecord(
-            request_id=request_id,
+            request_id=call.request_id,
             principal=who.principal,
             team=who.team or "-",
             model=model,
@@ -345,14 +338,46 @@ class Pipeline:
             key_id=who.key_id,
             client_request_id=call.client_request_id,
         )
-        try:
-            await asyncio.to_thread(self.ledger.record, record)
-        except Exception:
-            log.exception("ledger write failed for request %s", request_id)
-        event = self._event(who, "allow", reason, model, call)
-        await self._record_audit(
-            dataclasses.replace(event, prompt_tokens=prompt_tokens, completion_tokens=completion)
+        event = dataclasses.replace(
+            self._event(who, "allow", reason, model, call),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
         )
+        # One thread hop for the whole settle: the client waits for it.
+        await asyncio.to_thread(self._settle_sync, reservation, record, event)
+
+    def _settle_sync(
+        self, reservation: Reservation, record: UsageRecord, event: AuditEvent
+    ) -> None:
+        """Admission, then ledger row and audit record in one transaction (one commit)."""
+        used = record.prompt_tokens + record.completion_tokens
+        try:
+            if used:
+                self.admission.settle(reservation, used)
+            else:
+                self.admission.release(reservation)
+        except Exception:
+            log.exception("settling request %s failed", record.request_id)
+        if self.ledger.store is self.audit.store:
+            try:
+                with self.ledger.store.transaction(exclusive=AUDIT_EXCLUSIVE) as tx:
+                    new = self.ledger.insert(tx, record)
+                    self.audit.append_in(tx, event)
+                self.ledger.count(record, new)
+                self.audit.count(event)
+                return
+            except Exception:
+                # Rolled back together; write them apart so an audit failure cannot
+                # cost the ledger row (the usage would go unmetered).
+                log.exception("settle transaction failed for request %s", record.request_id)
+        try:
+            self.ledger.record(record)
+        except Exception:
+            log.exception("ledger write failed for request %s", record.request_id)
+        try:
+            self.audit.append(event)
+        except Exception:
+            log.exception("audit append failed for request %s", record.request_id)
 
     # ---- records -------------------------------------------------------------------------
 

@@ -255,3 +255,34 @@ def test_configuration_mistakes_are_refused_at_construction(issuer: Issuer) -> N
 def test_the_gateway_identity_module_does_not_import_torch() -> None:
     code = "import sys, services.gateway.identity; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_a_verified_token_is_remembered_until_it_expires(issuer: Issuer) -> None:
+    v = verifier(issuer, leeway_s=0)
+    token = issuer.mint(lifetime_s=1)
+    assert verify(v, token).username == "alice"
+    assert (verify(v, token).username, v.cache_hits) == ("alice", 1)
+    time.sleep(1.1)
+    assert "expired" in refused(v, token)  # remembered, but not past its exp
+    assert v.cache_hits == 1
+
+
+def test_a_key_dropped_from_the_realm_stops_remembered_tokens(issuer: Issuer) -> None:
+    v = verifier(issuer, refetch_cooldown_s=0)
+    token = issuer.mint()
+    verify(v, token)
+    issuer.add_key(drop_old=True)
+    assert asyncio.run(v.refresh())  # the new key set replaces the remembered verdicts
+    assert "unknown key" in refused(v, token)
+    assert v.cache_hits == 0
+
+
+def test_the_verified_cache_is_bounded(issuer: Issuer) -> None:
+    v = verifier(issuer, verified_cache_size=2)
+    first, second, third = (issuer.mint(username=f"user{n}") for n in range(3))
+    for token in (first, second, third):
+        verify(v, token)
+    verify(v, third)
+    assert v.cache_hits == 1
+    verify(v, first)  # evicted (least recently used): verified again, not remembered
+    assert v.cache_hits == 1

@@ -7,6 +7,7 @@ adjustment) with the tokens actually produced, and must give the caller the rout
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -180,5 +181,27 @@ def test_no_token_produced_releases_the_reservation(tmp_path: Path, issuer: Issu
             assert row is not None and row.client_request_id == "f1"
             assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (0, 0, "error")
             assert counters.read() == (1, 4, 4)
+
+    run(body())
+
+
+def test_an_audit_failure_does_not_cost_the_ledger_row(tmp_path: Path, issuer: Issuer) -> None:
+    """Ledger row and audit record share one transaction; when the audit insert fails (a
+    real SQLite error from a trigger), the row is still written on its own."""
+
+    async def body() -> None:
+        path = tmp_path / "gw.db"
+        async with stack(tmp_path, f"sqlite:{path}", issuer.url, limits=LIMITS) as s:
+            with sqlite3.connect(path) as db:
+                db.execute(
+                    "CREATE TRIGGER audit_down BEFORE INSERT ON audit_log "
+                    "BEGIN SELECT RAISE(ABORT, 'audit store down'); END"
+                )
+            reply = await s.generate(token(issuer), prompt_token_ids=[5, 6, 7], max_tokens=2)
+            assert reply.code == grpc.StatusCode.OK and reply.tokens == 2
+            await until(lambda: s.ledger.get(reply.request_id) is not None)
+            row = s.ledger.get(reply.request_id)
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (3, 2, "ok")
+            assert s.audit() == []  # nothing was audited, and nothing half-written
 
     run(body())
