@@ -40,11 +40,6 @@ from services.rpc.tls import TlsConfig
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-POLL_FIRST_S = 0.0002
-POLL_MAX_S = 0.002
-"""Completion polling backs off from the first to the max interval (a pull of a long
-prompt takes milliseconds; a finished one should not wait long to be seen)."""
-
 RELEASE_TIMEOUT_S = 1.0
 """How long a failed or timed-out pull waits for its transfer handle to be released."""
 
@@ -216,20 +211,27 @@ class NixlTransport(KVTransport):
         )
         handle, state = await self._call(post, deadline=deadline, what=what)
         try:
-            delay = POLL_FIRST_S
-            while state == "PROC":
-                if time.monotonic() >= deadline:
-                    raise KVTransferError(f"{what} did not finish within {timeout_s:.3g} s")
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, POLL_MAX_S)
-                state = await self._call(
-                    self._agent.check_xfer_state, handle, deadline=deadline, what=what
-                )
+            if state == "PROC":
+                state = await self._finished(handle, deadline, what, timeout_s)
             if state != "DONE":
                 raise KVTransferError(f"{what} failed: NIXL reported {state}")
         finally:
             await self._release(handle)
         return int(offsets[:, 2].sum())
+
+    async def _finished(self, handle: Any, deadline: float, what: str, timeout_s: float) -> str:
+        """The transfer's final state, as the agent thread's watch sees it end."""
+        done = self._thread.watch(handle)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(done)), max(0.0, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            raise KVTransferError(f"{what} did not finish within {timeout_s:.3g} s") from None
+        except Exception as e:
+            raise KVTransferError(f"{what} failed: {type(e).__name__}: {e}") from None
+        finally:
+            done.cancel()  # stop watching before the handle is released
 
     async def take_notifications(self) -> list[str]:
         return [m.decode(errors="replace") for m in self._thread.take_notifications()]
