@@ -190,6 +190,12 @@ def run_remote(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         _print_partial(completion, args.json)
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not api_key_from(args):
+            print(
+                "hint: the target is a gateway; pass --api-key KEY or set TANDEM_API_KEY "
+                "(tandem up prints one)",
+                file=sys.stderr,
+            )
         bad_request = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         return EXIT_BAD_REQUEST if bad_request else EXIT_FAILED
     if completion.final is None:

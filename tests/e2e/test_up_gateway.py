@@ -57,6 +57,14 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
         result = json.loads(generate.stdout)
         assert len(result["token_ids"]) == 4 and result["usage"]["completion_tokens"] == 4
         assert secret not in generate.stdout + generate.stderr
+        env = {k: v for k, v in os.environ.items() if k != "TANDEM_API_KEY"}
+        keyless = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "generate", "--target", target,
+             "--prompt-token-ids", "5,6", "--max-tokens", "2"],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        assert keyless.returncode != 0
+        assert "UNAUTHENTICATED" in keyless.stderr and "TANDEM_API_KEY" in keyless.stderr
 
         with grpc.insecure_channel(target) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
