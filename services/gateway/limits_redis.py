@@ -92,6 +92,10 @@ return 1
 """
 
 
+OUTAGE_LOG_INTERVAL_S = 10.0
+"""Fail-open admissions during a Redis outage are logged at most once per this interval."""
+
+
 class RedisAdmission(Admission):
     """Reserve/settle admission with atomic Lua scripts on a shared Redis."""
 
@@ -114,12 +118,24 @@ class RedisAdmission(Admission):
         self._grace_s = grace_s
         self._reserve = client.register_script(_RESERVE)
         self._adjust_script = client.register_script(_ADJUST)
+        self._last_logged = float("-inf")
+        self._unlogged = 0
 
     def _store_error(self, op: str, err: Exception) -> None:
         msg = f"rate-limit store (Redis) unavailable during {op}: {err}"
         if self._on_error == "fail-closed":
             raise LimitStoreUnavailable(msg + "; limits fail closed, retry later") from err
-        log.warning("%s; admitting without limits (fail-open)", msg)
+        # Every request fails the same way during an outage: one line per interval, not
+        # one per request.
+        now = time.monotonic()
+        self._unlogged += 1
+        if now - self._last_logged >= OUTAGE_LOG_INTERVAL_S:
+            log.warning(
+                "%s; admitting without limits (fail-open); %d such call(s) since the last warning",
+                msg,
+                self._unlogged,
+            )
+            self._last_logged, self._unlogged = now, 0
 
     def reserve(self, scopes: Sequence[Scope], tokens: int) -> Reservation:
         now = self._clock()
