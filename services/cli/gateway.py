@@ -173,11 +173,10 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(config) -> None:  # type: ignore[no-untyped-def]
     """Run the gateway until SIGINT or SIGTERM, then drain in-flight calls."""
-    import asyncio
     import logging
-    import signal
 
     from services.gateway.server import start_gateway
+    from services.rpc.shutdown import shutdown_signals
 
     log = logging.getLogger("services.gateway")
     gateway = await start_gateway(config)
@@ -189,14 +188,9 @@ async def serve(config) -> None:  # type: ignore[no-untyped-def]
         config.issuer_url or "off: API keys only",
         "Redis" if config.redis_url else "in-process",
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
-        log.info("gateway shutting down")
+        async with shutdown_signals() as stop:
+            await stop.wait()
+            log.info("gateway shutting down")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await gateway.stop()

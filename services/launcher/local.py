@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.rpc.health_wait import wait_serving
 from services.rpc.tls import TlsConfig, channel_credentials
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
@@ -234,18 +234,7 @@ class LocalCluster:
 
     def _wait_serving(self, child: Child, deadline: float) -> None:
         with self._channel(child.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                self._check_alive(child)
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{child.name} did not start serving in time")
-                time.sleep(0.2)
+            wait_serving(channel, child.name, deadline, lambda: self._check_alive(child))
 
     def _wait_model_listed(self, deadline: float) -> None:
         # Asks the router itself: the gateway in front would want a credential.

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.launcher.local import GatewaySpec, free_port
+from services.rpc.health_wait import wait_serving
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
 
@@ -381,20 +381,12 @@ def _terminate(process: subprocess.Popen | None) -> None:
 def _wait_serving(
     address: str, deadline: float, process: subprocess.Popen | None, name: str = "router"
 ) -> None:
+    def check_alive() -> None:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the {name} exited with status {process.returncode}")
+
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"the {name} exited with status {process.returncode}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {name} at {address} did not start serving in time")
-            time.sleep(0.2)
+        wait_serving(channel, f"the {name} at {address}", deadline, check_alive)
 
 
 def wait_registered(actors: Iterable[Any], deadline: float) -> None:

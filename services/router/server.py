@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ from services.router.policies import make_policy
 from services.router.registry import WorkerRegistry
 from services.router.service import InferenceService, RegistryService
 from services.rpc.server import RunningServer, Servicer, start_server
+from services.rpc.shutdown import shutdown_signals
 from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,9 @@ async def serve(config: RouterConfig) -> None:
         config.heartbeat_interval_s,
         config.effective_heartbeat_timeout_s,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
-        log.info("router shutting down (grace %g s)", config.shutdown_grace_s)
+        async with shutdown_signals() as stop:
+            await stop.wait()
+            log.info("router shutting down (grace %g s)", config.shutdown_grace_s)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await router.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import uuid
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from services.engine.engine import EngineConfig, LLMEngine
 from services.kv_transfer.transport import KVTransport
 from services.rpc.server import RunningServer, Servicer, start_server
+from services.rpc.shutdown import shutdown_signals
 from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.telemetry.tracing import shutdown_tracing
@@ -150,10 +150,8 @@ class WorkerHost:
 
     async def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then stop gracefully."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
-        await self._stop.wait()
+        async with shutdown_signals(self._stop) as stop:
+            await stop.wait()
         await self.stop()
 
     async def stop(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -80,3 +82,18 @@ def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.2)
+
+
+UP_KEY = re.compile(r"export TANDEM_API_KEY=(tdm_\S+)")
+"""The admin key in `tandem up`'s "Tandem is up" line."""
+
+
+def wait_up(process: subprocess.Popen, timeout_s: float = 180.0) -> str:
+    """The "Tandem is up" line from a `tandem up` process's stdout (fails if it exits first)."""
+    deadline = time.monotonic() + timeout_s
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "Tandem is up" in line:
+            return line
+        assert time.monotonic() < deadline, "tandem up did not come up in time"
+    raise AssertionError(f"tandem up exited with {process.wait()} before it was up")

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from services.launcher.local import LocalCluster, free_port
 from services.rpc.server import client_channel
 from services.rpc.tls import TlsConfig, client_ssl_context
 from services.stubs.tandem.v1 import inference_pb2_grpc
-from tests.e2e.client import generate, request
+from tests.e2e.client import UP_KEY, generate, request, wait_up
 from tests.e2e.conftest import start_cluster
 
 PROMPTS = [[7, 8, 9], list(range(100, 140))]
@@ -85,19 +84,7 @@ def test_plaintext_and_unknown_clients_are_refused(cluster: LocalCluster, tmp_pa
         assert asyncio.run(status(child.address, cluster.tls)) == grpc.StatusCode.OK
 
 
-KEY = re.compile(r"export TANDEM_API_KEY=(tdm_\S+)")
 CA = re.compile(r"--tls-ca (\S+)")
-
-
-def _wait_up(process: subprocess.Popen, timeout_s: float = 180.0) -> str:
-    """The "Tandem is up" line from ``process``'s stdout (fails if it exits first)."""
-    deadline = time.monotonic() + timeout_s
-    assert process.stdout is not None
-    for line in process.stdout:
-        if "Tandem is up" in line:
-            return line
-        assert time.monotonic() < deadline, "tandem up did not come up in time"
-    raise AssertionError(f"tandem up exited with {process.wait()} before it was up")
 
 
 def test_up_tls_serves_the_gateway_over_tls(tmp_path: Path, tandem_home: Path) -> None:
@@ -109,8 +96,8 @@ def test_up_tls_serves_the_gateway_over_tls(tmp_path: Path, tandem_home: Path) -
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
-        line = _wait_up(up)
-        key, ca = KEY.search(line), CA.search(line)
+        line = wait_up(up)
+        key, ca = UP_KEY.search(line), CA.search(line)
         assert key and ca, line
         secret, ca_path, target = key.group(1), Path(ca.group(1)), f"127.0.0.1:{port}"
         assert ca_path == state / "tls" / "ca.pem"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,19 +16,7 @@ import openai
 from services.launcher.local import free_port
 from services.stubs.tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from services.stubs.tandem.v1 import inference_pb2 as pb
-
-KEY = re.compile(r"export TANDEM_API_KEY=(tdm_\S+)")
-
-
-def _wait_up(process: subprocess.Popen, timeout_s: float = 180.0) -> str:
-    """The "Tandem is up" line from ``process``'s stdout (fails if it exits first)."""
-    deadline = time.monotonic() + timeout_s
-    assert process.stdout is not None
-    for line in process.stdout:
-        if "Tandem is up" in line:
-            return line
-        assert time.monotonic() < deadline, "tandem up did not come up in time"
-    raise AssertionError(f"tandem up exited with {process.wait()} before it was up")
+from tests.e2e.client import UP_KEY, wait_up
 
 
 def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_home: Path) -> None:
@@ -41,8 +28,8 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
-        line = _wait_up(up)
-        found = KEY.search(line)
+        line = wait_up(up)
+        found = UP_KEY.search(line)
         assert found, line
         secret, target = found.group(1), f"127.0.0.1:{port}"
 

@@ -1,0 +1,26 @@
+"""Until SIGINT or SIGTERM: how every ``tandem <service>`` process waits before draining."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and what supervisors (compose, Kubernetes, ``tandem up``) send to stop a service."""
+
+
+@asynccontextmanager
+async def shutdown_signals(stop: asyncio.Event | None = None) -> AsyncIterator[asyncio.Event]:
+    """An event set by SIGINT/SIGTERM while the block runs (``stop`` if given, so code can
+    set it too); the handlers are removed on the way out, draining included."""
+    event = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, event.set)
+    try:
+        yield event
+    finally:
+        for sig in SIGNALS:
+            loop.remove_signal_handler(sig)
