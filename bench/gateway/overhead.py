@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from services.rpc import event_loop  # noqa: E402
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 
 MODEL = "fake-model"
@@ -107,7 +108,7 @@ def _serve_forever(start: Any, ready: Any, profile_path: str | None = None) -> N
             profiler.dump_stats(profile_path)
         await server.stop(0)
 
-    asyncio.run(main())
+    event_loop.run(main())  # the loop the services run on (uvloop)
 
 
 def router_process(ready: Any) -> None:

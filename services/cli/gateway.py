@@ -156,15 +156,16 @@ def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
     import sys
+
+    from services.rpc import event_loop
 
     logging.getLogger("services.gateway").setLevel(logging.INFO)
     # before the server and the router channel exist: both take their interceptors then
     configure_tracing(args, "tandem-gateway")
     try:
-        asyncio.run(serve(gateway_config(args)))
+        event_loop.run(serve(gateway_config(args)))
     except OSError as exc:  # the port is taken, or the host is not this machine's
         print(f"tandem gateway: error: {exc}", file=sys.stderr)
         return 1

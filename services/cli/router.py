@@ -145,11 +145,11 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
     import sys
 
     from services.router.server import serve
+    from services.rpc import event_loop
 
     try:
         config = router_config(args)
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("services.router").setLevel(logging.INFO)
     configure_tracing(args, "tandem-router")
     try:
-        asyncio.run(serve(config))
+        event_loop.run(serve(config))
     except OSError as exc:  # the port is taken, or the host is not this machine's
         print(f"tandem router: error: {exc}", file=sys.stderr)
         return 1

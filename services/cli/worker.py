@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -12,6 +11,7 @@ from services.cli.engine_args import add_engine_args, engine_config
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
 from services.cli.tls_args import add_service_tls_args, service_tls
+from services.rpc import event_loop
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -95,6 +95,6 @@ def _handler(role: str) -> Callable[[argparse.Namespace], int]:
             from services.prefill.server import run
         else:
             from services.decode.server import run
-        return asyncio.run(run(config))
+        return event_loop.run(run(config))
 
     return handle

@@ -135,6 +135,16 @@ def from_error(exc: TandemError) -> status_pb2.Status:
     return _status(code, str(exc))
 
 
-async def abort_with_details(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
-    """Abort the call with ``status``: same code and message, details in the trailer."""
-    await context.abort_with_status(rpc_status.to_status(status))
+async def abort_with_details(
+    context: grpc.aio.ServicerContext,
+    status: status_pb2.Status,
+    trailing: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Abort the call with ``status``: same code and message, details in the trailer
+    (``trailing`` metadata beside them)."""
+    converted = rpc_status.to_status(status)
+    await context.abort(
+        converted.code,
+        converted.details,
+        trailing_metadata=(*converted.trailing_metadata, *trailing),
+    )
