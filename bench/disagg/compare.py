@@ -27,7 +27,7 @@ MODES = {"disaggregated": (1, 1), "aggregated": (0, 2)}
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     prefill, decode = MODES[mode]
     config = ClusterConfig(
-        port=free_port(), prefill=prefill, decode=decode,
+        port=free_port(), prefill=prefill, decode=decode, policy="round-robin",
         worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5"),
     )  # fmt: skip
     serve_args = [
