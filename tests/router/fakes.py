@@ -65,6 +65,9 @@ class Behaviour:
     """Decode: report that reading the prefill's KV failed and it prefilled locally."""
     cached_tokens: int = 0
     """Prefix-cache hits reported for every prompt."""
+    token_interval_s: float = 0.0
+    """Decode: pause between token messages, as a real engine's inter-token latency
+    (0: as fast as the event loop goes)."""
 
 
 class FakeWorker:
@@ -255,7 +258,7 @@ class _Decode(worker_pb2_grpc.DecodeWorkerServicer):
                 request_id=generate.request_id, token_ids=[token], text=token_text(token)
             )
             completion, length, sent = completion + 1, length + 1, sent + 1
-            await asyncio.sleep(0)
+            await asyncio.sleep(behaviour.token_interval_s)
         if sent == behaviour.die_after:  # every token out, the final message never sent
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{worker.worker_id} died")
         with_kv = request.HasField("kv") and not behaviour.kv_fallback
