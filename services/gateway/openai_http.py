@@ -31,7 +31,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -118,6 +118,7 @@ class OpenAIApi:
             who = await self._pipeline.authenticate(call, model if isinstance(model, str) else "")
             if unreadable:
                 raise BadRequest(None, unreadable)
+            call = replace(call, client_request_id=_client_request_id(request))
             parsed = parse_chat(body) if chat else parse_completion(body)
         except GatewayError as error:
             return _error(error, headers=headers)
@@ -239,6 +240,24 @@ def _error(
 ) -> web.Response:
     status, body, extra = gateway_error(error, max_tokens_param)
     return web.json_response(body, status=status, headers={**(headers or {}), **extra})
+
+
+CLIENT_REQUEST_ID = "X-Client-Request-Id"
+"""The header OpenAI's API takes a client's own request id from: kept beside the gateway's
+id for correlation (``Ledger.find``), never used to meter."""
+CLIENT_REQUEST_ID_MAX = 512
+
+
+def _client_request_id(request: web.Request) -> str:
+    """The client's ``X-Client-Request-Id`` ('' without one); BadRequest when unusable."""
+    value = request.headers.get(CLIENT_REQUEST_ID, "")
+    if len(value) > CLIENT_REQUEST_ID_MAX or not (value.isascii() and value.isprintable()):
+        raise BadRequest(
+            None,
+            f"header {CLIENT_REQUEST_ID} must be printable ASCII of at most "
+            f"{CLIENT_REQUEST_ID_MAX} characters",
+        )
+    return value
 
 
 def _call_info(request: web.Request, request_id: str) -> CallInfo:

@@ -421,6 +421,35 @@ def test_a_client_that_disconnects_mid_stream_is_charged_what_was_produced(
     run(body())
 
 
+def test_a_client_request_id_header_is_kept_for_correlation(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    """``X-Client-Request-Id`` (OpenAI's header) lands in the ledger beside the gateway's
+    id, twice when reused (it never keys metering); an unusable value is a 400."""
+
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            client = s.client(s.key())
+            ids = []
+            for _ in range(2):
+                raw = await client.completions.with_raw_response.create(
+                    model=MODEL, prompt=PROMPT, max_tokens=2,
+                    extra_headers={"X-Client-Request-Id": "batch-7/item-1"},
+                )  # fmt: skip
+                ids.append(raw.headers["x-request-id"])
+            rows = Ledger(s.gateway.store).find(s.row(ids[0]).principal, "batch-7/item-1")
+            assert sorted(r.request_id for r in rows) == sorted(ids) and ids[0] != ids[1]
+            assert all(r.completion_tokens == 2 for r in rows)
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.completions.create(
+                    model=MODEL, prompt=PROMPT, max_tokens=2,
+                    extra_headers={"X-Client-Request-Id": "x" * 513},
+                )  # fmt: skip
+            assert "X-Client-Request-Id" in err.value.message
+
+    run(body())
+
+
 def test_a_text_prompt_cut_short_is_charged_its_tokenized_size_not_the_reservation(
     tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
 ) -> None:
