@@ -12,14 +12,13 @@ authentication, limits or metering).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from services.cli import arg_types, up_ray
 from services.cli.telemetry_args import add_tracing_arg
+from services.launcher.supervise import interrupt_on_sigterm, supervise
 
 SUMMARY = "run the gateway, router and prefill/decode workers as local processes"
 ROUTING_POLICIES = ("kv-aware", "round-robin", "least-loaded")
@@ -131,7 +130,7 @@ def _up(args: argparse.Namespace) -> int:
     from services.launcher.local import ClusterConfig, LocalCluster
 
     # SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
     policy = None if args.no_gateway else _policy_file(args)  # fail before building anything
     resolve_model(args.model)  # build tandem-tiny once here, not in every worker at once
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-up-"))
@@ -176,17 +175,13 @@ def _up(args: argparse.Namespace) -> int:
             f"{args.model}  (or tandem.v1.Admin with the key above)",
             file=sys.stderr,
         )
-    try:
-        while not (dead := cluster.dead_children()):
-            time.sleep(0.5)
-        names = ", ".join(f"{c.name} (status {c.process.returncode})" for c in dead)
-        print(f"error: {names} stopped unexpectedly; logs in {log_dir}. Stopping.", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopping ...", file=sys.stderr)
-        return 0
-    finally:
-        cluster.stop()
+
+    def dead() -> str:
+        gone = cluster.dead_children()
+        names = ", ".join(f"{c.name} (status {c.process.returncode})" for c in gone)
+        return f"{names} (logs in {log_dir})" if gone else ""
+
+    return supervise(dead, cluster.stop)
 
 
 def _policy_file(args: argparse.Namespace) -> Path:
@@ -273,7 +268,3 @@ def _where_to_connect(
         f"through the gateway, with an API key); admin key, shown only now: "
         f"export TANDEM_API_KEY={secret} ; then try: {try_it}{http}. Ctrl-C stops everything."
     )
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt

@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 
 from services.launcher.local import GatewaySpec, free_port
+from services.launcher.supervise import interrupt_on_sigterm, supervise
 from services.rpc.health_wait import wait_serving
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
@@ -325,19 +326,10 @@ def _announce(cluster: RayCluster) -> str:
 def run_on_ray(config: RayClusterConfig, announce: Callable[[RayCluster], str] = _announce) -> int:
     """``tandem up --ray``: start, print ``announce``'s line (where to connect), serve until
     Ctrl-C/SIGTERM or until the router or gateway here exits."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
     cluster = start_on_ray(config)
     print(announce(cluster), flush=True)
-    try:
-        while not (dead := cluster.dead_processes()):
-            time.sleep(0.5)
-        print(f"error: the {' and '.join(dead)} stopped unexpectedly. Stopping.", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopping ...", file=sys.stderr)
-        return 0
-    finally:
-        cluster.stop()
+    return supervise(lambda: " and ".join(cluster.dead_processes()), cluster.stop)
 
 
 def _start_router(config: RayClusterConfig, port: int) -> subprocess.Popen:
@@ -417,7 +409,3 @@ def wait_model_listed(router: str, model: str, deadline: float) -> None:
                 pass
             time.sleep(0.2)
     raise TimeoutError(f"no worker registered {model} with the router at {router} in time")
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
