@@ -44,7 +44,7 @@ from services.gateway.openai_requests import (
     parse_chat,
     parse_completion,
 )
-from services.gateway.pipeline import CallInfo, GatewayError, Pipeline
+from services.gateway.pipeline import CallInfo, GatewayError, Pipeline, check_client_request_id
 from services.gateway.tracing import http_middlewares
 from services.stubs.tandem.v1 import inference_pb2
 
@@ -245,18 +245,12 @@ def _error(
 CLIENT_REQUEST_ID = "X-Client-Request-Id"
 """The header OpenAI's API takes a client's own request id from: kept beside the gateway's
 id for correlation (``Ledger.find``), never used to meter."""
-CLIENT_REQUEST_ID_MAX = 512
 
 
 def _client_request_id(request: web.Request) -> str:
-    """The client's ``X-Client-Request-Id`` ('' without one); BadRequest when unusable."""
+    """The client's ``X-Client-Request-Id`` ('' without one); GatewayError when unusable."""
     value = request.headers.get(CLIENT_REQUEST_ID, "")
-    if len(value) > CLIENT_REQUEST_ID_MAX or not (value.isascii() and value.isprintable()):
-        raise BadRequest(
-            None,
-            f"header {CLIENT_REQUEST_ID} must be printable ASCII of at most "
-            f"{CLIENT_REQUEST_ID_MAX} characters",
-        )
+    check_client_request_id(value, CLIENT_REQUEST_ID)
     return value
 
 

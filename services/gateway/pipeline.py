@@ -126,6 +126,21 @@ class GatewayError(Exception):
         return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
 
 
+CLIENT_REQUEST_ID_MAX = 512
+"""Longest request id a client may choose (it is stored and echoed on every message)."""
+
+
+def check_client_request_id(value: str, field: str) -> None:
+    """INVALID_ARGUMENT naming ``field`` unless ``value`` is printable ASCII of at most
+    :data:`CLIENT_REQUEST_ID_MAX` characters ('' is fine: no id)."""
+    if len(value) <= CLIENT_REQUEST_ID_MAX and value.isascii() and value.isprintable():
+        return
+    description = f"must be printable ASCII of at most {CLIENT_REQUEST_ID_MAX} characters"
+    raise GatewayError(
+        status_details.invalid_argument(f"{field}: {description}", [(field, description)])
+    )
+
+
 @dataclass(frozen=True)
 class CallInfo:
     """What a transport knows about one call."""

@@ -32,6 +32,7 @@ from services.gateway.pipeline import (
     CallInfo,
     GatewayError,
     Pipeline,
+    check_client_request_id,
     prompt_estimate,
 )
 from services.gateway.policy import Policy
@@ -65,6 +66,7 @@ class GatewayService(inference_pb2_grpc.InferenceServicer):
         started = False
         try:
             who = await self.pipeline.authenticate(call, request.model)
+            check_client_request_id(request.request_id, "request_id")
             async with aclosing(self.pipeline.generate(who, request, call)) as stream:
                 async for message in stream:
                     if not started:

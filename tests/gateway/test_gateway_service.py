@@ -134,6 +134,30 @@ def test_without_a_client_id_messages_carry_the_gateway_id(tmp_path: Path, issue
     run(body())
 
 
+def test_an_unusable_client_id_is_invalid_argument_naming_request_id(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """The client's id is stored and echoed on every message: bounded, printable ASCII."""
+
+    async def body() -> None:
+        async with stack(tmp_path, issuer) as s:
+            token = issuer.mint(realm_roles=["model-user"], groups=["/ml"], sub="ann")
+            for bad in ("x" * 513, "tab\there", "caf\u00e9"):
+                messages, call = await s.generate(
+                    token, prompt_token_ids=PROMPT, max_tokens=2, request_id=bad
+                )
+                assert messages == []
+                assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+                status = await rpc_status.aio.from_call(call)
+                assert status is not None
+                violations = error_details_pb2.BadRequest()
+                assert status.details[0].Unpack(violations)
+                assert [v.field for v in violations.field_violations] == ["request_id"]
+            assert s.ledger.usage(0, 2**40) == ()  # nothing admitted, nothing metered
+
+    run(body())
+
+
 def test_missing_or_bad_token_is_unauthenticated_and_audited(
     tmp_path: Path, issuer: Issuer
 ) -> None:
