@@ -8,8 +8,10 @@ with --serve) holds it pinned in a 256-block pool; this process pulls it into a 
 pool through services.kv_transfer (KVReader: handshake once, then pulls), and, in the
 same run, copies the same bytes within one process as the baselines:
 
-- memcpy: ``dst.copy_(src)`` of two 16 MiB buffers (torch's threads: 2 here), and
-  memcpy_1thread, the same on one thread;
+- memcpy: the C library's ``memcpy`` of the same 16 MiB between two buffers of the
+  same kind of memory as the pools (huge pages on CPU; on a GPU, the device copy);
+- torch_copy: ``dst.copy_(src)`` of those buffers, which torch splits over its threads
+  (2 here): a bound a one-sided kernel copy cannot reach, reported beside;
 - gather: the same blocks copied block by block between two pools in one process
   (pools viewed as [planes, blocks, span]; ``dst[:, l].copy_(src[:, r])`` per block);
 - nixl: NIXL READ of 128 consecutive blocks (16 descriptors);
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import importlib.metadata
 import json
 import statistics
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from services.bench.environment import describe_environment  # noqa: E402
+from services.engine.host_memory import host_zeros  # noqa: E402
 from services.engine.kv_cache import KVCache  # noqa: E402
 from services.kv_transfer import layout as kv_layout  # noqa: E402
 from services.kv_transfer.client import KVReader  # noqa: E402
@@ -50,6 +54,9 @@ from services.kv_transfer.service import PinCheck, servicer  # noqa: E402
 from services.kv_transfer.transport import KVTransport  # noqa: E402
 from services.rpc.server import start_server  # noqa: E402
 
+LIBC = ctypes.CDLL(None)
+LIBC.memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+LIBC.memcpy.restype = ctypes.c_void_p
 MODEL_ID = "tandem-tiny"
 GEOMETRY = dict(num_layers=8, block_size=16, num_kv_heads=4, head_dim=64, dtype=torch.bfloat16)
 READY = "BENCH PEER READY "
@@ -177,19 +184,27 @@ def local_methods(num_blocks: int) -> list[Method]:
     src_kv, dst_kv = make_kv(remote_blocks), make_kv(local_blocks)
     fill(src_kv, seed=1)
     nbytes = num_blocks * src_kv.bytes_per_block
-    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).to(DEVICE)
-    dst = torch.empty_like(src)
+    if DEVICE == "cpu":  # the same kind of host memory as the pools (huge pages)
+        src, dst = host_zeros((nbytes,), torch.uint8), host_zeros((nbytes,), torch.uint8)
+        src.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+    else:
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).to(DEVICE)
+        dst = torch.empty_like(src)
 
-    async def memcpy() -> None:
+    async def memcpy() -> None:  # the C library's memcpy: one call, one thread
+        LIBC.memcpy(dst.data_ptr(), src.data_ptr(), nbytes)
+
+    async def torch_copy() -> None:  # torch splits the copy over its threads (2 here)
         dst.copy_(src)
 
-    async def memcpy_1thread() -> None:  # a kernel copy (NIXL over CMA) is one thread too
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            dst.copy_(src)
-        finally:
-            torch.set_num_threads(threads)
+    def copied() -> bool:
+        return torch.equal(dst, src)
+
+    methods = [Method("torch_copy", torch_copy, copied, nbytes)]
+    if DEVICE == "cpu":  # on a GPU the device copy is the memcpy
+        methods.insert(0, Method("memcpy", memcpy, copied, nbytes))
+    else:
+        methods[0].name = "memcpy"
 
     remote, local = block_sets(num_blocks)["contiguous"]
     src_planes, dst_planes = planes(src_kv), planes(dst_kv)
@@ -203,11 +218,6 @@ def local_methods(num_blocks: int) -> list[Method]:
             dst_planes[:, local].view(torch.uint8), src_planes[:, remote].view(torch.uint8)
         )
 
-    methods = [Method("memcpy", memcpy, lambda: torch.equal(dst, src), nbytes)]
-    if DEVICE == "cpu":  # torch's CPU threads; a GPU copy has no such knob
-        methods.append(
-            Method("memcpy_1thread", memcpy_1thread, lambda: torch.equal(dst, src), nbytes)
-        )
     return [*methods, Method("gather", gather, gathered, nbytes)]
 
 

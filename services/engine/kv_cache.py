@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.host_memory import host_zeros
+
 
 @dataclass(frozen=True)
 class ByteSpan:
@@ -45,9 +47,11 @@ class KVCache:
         self.num_slots = num_blocks * block_size
         # zeros, not empty: a bug that reads an unwritten slot then shows as a
         # wrong token in the reference tests rather than as NaNs in some runs.
-        self.tensor = torch.zeros(
-            num_layers, 2, self.num_slots, num_kv_heads, head_dim, dtype=dtype, device=device
-        )
+        shape = (num_layers, 2, self.num_slots, num_kv_heads, head_dim)
+        if torch.device(device).type == "cpu":
+            self.tensor = host_zeros(shape, dtype)  # huge pages: faster CMA pulls, fewer TLB misses
+        else:
+            self.tensor = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_token(
