@@ -214,7 +214,7 @@ def _install_breakdown(stats: dict[str, list[float]]) -> None:
     verification and the pipeline's steps, into ``stats`` (seconds per call)."""
     import functools
 
-    from services.gateway import identity, pipeline
+    from services.gateway import identity, pipeline, settler
 
     to_thread = asyncio.to_thread
 
@@ -238,24 +238,30 @@ def _install_breakdown(stats: dict[str, list[float]]) -> None:
 
     def wrap(cls: type, method: str, label: str) -> None:
         original = getattr(cls, method)
+        if asyncio.iscoroutinefunction(original):
 
-        @functools.wraps(original)
-        async def timed(*a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return await original(*a, **kw)
-            finally:
-                stats[label].append(time.perf_counter() - t)
+            async def timed(*a: Any, **kw: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return await original(*a, **kw)
+                finally:
+                    stats[label].append(time.perf_counter() - t)
+        else:
 
-        setattr(cls, method, timed)
+            def timed(*a: Any, **kw: Any) -> Any:  # type: ignore[misc]
+                t = time.perf_counter()
+                try:
+                    return original(*a, **kw)
+                finally:
+                    stats[label].append(time.perf_counter() - t)
+
+        setattr(cls, method, functools.wraps(original)(timed))
 
     asyncio.to_thread = timed_to_thread  # type: ignore[assignment]
     wrap(identity.OidcVerifier, "verify", "OidcVerifier.verify (JWT)")
-    for cls in vars(pipeline).values():
-        if isinstance(cls, type) and cls.__module__ == pipeline.__name__:
-            for method in ("_reserve", "_settle"):
-                if asyncio.iscoroutinefunction(vars(cls).get(method)):
-                    wrap(cls, method, f"{cls.__name__}.{method}")
+    wrap(pipeline.Pipeline, "_reserve", "Pipeline._reserve")
+    wrap(pipeline.Pipeline, "_settle", "Pipeline._settle (on the loop: admission, queue the row)")
+    wrap(settler.Settler, "_write", "Settler._write (its thread, after the call: one commit)")
 
 
 def gateway_process(

@@ -17,14 +17,19 @@ Generate, step by step:
    away, a consumer that stopped iterating) with the prompt estimate plus the tokens already
    relayed, or it releases the reservation when no token was produced. The same numbers go
    into one ledger row (idempotent on the gateway's request id, never the client's: see
-   :class:`CallInfo`) and one audit record (allow, with the outcome as its reason). The
-   settle is shielded from cancellation, so a second cancel does not cut it short. Denials
-   get one audit record (deny + reason) and no ledger row. Prompt text is never logged or
-   audited.
+   :class:`CallInfo`) and one audit record (allow, with the outcome as its reason). A
+   finished stream's call ends right after its final message: the router's own close is
+   awaited in the background. The settle runs on the event loop without awaiting anything
+   (a second cancel cannot cut it short): in-process admission is settled there, and the
+   row and record are queued for :class:`services.gateway.settler.Settler`, which commits
+   them after the call's status is sent (why, and what that trades: its module doc).
+   Denials get one audit record (deny + reason), queued the same way, and no ledger row.
+   Prompt text is never logged or audited.
 
 Every refusal and upstream failure is a :class:`GatewayError` carrying a ``google.rpc.Status``
 (code, message, details): gRPC sends it as is, HTTP maps it to a status code and body.
-The stores are synchronous, so ledger, audit, key lookups and admission run in threads.
+The stores are synchronous: key lookups and a blocking admission (Redis) run in threads,
+the ledger and audit writes on the settler's.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -43,21 +49,24 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.engine.errors import TandemError
 from services.gateway import status_details
-from services.gateway.audit import EXCLUSIVE as AUDIT_EXCLUSIVE
 from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.auth import Authenticator, Identity, MissingCredential
 from services.gateway.identity import AuthenticationError
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.limits import Admission, LimitExceeded, Limits, Reservation, Scope
 from services.gateway.policy import LIMIT_FIELDS, Policy
+from services.gateway.settler import Settle, Settler, settle_admission
 from services.gateway.tracing import (
+    Attribute,
     annotate,
     identity_attributes,
+    policy_step,
     step_attributes,
     traced,
     usage_attributes,
 )
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
+from services.telemetry.tracing import tracing_enabled
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +207,8 @@ class Pipeline:
         self.admission = admission
         self.ledger = ledger
         self.audit = audit
+        self.settler = Settler(admission, ledger, audit)
+        self._tasks: set[asyncio.Task[None]] = set()  # upstream calls finishing after ours
 
     async def authenticate(self, call: CallInfo, model: str = "") -> Identity:
         """The caller; GatewayError(UNAUTHENTICATED), audited as a denial, otherwise."""
@@ -210,7 +221,7 @@ class Pipeline:
             annotate(identity_attributes(who))
             return who
         except AuthenticationError as exc:
-            await self._record_audit(
+            self._record_audit(
                 AuditEvent(
                     principal="anonymous",
                     decision="deny",
@@ -271,6 +282,12 @@ class Pipeline:
                 if message.finish_reason:
                     relay.final = message
                 yield message
+                if relay.final is not None and not _failed(relay.final):
+                    # A finished stream's final message settles the call, and the router
+                    # ends it OK: end ours now rather than after the router's own close
+                    # (one more hop). A failed one's status follows: relay it.
+                    self._background(_finish_upstream(stream, call.request_id))
+                    break
         except grpc.aio.AioRpcError as exc:
             error, relay.outcome = exc, "error"
         except (asyncio.CancelledError, GeneratorExit):
@@ -278,14 +295,10 @@ class Pipeline:
             stream.cancel()
             raise
         finally:
-            settle = traced(
-                "settle",
-                self._settle(who, request.model, call, reservation, prompt, relay),
-                attributes,
-            )
-            done = asyncio.ensure_future(settle)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(done)  # if cancelled again, the settle still finishes
+            # No await: a second cancel cannot cut the settle short, and the call's
+            # status does not wait for the ledger (services/gateway/settler.py).
+            with settle_step(attributes):
+                self._settle(who, request.model, call, reservation, prompt, relay)
         if error is not None:
             raise GatewayError.upstream(error)
 
@@ -294,7 +307,7 @@ class Pipeline:
     async def _authorize(self, who: Identity, model: str, call: CallInfo) -> None:
         if self.policy.allows(who.caller, model):
             return
-        await self._record_audit(self._event(who, "deny", "model not allowed", model, call))
+        self._record_audit(self._event(who, "deny", "model not allowed", model, call))
         raise GatewayError(
             status_details.permission_denied(
                 f"{who.principal} may not use model {model!r}",
@@ -310,11 +323,11 @@ class Pipeline:
             return await asyncio.to_thread(self.admission.reserve, self._scopes(who), tokens)
         except LimitExceeded as exc:
             reason = f"limit exceeded: {exc}"
-            await self._record_audit(self._event(who, "deny", reason, model, call))
+            self._record_audit(self._event(who, "deny", reason, model, call))
             raise GatewayError(status_details.limit_exceeded(exc)) from exc
         except TandemError as exc:  # e.g. the limit store is down and fail-closed
             reason = f"admission failed: {exc}"
-            await self._record_audit(self._event(who, "deny", reason, model, call))
+            self._record_audit(self._event(who, "deny", reason, model, call))
             raise GatewayError(status_details.from_error(exc)) from exc
 
     def _scopes(self, who: Identity) -> list[Scope]:
@@ -329,7 +342,7 @@ class Pipeline:
             scopes.append(Scope(f"team:{who.team}", _limits(limits.get("team", {}))))
         return scopes
 
-    async def _settle(
+    def _settle(
         self,
         who: Identity,
         model: str,
@@ -338,6 +351,7 @@ class Pipeline:
         prompt: int,
         relay: _Relay,
     ) -> None:
+        """Give admission the real count and queue the ledger row and audit record."""
         prompt_tokens, completion, cached, outcome, reason = _counts(prompt, relay)
         annotate(usage_attributes(prompt_tokens, completion, cached, outcome))
         record = UsageRecord(
@@ -358,49 +372,32 @@ class Pipeline:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion,
         )
-        # One thread hop for the whole settle: the client waits for it.
-        await asyncio.to_thread(self._settle_sync, reservation, record, event)
+        if self.admission.blocking:  # a network round trip: on the settler's thread
+            self.settler.submit(Settle(event, record, reservation))
+        else:
+            settle_admission(self.admission, reservation, record)
+            self.settler.submit(Settle(event, record))
 
-    def _settle_sync(
-        self, reservation: Reservation, record: UsageRecord, event: AuditEvent
-    ) -> None:
-        """Admission, then ledger row and audit record in one transaction (one commit)."""
-        used = record.prompt_tokens + record.completion_tokens
-        try:
-            if used:
-                self.admission.settle(reservation, used)
-            else:
-                self.admission.release(reservation)
-        except Exception:
-            log.exception("settling request %s failed", record.request_id)
-        if self.ledger.store is self.audit.store:
-            try:
-                with self.ledger.store.transaction(exclusive=AUDIT_EXCLUSIVE) as tx:
-                    new = self.ledger.insert(tx, record)
-                    self.audit.append_in(tx, event)
-                self.ledger.count(record, new)
-                self.audit.count(event)
-                return
-            except Exception:
-                # Rolled back together; write them apart so an audit failure cannot
-                # cost the ledger row (the usage would go unmetered).
-                log.exception("settle transaction failed for request %s", record.request_id)
-        try:
-            self.ledger.record(record)
-        except Exception:
-            log.exception("ledger write failed for request %s", record.request_id)
-        try:
-            self.audit.append(event)
-        except Exception:
-            log.exception("audit append failed for request %s", record.request_id)
+    async def settled(self) -> None:
+        """Wait until every call settled so far is in the ledger and the audit log."""
+        await self.settler.flush()
+
+    async def close(self) -> None:
+        """Write the settles still queued; call once the servers have stopped."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.to_thread(self.settler.close)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---- records -------------------------------------------------------------------------
 
-    async def _record_audit(self, event: AuditEvent) -> None:
-        try:
-            await asyncio.to_thread(self.audit.append, event)
-        except Exception:
-            log.exception("audit append failed for request %s", event.request_id or "?")
+    def _record_audit(self, event: AuditEvent) -> None:
+        """Queue a refusal's audit record, in order with the settles before it."""
+        self.settler.submit(Settle(event))
 
     def _event(
         self, who: Identity, decision: str, reason: str, model: str, call: CallInfo
@@ -437,3 +434,33 @@ def _counts(prompt: int, relay: _Relay) -> tuple[int, int, int, str, str]:
     if outcome == "ok":  # the stream ended without a final message
         outcome = "error"
     return prompt_tokens, relay.streamed, 0, outcome, outcome
+
+
+def _failed(final: inference_pb2.GenerateResponse) -> bool:
+    return final.finish_reason == inference_pb2.FINISH_REASON_ERROR
+
+
+async def _finish_upstream(stream: grpc.aio.UnaryStreamCall, request_id: str) -> None:
+    """Let the router's call end after ours did (it follows its final message with OK)."""
+    try:
+        async for extra in stream:
+            log.warning("request %s: the router sent a message after its final one", request_id)
+            del extra
+    except grpc.aio.AioRpcError as exc:
+        log.warning(
+            "request %s: the router ended with %s after its final message (settled as sent)",
+            request_id,
+            exc.code().name,
+        )
+    except asyncio.CancelledError:
+        stream.cancel()
+
+
+@contextlib.contextmanager
+def settle_step(attributes: Mapping[str, Attribute]) -> Iterator[None]:
+    """The settle's span when tracing is on (it is synchronous: no ``traced``)."""
+    if not tracing_enabled():
+        yield
+        return
+    with policy_step("settle", attributes):
+        yield

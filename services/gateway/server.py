@@ -103,6 +103,7 @@ class Gateway(RunningServer):
         # Both drain at once; the router channel stays open until both are done.
         http_stopped = self._http.stop() if self._http is not None else asyncio.sleep(0)
         await asyncio.gather(super().stop(grace), http_stopped)
+        await self.service.pipeline.close()  # writes the settles still queued
         await self._channel.close()
         _close_extras(self._verifier, self._metrics_server, self._redis)
         self.store.close()
@@ -145,7 +146,7 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
             "tandem.v1.Admin",
         ),
         Servicer(
-            UsageService(guard, policy, Ledger(store)),
+            UsageService(guard, policy, Ledger(store), service.pipeline.settled),
             admin_pb2_grpc.add_UsageServiceServicer_to_server,
             "tandem.v1.UsageService",
         ),
@@ -164,6 +165,7 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
     except BaseException:
         if running is not None:
             await running.stop(0)
+        await service.pipeline.close()
         await channel.close()
         _close_extras(verifier, metrics_server, redis_client)
         store.close()

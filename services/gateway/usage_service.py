@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import datetime as dt
+from collections.abc import Awaitable, Callable
 
 import grpc.aio
 
@@ -102,10 +103,19 @@ def usage_row(total: UsageTotal) -> admin_pb2.UsageRow:
 class UsageService(admin_pb2_grpc.UsageServiceServicer):
     """Usage queries; see the module docstring."""
 
-    def __init__(self, guard: CallGuard, policy: Policy, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        guard: CallGuard,
+        policy: Policy,
+        ledger: Ledger,
+        settled: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._guard = guard
         self._policy = policy
         self._ledger = ledger
+        self._settled = settled
+        """Waits for this replica's calls still being settled (the ledger is written after
+        a call ends: services/gateway/settler.py), so a caller reads its own usage."""
 
     async def _scope(
         self, context: grpc.aio.ServicerContext, who: Identity, request: admin_pb2.GetUsageRequest
@@ -148,6 +158,8 @@ class UsageService(admin_pb2_grpc.UsageServiceServicer):
                 ),
             )
         principal = await self._scope(context, who, request)
+        if self._settled is not None:
+            await self._settled()
         try:
             totals = await asyncio.to_thread(
                 self._ledger.usage,

@@ -176,10 +176,18 @@ class Stack:
 
     @property
     def ledger(self) -> Ledger:
+        """The store's ledger, once every replica's finished calls are written to it (the
+        gateway writes after a call ends: services/gateway/settler.py)."""
+        self.settled()
         return Ledger(self.gateway.store, metrics=None)
 
     def audit(self) -> list[AuditEvent]:
+        self.settled()
         return [r.event for r in AuditLog(self.gateway.store, metrics=None).records()]
+
+    def settled(self) -> None:
+        for g in self.gateways:
+            g.service.pipeline.settler.wait()
 
     async def generate(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from services.gateway.api_keys import ApiKeys
 from services.gateway.audit import AuditLog
 from services.gateway.ledger import Ledger
 from services.gateway.server import Gateway, GatewayConfig, start_gateway
+from services.gateway.settler import Settler
 from services.rpc.server import client_channel
-from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
+from services.stubs.tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.gateway.harness import gateway_id
 from tests.gateway.issuer import Issuer
 from tests.router.fakes import MODEL, expected_completion
@@ -44,9 +46,12 @@ class Stack:
 
     @property
     def ledger(self) -> Ledger:
+        """The ledger once every finished call is written (after its end: settler.py)."""
+        self.gateway.service.pipeline.settler.wait()
         return Ledger(self.gateway.store)
 
     def audit(self) -> list:
+        self.gateway.service.pipeline.settler.wait()
         return [r.event for r in AuditLog(self.gateway.store).records()]
 
     async def generate(self, credential: str | None, **fields: object):  # type: ignore[no-untyped-def]
@@ -251,5 +256,32 @@ def test_list_models_is_filtered_by_policy(tmp_path: Path, issuer: Issuer) -> No
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await s.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    run(body())
+
+
+def test_a_caller_reads_its_usage_as_soon_as_its_call_ends(tmp_path: Path, issuer: Issuer) -> None:
+    """The ledger is written after the call's status (settler.py); GetUsage on the same
+    replica waits for those writes. A settler that would otherwise linger for a minute
+    shows that the read waited for the write, not for time to pass."""
+
+    async def body() -> None:
+        async with stack(tmp_path, issuer) as s:
+            pipeline = s.gateway.service.pipeline
+            slow = Settler(pipeline.admission, pipeline.ledger, pipeline.audit, linger_s=60)
+            pipeline.settler, old = slow, pipeline.settler
+            old.close()
+            token = issuer.mint(realm_roles=["model-user"], groups=["/ml"], sub="ann")
+            async with client_channel(s.gateway.address) as channel:
+                usage = admin_pb2_grpc.UsageServiceStub(channel)
+                for n in (1, 2):
+                    _, call = await s.generate(token, prompt_token_ids=PROMPT, max_tokens=3)
+                    assert await call.code() == grpc.StatusCode.OK
+                    reply = await usage.GetUsage(
+                        admin_pb2.GetUsageRequest(month=time.strftime("%Y-%m", time.gmtime())),
+                        metadata=(("authorization", f"Bearer {token}"),),
+                        timeout=10,
+                    )
+                    assert [(r.requests, r.completion_tokens) for r in reply.rows] == [(n, 3 * n)]
 
     run(body())

@@ -82,6 +82,7 @@ class Stack:
         return minted.secret
 
     def row(self, request_id: str) -> UsageRecord | None:
+        self.gateway.service.pipeline.settler.wait()  # written after the call ends
         return Ledger(self.gateway.store).get(request_id)
 
     def rows(self) -> list[UsageRecord]:
@@ -89,6 +90,7 @@ class Stack:
         return [r for r in (usage.get(e.request_id) for e in self.audit()) if r is not None]
 
     def audit(self) -> list[AuditEvent]:
+        self.gateway.service.pipeline.settler.wait()
         return [r.event for r in AuditLog(self.gateway.store).records()]
 
 

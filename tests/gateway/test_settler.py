@@ -1,0 +1,127 @@
+"""The settler: every queued settle written once, in order, batched; flush, wait and close."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.gateway.audit import AuditEvent, AuditLog
+from services.gateway.ledger import Ledger, UsageRecord
+from services.gateway.limits import InProcessAdmission, LimitExceeded, Limits, Scope
+from services.gateway.settler import Settle, Settler
+from services.gateway.store import Store
+
+T0 = 1_700_000_000.0
+
+
+def _record(i: int, **kw: object) -> UsageRecord:
+    fields: dict[str, object] = dict(
+        request_id=f"req-{i}",
+        principal="ann",
+        team="ml",
+        model="m",
+        prompt_tokens=3,
+        completion_tokens=i,
+        cached_tokens=0,
+        latency_ms=1.0,
+        outcome="ok",
+        time=T0 + i,
+    )
+    fields.update(kw)
+    return UsageRecord(**fields)  # type: ignore[arg-type]
+
+
+def _event(i: int, decision: str = "allow") -> AuditEvent:
+    return AuditEvent(principal="ann", decision=decision, reason=f"r{i}", request_id=f"req-{i}")
+
+
+def _settler(store: Store, **kw: object) -> tuple[Settler, Ledger, AuditLog]:
+    ledger, audit = Ledger(store, metrics=None), AuditLog(store, metrics=None)
+    return Settler(InProcessAdmission(), ledger, audit, **kw), ledger, audit  # type: ignore[arg-type]
+
+
+def test_settles_and_refusals_are_written_once_in_submission_order(store: Store) -> None:
+    settler, ledger, audit = _settler(store)
+    try:
+        for i in range(40):
+            if i % 5 == 4:
+                settler.submit(Settle(_event(i, "deny")))  # a refusal: no ledger row
+            else:
+                settler.submit(Settle(_event(i), _record(i)))
+        settler.wait()
+        events = [r.event for r in audit.records()]
+        assert [e.request_id for e in events] == [f"req-{i}" for i in range(40)]
+        assert [e.decision for e in events] == [
+            "deny" if i % 5 == 4 else "allow" for i in range(40)
+        ]
+        assert audit.verify_chain() is None
+        (total,) = ledger.usage(0, 2**40, group_by=())
+        allowed = [i for i in range(40) if i % 5 != 4]
+        assert (total.requests, total.completion_tokens) == (len(allowed), sum(allowed))
+        settler.submit(Settle(_event(1), _record(1, completion_tokens=99)))  # a second settle
+        settler.wait()
+        assert ledger.get("req-1") == _record(1)  # idempotent: never counted twice
+    finally:
+        settler.close()
+
+
+def test_a_failing_row_costs_only_itself(store: Store) -> None:
+    """One invalid row fails its batch's transaction; the rest are written apart."""
+    settler, ledger, audit = _settler(store, linger_s=0.5)
+    try:
+        settler.submit(Settle(_event(0), _record(0)))
+        settler.submit(Settle(_event(1), _record(1, prompt_tokens=-1)))  # refused by the ledger
+        settler.submit(Settle(_event(2), _record(2)))
+        settler.wait()
+        assert ledger.get("req-0") == _record(0) and ledger.get("req-2") == _record(2)
+        assert ledger.get("req-1") is None
+        assert [r.event.request_id for r in audit.records()] == ["req-0", "req-1", "req-2"]
+    finally:
+        settler.close()
+
+
+def test_flush_does_not_wait_for_the_linger(store: Store) -> None:
+    async def body() -> float:
+        settler, ledger, _ = _settler(store, linger_s=30.0)
+        try:
+            settler.submit(Settle(_event(0), _record(0)))
+            started = time.monotonic()
+            await settler.flush()
+            assert ledger.get("req-0") == _record(0)
+            return time.monotonic() - started
+        finally:
+            settler.close()
+
+    assert asyncio.run(body()) < 5.0
+
+
+def test_close_drains_the_queue_and_later_settles_are_written_inline(store: Store) -> None:
+    settler, ledger, _ = _settler(store, linger_s=0.2)
+    for i in range(300):  # more than one batch
+        settler.submit(Settle(_event(i), _record(i)))
+    settler.close()
+    (total,) = ledger.usage(0, 2**40, group_by=())
+    assert total.requests == 300
+    settler.submit(Settle(_event(300), _record(300)))
+    assert ledger.get("req-300") == _record(300)
+
+
+def test_a_reservation_handed_over_is_settled_on_the_thread(store: Store) -> None:
+    settler, _, _ = _settler(store)
+    admission = settler.admission
+    scope = Scope("user:ann", Limits(tokens_per_day=1000))
+    try:
+        used = admission.reserve([scope], 500)
+        nothing = admission.reserve([scope], 400)
+        with pytest.raises(LimitExceeded):
+            admission.reserve([scope], 200)  # 900 reserved: no room for 200
+        settler.submit(Settle(_event(0), _record(0, prompt_tokens=3, completion_tokens=7), used))
+        settler.submit(Settle(_event(1), _record(1, prompt_tokens=0, completion_tokens=0), nothing))
+        settler.wait()
+        admission.reserve([scope], 980)  # 10 used: 990 left
+        with pytest.raises(LimitExceeded):
+            admission.reserve([scope], 11)
+    finally:
+        settler.close()
