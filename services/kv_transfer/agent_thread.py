@@ -106,6 +106,9 @@ class AgentThread:
                         done.cancel()
                     return
                 self._execute(*job)
+                # The call itself progressed the agent: no tick right behind it, holding
+                # the GIL while the loop wakes up to take the call's result.
+                last_progress = time.monotonic()
             if self._watched:
                 self._check_watched()
             if time.monotonic() - last_progress >= self._interval:

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from services.engine.errors import InvalidRequestError
 from services.kv_transfer.errors import IncompatiblePeerError
 from services.stubs.tandem.v1 import worker_pb2
@@ -127,8 +129,14 @@ def pool_bytes(layout: worker_pb2.KVLayout) -> int:
 
 def check_block_ids(layout: worker_pb2.KVLayout, block_ids: Sequence[int], name: str) -> None:
     """Raise InvalidRequestError (naming ``name``) if an id is outside the pool or repeated."""
+    ids = np.asarray(block_ids, dtype=np.int64)
+    if ids.size == 0:
+        return
+    inside = ids.min() >= 0 and ids.max() < layout.num_blocks
+    if inside and np.unique(ids).size == ids.size:
+        return  # the common case, without a Python loop over a long prompt's blocks
     seen: set[int] = set()
-    for b in block_ids:
+    for b in ids.tolist():
         if not 0 <= b < layout.num_blocks:
             raise InvalidRequestError(
                 name, f"block {b} is outside the pool of {layout.num_blocks} blocks"
@@ -156,12 +164,14 @@ def paired_spans(
     local_ids: Sequence[int],
     remote_layout: worker_pb2.KVLayout,
     remote_ids: Sequence[int],
-) -> list[tuple[int, int, int]]:
-    """(local offset, remote offset, length) covering ``remote_ids[i] → local_ids[i]``.
+) -> np.ndarray:
+    """Rows of (local offset, remote offset, length) covering ``remote_ids[i] → local_ids[i]``
+    (int64, shape ``[n, 3]``).
 
     Consecutive pairs whose ids both go up by one form a run; each run is one span per
     plane, so a run of consecutive blocks costs ``2 * num_layers`` descriptors however long
     it is. Order: run by run, plane by plane (a transfer's descriptors need no other order).
+    Computed with numpy: it sits on every pull's path.
     """
     if len(local_ids) != len(remote_ids):
         raise InvalidRequestError(
@@ -169,19 +179,19 @@ def paired_spans(
             f"has {len(local_ids)} ids but remote_block_ids has {len(remote_ids)}",
         )
     check_same_geometry(local_layout, remote_layout)
-    check_block_ids(local_layout, local_ids, "local_block_ids")
-    check_block_ids(remote_layout, remote_ids, "remote_block_ids")
+    local = np.asarray(local_ids, dtype=np.int64)
+    remote = np.asarray(remote_ids, dtype=np.int64)
+    check_block_ids(local_layout, local, "local_block_ids")
+    check_block_ids(remote_layout, remote, "remote_block_ids")
+    if local.size == 0:
+        return np.empty((0, 3), dtype=np.int64)
     span = span_bytes(local_layout)
-    local_plane = local_layout.num_blocks * span
-    remote_plane = remote_layout.num_blocks * span
-    runs: list[list[int]] = []  # [first local id, first remote id, count]
-    for lo, ro in zip(local_ids, remote_ids, strict=True):
-        if runs and runs[-1][0] + runs[-1][2] == lo and runs[-1][1] + runs[-1][2] == ro:
-            runs[-1][2] += 1
-        else:
-            runs.append([lo, ro, 1])
-    return [
-        (p * local_plane + lo * span, p * remote_plane + ro * span, count * span)
-        for lo, ro, count in runs
-        for p in range(num_planes(local_layout))
-    ]
+    breaks = (np.diff(local) != 1) | (np.diff(remote) != 1)
+    starts = np.flatnonzero(np.concatenate(([True], breaks)))
+    counts = np.diff(np.append(starts, local.size))
+    planes = np.arange(num_planes(local_layout), dtype=np.int64)
+    spans = np.empty((starts.size, planes.size, 3), dtype=np.int64)
+    spans[..., 0] = planes * (local_layout.num_blocks * span) + (local[starts] * span)[:, None]
+    spans[..., 1] = planes * (remote_layout.num_blocks * span) + (remote[starts] * span)[:, None]
+    spans[..., 2] = (counts * span)[:, None]
+    return spans.reshape(-1, 3)

@@ -194,10 +194,10 @@ class NixlTransport(KVTransport):
         spans = kv_layout.paired_spans(self.layout, local_block_ids, peer.layout, remote_block_ids)
         if self._peers.get(peer.address) != peer:
             raise KVTransferError(f"not connected to {peer}: call connect(peer) first")
-        if not spans:
+        if len(spans) == 0:
             return 0
         what = f"NIXL read of {len(remote_block_ids)} blocks of {request_id!r} from {peer}"
-        offsets = np.array(spans, dtype=np.uint64)
+        offsets = spans.astype(np.uint64)
         local = np.empty((len(spans), 3), dtype=np.uint64)
         local[:, 0] = self.kv.tensor.data_ptr() + offsets[:, 0]
         local[:, 1] = offsets[:, 2]
