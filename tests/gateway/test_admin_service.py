@@ -62,7 +62,7 @@ def test_admin_token_mints_lists_and_revokes(
                 "ListApiKeys",
                 "RevokeApiKey",
             ]
-            assert all(e.decision == "allow" and e.principal == "root" for e in events)
+            assert all(e.decision == "allow" and e.principal == "root" for e in events), events
             assert key.key_id in events[0].reason and events[0].team == "ml"
             assert all(secret_part not in repr(e) for e in events)
 
