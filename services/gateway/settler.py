@@ -131,10 +131,14 @@ class Settler:
         while not stopping:
             first = self._queue.get()
             batch, markers, stopping = self._gather(first)
-            if batch:
-                self._write(batch)
-            for marker in markers:
-                marker.set_result(None)
+            try:
+                if batch:
+                    self._write(batch)
+            except Exception:  # never let the thread die: later calls must still be metered
+                log.exception("writing %d settles failed", len(batch))
+            finally:
+                for marker in markers:
+                    marker.set_result(None)
 
     def _gather(self, first: object) -> tuple[list[Settle], list[Future[None]], bool]:
         """``first`` and what follows it within the linger (a marker or stop ends it early)."""
@@ -166,15 +170,16 @@ class Settler:
             try:
                 with self.ledger.store.transaction(exclusive=AUDIT_EXCLUSIVE) as tx:
                     news = [self._insert(tx, s) for s in batch]
+            except Exception:
+                # Rolled back together; write them apart so an audit failure cannot
+                # cost a ledger row (the usage would go unmetered).
+                log.exception("settle transaction of %d calls failed", len(batch))
+            else:  # counted only once committed, and outside the try: never written twice
                 for settle, new in zip(batch, news, strict=True):
                     if settle.record is not None:
                         self.ledger.count(settle.record, new)
                     self.audit.count(settle.event)
                 return
-            except Exception:
-                # Rolled back together; write them apart so an audit failure cannot
-                # cost a ledger row (the usage would go unmetered).
-                log.exception("settle transaction of %d calls failed", len(batch))
         for settle in batch:
             self._write_apart(settle)
 
