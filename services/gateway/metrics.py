@@ -15,6 +15,8 @@ counts happens exactly once, so retries and duplicated settles never double-coun
 - ``tandem_gateway_limit_rejections_total{team, model, scope, limit}``: on each audited
   ``limit exceeded`` denial; ``scope`` is the scope's kind (``key``, ``user``, ``team``) and
   ``limit`` the limit's name (``requests_per_minute`` …).
+- ``tandem_gateway_settles_pending``: a gauge of decisions queued for the settler
+  (``services/gateway/settler.py``) and not yet written.
 
 Counters count committed rows only: if the store write fails, nothing is counted.
 
@@ -32,7 +34,7 @@ import re
 import threading
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 if TYPE_CHECKING:
     from services.gateway.audit import AuditEvent
@@ -136,6 +138,13 @@ class GatewayMetrics:
             "tandem_gateway_limit_rejections",
             "Requests refused by a rate limit or quota, by scope kind and limit",
             [*tm, "scope", "limit"],
+            registry=r,
+        )
+
+        self.settles_pending = Gauge(
+            "tandem_gateway_settles_pending",
+            "Decisions (ledger rows and audit records) queued to be written after their "
+            "calls ended; it grows while the store is slow or down",
             registry=r,
         )
 

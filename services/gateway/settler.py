@@ -40,6 +40,7 @@ from services.gateway.audit import EXCLUSIVE as AUDIT_EXCLUSIVE
 from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.limits import Admission, Reservation
+from services.gateway.metrics import METRICS, GatewayMetrics
 from services.gateway.store import Tx
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,14 @@ class Settler:
         audit: AuditLog,
         linger_s: float = LINGER_S,
         max_batch: int = MAX_BATCH,
+        metrics: GatewayMetrics | None = METRICS,
     ) -> None:
         self.admission = admission
         self.ledger = ledger
         self.audit = audit
         self._linger_s = linger_s
         self._max_batch = max_batch
+        self._pending = metrics.settles_pending if metrics is not None else None
         self._queue: queue.SimpleQueue[Settle | Future[None] | object] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="gateway-settler", daemon=True)
@@ -97,6 +100,8 @@ class Settler:
         if self._closed:
             self._write([settle])
             return
+        if self._pending is not None:
+            self._pending.inc()
         self._queue.put(settle)
 
     async def flush(self) -> None:
@@ -137,6 +142,8 @@ class Settler:
             except Exception:  # never let the thread die: later calls must still be metered
                 log.exception("writing %d settles failed", len(batch))
             finally:
+                if self._pending is not None:
+                    self._pending.dec(len(batch))
                 for marker in markers:
                     marker.set_result(None)
 

@@ -10,6 +10,7 @@ import pytest
 from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.limits import InProcessAdmission, LimitExceeded, Limits, Scope
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.settler import Settle, Settler
 from services.gateway.store import Store
 
@@ -39,6 +40,7 @@ def _event(i: int, decision: str = "allow") -> AuditEvent:
 
 def _settler(store: Store, **kw: object) -> tuple[Settler, Ledger, AuditLog]:
     ledger, audit = Ledger(store, metrics=None), AuditLog(store, metrics=None)
+    kw.setdefault("metrics", None)
     return Settler(InProcessAdmission(), ledger, audit, **kw), ledger, audit  # type: ignore[arg-type]
 
 
@@ -123,5 +125,18 @@ def test_a_reservation_handed_over_is_settled_on_the_thread(store: Store) -> Non
         admission.reserve([scope], 980)  # 10 used: 990 left
         with pytest.raises(LimitExceeded):
             admission.reserve([scope], 11)
+    finally:
+        settler.close()
+
+
+def test_the_pending_gauge_counts_what_is_queued(store: Store) -> None:
+    metrics = GatewayMetrics()
+    settler, _, _ = _settler(store, linger_s=30.0, metrics=metrics)
+    try:
+        for i in range(3):
+            settler.submit(Settle(_event(i), _record(i)))
+        assert metrics.value("tandem_gateway_settles_pending") == 3
+        settler.wait()
+        assert metrics.value("tandem_gateway_settles_pending") == 0
     finally:
         settler.close()
