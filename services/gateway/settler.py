@@ -1,4 +1,5 @@
-"""Metering off the response path: each call's ledger row and audit record, group-committed.
+"""Metering off the response path: each call's ledger row and audit record, and each
+refusal's audit record, group-committed after the call's status is sent.
 
 Why not before the call's status: the client holds its whole answer once the final message
 (finish reason + usage) is relayed, so committing before the status never made the usage
@@ -18,6 +19,10 @@ What is weaker, and how it is covered:
   ``tandem.v1.UsageService`` flushes this replica's settles before it reads
   (:meth:`Settler.flush`); another replica's GetUsage may miss a row that is a few
   milliseconds old.
+- Refusals are audited the same way (in decision order with the settles): the caller gets
+  its UNAUTHENTICATED / PERMISSION_DENIED / RESOURCE_EXHAUSTED before the record is
+  committed. Admin calls (``call_auth.CallGuard``) still write theirs first and fail
+  UNAVAILABLE when they cannot.
 - A crash loses the settles not yet committed (at most ``linger_s`` plus one commit of
   calls), as a crash between the final message and the commit did before; a graceful stop
   drains them (:meth:`Settler.close`, from ``Gateway.stop``).
