@@ -6,7 +6,9 @@ peer's pages one by one inside ``process_vm_readv``, and with 4 KiB pages that w
 large part of a pull (bench/kv_transfer/README.md measures both). Linux hands out huge
 pages only to regions that ask (``madvise`` is the common THP setting), and torch's CPU
 allocator does not ask, so CPU pools are mapped here instead. Where the kernel has THP off
-or no huge page free, the region is plain pages and works the same.
+or no huge page free, the region is plain pages and works the same. On a fragmented host
+the kernel may compact memory while the pool is first touched (THP ``defrag=madvise``):
+a one-time cost when the worker starts, paid here rather than during the first prefill.
 """
 
 from __future__ import annotations
