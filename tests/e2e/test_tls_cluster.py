@@ -16,7 +16,6 @@ import grpc
 import httpx
 import openai
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.engine.sampling_params import SamplingParams
 from services.launcher.local import LocalCluster, free_port
@@ -25,6 +24,7 @@ from services.rpc.tls import TlsConfig, client_ssl_context
 from services.stubs.tandem.v1 import inference_pb2_grpc
 from tests.e2e.client import UP_KEY, generate, request, wait_up
 from tests.e2e.conftest import start_cluster
+from tests.rpc.health import health_status
 
 PROMPTS = [[7, 8, 9], list(range(100, 140))]
 
@@ -65,23 +65,13 @@ def test_plaintext_and_unknown_clients_are_refused(cluster: LocalCluster, tmp_pa
     no_cert = TlsConfig(ca=cluster.tls.ca)
     foreign_cert = TlsConfig(stranger.cert, stranger.key, cluster.tls.ca)
 
-    async def status(address: str, tls: TlsConfig | None) -> grpc.StatusCode:
-        async with client_channel(address, tls=tls) as channel:
-            try:
-                await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=10
-                )
-            except grpc.aio.AioRpcError as exc:
-                return exc.code()
-            return grpc.StatusCode.OK
-
     for child in cluster.children:  # router and both workers
         for tls in (None, no_cert, foreign_cert):
-            assert asyncio.run(status(child.address, tls)) == grpc.StatusCode.UNAVAILABLE, (
+            assert asyncio.run(health_status(child.address, tls)) == grpc.StatusCode.UNAVAILABLE, (
                 child.name,
                 tls,
             )
-        assert asyncio.run(status(child.address, cluster.tls)) == grpc.StatusCode.OK
+        assert asyncio.run(health_status(child.address, cluster.tls)) == grpc.StatusCode.OK
 
 
 CA = re.compile(r"--tls-ca (\S+)")

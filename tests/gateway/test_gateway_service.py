@@ -22,6 +22,7 @@ from services.rpc.server import client_channel
 from services.stubs.tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.gateway.harness import gateway_id
 from tests.gateway.issuer import Issuer
+from tests.gateway.mgmt import error_reason, field_violations
 from tests.router.fakes import MODEL, expected_completion
 from tests.router.harness import DECODE, PREFILL, cluster, run
 
@@ -154,10 +155,7 @@ def test_an_unusable_client_id_is_invalid_argument_naming_request_id(
                 assert messages == []
                 assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
                 status = await rpc_status.aio.from_call(call)
-                assert status is not None
-                violations = error_details_pb2.BadRequest()
-                assert status.details[0].Unpack(violations)
-                assert [v.field for v in violations.field_violations] == ["request_id"]
+                assert field_violations(status) == ["request_id"]
             assert s.ledger.usage(0, 2**40) == ()  # nothing admitted, nothing metered
 
     run(body())
@@ -174,10 +172,7 @@ def test_missing_or_bad_token_is_unauthenticated_and_audited(
                 assert messages == []
                 assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
                 status = await rpc_status.aio.from_call(call)
-                assert status is not None
-                info = error_details_pb2.ErrorInfo()
-                assert status.details[0].Unpack(info)
-                assert info.reason.startswith("CREDENTIAL_")
+                assert error_reason(status).startswith("CREDENTIAL_")
                 denied.append(await gateway_id(call))  # refused calls get an id too
             events = s.audit()
             assert [e.decision for e in events] == ["deny"] * 3

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.rpc.server import client_channel, start_server
+from services.rpc.server import start_server
 from services.rpc.tls import TlsConfig, TlsError, load, server_ssl_context
 from services.rpc.tls_dev_ca import DevCa
+from tests.rpc.health import health_status
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,7 @@ def _call(server_tls: TlsConfig | None, client_tls: TlsConfig | None) -> grpc.St
     async def go() -> grpc.StatusCode:
         server = await start_server([], tls=server_tls)
         try:
-            async with client_channel(server.address, tls=client_tls) as channel:
-                try:
-                    await health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=10
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    return exc.code()
-                return grpc.StatusCode.OK
+            return await health_status(server.address, client_tls)
         finally:
             await server.stop(0)
 
