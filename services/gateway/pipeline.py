@@ -35,11 +35,10 @@ the ledger and audit writes on the settler's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,16 +56,14 @@ from services.gateway.limits import Admission, LimitExceeded, Limits, Reservatio
 from services.gateway.policy import LIMIT_FIELDS, Policy
 from services.gateway.settler import Settle, Settler, settle_admission
 from services.gateway.tracing import (
-    Attribute,
     annotate,
     identity_attributes,
-    policy_step,
     step_attributes,
+    sync_step,
     traced,
     usage_attributes,
 )
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
-from services.telemetry.tracing import tracing_enabled
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +294,7 @@ class Pipeline:
         finally:
             # No await: a second cancel cannot cut the settle short, and the call's
             # status does not wait for the ledger (services/gateway/settler.py).
-            with settle_step(attributes):
+            with sync_step("settle", attributes):
                 self._settle(who, request.model, call, reservation, prompt, relay)
         if error is not None:
             raise GatewayError.upstream(error)
@@ -454,13 +451,3 @@ async def _finish_upstream(stream: grpc.aio.UnaryStreamCall, request_id: str) ->
         )
     except asyncio.CancelledError:
         stream.cancel()
-
-
-@contextlib.contextmanager
-def settle_step(attributes: Mapping[str, Attribute]) -> Iterator[None]:
-    """The settle's span when tracing is on (it is synchronous: no ``traced``)."""
-    if not tracing_enabled():
-        yield
-        return
-    with policy_step("settle", attributes):
-        yield

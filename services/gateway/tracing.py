@@ -65,6 +65,16 @@ async def traced(
         return await work
 
 
+@contextmanager
+def sync_step(step: str, attributes: Mapping[str, Attribute] | None = None) -> Iterator[None]:
+    """:func:`traced` for a step that does not await (the settle)."""
+    if not tracing_enabled():
+        yield
+        return
+    with policy_step(step, attributes):
+        yield
+
+
 def annotate(attributes: Mapping[str, Attribute]) -> None:
     """Add attributes to the current step's span (a no-op when tracing is off)."""
     if tracing_enabled():
