@@ -36,6 +36,15 @@ timeout 150 python3 bench/kv_transfer/bench_transfer.py --device cuda --reps 20 
 timeout 150 python3 bench/kv_transfer/bench_transfer.py --device cuda --prompt-tokens 32768 \
   --reps 10 --json "$OUT/kv_transfer_cuda_32768.json" 2>&1 | tail -16
 
+step where one NIXL VRAM READ spends its time, without Tandem around it
+# main thread, a new thread, a new thread with the device current (Tandem's agent thread);
+# then with a notification (what Tandem's READs carried until 2026-11-26: +0.9 ms)
+for mode in main plain device-current; do
+  timeout 60 python3 bench/kv_transfer/nixl_floor.py --device cuda --reader-thread $mode \
+    --json "$OUT/nixl_floor_cuda_$mode.json" 2>&1 | grep -v 'NIXL INFO'
+done
+timeout 60 python3 bench/kv_transfer/nixl_floor.py --device cuda --notify 2>&1 | grep -v 'NIXL INFO'
+
 step disaggregated serving end to end on CUDA, KV in VRAM over NIXL
 TANDEM_E2E_DEVICE=cuda timeout 300 python3 -m pytest -p no:cacheprovider -q -x \
   tests/e2e/test_disaggregated.py 2>&1 | tail -6

@@ -4,20 +4,19 @@ progressing between them.
 Why a thread of our own rather than NIXL's progress thread: the UCX backend's progress
 thread polls without pausing (the Python wrapper fixes its delay at 0), so every worker
 would burn a whole core doing nothing, which halves a 2-core host. Without it, a UCX worker
-advances only when the agent is called; a READ also needs its *target* to advance (to
-deliver the notification), so this thread calls ``get_new_notifs`` whenever it has been
-idle for ``progress_interval_s``, which also collects the notifications. Measured here
+advances only when the agent is called, so this thread calls ``get_new_notifs`` whenever it
+has been idle for ``progress_interval_s`` (serving peers' connection traffic). Measured here
 (2 cores, 16 MiB between two processes): 9 GB/s with a 1 ms interval and both cores
 idle, against 5 GB/s with NIXL's progress threads spinning both cores.
 
 Every call to the agent goes through this thread, so the agent is never used from two
 threads at once, and a slow call never blocks an event loop.
 
-Transfers in flight are watched here too (:meth:`AgentThread.watch`): while any is, the
-thread checks them every ``WATCH_INTERVAL_S`` and resolves each one's future the moment it
-ends. Polling from the event loop instead cost a thread hop per check and, with a backoff,
-up to its longest pause in detection latency: on a GPU, where CUDA IPC moves 16 MiB in well
-under a millisecond, that latency was most of the transfer time.
+A transfer lives on this thread from start to end (:meth:`AgentThread.transfer`): the
+thread makes its handle, posts it, checks it every ``WATCH_INTERVAL_S`` while it is in
+flight, releases it, and only then resolves the caller's future: one hop from the event
+loop and one back per transfer. On a GPU, where CUDA IPC moves 16 MiB in about 0.15 ms,
+each further hop (a separate post, watch and release) cost about as much as the copy.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PROGRESS_INTERVAL_S = 0.001
-"""Longest the agent goes without progress. Each tick costs one short agent call; a READ
-from this worker waits up to about this long for it to acknowledge the notification."""
+"""Longest the agent goes without progress. Each tick costs one short agent call."""
 WATCH_INTERVAL_S = 0.00002
 """How often a transfer in flight is checked (only while one is: it keeps the thread busy)."""
 
@@ -45,14 +43,18 @@ _Job = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
 
 class AgentThread:
     def __init__(
-        self, agent: Any, name: str, progress_interval_s: float = PROGRESS_INTERVAL_S
+        self,
+        agent: Any,
+        name: str,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+        initializer: Callable[[], None] | None = None,
     ) -> None:
+        """``initializer`` runs first on the thread (e.g. making a CUDA device current)."""
         self._agent = agent
+        self._initializer = initializer
         self._interval = progress_interval_s
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._notifications: list[bytes] = []
         self._watched: list[tuple[Any, Future[str]]] = []  # only touched on the thread
-        self._lock = threading.Lock()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -68,19 +70,17 @@ class AgentThread:
         self._jobs.put((future, fn, args))
         return future
 
-    def watch(self, handle: Any) -> Future[str]:
-        """A future of the transfer's final state (``DONE`` or ``ERR``), set on the thread as
-        soon as a check sees it. Cancel the future to stop watching (before releasing the
-        handle: the thread never checks a cancelled watch again)."""
-        done: Future[str] = Future()
-        self.submit(self._watched.append, (handle, done))
-        return done
+    def transfer(self, make_handle: Callable[[], Any]) -> Future[str]:
+        """Run one transfer on the thread: ``make_handle()`` builds its handle, the thread
+        posts it, watches it and releases it. The future resolves, after the release, with
+        the final state (``DONE`` or ``ERR``), or with the exception a NIXL call raised.
 
-    def take_notifications(self) -> list[bytes]:
-        """Notification messages received since the last call (any peer). Never blocks long."""
-        with self._lock:
-            taken, self._notifications = self._notifications, []
-        return taken
+        Cancel the future to abandon the transfer: a transfer not yet made is never made,
+        one in flight is released (NIXL aborts it) at the thread's next check.
+        """
+        done: Future[str] = Future()
+        self.submit(self._start, make_handle, done)
+        return done
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Finish the calls already submitted, then end the thread (waits up to
@@ -93,6 +93,11 @@ class AgentThread:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        if self._initializer is not None:
+            try:
+                self._initializer()
+            except Exception as e:  # the agent still works, perhaps more slowly
+                log.warning("the NIXL thread's initializer failed: %s", e)
         last_progress = time.monotonic()
         while True:
             try:
@@ -102,8 +107,9 @@ class AgentThread:
                 pass
             else:
                 if job is None:
-                    for _, done in self._watched:
+                    for handle, done in self._watched:
                         done.cancel()
+                        self._release(handle)
                     return
                 self._execute(*job)
                 # The call itself progressed the agent: no tick right behind it, holding
@@ -115,21 +121,54 @@ class AgentThread:
                 self._progress()
                 last_progress = time.monotonic()
 
+    def _start(self, make_handle: Callable[[], Any], done: Future[str]) -> None:
+        if done.cancelled():  # abandoned before its turn came
+            return
+        try:
+            handle = make_handle()
+        except Exception as e:
+            _settle(done, exception=e)
+            return
+        try:
+            state = self._agent.transfer(handle)
+        except Exception as e:
+            self._release(handle)
+            _settle(done, exception=e)
+            return
+        # Over shared memory (CMA) the copy happens inside the post: most host transfers
+        # end here. On a GPU the post queues CUDA IPC copies that end a little later.
+        if state == "PROC":
+            self._watched.append((handle, done))
+        else:
+            self._release(handle)
+            _settle(done, result=state)
+
     def _check_watched(self) -> None:
         still = []
         for handle, done in self._watched:
             if done.cancelled():
+                self._release(handle)
                 continue
             try:
                 state = self._agent.check_xfer_state(handle)
             except Exception as e:
+                self._release(handle)
                 _settle(done, exception=e)
                 continue
             if state == "PROC":
                 still.append((handle, done))
             else:
+                self._release(handle)
                 _settle(done, result=state)
         self._watched = still
+
+    def _release(self, handle: Any) -> None:
+        try:
+            self._agent.release_xfer_handle(handle)
+        except Exception as e:
+            # NIXL could not cancel it: the local blocks may still change. Callers treat
+            # them as garbage after a failed transfer anyway (they are freed, not read).
+            log.error("releasing a NIXL transfer handle failed: %s", e)
 
     @staticmethod
     def _execute(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -141,14 +180,12 @@ class AgentThread:
 
     def _progress(self) -> None:
         try:
-            notifs = self._agent.get_new_notifs()
+            # Tandem's READs carry no notification (a notified READ completes only when its
+            # target progresses: +0.9 ms on a GPU); releases go over gRPC, so any message
+            # here is not ours to act on.
+            self._agent.get_new_notifs()
         except Exception as e:
             log.warning("NIXL progress failed: %s", e)
-            return
-        if notifs:
-            with self._lock:
-                for messages in notifs.values():
-                    self._notifications.extend(messages)
 
 
 def _settle(

@@ -17,14 +17,12 @@ A peer without NIXL (empty metadata at the Handshake) is read over gRPC instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import numpy as np
@@ -39,9 +37,6 @@ from services.rpc.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-RELEASE_TIMEOUT_S = 1.0
-"""How long a failed or timed-out pull waits for its transfer handle to be released."""
 
 
 @functools.cache
@@ -75,6 +70,22 @@ def allow_cuda_ipc_reads() -> None:
     it when the agent's UCX context is created, which happens after this call.
     """
     os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
+
+
+def thread_initializer(kv: KVCache) -> Callable[[], None] | None:
+    """For a pool in device memory: make its device current on the agent thread.
+
+    UCX's CUDA transports work in the calling thread's current CUDA context, and the agent
+    thread has none of its own (torch made the device current on the thread that built
+    the pool). A suspect, not yet measured, for the 0.5 ms a pull spent above NIXL's own
+    0.11 ms floor on an H200: bench/gpu/README.md says how to check.
+    """
+    device = kv.tensor.device
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return functools.partial(torch.cuda.set_device, device)
 
 
 def memory_type(kv: KVCache) -> tuple[str, int]:
@@ -112,7 +123,9 @@ class NixlTransport(KVTransport):
             raise RuntimeError("NIXL's UCX backend is missing: use the grpc transport")
         self._registration = self._agent.register_memory(kv.tensor)
         self._metadata: bytes = self._agent.get_agent_metadata()
-        self._thread = AgentThread(self._agent, f"nixl-{worker_id}", progress_interval_s)
+        self._thread = AgentThread(
+            self._agent, f"nixl-{worker_id}", progress_interval_s, thread_initializer(kv)
+        )
         self._peers: dict[str, PeerInfo] = {}  # address -> peer read over NIXL
         self._accepted: dict[str, str] = {}  # caller worker id -> its agent name
         self._grpc = GrpcTransport(kv, tls=tls)  # for peers without NIXL
@@ -206,24 +219,13 @@ class NixlTransport(KVTransport):
         remote[:, 0] = peer.pool_address + offsets[:, 1]
         remote[:, 1] = offsets[:, 2]
         remote[:, 2] = peer.device_id
-        post = functools.partial(
-            self._post, local, remote, peer.memory_type, peer.nixl_agent, request_id.encode()
-        )
-        handle, state = await self._call(post, deadline=deadline, what=what)
-        if handle is not None:  # still in flight after the post
-            try:
-                state = await self._finished(handle, deadline, what, timeout_s)
-            finally:
-                await self._release(handle)
-        if state != "DONE":
-            raise KVTransferError(f"{what} failed: NIXL reported {state}")
-        return int(offsets[:, 2].sum())
-
-    async def _finished(self, handle: Any, deadline: float, what: str, timeout_s: float) -> str:
-        """The transfer's final state, as the agent thread's watch sees it end."""
-        done = self._thread.watch(handle)
+        read = functools.partial(self._make_read, local, remote, peer.memory_type, peer.nixl_agent)
         try:
-            return await asyncio.wait_for(
+            done = self._thread.transfer(read)
+        except RuntimeError as e:  # the agent thread has stopped (closing)
+            raise KVTransferError(f"{what}: {e}") from None
+        try:
+            state = await asyncio.wait_for(
                 asyncio.shield(asyncio.wrap_future(done)), max(0.0, deadline - time.monotonic())
             )
         except TimeoutError:
@@ -231,10 +233,10 @@ class NixlTransport(KVTransport):
         except Exception as e:
             raise KVTransferError(f"{what} failed: {type(e).__name__}: {e}") from None
         finally:
-            done.cancel()  # stop watching before the handle is released
-
-    async def take_notifications(self) -> list[str]:
-        return [m.decode(errors="replace") for m in self._thread.take_notifications()]
+            done.cancel()  # abandoned (deadline, caller cancelled): the thread releases it
+        if state != "DONE":
+            raise KVTransferError(f"{what} failed: NIXL reported {state}")
+        return int(offsets[:, 2].sum())
 
     async def close(self) -> None:
         await self._grpc.close()
@@ -251,39 +253,15 @@ class NixlTransport(KVTransport):
 
     # -- on the NIXL thread --------------------------------------------------------------
 
-    def _post(
-        self,
-        local: np.ndarray,
-        remote: np.ndarray,
-        remote_memory_type: str,
-        remote_agent: str,
-        notification: bytes,
-    ) -> tuple[Any | None, str]:
-        """Posts the READ: (handle, "PROC") while in flight, else (None, final state) with
-        the handle already released. Over shared memory (CMA) the copy happens inside the
-        post, so most pulls end here, in one hop to this thread rather than three."""
+    def _make_read(
+        self, local: np.ndarray, remote: np.ndarray, remote_memory_type: str, remote_agent: str
+    ) -> Any:
+        """The READ's handle, without a notification: a notified READ is complete only when
+        the target has progressed to take the message (up to its 1 ms tick, measured +0.9 ms
+        on a GPU), and the reader releases the prefill's blocks over gRPC anyway."""
         local_descs = self._agent.get_xfer_descs(local, self.memory_type)
         remote_descs = self._agent.get_xfer_descs(remote, remote_memory_type)
-        handle = self._agent.initialize_xfer(
-            "READ", local_descs, remote_descs, remote_agent, notification
-        )
-        try:
-            state = self._agent.transfer(handle)
-        except BaseException:
-            self._release_now(handle)
-            raise
-        if state == "PROC":
-            return handle, state
-        self._release_now(handle)
-        return None, state
-
-    def _release_now(self, handle: Any) -> None:
-        try:
-            self._agent.release_xfer_handle(handle)
-        except Exception as e:
-            # NIXL could not cancel it: the local blocks may still change. Callers treat
-            # them as garbage after a KVTransferError anyway (they are freed, not read).
-            log.error("releasing a NIXL transfer handle failed: %s", e)
+        return self._agent.initialize_xfer("READ", local_descs, remote_descs, remote_agent)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -303,28 +281,10 @@ class NixlTransport(KVTransport):
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), timeout)
         except TimeoutError:
-            if not job.cancel():  # already running: release what it returns, later
-                job.add_done_callback(self._release_late_handle)
+            job.cancel()  # not yet started: never runs
             raise KVTransferError(f"{what} did not finish by its deadline") from None
         except Exception as e:
             raise KVTransferError(f"{what} failed: {type(e).__name__}: {e}") from None
-
-    def _release_late_handle(self, job: Future[Any]) -> None:
-        """Called when a call abandoned at its deadline finally returns: release its handle."""
-        if job.cancelled() or job.exception() is not None:
-            return
-        result = job.result()
-        if isinstance(result, tuple) and result and result[0] is not None:  # from _post
-            # RuntimeError: closed meanwhile; the agent frees the handle when it goes.
-            with contextlib.suppress(RuntimeError):
-                self._thread.submit(self._release_now, result[0])
-
-    async def _release(self, handle: Any) -> None:
-        deadline = time.monotonic() + RELEASE_TIMEOUT_S
-        try:
-            await self._call(self._release_now, handle, deadline=deadline, what="release")
-        except KVTransferError as e:
-            log.error("%s", e)
 
     async def _forget_agent(self, name: str) -> None:
         if name in self.remote_agents:

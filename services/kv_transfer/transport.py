@@ -99,7 +99,7 @@ class KVTransport(abc.ABC):
         """What peers need to read from this worker. Side-effect free; may be called often."""
 
     async def accept(self, worker_id: str, nixl_metadata: bytes) -> None:
-        """Take a caller's NIXL metadata from its Handshake (so its notifications arrive).
+        """Take a caller's NIXL metadata from its Handshake (its agent then knows ours both ways).
 
         Called once per Handshake; a caller that restarted replaces its stale entry.
         No-op for transports without NIXL.
@@ -133,14 +133,6 @@ class KVTransport(abc.ABC):
         before moving anything, for lists of different lengths or ids outside either pool
         or repeated. Concurrent pulls are allowed when their local blocks differ.
         """
-
-    async def take_notifications(self) -> list[str]:
-        """Request ids whose blocks a peer has finished reading since the last call.
-
-        Only NIXL delivers these (the reader's notification, sent when its READ completes);
-        with the gRPC transport the reader calls PrefillWorker.ReleaseKV instead.
-        """
-        return []
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -1,4 +1,4 @@
-"""AgentThread with a stand-in agent: order, errors, progress ticks, stopping."""
+"""AgentThread with a stand-in agent: order, errors, progress ticks, transfers, stopping."""
 
 from __future__ import annotations
 
@@ -11,16 +11,37 @@ from services.kv_transfer.agent_thread import AgentThread
 
 
 class FakeAgent:
-    def __init__(self) -> None:
+    """Progress ticks, and transfers whose states are scripted per handle: ``states[h]``
+    is what the post, then each check, reports (the last one repeats)."""
+
+    def __init__(self, states: dict[str, list[str]] | None = None) -> None:
         self.ticks = 0
         self.threads: set[str] = set()
-        self.pending: dict[str, list[bytes]] = {}
+        self.states = states or {}
+        self.calls: list[tuple[str, str]] = []
 
     def get_new_notifs(self) -> dict[str, list[bytes]]:
         self.ticks += 1
         self.threads.add(threading.current_thread().name)
-        out, self.pending = self.pending, {}
-        return out
+        return {}
+
+    def _next(self, handle: str) -> str:
+        script = self.states[handle]
+        state = script.pop(0) if len(script) > 1 else script[0]
+        if state == "RAISE":
+            raise RuntimeError(f"NIXL failed on {handle}")
+        return state
+
+    def transfer(self, handle: str) -> str:
+        self.calls.append(("transfer", handle))
+        return self._next(handle)
+
+    def check_xfer_state(self, handle: str) -> str:
+        self.calls.append(("check", handle))
+        return self._next(handle)
+
+    def release_xfer_handle(self, handle: str) -> None:
+        self.calls.append(("release", handle))
 
 
 def test_calls_run_in_order_on_the_thread() -> None:
@@ -40,14 +61,11 @@ def test_calls_run_in_order_on_the_thread() -> None:
     thread.stop()
 
 
-def test_idle_thread_progresses_and_collects_notifications() -> None:
+def test_idle_thread_progresses_then_stops() -> None:
     agent = FakeAgent()
     thread = AgentThread(agent, "nixl-tick", progress_interval_s=0.002)
-    agent.pending = {"peer": [b"req-1", b"req-2"]}
     time.sleep(0.1)
     assert agent.ticks >= 10 and agent.threads == {"nixl-tick"}
-    assert thread.take_notifications() == [b"req-1", b"req-2"]
-    assert thread.take_notifications() == []
     thread.stop()
     ticks = agent.ticks
     time.sleep(0.02)
@@ -55,3 +73,95 @@ def test_idle_thread_progresses_and_collects_notifications() -> None:
     thread.stop()  # idempotent
     with pytest.raises(RuntimeError, match="stopped"):
         thread.submit(print)
+
+
+def test_a_transfer_done_at_its_post_is_released_before_its_future_resolves() -> None:
+    agent = FakeAgent({"h1": ["DONE"]})
+    thread = AgentThread(agent, "nixl-xfer")
+    assert thread.transfer(lambda: "h1").result(timeout=5) == "DONE"
+    assert agent.calls == [("transfer", "h1"), ("release", "h1")]
+    thread.stop()
+
+
+def test_a_transfer_in_flight_is_checked_until_it_ends_then_released() -> None:
+    agent = FakeAgent({"h1": ["PROC", "PROC", "PROC", "DONE"], "h2": ["PROC", "ERR"]})
+    thread = AgentThread(agent, "nixl-xfer")
+    first, second = thread.transfer(lambda: "h1"), thread.transfer(lambda: "h2")
+    assert (first.result(timeout=5), second.result(timeout=5)) == ("DONE", "ERR")
+    thread.stop()
+    h1 = [call for call, handle in agent.calls if handle == "h1"]
+    assert h1 == ["transfer", "check", "check", "check", "release"]
+    assert [call for call, handle in agent.calls if handle == "h2"] == [
+        "transfer",
+        "check",
+        "release",
+    ]
+
+
+def test_an_abandoned_transfer_is_released_on_the_thread() -> None:
+    agent = FakeAgent({"h1": ["PROC"]})  # never ends by itself
+    thread = AgentThread(agent, "nixl-xfer")
+    done = thread.transfer(lambda: "h1")
+    deadline = time.monotonic() + 5
+    while ("check", "h1") not in agent.calls and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert done.cancel()
+    thread.submit(lambda: None).result(timeout=5)  # one more turn of the thread
+    time.sleep(0.01)
+    assert agent.calls[-1] == ("release", "h1")
+    assert agent.calls.count(("release", "h1")) == 1
+    thread.stop()
+
+
+def test_a_transfer_cancelled_before_its_turn_is_never_made() -> None:
+    agent = FakeAgent({"h1": ["DONE"]})
+    thread = AgentThread(agent, "nixl-xfer")
+    gate = threading.Event()
+    thread.submit(gate.wait, 5)
+    made: list[str] = []
+    done = thread.transfer(lambda: made.append("h1") or "h1")
+    assert done.cancel()
+    gate.set()
+    thread.stop()
+    assert made == [] and agent.calls == []
+
+
+def test_failures_reach_the_future_and_a_posted_handle_is_still_released() -> None:
+    agent = FakeAgent({"h1": ["RAISE"], "h2": ["PROC", "RAISE"]})
+    thread = AgentThread(agent, "nixl-xfer")
+
+    def no_handle() -> str:
+        raise ValueError("bad descriptors")
+
+    with pytest.raises(ValueError, match="bad descriptors"):
+        thread.transfer(no_handle).result(timeout=5)
+    with pytest.raises(RuntimeError, match="NIXL failed on h1"):
+        thread.transfer(lambda: "h1").result(timeout=5)
+    with pytest.raises(RuntimeError, match="NIXL failed on h2"):
+        thread.transfer(lambda: "h2").result(timeout=5)
+    thread.stop()
+    assert agent.calls.count(("release", "h1")) == 1
+    assert agent.calls.count(("release", "h2")) == 1
+
+
+def test_stopping_releases_transfers_still_in_flight() -> None:
+    agent = FakeAgent({"h1": ["PROC"]})
+    thread = AgentThread(agent, "nixl-xfer")
+    done = thread.transfer(lambda: "h1")
+    deadline = time.monotonic() + 5
+    while ("check", "h1") not in agent.calls and time.monotonic() < deadline:
+        time.sleep(0.001)
+    thread.stop()
+    assert done.cancelled()
+    assert agent.calls[-1] == ("release", "h1")
+
+
+def test_the_initializer_runs_first_on_the_thread() -> None:
+    agent = FakeAgent()
+    ran: list[str] = []
+    thread = AgentThread(
+        agent, "nixl-init", initializer=lambda: ran.append(threading.current_thread().name)
+    )
+    thread.submit(lambda: ran.append("job")).result(timeout=5)
+    thread.stop()
+    assert ran == ["nixl-init", "job"]

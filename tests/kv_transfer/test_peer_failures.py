@@ -1,18 +1,28 @@
 """Pulls from a peer process that died, stopped answering, or never existed: each ends in
-KVTransferError within its timeout (plus 1 s), never a hang."""
+KVTransferError within its timeout (plus 1 s), never a hang; a NIXL READ abandoned at its
+deadline leaves the transport working."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 
 import pytest
 
 from services.kv_transfer.errors import KVTransferError
-from tests.kv_transfer.conftest import PeerFactory
-from tests.kv_transfer.test_two_processes import KINDS, LOCAL, PIN, REMOTE, reader
+from tests.kv_transfer.conftest import PeerFactory, needs_nixl
+from tests.kv_transfer.test_two_processes import (
+    KINDS,
+    LOCAL,
+    PIN,
+    REMOTE,
+    expected,
+    pulled,
+    reader,
+)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -34,20 +44,47 @@ def test_dead_peer_fails_within_timeout(peers: PeerFactory, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_stopped_peer_fails_within_timeout(peers: PeerFactory, kind: str) -> None:
-    """A peer that never answers (SIGSTOP): the pull gives up at its deadline."""
-    peer = peers.start(f"--transport={kind}", PIN)
+    """A peer that never answers (SIGSTOP): the gRPC pull gives up at its deadline. A NIXL
+    READ may instead complete, when UCX moves it without the peer (CMA reads a stopped
+    process's memory): then the bytes must be right. Either way, within the deadline."""
+    peer = peers.start(f"--transport={kind}", "--seed=12", PIN)
 
     async def body() -> None:
         kv_reader, transport = reader(kind)
         await kv_reader.pull(peer.address, REMOTE, LOCAL, "req-1", timeout_s=10)
+        transport.kv.tensor.zero_()
         os.kill(peer.process.pid, signal.SIGSTOP)
         try:
             start = time.monotonic()
-            with pytest.raises(KVTransferError, match=r"deadline|within|DEADLINE_EXCEEDED"):
+            try:
                 await kv_reader.pull(peer.address, REMOTE, LOCAL, "req-1", timeout_s=1.5)
+            except KVTransferError as e:
+                assert re.search(r"deadline|within|DEADLINE_EXCEEDED", str(e)), e
+            else:
+                assert kind == "nixl", "a gRPC pull from a stopped peer cannot succeed"
+                assert pulled(transport) == expected(12, REMOTE)
             assert time.monotonic() - start < 1.5 + 1
         finally:
             os.kill(peer.process.pid, signal.SIGCONT)
+        await transport.close()
+
+    asyncio.run(body())
+
+
+@needs_nixl
+def test_a_nixl_read_past_its_deadline_is_abandoned_and_the_next_one_works(
+    peers: PeerFactory,
+) -> None:
+    peer = peers.start("--transport=nixl", "--seed=13", PIN)
+
+    async def body() -> None:
+        kv_reader, transport = reader("nixl")
+        await kv_reader.pull(peer.address, REMOTE, LOCAL, "req-1", timeout_s=10)
+        transport.kv.tensor.zero_()
+        with pytest.raises(KVTransferError, match="did not finish within"):
+            await kv_reader.pull(peer.address, REMOTE, LOCAL, "req-1", timeout_s=0.0)
+        await kv_reader.pull(peer.address, REMOTE, LOCAL, "req-1", timeout_s=10)
+        assert pulled(transport) == expected(13, REMOTE)
         await transport.close()
 
     asyncio.run(body())
