@@ -104,7 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         metavar="P",
         help="serve Prometheus /metrics (requests, tokens, decisions, limit rejections per "
-        "team and model) on this port (default 0: off)",
+        "team and model) on this port (default 0: off); HTTPS with --tls-cert, and a scraper "
+        "certificate signed by --tls-ca required with it (internal figures: not public)",
     )
     parser.add_argument(
         "--http-port",

@@ -109,7 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=arg_types.port,
         default=0,
         help="serve Prometheus /metrics (TTFT, inter-token latency, retries) on this port "
-        "(default 0: off)",
+        "(default 0: off); HTTPS with the router's --tls-cert, and a scraper certificate "
+        "signed by --tls-ca required with it",
     )
     add_tracing_arg(parser)
     add_service_tls_args(parser)

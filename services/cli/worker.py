@@ -50,7 +50,8 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
         "--metrics-port",
         type=arg_types.port,
         default=0,
-        help="serve Prometheus /metrics on this port (default 0: off)",
+        help="serve Prometheus /metrics on this port (default 0: off); HTTPS with the "
+        "worker's --tls-cert, and a scraper certificate signed by --tls-ca required with it",
     )
     if role == "prefill":
         parser.add_argument(

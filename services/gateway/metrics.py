@@ -34,7 +34,7 @@ import re
 import threading
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 if TYPE_CHECKING:
     from services.gateway.audit import AuditEvent
@@ -174,10 +174,6 @@ class GatewayMetrics:
         """A sample's current value (0 when never incremented); for tests and tools."""
         found = self.registry.get_sample_value(name, labels)
         return 0.0 if found is None else found
-
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        """Serve ``/metrics`` over HTTP on a daemon thread."""
-        start_http_server(port, addr=host, registry=self.registry)
 
 
 METRICS = GatewayMetrics()

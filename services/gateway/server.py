@@ -18,11 +18,13 @@ from services.gateway.call_auth import CallGuard
 from services.gateway.identity import OidcVerifier
 from services.gateway.ledger import Ledger
 from services.gateway.limits import Admission, InProcessAdmission
+from services.gateway.metrics import METRICS
 from services.gateway.openai_http import HttpServer, start_http
 from services.gateway.policy import load_policy
 from services.gateway.service import GatewayService
 from services.gateway.store import Store, open_store
 from services.gateway.usage_service import UsageService
+from services.rpc.metrics_http import MetricsServer, serve_metrics
 from services.rpc.server import RunningServer, Servicer, client_channel, start_server
 from services.rpc.tls import TlsConfig, load, server_ssl_context
 from services.stubs.tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
@@ -56,7 +58,8 @@ class GatewayConfig:
     refuses requests UNAVAILABLE. In-process counters cannot fail, so this is Redis only."""
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` (the metering counters) on this port and ``host``; None
-    or 0: off."""
+    or 0: off. Over TLS with the gateway's cluster identity (``router_tls``): a scraper
+    needs a certificate from the cluster CA when there is one."""
     http_port: int | None = None
     """Serve the OpenAI-compatible HTTP API (``/v1/models``, ``/v1/completions``,
     ``/v1/chat/completions``) on this port; None: off, 0: a free port (``Gateway.http_port``)."""
@@ -81,7 +84,7 @@ class Gateway(RunningServer):
         channel: grpc.aio.Channel,
         verifier: OidcVerifier | None,
         store: Store,
-        metrics_server: Any = None,
+        metrics_server: MetricsServer | None = None,
         redis_client: Any = None,
         http: HttpServer | None = None,
     ) -> None:
@@ -157,7 +160,9 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
     try:
         running = await start_server(servicers, host=config.host, port=config.port, tls=config.tls)
         if config.metrics_port:
-            metrics_server = _serve_metrics(config.metrics_port, config.host)
+            metrics_server = serve_metrics(
+                METRICS.registry, config.metrics_port, config.host, _metrics_tls(config)
+            )
         if config.http_port is not None:
             host = config.http_host or config.host
             ssl_context = server_ssl_context(config.tls) if config.tls is not None else None
@@ -188,21 +193,24 @@ def _admission(config: GatewayConfig) -> tuple[Admission, Any]:
     return RedisAdmission(client, on_store_error=on_error), client
 
 
-def _serve_metrics(port: int, host: str) -> Any:
-    """Serve the metering counters on ``/metrics`` as the router does; returns the server."""
-    from prometheus_client import start_http_server
+def _metrics_tls(config: GatewayConfig) -> TlsConfig | None:
+    """/metrics (usage per team and model) is for the cluster's scraper, not the public: it
+    takes the gateway's cluster identity, so with the cluster CA (--tls-ca) a scraper needs
+    a certificate that CA signed, as on the router and the workers."""
+    internal = config.router_tls
+    if internal is None or internal.cert is None:
+        return config.tls
+    return TlsConfig(
+        internal.cert, internal.key, internal.ca, require_client_auth=internal.ca is not None
+    )
 
-    from services.gateway.metrics import METRICS
 
-    server, _thread = start_http_server(port, addr=host, registry=METRICS.registry)
-    return server
-
-
-def _close_extras(verifier: OidcVerifier | None, metrics_server: Any, redis_client: Any) -> None:
+def _close_extras(
+    verifier: OidcVerifier | None, metrics_server: MetricsServer | None, redis_client: Any
+) -> None:
     if verifier is not None:
         verifier.close()
     if metrics_server is not None:
-        metrics_server.shutdown()
-        metrics_server.server_close()
+        metrics_server.close()
     if redis_client is not None:
         redis_client.close()

@@ -86,7 +86,7 @@ async def start_router(
     registry.add_remove_listener(kv_state.on_worker_removed)
     orchestrator.kv_state = kv_state
     if config.metrics_port:
-        metrics.serve(config.metrics_port, config.host)
+        metrics.serve(config.metrics_port, config.host, config.tls)
     server = await start_server(
         [
             Servicer(

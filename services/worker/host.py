@@ -96,7 +96,7 @@ class WorkerHost:
             servicers(self), self.config.host, self.config.port, tls=self.config.tls
         )
         if self.config.metrics_port:
-            self.metrics.serve(self.config.metrics_port, self.config.host)
+            self.metrics.serve(self.config.metrics_port, self.config.host, self.config.tls)
         if self.config.router:
             self._registration = asyncio.create_task(
                 register_and_heartbeat(

@@ -6,7 +6,10 @@ process without clashing over metric names.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.rpc.metrics_http import serve_metrics
+from services.rpc.tls import TlsConfig
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -55,6 +58,6 @@ class WorkerMetrics:
         self.free_blocks = Gauge("tandem_kv_free_blocks", "Free KV blocks", registry=r)
         self.role = role
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        """Expose /metrics over HTTP on host:port."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1", tls: TlsConfig | None = None) -> None:
+        """Expose /metrics on host:port, over TLS when ``tls`` has a certificate."""
+        serve_metrics(self.registry, port, host, tls)

@@ -7,7 +7,7 @@ test's own (and, for the label shared by every unauthenticated caller, as a diff
 from __future__ import annotations
 
 import asyncio
-import socket
+import dataclasses
 import urllib.request
 import uuid
 from pathlib import Path
@@ -19,7 +19,10 @@ from services.engine.errors import InvalidRequestError
 from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.metrics import METRICS, OVERFLOW, GatewayMetrics, limit_of, reason_class
+from services.gateway.server import GatewayConfig, _metrics_tls
 from services.gateway.store import Store
+from services.rpc.metrics_http import serve_metrics
+from services.rpc.tls import TlsConfig
 from tests.gateway import harness
 from tests.gateway.harness import MODEL, PAUSE, stack
 from tests.gateway.issuer import Issuer
@@ -105,13 +108,29 @@ def test_label_values_are_bounded() -> None:
 def test_metrics_are_served_over_http() -> None:
     m = GatewayMetrics()
     m.settled(_rec("r1"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    m.serve(port)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    server = serve_metrics(m.registry, 0, "127.0.0.1")
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    server.close()
     assert 'tandem_gateway_completion_tokens_total{model="m",team="ml"} 5.0' in text
     assert 'tandem_gateway_requests_total{model="m",outcome="ok",team="ml"} 1.0' in text
+
+
+def test_metrics_take_the_cluster_identity_not_the_public_one(tmp_path: Path) -> None:
+    """Public port: server-auth TLS (callers carry tokens); /metrics: the router-facing
+    certificate and CA, client certificates required (the counters are internal)."""
+    cert, key, ca, public_ca = (tmp_path / n for n in ("c.pem", "k.pem", "ca.pem", "p.pem"))
+    base = GatewayConfig("127.0.0.1:1", tmp_path / "p.toml", store_url="sqlite:x")
+    public = TlsConfig(cert, key)
+    internal = TlsConfig(cert, key, ca)
+    config = dataclasses.replace(base, tls=public, router_tls=internal)
+    assert _metrics_tls(config) == TlsConfig(cert, key, ca, require_client_auth=True)
+    public_mtls = TlsConfig(cert, key, public_ca, require_client_auth=True)
+    config = dataclasses.replace(base, tls=public_mtls, router_tls=internal)
+    assert _metrics_tls(config) == TlsConfig(cert, key, ca, require_client_auth=True)
+    no_cluster_ca = dataclasses.replace(base, tls=public, router_tls=TlsConfig(cert, key))
+    assert _metrics_tls(no_cluster_ca) == TlsConfig(cert, key)
+    assert _metrics_tls(base) is None
 
 
 def test_counter_values_after_real_requests(tmp_path: Path, issuer: Issuer) -> None:

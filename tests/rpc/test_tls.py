@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -13,34 +12,8 @@ import pytest
 
 from services.rpc.server import start_server
 from services.rpc.tls import TlsConfig, TlsError, load, server_ssl_context
-from services.rpc.tls_dev_ca import DevCa
+from tests.rpc.conftest import Pki
 from tests.rpc.health import health_status
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: DevCa
-    server: TlsConfig
-    """The server's leaf, requiring client certificates signed by ``ca``."""
-    client: TlsConfig
-    """A client leaf signed by ``ca`` (trusting ``ca``)."""
-    stranger: TlsConfig
-    """A client leaf signed by another CA, yet trusting ``ca`` for the server."""
-    other_ca: DevCa
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    ca = DevCa.create(tmp_path_factory.mktemp("ca"))
-    other = DevCa.create(tmp_path_factory.mktemp("other-ca"))
-    stranger = other.issue("client")
-    return Pki(
-        ca=ca,
-        server=ca.issue("server"),
-        client=ca.issue("client"),
-        stranger=TlsConfig(stranger.cert, stranger.key, ca.cert),
-        other_ca=other,
-    )
 
 
 def _call(server_tls: TlsConfig | None, client_tls: TlsConfig | None) -> grpc.StatusCode:
