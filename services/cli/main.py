@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from services.cli import bench, gateway, generate, keys, router, up, worker
+from services.cli import bench, gateway, generate, keys, router, tls_ca, up, worker
 from services.engine.errors import TandemError
 
 Register = Callable[[argparse._SubParsersAction], None]
@@ -27,6 +27,7 @@ COMMANDS: tuple[Register, ...] = (
     worker.register,
     gateway.register,
     keys.register,
+    tls_ca.register,
 )
 
 EXIT_USAGE = 2

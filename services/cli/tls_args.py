@@ -6,11 +6,16 @@ signs its peers: with all three the service requires client certificates (mTLS).
 (``generate --target``, ``bench serve``): ``--tls-ca`` verifies the server, ``--tls-cert`` and
 ``--tls-key`` are an optional client certificate. Nothing here reads a file: the services
 check them at start (``services.rpc.tls.load``).
+
+A service's three flags default to $TANDEM_TLS_CERT, $TANDEM_TLS_KEY and $TANDEM_TLS_CA, so a
+deployment can turn TLS on with environment and mounts alone (deploy/compose.tls.yaml) and
+the container's health probe (tandem-health) reads the same three.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 from services.engine.errors import InvalidRequestError
@@ -32,11 +37,22 @@ def add_service_tls_args(
     group.add_argument(
         "--tls-cert",
         metavar="FILE",
+        default=os.environ.get("TANDEM_TLS_CERT") or None,
         help="PEM certificate: serve TLS on this service's port and present it when dialing "
-        "other services (with --tls-key; default: plaintext)",
+        "other services (with --tls-key; default: $TANDEM_TLS_CERT, else plaintext)",
     )
-    group.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    group.add_argument("--tls-ca", metavar="FILE", help=ca_help)
+    group.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=os.environ.get("TANDEM_TLS_KEY") or None,
+        help="PEM private key of --tls-cert (default: $TANDEM_TLS_KEY)",
+    )
+    group.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=os.environ.get("TANDEM_TLS_CA") or None,
+        help=f"{ca_help} (default: $TANDEM_TLS_CA)",
+    )
     return group
 
 

@@ -211,7 +211,7 @@ class LocalCluster:
             [sys.executable, "-m", "services.cli.main", *args],
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=_child_env(),
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children
             preexec_fn=_die_with_parent,
         )
@@ -269,3 +269,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TLS_ENVIRONMENT = ("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA")
+"""Defaults of the services' TLS flags (services/cli/tls_args.py): the launcher passes its
+children's TLS as flags (--tls), so an operator's environment never turns it on half-way."""
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in TLS_ENVIRONMENT}
+    return env | {"PYTHONUNBUFFERED": "1"}

@@ -63,3 +63,33 @@ def test_a_client_with_a_missing_ca_file_is_told_which(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "does not exist" in err
+
+
+def test_service_flags_default_to_the_tandem_tls_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.cli.router import router_config
+
+    monkeypatch.setenv("TANDEM_TLS_CERT", "/tls/router.pem")
+    monkeypatch.setenv("TANDEM_TLS_KEY", "/tls/router-key.pem")
+    monkeypatch.setenv("TANDEM_TLS_CA", "/tls/ca.pem")
+    tls = router_config(_args("router", "--port", "0")).tls
+    assert tls == TlsConfig(
+        Path("/tls/router.pem"), Path("/tls/router-key.pem"), Path("/tls/ca.pem"), True
+    )
+    # A flag still wins over the environment.
+    tls = router_config(_args("router", "--port", "0", "--tls-ca", "other.pem")).tls
+    assert tls is not None and tls.ca == Path("other.pem")
+
+
+def test_the_launcher_keeps_the_tls_environment_from_its_children(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.launcher.local import _child_env
+
+    monkeypatch.setenv("TANDEM_TLS_CERT", "/tls/x.pem")
+    monkeypatch.setenv("TANDEM_TLS_CA", "/tls/ca.pem")
+    monkeypatch.setenv("TANDEM_HOME", "/somewhere")
+    env = _child_env()
+    assert "TANDEM_TLS_CERT" not in env and "TANDEM_TLS_CA" not in env
+    assert env["TANDEM_HOME"] == "/somewhere" and env["PYTHONUNBUFFERED"] == "1"
