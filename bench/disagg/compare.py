@@ -67,13 +67,39 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--num-prompts", type=int, default=40)
-    p.add_argument("--input-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--request-rate", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--goodput", default="ttft_ms=2000,tpot_ms=100")
-    p.add_argument("--out", type=Path, default=Path("bench/disagg"))
+    p.add_argument(
+        "--num-prompts", type=int, default=40, help="requests sent to each cluster (default 40)"
+    )
+    p.add_argument(
+        "--input-len", type=int, default=1024, help="prompt length in tokens (default 1024)"
+    )
+    p.add_argument(
+        "--output-len", type=int, default=64, help="tokens generated per request (default 64)"
+    )
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=1.0,
+        help="mean Poisson arrival rate in requests/s (default 1.0)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the workload (prompts and arrival times), the same for both modes (default 0)",
+    )
+    p.add_argument(
+        "--goodput",
+        default="ttft_ms=2000,tpot_ms=100",
+        help="SLOs a request must meet to count towards goodput; keys ttft_ms, tpot_ms, "
+        "e2e_ms (default ttft_ms=2000,tpot_ms=100)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/disagg"),
+        help="directory for <mode>.json, <mode>.png and summary.md (default bench/disagg)",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {mode: run_mode(mode, args) for mode in MODES}

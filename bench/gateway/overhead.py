@@ -567,7 +567,12 @@ def instant_phase(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=500)
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=500,
+        help="rounds of the burst and instant-upstream latency phases, one request per path each, after 20 warm-up rounds (default 500)",
+    )
     parser.add_argument(
         "--paced-pairs", type=int, default=150, help="rounds of the paced-token phase"
     )
@@ -577,10 +582,30 @@ def main() -> None:
         default=10.0,
         help="inter-token latency of the paced phase's decode worker (default 10)",
     )
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--profile", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/gateway/results.json")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        help="seconds each throughput run drives its target (default 10)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="closed-loop clients in the throughput runs (default 64)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="run the full gateway's throughput run under cProfile and write its top functions by cumulative and internal time to this file (default: no profile)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench/gateway/results.json",
+        help="where to write the results JSON (default bench/gateway/results.json)",
+    )
     args = parser.parse_args()
     _pin(_other_cores())  # the clients stay off the gateway's core
 

@@ -90,20 +90,58 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--groups", type=int, default=16)
-    p.add_argument("--per-group", type=int, default=8)
-    p.add_argument("--prefix-len", type=int, default=1024)
-    p.add_argument("--suffix-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--request-rate", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policies", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=16,
+        help="prompt groups, each sharing one system prefix (default 16)",
+    )
+    p.add_argument("--per-group", type=int, default=8, help="prompts per group (default 8)")
+    p.add_argument(
+        "--prefix-len",
+        type=int,
+        default=1024,
+        help="tokens of each group's shared prefix (default 1024)",
+    )
+    p.add_argument(
+        "--suffix-len",
+        type=int,
+        default=64,
+        help="tokens of each prompt's own suffix after the prefix (default 64)",
+    )
+    p.add_argument(
+        "--output-len", type=int, default=32, help="tokens generated per request (default 32)"
+    )
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=2.0,
+        help="mean Poisson arrival rate in requests/s (default 2.0)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the workload (prompts and arrival times), the same for every policy (default 0)",
+    )
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="variants to run, one fresh cluster each (default: all)",
+    )
     p.add_argument(
         "--reuse",
         action="store_true",
         help="read the JSON of variants not run now from --out instead of skipping them",
     )
-    p.add_argument("--out", type=Path, default=Path("bench/kv_routing"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/kv_routing"),
+        help="directory for <policy>.json, <policy>.png and summary.md (default bench/kv_routing)",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}

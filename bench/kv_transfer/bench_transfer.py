@@ -311,10 +311,27 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt-tokens", type=int, default=2048)
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=2048,
+        help="tokens of tandem-tiny KV moved per transfer, in blocks of 16 (default 2048: 16 MiB)",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=30,
+        help="timed repetitions per method and order; figures are their median (default 30)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed repetitions before the timed ones (default 3)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random KV bytes the peer holds (default 0)"
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument(
         "--device",

@@ -144,13 +144,30 @@ def values_bytes(values) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workers", type=int, default=1000)
-    ap.add_argument("--prefixes", type=int, default=10_000)
-    ap.add_argument("--depth", type=int, default=100)
-    ap.add_argument("--lookups", type=int, default=20_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-tracemalloc", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    ap.add_argument("--workers", type=int, default=1000, help="simulated workers (default 1000)")
+    ap.add_argument(
+        "--prefixes", type=int, default=10_000, help="distinct prefixes indexed (default 10000)"
+    )
+    ap.add_argument(
+        "--depth", type=int, default=100, help="blocks per prefix, 16 tokens each (default 100)"
+    )
+    ap.add_argument(
+        "--lookups", type=int, default=20_000, help="timed longest_prefix requests (default 20000)"
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the simulated cluster and requests (default 0)"
+    )
+    ap.add_argument(
+        "--no-tracemalloc",
+        action="store_true",
+        help="skip the second, tracemalloc-traced build that cross-checks bytes per entry",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).with_name("results.json"),
+        help="where to write the results JSON (default results.json beside this script)",
+    )
     args = ap.parse_args()
     t_start = time.perf_counter()
     rng = random.Random(args.seed)

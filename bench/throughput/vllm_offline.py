@@ -26,12 +26,26 @@ def prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("model")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json")
+    p.add_argument("model", help="model directory (or Hugging Face id) for vLLM to load")
+    p.add_argument(
+        "--num-prompts", type=int, default=32, help="prompts to generate for (default 32)"
+    )
+    p.add_argument(
+        "--input-len", type=int, default=512, help="prompt length in tokens (default 512)"
+    )
+    p.add_argument(
+        "--output-len",
+        type=int,
+        default=128,
+        help="tokens generated per prompt, EOS ignored (default 128)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random prompt token ids, as in tandem bench throughput (default 0)",
+    )
+    p.add_argument("--json", help="also write the result JSON to this file (default: stdout only)")
     args = p.parse_args()
     from vllm import LLM, SamplingParams, TokensPrompt
 
