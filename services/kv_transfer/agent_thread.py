@@ -129,38 +129,33 @@ class AgentThread:
         except Exception as e:
             _settle(done, exception=e)
             return
+        # Over shared memory (CMA) the copy happens inside the post: most host transfers
+        # end here. On a GPU the post queues CUDA IPC copies that end a little later.
+        if self._step(handle, done, self._agent.transfer):
+            self._watched.append((handle, done))
+
+    def _check_watched(self) -> None:
+        check = self._agent.check_xfer_state
+        self._watched = [(h, done) for h, done in self._watched if self._step(h, done, check)]
+
+    def _step(self, handle: Any, done: Future[str], call: Callable[[Any], str]) -> bool:
+        """Post or check the transfer with ``call``: True while it is in flight. Otherwise
+        (ended, failed, or abandoned by its owner) its handle is released, then its future
+        settled."""
+        if done.cancelled():
+            self._release(handle)
+            return False
         try:
-            state = self._agent.transfer(handle)
+            state = call(handle)
         except Exception as e:
             self._release(handle)
             _settle(done, exception=e)
-            return
-        # Over shared memory (CMA) the copy happens inside the post: most host transfers
-        # end here. On a GPU the post queues CUDA IPC copies that end a little later.
+            return False
         if state == "PROC":
-            self._watched.append((handle, done))
-        else:
-            self._release(handle)
-            _settle(done, result=state)
-
-    def _check_watched(self) -> None:
-        still = []
-        for handle, done in self._watched:
-            if done.cancelled():
-                self._release(handle)
-                continue
-            try:
-                state = self._agent.check_xfer_state(handle)
-            except Exception as e:
-                self._release(handle)
-                _settle(done, exception=e)
-                continue
-            if state == "PROC":
-                still.append((handle, done))
-            else:
-                self._release(handle)
-                _settle(done, result=state)
-        self._watched = still
+            return True
+        self._release(handle)
+        _settle(done, result=state)
+        return False
 
     def _release(self, handle: Any) -> None:
         try:
