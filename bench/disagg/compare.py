@@ -86,7 +86,8 @@ def main() -> int:
         "--seed",
         type=int,
         default=0,
-        help="seed of the workload (prompts and arrival times), the same for both modes (default 0)",
+        help="seed of the workload (prompts and arrival times), the same for both modes "
+        "(default 0)",
     )
     p.add_argument(
         "--goodput",

@@ -571,7 +571,8 @@ def main() -> None:
         "--pairs",
         type=int,
         default=500,
-        help="rounds of the burst and instant-upstream latency phases, one request per path each, after 20 warm-up rounds (default 500)",
+        help="rounds of the burst and instant-upstream latency phases, one request per path "
+        "each, after 20 warm-up rounds (default 500)",
     )
     parser.add_argument(
         "--paced-pairs", type=int, default=150, help="rounds of the paced-token phase"
@@ -598,7 +599,8 @@ def main() -> None:
         "--profile",
         type=Path,
         default=None,
-        help="run the full gateway's throughput run under cProfile and write its top functions by cumulative and internal time to this file (default: no profile)",
+        help="run the full gateway's throughput run under cProfile and write its top functions "
+        "by cumulative and internal time to this file (default: no profile)",
     )
     parser.add_argument(
         "--out",

@@ -122,7 +122,8 @@ def main() -> int:
         "--seed",
         type=int,
         default=0,
-        help="seed of the workload (prompts and arrival times), the same for every policy (default 0)",
+        help="seed of the workload (prompts and arrival times), the same for every policy "
+        "(default 0)",
     )
     p.add_argument(
         "--policies",

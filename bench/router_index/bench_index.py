@@ -16,7 +16,7 @@ walk, cross-checked with tracemalloc on a second build), build time,
 ``remove_worker`` time, the cost of hashing a 128-block prompt (for context),
 and int bitsets against frozensets as the holder representation.
 
-    /work/venv/bin/python bench/router_index/bench_index.py [--quick]
+    python bench/router_index/bench_index.py [--workers N] [--no-tracemalloc]
 """
 
 from __future__ import annotations
