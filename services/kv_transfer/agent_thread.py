@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,18 @@ WATCH_INTERVAL_S = 0.00002
 """How often a transfer in flight is checked (only while one is: it keeps the thread busy)."""
 
 _Job = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One transfer run by :meth:`AgentThread.transfer`."""
+
+    state: Future[str]
+    """Its final state (``DONE``/``ERR``), set after its handle is released; cancel it to
+    abandon the transfer."""
+    released: Future[None]
+    """Set once nothing of it can write local memory any more: its handle released, or
+    never made."""
 
 
 class AgentThread:
@@ -54,7 +67,7 @@ class AgentThread:
         self._initializer = initializer
         self._interval = progress_interval_s
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._watched: list[tuple[Any, Future[str]]] = []  # only touched on the thread
+        self._watched: list[tuple[Any, Transfer]] = []  # only touched on the thread
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -70,17 +83,19 @@ class AgentThread:
         self._jobs.put((future, fn, args))
         return future
 
-    def transfer(self, make_handle: Callable[[], Any]) -> Future[str]:
+    def transfer(self, make_handle: Callable[[], Any]) -> Transfer:
         """Run one transfer on the thread: ``make_handle()`` builds its handle, the thread
-        posts it, watches it and releases it. The future resolves, after the release, with
-        the final state (``DONE`` or ``ERR``), or with the exception a NIXL call raised.
+        posts it, watches it and releases it. ``Transfer.state`` resolves, after the
+        release, with the final state (``DONE`` or ``ERR``), or with the exception a NIXL
+        call raised.
 
-        Cancel the future to abandon the transfer: a transfer not yet made is never made,
-        one in flight is released (NIXL aborts it) at the thread's next check.
+        Cancel ``state`` to abandon the transfer: one not yet made is never made, one in
+        flight is released (NIXL aborts it) at the thread's next check; ``released`` says
+        when, after which its local memory is no longer written.
         """
-        done: Future[str] = Future()
-        self.submit(self._start, make_handle, done)
-        return done
+        transfer = Transfer(Future(), Future())
+        self.submit(self._start, make_handle, transfer)
+        return transfer
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Finish the calls already submitted, then end the thread (waits up to
@@ -107,9 +122,9 @@ class AgentThread:
                 pass
             else:
                 if job is None:
-                    for handle, done in self._watched:
-                        done.cancel()
-                        self._release(handle)
+                    for handle, transfer in self._watched:
+                        transfer.state.cancel()
+                        self._release(handle, transfer)
                     return
                 self._execute(*job)
                 # The call itself progressed the agent: no tick right behind it, holding
@@ -121,49 +136,52 @@ class AgentThread:
                 self._progress()
                 last_progress = time.monotonic()
 
-    def _start(self, make_handle: Callable[[], Any], done: Future[str]) -> None:
-        if done.cancelled():  # abandoned before its turn came
+    def _start(self, make_handle: Callable[[], Any], transfer: Transfer) -> None:
+        if transfer.state.cancelled():  # abandoned before its turn came
+            _settle(transfer.released, None)
             return
         try:
             handle = make_handle()
         except Exception as e:
-            _settle(done, exception=e)
+            _settle(transfer.released, None)
+            _settle(transfer.state, exception=e)
             return
         # Over shared memory (CMA) the copy happens inside the post: most host transfers
         # end here. On a GPU the post queues CUDA IPC copies that end a little later.
-        if self._step(handle, done, self._agent.transfer):
-            self._watched.append((handle, done))
+        if self._step(handle, transfer, self._agent.transfer):
+            self._watched.append((handle, transfer))
 
     def _check_watched(self) -> None:
         check = self._agent.check_xfer_state
-        self._watched = [(h, done) for h, done in self._watched if self._step(h, done, check)]
+        self._watched = [(h, t) for h, t in self._watched if self._step(h, t, check)]
 
-    def _step(self, handle: Any, done: Future[str], call: Callable[[Any], str]) -> bool:
+    def _step(self, handle: Any, transfer: Transfer, call: Callable[[Any], str]) -> bool:
         """Post or check the transfer with ``call``: True while it is in flight. Otherwise
-        (ended, failed, or abandoned by its owner) its handle is released, then its future
+        (ended, failed, or abandoned by its owner) its handle is released, then its state
         settled."""
-        if done.cancelled():
-            self._release(handle)
+        if transfer.state.cancelled():
+            self._release(handle, transfer)
             return False
         try:
             state = call(handle)
         except Exception as e:
-            self._release(handle)
-            _settle(done, exception=e)
+            self._release(handle, transfer)
+            _settle(transfer.state, exception=e)
             return False
         if state == "PROC":
             return True
-        self._release(handle)
-        _settle(done, result=state)
+        self._release(handle, transfer)
+        _settle(transfer.state, state)
         return False
 
-    def _release(self, handle: Any) -> None:
+    def _release(self, handle: Any, transfer: Transfer) -> None:
         try:
             self._agent.release_xfer_handle(handle)
         except Exception as e:
             # NIXL could not cancel it: the local blocks may still change. Callers treat
             # them as garbage after a failed transfer anyway (they are freed, not read).
             log.error("releasing a NIXL transfer handle failed: %s", e)
+        _settle(transfer.released, None)
 
     @staticmethod
     def _execute(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -183,14 +201,12 @@ class AgentThread:
             log.warning("NIXL progress failed: %s", e)
 
 
-def _settle(
-    done: Future[str], result: str | None = None, exception: Exception | None = None
-) -> None:
-    """Resolve a watch unless its owner cancelled it meanwhile."""
+def _settle(future: Future[Any], result: Any = None, exception: Exception | None = None) -> None:
+    """Resolve ``future`` unless its owner cancelled it meanwhile."""
     try:
         if exception is not None:
-            done.set_exception(exception)
+            future.set_exception(exception)
         else:
-            done.set_result(result or "ERR")
+            future.set_result(result)
     except InvalidStateError:  # cancelled by the owner between the check and now
         pass

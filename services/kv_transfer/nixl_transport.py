@@ -29,7 +29,7 @@ import numpy as np
 
 from services.engine.kv_cache import KVCache
 from services.kv_transfer import layout as kv_layout
-from services.kv_transfer.agent_thread import PROGRESS_INTERVAL_S, AgentThread
+from services.kv_transfer.agent_thread import PROGRESS_INTERVAL_S, AgentThread, Transfer
 from services.kv_transfer.errors import IncompatiblePeerError, KVTransferError
 from services.kv_transfer.grpc_transport import GrpcTransport
 from services.kv_transfer.transport import HandshakePayload, KVTransport, PeerInfo
@@ -37,6 +37,9 @@ from services.rpc.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+RELEASE_TIMEOUT_S = 1.0
+"""How long an abandoned pull waits for its transfer handle to be released."""
 
 
 @functools.cache
@@ -86,6 +89,17 @@ def thread_initializer(kv: KVCache) -> Callable[[], None] | None:
     import torch
 
     return functools.partial(torch.cuda.set_device, device)
+
+
+async def _until_released(transfer: Transfer, what: str) -> None:
+    """Wait (a bounded while) until an abandoned READ can no longer write our blocks: the
+    caller frees them next, and another request may get them."""
+    try:
+        await asyncio.wait_for(
+            asyncio.shield(asyncio.wrap_future(transfer.released)), RELEASE_TIMEOUT_S
+        )
+    except TimeoutError:
+        log.error("%s: abandoned, and its handle not released within %ss", what, RELEASE_TIMEOUT_S)
 
 
 def memory_type(kv: KVCache) -> tuple[str, int]:
@@ -221,19 +235,21 @@ class NixlTransport(KVTransport):
         remote[:, 2] = peer.device_id
         read = functools.partial(self._make_read, local, remote, peer.memory_type, peer.nixl_agent)
         try:
-            done = self._thread.transfer(read)
+            transfer = self._thread.transfer(read)
         except RuntimeError as e:  # the agent thread has stopped (closing)
             raise KVTransferError(f"{what}: {e}") from None
         try:
             state = await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(done)), max(0.0, deadline - time.monotonic())
+                asyncio.shield(asyncio.wrap_future(transfer.state)),
+                max(0.0, deadline - time.monotonic()),
             )
         except TimeoutError:
             raise KVTransferError(f"{what} did not finish within {timeout_s:.3g} s") from None
         except Exception as e:
             raise KVTransferError(f"{what} failed: {type(e).__name__}: {e}") from None
         finally:
-            done.cancel()  # abandoned (deadline, caller cancelled): the thread releases it
+            if transfer.state.cancel():  # abandoned (deadline, caller cancelled)
+                await _until_released(transfer, what)
         if state != "DONE":
             raise KVTransferError(f"{what} failed: NIXL reported {state}")
         return int(offsets[:, 2].sum())

@@ -78,7 +78,9 @@ def test_idle_thread_progresses_then_stops() -> None:
 def test_a_transfer_done_at_its_post_is_released_before_its_future_resolves() -> None:
     agent = FakeAgent({"h1": ["DONE"]})
     thread = AgentThread(agent, "nixl-xfer")
-    assert thread.transfer(lambda: "h1").result(timeout=5) == "DONE"
+    transfer = thread.transfer(lambda: "h1")
+    assert transfer.state.result(timeout=5) == "DONE"
+    assert transfer.released.done()  # released first, then the state was set
     assert agent.calls == [("transfer", "h1"), ("release", "h1")]
     thread.stop()
 
@@ -87,7 +89,7 @@ def test_a_transfer_in_flight_is_checked_until_it_ends_then_released() -> None:
     agent = FakeAgent({"h1": ["PROC", "PROC", "PROC", "DONE"], "h2": ["PROC", "ERR"]})
     thread = AgentThread(agent, "nixl-xfer")
     first, second = thread.transfer(lambda: "h1"), thread.transfer(lambda: "h2")
-    assert (first.result(timeout=5), second.result(timeout=5)) == ("DONE", "ERR")
+    assert (first.state.result(timeout=5), second.state.result(timeout=5)) == ("DONE", "ERR")
     thread.stop()
     h1 = [call for call, handle in agent.calls if handle == "h1"]
     assert h1 == ["transfer", "check", "check", "check", "release"]
@@ -101,13 +103,13 @@ def test_a_transfer_in_flight_is_checked_until_it_ends_then_released() -> None:
 def test_an_abandoned_transfer_is_released_on_the_thread() -> None:
     agent = FakeAgent({"h1": ["PROC"]})  # never ends by itself
     thread = AgentThread(agent, "nixl-xfer")
-    done = thread.transfer(lambda: "h1")
+    transfer = thread.transfer(lambda: "h1")
     deadline = time.monotonic() + 5
     while ("check", "h1") not in agent.calls and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert done.cancel()
-    thread.submit(lambda: None).result(timeout=5)  # one more turn of the thread
-    time.sleep(0.01)
+    assert not transfer.released.done()
+    assert transfer.state.cancel()
+    transfer.released.result(timeout=5)  # the owner can wait for this before reusing memory
     assert agent.calls[-1] == ("release", "h1")
     assert agent.calls.count(("release", "h1")) == 1
     thread.stop()
@@ -119,9 +121,10 @@ def test_a_transfer_cancelled_before_its_turn_is_never_made() -> None:
     gate = threading.Event()
     thread.submit(gate.wait, 5)
     made: list[str] = []
-    done = thread.transfer(lambda: made.append("h1") or "h1")
-    assert done.cancel()
+    transfer = thread.transfer(lambda: made.append("h1") or "h1")
+    assert transfer.state.cancel()
     gate.set()
+    transfer.released.result(timeout=5)  # nothing was made, so nothing to wait for
     thread.stop()
     assert made == [] and agent.calls == []
 
@@ -134,11 +137,11 @@ def test_failures_reach_the_future_and_a_posted_handle_is_still_released() -> No
         raise ValueError("bad descriptors")
 
     with pytest.raises(ValueError, match="bad descriptors"):
-        thread.transfer(no_handle).result(timeout=5)
+        thread.transfer(no_handle).state.result(timeout=5)
     with pytest.raises(RuntimeError, match="NIXL failed on h1"):
-        thread.transfer(lambda: "h1").result(timeout=5)
+        thread.transfer(lambda: "h1").state.result(timeout=5)
     with pytest.raises(RuntimeError, match="NIXL failed on h2"):
-        thread.transfer(lambda: "h2").result(timeout=5)
+        thread.transfer(lambda: "h2").state.result(timeout=5)
     thread.stop()
     assert agent.calls.count(("release", "h1")) == 1
     assert agent.calls.count(("release", "h2")) == 1
@@ -147,12 +150,12 @@ def test_failures_reach_the_future_and_a_posted_handle_is_still_released() -> No
 def test_stopping_releases_transfers_still_in_flight() -> None:
     agent = FakeAgent({"h1": ["PROC"]})
     thread = AgentThread(agent, "nixl-xfer")
-    done = thread.transfer(lambda: "h1")
+    transfer = thread.transfer(lambda: "h1")
     deadline = time.monotonic() + 5
     while ("check", "h1") not in agent.calls and time.monotonic() < deadline:
         time.sleep(0.001)
     thread.stop()
-    assert done.cancelled()
+    assert transfer.state.cancelled() and transfer.released.done()
     assert agent.calls[-1] == ("release", "h1")
 
 
