@@ -151,7 +151,8 @@ class Reply:
     code: grpc.StatusCode = grpc.StatusCode.OK
     details: str = ""
     request_id: str = ""
-    """The gateway's id for the call (initial metadata ``x-request-id``): the ledger's key."""
+    """The gateway's id for the call (trailing metadata ``x-request-id``, or the messages'
+    ``request_id``): the ledger's key."""
 
     @property
     def tokens(self) -> int:
@@ -189,6 +190,13 @@ class Stack:
         for g in self.gateways:
             g.service.pipeline.settler.wait()
 
+    async def id_of(self, principal: str, own_id: str) -> str:
+        """The gateway's id of ``principal``'s one call with client id ``own_id``, once its
+        row is written: how a client that cancelled (no status, no trailer) finds it."""
+        await until(lambda: len(self.ledger.find(principal, own_id)) == 1)
+        (row,) = self.ledger.find(principal, own_id)
+        return row.request_id
+
     async def generate(
         self,
         credential: str | None,
@@ -209,7 +217,7 @@ class Stack:
         reply = Reply()
         if cancel_when is not None:
             # Cancelled before its first message, the client never learns the gateway's
-            # id (it comes with the first message): tests find the row with Ledger.find.
+            # id (it comes on the messages and the status): tests use Ledger.find.
             await asyncio.wait_for(cancel_when.wait(), timeout)
             call.cancel()
             reply.code = grpc.StatusCode.CANCELLED
@@ -223,17 +231,28 @@ class Stack:
                     break
         except grpc.aio.AioRpcError as err:
             reply.code, reply.details = err.code(), err.details() or ""
-        reply.request_id = await gateway_id(call)
+        reply.request_id = await gateway_id(call, reply, own_id=str(fields.get("request_id", "")))
         return reply
 
 
-async def gateway_id(call: grpc.aio.UnaryStreamCall) -> str:
-    """The gateway's id for ``call``: metadata ``x-request-id``, initial (with the first
-    message) or, for a call refused before any message, trailing."""
-    ids = [str(v) for k, v in await call.initial_metadata() or () if k == "x-request-id"]
+async def gateway_id(
+    call: grpc.aio.UnaryStreamCall, reply: Reply | None = None, own_id: str = ""
+) -> str:
+    """The gateway's id for ``call``: trailing metadata ``x-request-id`` of a call that ended
+    with a status; for one the client cancelled, the messages' ``request_id`` when the
+    client chose no id of its own (the messages carry the gateway's), else "" (unknown to
+    the client: its row is found by its own id, ``Ledger.find``)."""
+    initial = [k for k, _ in await call.initial_metadata() or () if k == "x-request-id"]
+    assert not initial, "x-request-id travels in trailing metadata only"
+    ids = [str(v) for k, v in await call.trailing_metadata() or () if k == "x-request-id"]
+    messages = reply.messages if reply is not None else []
+    if not ids and own_id:
+        return ""
     if not ids:
-        ids = [str(v) for k, v in await call.trailing_metadata() or () if k == "x-request-id"]
+        ids = sorted({m.request_id for m in messages})
     assert len(ids) == 1, ids
+    if not own_id and messages:  # the messages carry the same id as the trailer
+        assert {m.request_id for m in messages} == set(ids)
     return ids[0]
 
 

@@ -114,7 +114,8 @@ async def _send(s: Stack, issuer: Issuer, plan: Plan, gate: asyncio.Semaphore) -
         assert {m.request_id for m in reply.messages} == {plan.request_id}  # the client's id
         if plan.kind == "cancel":
             assert (reply.code, reply.tokens) == (grpc.StatusCode.CANCELLED, 1 + plan.pause)
-            return reply.request_id
+            assert reply.request_id == ""  # no status, no trailer: found by its own id
+            return ""
         assert (reply.code, reply.tokens) == (grpc.StatusCode.OK, plan.max_tokens)
         assert reply.final is not None
         usage = reply.final.usage
@@ -165,12 +166,16 @@ def test_ledger_sums_equal_what_clients_were_served(
             assert got == {k: v for k, v in expected.items() if k in got}
             assert all(v == [0, 0] for k, v in expected.items() if k not in got)
             served = [i for i in ids if i]
-            assert len(set(served)) == len(served) == len(settled)  # one gateway id per call
+            completed = [p for p in plans if p.kind == "complete"]
+            assert len(set(served)) == len(served) == len(completed)  # one gateway id per call
             for p, request_id in zip(plans, ids, strict=True):  # and request by request
                 if p.kind == "early":
                     rows = s.ledger.find(f"user-{p.team}", p.request_id)
                     assert all((r.prompt_tokens, r.completion_tokens) == (0, 0) for r in rows)
                     continue
+                if p.kind == "cancel":  # the client's own id finds the one row
+                    (row,) = s.ledger.find(f"user-{p.team}", p.request_id)
+                    request_id = row.request_id
                 row = s.ledger.get(request_id)
                 assert row is not None, p
                 assert row.client_request_id == p.request_id
@@ -273,10 +278,10 @@ def test_tenants_sending_the_same_id_concurrently_are_metered_apart(
             for reply in replies:
                 assert (reply.code, reply.tokens) == (grpc.StatusCode.CANCELLED, 3)
                 assert {m.request_id for m in reply.messages} == {"dup"}
-            assert replies[0].request_id != replies[1].request_id
-            await harness.until(lambda: all(s.ledger.get(r.request_id) for r in replies))
-            for team, reply in zip(teams, replies, strict=True):
-                row = s.ledger.get(reply.request_id)
+            ids = [await s.id_of(f"user-{team}", "dup") for team in teams]
+            assert ids[0] != ids[1]
+            for team, request_id in zip(teams, ids, strict=True):
+                row = s.ledger.get(request_id)
                 assert row is not None
                 assert (row.principal, row.team, row.client_request_id) == (
                     f"user-{team}",

@@ -86,6 +86,7 @@ def test_a_cancelled_stream_settles_once_with_the_tokens_produced(
             )
             assert reply.code == grpc.StatusCode.CANCELLED
             assert reply.tokens == 4
+            reply.request_id = await s.id_of("ann", "c1")
             await _settled(s, reply.request_id)
             row = s.ledger.get(reply.request_id)
             assert row is not None and row.client_request_id == "c1"
