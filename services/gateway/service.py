@@ -11,8 +11,8 @@ id the router sees). The caller finds it on every message (``request_id``) unles
 id of its own, which is then kept for correlation only and stays the id on the messages it
 receives (see :class:`CallInfo`); and in the trailing metadata ``x-request-id`` of every call
 that ends with a status, served or refused. Not in initial metadata: headers of their own are
-one more batch on the call, measured at ~0.3 ms of the gateway's ~2 ms
-(bench/gateway/README.md), while trailing metadata travels with the status. A call the client
+one more batch on the call (~0.2 ms of the gateway's ~2 ms on average,
+bench/gateway/README.md), while trailing metadata travels with the status. A call the client
 cancels, having chosen its own id, is found by that id (``Ledger.find``).
 """
 
