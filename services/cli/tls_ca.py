@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     owners = _owners(args.owner, args.names)
     validity = datetime.timedelta(days=args.days)
     ca = DevCa(args.dir)
-    if args.renew or not ca.cert.exists():
+    if args.renew or not (ca.cert.exists() and ca.key.exists()):
         ca = DevCa.create(args.dir, validity)
         print(f"new CA {ca.cert}")
     for name in args.names:
@@ -65,12 +65,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"kept {cert}")
         if (uid := owners.get(name)) is not None:
-            for path in (cert, key):
-                os.chown(path, uid, -1)
+            _chown(uid, cert, key)
     if owners:
         args.dir.chmod(0o755)  # others enter; every key stays 0600 to its owner
         ca.cert.chmod(0o644)
     return 0
+
+
+def _chown(uid: int, *paths: Path) -> None:
+    try:
+        for path in paths:
+            os.chown(path, uid, -1)
+    except PermissionError:
+        raise InvalidRequestError(
+            "--owner", f"changing the owner of {paths[0]} needs root: run as root or drop --owner"
+        ) from None
 
 
 def _owners(values: list[str], names: list[str]) -> dict[str, int]:

@@ -36,6 +36,10 @@ def test_a_second_run_keeps_what_is_there_and_adds_names(tmp_path: Path) -> None
     assert (tmp_path / "ca.pem").read_bytes() == ca
     assert (tmp_path / "router.pem").read_bytes() == router
     assert (tmp_path / "gateway-1.pem").exists()
+    (tmp_path / "ca-key.pem").unlink()  # a CA without its key cannot sign: a new one
+    assert main(["tls-dev-ca", "--dir", str(tmp_path), "router", "decode-1"]) == 0
+    assert (tmp_path / "ca.pem").read_bytes() != ca
+    ca = (tmp_path / "ca.pem").read_bytes()
     assert main(["tls-dev-ca", "--dir", str(tmp_path), "--renew", "router"]) == 0
     assert (tmp_path / "ca.pem").read_bytes() != ca
     assert (tmp_path / "router.pem").read_bytes() != router

@@ -6,7 +6,6 @@ import http.client
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +26,6 @@ def registry() -> CollectorRegistry:
     return r
 
 
-@pytest.fixture
-def served(registry: CollectorRegistry, request: pytest.FixtureRequest) -> Iterator[MetricsServer]:
-    server = serve_metrics(registry, 0, "127.0.0.1", request.param)
-    yield server
-    server.close()
-
-
 def scrape(server: MetricsServer, scheme: str, client: ssl.SSLContext | None = None) -> str:
     url = f"{scheme}://127.0.0.1:{server.port}/metrics"
     with urllib.request.urlopen(url, timeout=5, context=client) as page:
@@ -51,10 +43,13 @@ def server_auth(pki: Pki) -> TlsConfig:
     return TlsConfig(pki.server.cert, pki.server.key, pki.ca.cert)
 
 
-@pytest.mark.parametrize("served", [None], indirect=True)
-def test_without_tls_metrics_are_plain_http(served: MetricsServer) -> None:
-    assert served.scheme == "http"
-    assert "tandem_test_scrapes_total 3.0" in scrape(served, "http")
+def test_without_tls_metrics_are_plain_http(registry: CollectorRegistry) -> None:
+    served = serve_metrics(registry, 0, "127.0.0.1")
+    try:
+        assert served.scheme == "http"
+        assert "tandem_test_scrapes_total 3.0" in scrape(served, "http")
+    finally:
+        served.close()
 
 
 def test_with_a_certificate_metrics_are_https_only(pki: Pki, registry: CollectorRegistry) -> None:
