@@ -31,7 +31,17 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
         metavar="DIR|tandem-tiny",
         help="model to serve: a Hugging Face-format directory or 'tandem-tiny' (default)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on and advertise")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0: every interface); also advertised without --advertise",
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="name the router and other workers dial this worker at, registered with the "
+        "router (default: --host); with TLS, a name in this worker's certificate",
+    )
     parser.add_argument(
         "--port", type=arg_types.port, default=0, help="gRPC port (default 0: pick a free one)"
     )
@@ -82,6 +92,7 @@ def _handler(role: str) -> Callable[[argparse.Namespace], int]:
         config = WorkerConfig(
             model=args.model,
             host=args.host,
+            advertise=args.advertise,
             port=args.port,
             router=args.router,
             worker_id=args.worker_id,

@@ -34,7 +34,13 @@ class WorkerConfig:
     model: str = "tandem-tiny"
     """Model name or Hugging Face directory to serve."""
     host: str = "127.0.0.1"
-    """Address to listen on and to advertise to the router and peers."""
+    """Address to listen on (gRPC and /metrics); also the advertised one when ``advertise``
+    is None."""
+    advertise: str | None = None
+    """Host name or address the router and peer workers dial this worker at: registered with
+    the router, which hands it to peers for KV reads. None: ``host``. Set it when ``host`` is
+    a wildcard (0.0.0.0) or when TLS peers must verify a name the certificate holds: a
+    Kubernetes pod's certificate can name its stable DNS name, never its IP."""
     port: int = 0
     """gRPC port; 0 picks a free one."""
     router: str | None = None
@@ -77,9 +83,10 @@ class WorkerHost:
 
     @property
     def address(self) -> str:
+        """host:port others reach this worker at (the advertised name, the bound port)."""
         if self.server is None:
             raise RuntimeError("the worker has not started")
-        return f"{self.config.host}:{self.server.port}"
+        return f"{self.config.advertise or self.config.host}:{self.server.port}"
 
     async def start(self, servicers: Callable[[WorkerHost], list[Servicer]]) -> None:
         """Load the model, start the engine thread and the server, then register and
@@ -116,11 +123,12 @@ class WorkerHost:
                 )
             )
         log.info(
-            "%s worker %s serving %s on %s",
+            "%s worker %s serving %s on %s (listening on %s)",
             self.metrics.role,
             self.worker_id,
             self.config.model,
             self.address,
+            self.config.host,
         )
 
     def registration(self) -> wpb.RegisterRequest:
