@@ -171,7 +171,11 @@ def paired_spans(
     Consecutive pairs whose ids both go up by one form a run; each run is one span per
     plane, so a run of consecutive blocks costs ``2 * num_layers`` descriptors however long
     it is. Order: run by run, plane by plane (a transfer's descriptors need no other order).
-    Computed with numpy: it sits on every pull's path.
+
+    It sits on every pull's path, so it is a short chain of numpy calls (about 30 µs here
+    for any prompt length): the ids are checked per run (a run's ids rise by one, so the
+    pool's bounds and overlaps between runs say it all), and only a failing check walks
+    the ids one by one, to name the bad block.
     """
     if len(local_ids) != len(remote_ids):
         raise InvalidRequestError(
@@ -179,19 +183,45 @@ def paired_spans(
             f"has {len(local_ids)} ids but remote_block_ids has {len(remote_ids)}",
         )
     check_same_geometry(local_layout, remote_layout)
+    if len(local_ids) == 0:
+        return np.empty((0, 3), dtype=np.int64)
     local = np.asarray(local_ids, dtype=np.int64)
     remote = np.asarray(remote_ids, dtype=np.int64)
-    check_block_ids(local_layout, local, "local_block_ids")
-    check_block_ids(remote_layout, remote, "remote_block_ids")
-    if local.size == 0:
-        return np.empty((0, 3), dtype=np.int64)
+    starts, counts = _runs(local, remote)
+    local_starts, remote_starts = local[starts], remote[starts]
+    if not _valid_runs(local_layout, local_starts, counts):
+        check_block_ids(local_layout, local, "local_block_ids")
+    if not _valid_runs(remote_layout, remote_starts, counts):
+        check_block_ids(remote_layout, remote, "remote_block_ids")
     span = span_bytes(local_layout)
-    breaks = (np.diff(local) != 1) | (np.diff(remote) != 1)
-    starts = np.flatnonzero(np.concatenate(([True], breaks)))
-    counts = np.diff(np.append(starts, local.size))
     planes = np.arange(num_planes(local_layout), dtype=np.int64)
     spans = np.empty((starts.size, planes.size, 3), dtype=np.int64)
-    spans[..., 0] = planes * (local_layout.num_blocks * span) + (local[starts] * span)[:, None]
-    spans[..., 1] = planes * (remote_layout.num_blocks * span) + (remote[starts] * span)[:, None]
+    spans[..., 0] = planes * (local_layout.num_blocks * span) + (local_starts * span)[:, None]
+    spans[..., 1] = planes * (remote_layout.num_blocks * span) + (remote_starts * span)[:, None]
     spans[..., 2] = (counts * span)[:, None]
     return spans.reshape(-1, 3)
+
+
+def _runs(local: np.ndarray, remote: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first index, length) of each run: a stretch where both ids go up by one."""
+    step = np.empty(local.size, dtype=bool)
+    step[0] = True
+    np.not_equal(np.diff(local), 1, out=step[1:])
+    step[1:] |= np.diff(remote) != 1
+    starts = np.flatnonzero(step)
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1] = local.size
+    return starts, ends - starts
+
+
+def _valid_runs(layout: worker_pb2.KVLayout, starts: np.ndarray, counts: np.ndarray) -> bool:
+    """Whether runs of ids ``[start, start + count)`` lie inside the pool and do not overlap
+    (so no id repeats)."""
+    ends = starts + counts
+    if starts.min() < 0 or ends.max() > layout.num_blocks:
+        return False
+    if starts.size == 1:
+        return True
+    order = np.argsort(starts, kind="stable")
+    return bool(np.all(starts[order[1:]] >= ends[order[:-1]]))

@@ -102,6 +102,15 @@ async def _until_released(transfer: Transfer, what: str) -> None:
         log.error("%s: abandoned, and its handle not released within %ss", what, RELEASE_TIMEOUT_S)
 
 
+def _descriptors(spans: np.ndarray, side: int, base: int, device_id: int) -> np.ndarray:
+    """NIXL's (address, length, device) rows for one side (0 local, 1 remote) of
+    ``layout.paired_spans``, as uint64 (a view, no copy)."""
+    rows = spans.take((side, 2, 2), axis=1)  # C-contiguous, as NIXL requires
+    rows[:, 0] += base
+    rows[:, 2] = device_id
+    return rows.view(np.uint64)
+
+
 def memory_type(kv: KVCache) -> tuple[str, int]:
     """NIXL memory type and device id of the pool: ("DRAM", 0) or ("VRAM", cuda index)."""
     device = kv.tensor.device
@@ -219,30 +228,24 @@ class NixlTransport(KVTransport):
             )
         deadline = time.monotonic() + timeout_s
         spans = kv_layout.paired_spans(self.layout, local_block_ids, peer.layout, remote_block_ids)
-        if self._peers.get(peer.address) != peer:
+        known = self._peers.get(peer.address)
+        if known is not peer and known != peer:  # `is` first: the equality compares metadata
             raise KVTransferError(f"not connected to {peer}: call connect(peer) first")
         if len(spans) == 0:
             return 0
         what = f"NIXL read of {len(remote_block_ids)} blocks of {request_id!r} from {peer}"
-        offsets = spans.astype(np.uint64)
-        local = np.empty((len(spans), 3), dtype=np.uint64)
-        local[:, 0] = self.kv.tensor.data_ptr() + offsets[:, 0]
-        local[:, 1] = offsets[:, 2]
-        local[:, 2] = self.device_id
-        remote = np.empty_like(local)
-        remote[:, 0] = peer.pool_address + offsets[:, 1]
-        remote[:, 1] = offsets[:, 2]
-        remote[:, 2] = peer.device_id
+        local = _descriptors(spans, 0, self.kv.tensor.data_ptr(), self.device_id)
+        remote = _descriptors(spans, 1, peer.pool_address, peer.device_id)
         read = functools.partial(self._make_read, local, remote, peer.memory_type, peer.nixl_agent)
         try:
             transfer = self._thread.transfer(read)
         except RuntimeError as e:  # the agent thread has stopped (closing)
             raise KVTransferError(f"{what}: {e}") from None
         try:
-            state = await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(transfer.state)),
-                max(0.0, deadline - time.monotonic()),
-            )
+            # No shield: a timeout or the caller's cancellation cancels the wrapped future,
+            # which cancels transfer.state, which is what abandons the transfer anyway.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                state = await asyncio.wrap_future(transfer.state)
         except TimeoutError:
             raise KVTransferError(f"{what} did not finish within {timeout_s:.3g} s") from None
         except Exception as e:
@@ -252,7 +255,7 @@ class NixlTransport(KVTransport):
                 await _until_released(transfer, what)
         if state != "DONE":
             raise KVTransferError(f"{what} failed: NIXL reported {state}")
-        return int(offsets[:, 2].sum())
+        return int(spans[:, 2].sum())
 
     async def close(self) -> None:
         await self._grpc.close()

@@ -141,3 +141,35 @@ def test_paired_spans_rejects_mismatches() -> None:
     other = layout_of(make_kv(8, block_size=32))
     with pytest.raises(IncompatiblePeerError, match="block_size"):
         kv_layout.paired_spans(local, [1], other, [1])
+
+
+@pytest.mark.parametrize(
+    ("local_ids", "remote_ids", "message"),
+    [
+        # Ids are checked per run; each case hides its fault inside or across runs.
+        ([5, 6, 7], [2, 3, 8], "remote_block_ids: block 8 is outside"),  # a run's last id
+        ([-1, 0], [1, 2], "local_block_ids: block -1 is outside"),  # a run's first id
+        ([1, 2, 3, 2], [1, 2, 3, 4], "local_block_ids: block 2 appears twice"),  # runs overlap
+        ([4, 5, 1, 2], [0, 1, 0, 3], "remote_block_ids: block 0 appears twice"),  # out of order
+        ([3, 3], [1, 2], "local_block_ids: block 3 appears twice"),  # a run of one, twice
+    ],
+)
+def test_paired_spans_names_the_bad_block(
+    local_ids: list[int], remote_ids: list[int], message: str
+) -> None:
+    local, remote = layout_of(make_kv(8)), layout_of(make_kv(8))
+    with pytest.raises(InvalidRequestError, match=message):
+        kv_layout.paired_spans(local, local_ids, remote, remote_ids)
+
+
+def test_paired_spans_accepts_runs_in_any_order() -> None:
+    """Disjoint runs are valid whatever their order; no id is taken for a repeat."""
+    local, remote = layout_of(make_kv(16)), layout_of(make_kv(16))
+    spans = kv_layout.paired_spans(local, [9, 10, 0, 1, 5], remote, [0, 1, 14, 15, 7])
+    span = kv_layout.span_bytes(local)
+    firsts = spans[:: 2 * 8]  # plane 0 of each run
+    assert firsts.tolist() == [
+        [9 * span, 0, 2 * span],
+        [0, 14 * span, 2 * span],
+        [5 * span, 7 * span, span],
+    ]
