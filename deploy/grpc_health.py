@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Probe a Tandem service through grpc.health.v1: exit 0 when it answers SERVING.
 
-Installed in the image as ``tandem-health`` for Docker/compose healthchecks (Kubernetes
-uses its native ``grpc:`` probes instead). Usage: ``tandem-health [HOST:PORT] [SERVICE]``;
+Installed in the image as ``tandem-health`` for Docker/compose healthchecks, and for the
+Kubernetes probes of deploy/k8s/components/tls (kubelet's native ``grpc:`` probes, which the
+plaintext manifests use, speak no TLS). Usage: ``tandem-health [HOST:PORT] [SERVICE]``;
 the target defaults to $TANDEM_HEALTH_TARGET, else this container's host name on
 $TANDEM_GRPC_PORT (50051): workers listen on the address they advertise, not loopback,
 and the host name reaches every service whatever interface it bound.
