@@ -91,6 +91,34 @@ def thread_initializer(kv: KVCache) -> Callable[[], None] | None:
     return functools.partial(torch.cuda.set_device, device)
 
 
+async def await_transfer(transfer: Transfer, timeout_s: float, what: str) -> str:
+    """The final state of ``transfer`` (``DONE``/``ERR``) within ``timeout_s``.
+
+    Raises KVTransferError when it fails, misses the deadline, or the agent thread stops
+    under it; a transfer left behind (deadline, the caller cancelled) is abandoned, and this
+    returns or raises only once it can no longer write local memory.
+    """
+    try:
+        # No shield: a timeout or the caller's cancellation cancels the wrapped future,
+        # which cancels transfer.state, which is what abandons the transfer anyway.
+        async with asyncio.timeout(max(0.0, timeout_s)):
+            return await asyncio.wrap_future(transfer.state)
+    except TimeoutError:
+        raise KVTransferError(f"{what} did not finish within {timeout_s:.3g} s") from None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the caller's own cancellation
+        # Nobody cancelled us: the agent thread stopped (the transport is closing) and
+        # abandoned the transfer. A CancelledError here would cancel the caller's task.
+        raise KVTransferError(f"{what}: the NIXL agent thread stopped") from None
+    except Exception as e:
+        raise KVTransferError(f"{what} failed: {type(e).__name__}: {e}") from None
+    finally:
+        if transfer.state.cancel():  # abandoned, by us or by the stopping thread
+            await _until_released(transfer, what)
+
+
 async def _until_released(transfer: Transfer, what: str) -> None:
     """Wait (a bounded while) until an abandoned READ can no longer write our blocks: the
     caller frees them next, and another request may get them."""
@@ -226,7 +254,6 @@ class NixlTransport(KVTransport):
             return await self._grpc.pull(
                 peer, remote_block_ids, local_block_ids, request_id, timeout_s
             )
-        deadline = time.monotonic() + timeout_s
         spans = kv_layout.paired_spans(self.layout, local_block_ids, peer.layout, remote_block_ids)
         known = self._peers.get(peer.address)
         if known is not peer and known != peer:  # `is` first: the equality compares metadata
@@ -241,18 +268,8 @@ class NixlTransport(KVTransport):
             transfer = self._thread.transfer(read)
         except RuntimeError as e:  # the agent thread has stopped (closing)
             raise KVTransferError(f"{what}: {e}") from None
-        try:
-            # No shield: a timeout or the caller's cancellation cancels the wrapped future,
-            # which cancels transfer.state, which is what abandons the transfer anyway.
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                state = await asyncio.wrap_future(transfer.state)
-        except TimeoutError:
-            raise KVTransferError(f"{what} did not finish within {timeout_s:.3g} s") from None
-        except Exception as e:
-            raise KVTransferError(f"{what} failed: {type(e).__name__}: {e}") from None
-        finally:
-            if transfer.state.cancel():  # abandoned (deadline, caller cancelled)
-                await _until_released(transfer, what)
+        # timeout_s counts from here: what ran since the call took microseconds
+        state = await await_transfer(transfer, timeout_s, what)
         if state != "DONE":
             raise KVTransferError(f"{what} failed: NIXL reported {state}")
         return int(spans[:, 2].sum())
