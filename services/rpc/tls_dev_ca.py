@@ -87,10 +87,16 @@ class DevCa:
         return ca
 
     def issue(
-        self, name: str, extra_names: Iterable[str] = (), validity: datetime.timedelta = VALIDITY
+        self,
+        name: str,
+        extra_names: Iterable[str] = (),
+        validity: datetime.timedelta = VALIDITY,
+        local_names: bool = True,
     ) -> TlsConfig:
         """A leaf for service ``name`` signed by this CA, as the TlsConfig that uses it (with
-        this CA as the peers' CA and client certificates required, as internal hops want)."""
+        this CA as the peers' CA and client certificates required, as internal hops want).
+        It names ``name``, ``extra_names`` and, with ``local_names``, LOCAL_NAMES (loopback,
+        where `tandem up` dials every service)."""
         ca_key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
         key = ec.generate_private_key(ec.SECP256R1())
@@ -106,7 +112,9 @@ class DevCa:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.SubjectAlternativeName(
-                    _alt_names(dict.fromkeys([*LOCAL_NAMES, name, *extra_names]))
+                    _alt_names(
+                        dict.fromkeys([*(LOCAL_NAMES if local_names else ()), name, *extra_names])
+                    )
                 ),
                 critical=False,
             )

@@ -5,7 +5,6 @@ certificates can name their stable DNS name, never their IP)."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import os
 import signal
 import sys
@@ -103,49 +102,12 @@ def test_a_worker_registers_its_advertised_name_and_serves_there(
     asyncio.run(body())
 
 
-def _leaf_naming_only(ca: DevCa, name: str, directory: Path) -> TlsConfig:
-    """A leaf signed by ``ca`` whose only subject alternative name is ``name``: DevCa's own
-    leaves also name 127.0.0.1, which would hide a dial by address."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    cert_path, key_path = directory / "worker.pem", directory / "worker-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return TlsConfig(cert_path, key_path, ca.cert, require_client_auth=True)
-
-
 def test_over_mtls_the_router_reaches_a_worker_by_the_name_its_certificate_holds(
     tiny_model_dir: Path, engine_flags: list[str], tmp_path: Path
 ) -> None:
     ca = DevCa.create(tmp_path / "ca")
-    worker_tls = _leaf_naming_only(ca, "localhost", tmp_path)
+    # Only "localhost": a DevCa leaf's loopback addresses would hide a dial by address.
+    worker_tls = ca.issue("localhost", local_names=False)
     client = ca.issue("client")
     argv = _worker_argv(tiny_model_dir, engine_flags)
     argv += ["--tls-cert", str(worker_tls.cert), "--tls-key", str(worker_tls.key)]

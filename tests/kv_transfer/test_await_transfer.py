@@ -14,13 +14,18 @@ from services.kv_transfer.nixl_transport import await_transfer
 from tests.kv_transfer.test_agent_thread import FakeAgent
 
 
-async def _in_flight(agent: FakeAgent, thread: AgentThread, handle: str) -> Transfer:
-    """A transfer posted and being checked (its script never ends it by itself)."""
+async def _waiting(
+    agent: FakeAgent, thread: AgentThread, handle: str
+) -> tuple[Transfer, asyncio.Future[str]]:
+    """A transfer posted and being checked (its script never ends it by itself), and a task
+    awaiting it with a long deadline."""
     transfer = thread.transfer(lambda: handle)
     deadline = time.monotonic() + 5
     while ("check", handle) not in agent.calls and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
-    return transfer
+    waiter = asyncio.ensure_future(await_transfer(transfer, 30, f"read {handle}"))
+    await asyncio.sleep(0.01)
+    return transfer, waiter
 
 
 def test_a_finished_transfer_gives_its_state() -> None:
@@ -54,9 +59,7 @@ def test_the_callers_cancellation_stays_a_cancellation() -> None:
     thread = AgentThread(agent, "nixl-await")
 
     async def body() -> None:
-        transfer = await _in_flight(agent, thread, "h1")
-        waiter = asyncio.ensure_future(await_transfer(transfer, 30, "read h1"))
-        await asyncio.sleep(0.01)
+        transfer, waiter = await _waiting(agent, thread, "h1")
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
@@ -73,9 +76,7 @@ def test_the_thread_stopping_under_a_transfer_is_a_transfer_error() -> None:
     thread = AgentThread(agent, "nixl-await")
 
     async def body() -> str:
-        transfer = await _in_flight(agent, thread, "h1")
-        waiter = asyncio.ensure_future(await_transfer(transfer, 30, "read h1"))
-        await asyncio.sleep(0.01)
+        _, waiter = await _waiting(agent, thread, "h1")
         await asyncio.to_thread(thread.stop)
         with pytest.raises(KVTransferError, match="read h1: the NIXL agent thread stopped"):
             await waiter
