@@ -45,6 +45,10 @@ for mode in main plain device-current; do
 done
 timeout 60 python3 bench/kv_transfer/nixl_floor.py --device cuda --notify 2>&1 | grep -v 'NIXL INFO'
 
+step where a KVReader.pull spends its time above its READ, layer by layer
+timeout 90 python3 bench/kv_transfer/pull_overhead.py --device cuda --blocks 128 \
+  --json "$OUT/pull_overhead_cuda.json" 2>&1 | grep -v 'NIXL INFO'
+
 step disaggregated serving end to end on CUDA, KV in VRAM over NIXL
 TANDEM_E2E_DEVICE=cuda timeout 300 python3 -m pytest -p no:cacheprovider -q -x \
   tests/e2e/test_disaggregated.py 2>&1 | tail -6
