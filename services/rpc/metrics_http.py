@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from services.rpc.tls import TlsConfig, load
+from services.rpc.tls import TlsConfig, follow_renewals, load
 
 
 class MetricsServer:
@@ -39,7 +39,8 @@ def serve_metrics(
     registry: CollectorRegistry, port: int, host: str, tls: TlsConfig | None = None
 ) -> MetricsServer:
     """Serve ``registry`` on ``http(s)://host:port/metrics``; over TLS when ``tls`` has a
-    certificate, requiring client certificates when ``tls.require_client_auth``."""
+    certificate (renewed files presented from the next handshake on), requiring client
+    certificates when ``tls.require_client_auth``."""
     if tls is None or tls.cert is None:
         server, _thread = start_http_server(port, addr=host, registry=registry)
         return MetricsServer(server, "http")
@@ -54,4 +55,5 @@ def serve_metrics(
         client_auth_required=tls.require_client_auth,
         tls_min_version=ssl.TLSVersion.TLSv1_2,
     )
+    follow_renewals(tls, server.socket.context)  # renewed files: no restart
     return MetricsServer(server, "https")

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from services.rpc.renewing_channel import RenewingChannel
 from services.rpc.tls import TlsConfig, channel_credentials, server_credentials
 from services.telemetry.tracing import client_interceptors, server_interceptors
 
@@ -109,7 +110,8 @@ def client_channel(
 
     ``api_key`` (an API key or access token) is sent as ``authorization: Bearer …`` on
     every call (``services.rpc.bearer``). ``tls``: verify the server against its CA and
-    present its certificate, if any (mTLS); None: plaintext.
+    present its certificate, if any (mTLS), following the files' renewals
+    (``RenewingChannel``); None: plaintext.
     """
     interceptors = list(client_interceptors())
     if api_key:
@@ -122,6 +124,9 @@ def client_channel(
     ]
     if tls is None:
         return grpc.aio.insecure_channel(address, interceptors=interceptors, options=options)
-    return grpc.aio.secure_channel(
-        address, channel_credentials(tls), interceptors=interceptors, options=options
+    return RenewingChannel(
+        tls,
+        lambda: grpc.aio.secure_channel(
+            address, channel_credentials(tls), interceptors=interceptors, options=options
+        ),
     )

@@ -5,26 +5,38 @@ trusts for peers. Servers present the certificate and, with ``require_client_aut
 callers without a certificate signed by the CA (mTLS); clients verify the server against the
 CA and present their own certificate when they have one.
 
-Files are read and checked once per process, when a server starts or the first channel is
-made (:func:`load`), so a missing, unreadable or mismatched file fails the start with its name
-in the message rather than the first request. Rotating a certificate therefore means
-restarting the service. Only TLS 1.2 and newer are accepted: gRPC's BoringSSL refuses older
-versions by default, and the HTTP context sets the same floor.
+Files are read and checked when a server starts or the first channel is made (:func:`load`),
+so a missing, unreadable or mismatched file fails the start with its name in the message
+rather than the first request. After that they are renewed in place: every ``RECHECK_S`` at
+most, a handshake or a call looks at the files' stat, and files that changed and pass the
+same checks are used from the next handshake on (gRPC servers through a certificate fetcher,
+HTTP servers through the SNI callback, channels by ``RenewingChannel``); files that changed
+but fail them are logged and the certificate in use is kept. So cert-manager's renewals need
+no restart. Only TLS 1.2 and newer are accepted: gRPC's BoringSSL refuses older versions by
+default, and the HTTP context sets the same floor.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
+import logging
+import os
 import ssl
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.engine.errors import TandemError
 
 if TYPE_CHECKING:
     import grpc
+
+log = logging.getLogger(__name__)
+
+RECHECK_S = 1.0
+"""At most how often a process stats its TLS files to see whether they were renewed."""
 
 
 class TlsError(TandemError, ValueError):
@@ -80,18 +92,84 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class TlsMaterial:
-    """The checked bytes of a TlsConfig's files, as read at start."""
+    """The checked bytes of a TlsConfig's files, as last read."""
 
     cert_chain: bytes | None
     key: bytes | None
     ca: bytes | None
 
 
-@functools.lru_cache(maxsize=32)
+@dataclass
+class _Watch:
+    """What a process uses of one TlsConfig's files, and when it last looked at them."""
+
+    stamp: tuple[tuple[int, int, int] | None, ...]
+    material: TlsMaterial
+    generation: int
+    checked_at: float
+
+
+_watches: dict[TlsConfig, _Watch] = {}
+_watch_lock = threading.Lock()
+
+
 def load(tls: TlsConfig) -> TlsMaterial:
-    """Read and check ``tls``'s files once per process (rotation = restart); TlsError names
-    the file and what to do when one is missing, unreadable, malformed, expired or the key
-    does not belong to the certificate."""
+    """The checked contents of ``tls``'s files, renewed when they change (module docstring).
+    TlsError, on the first read only, names the file and what to do when one is missing,
+    unreadable, malformed, expired or the key does not belong to the certificate."""
+    return _watch(tls).material
+
+
+def generation(tls: TlsConfig | None) -> int:
+    """How many times ``tls``'s files were renewed in this process (0 for plaintext): a
+    channel made at an older generation presents the old certificate."""
+    return 0 if tls is None else _watch(tls).generation
+
+
+def _watch(tls: TlsConfig) -> _Watch:
+    watch = _watches.get(tls)
+    if watch is not None and time.monotonic() - watch.checked_at < RECHECK_S:
+        return watch
+    with _watch_lock:
+        watch = _watches.get(tls)
+        now = time.monotonic()
+        if watch is not None and now - watch.checked_at < RECHECK_S:
+            return watch
+        stamp = _stamp(tls)
+        if watch is not None and stamp == watch.stamp:
+            watch.checked_at = now
+            return watch
+        try:
+            material = _read_material(tls)
+        except TlsError as e:
+            if watch is None:
+                raise
+            # Mid-renewal (certificate written, key not yet) or a bad renewal: keep serving.
+            log.error("TLS files changed but cannot be used, keeping the ones in use: %s", e)
+            watch.stamp, watch.checked_at = stamp, now  # looked at again when they change
+            return watch
+        if watch is not None:
+            log.info("TLS certificate %s renewed; new handshakes present it", tls.cert)
+        renewed = _Watch(stamp, material, 0 if watch is None else watch.generation + 1, now)
+        _watches[tls] = renewed
+        return renewed
+
+
+def _stamp(tls: TlsConfig) -> tuple[tuple[int, int, int] | None, ...]:
+    """Each file's (mtime, size, inode), following links (csi-driver and Kubernetes secrets
+    swap a symlink to renew); None for a file that cannot be stat'ed."""
+    stamps: list[tuple[int, int, int] | None] = []
+    for path in (tls.cert, tls.key, tls.ca):
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        stamps.append(None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(stamps)
+
+
+def _read_material(tls: TlsConfig) -> TlsMaterial:
+    """Read and check ``tls``'s files (TlsError saying what is wrong)."""
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
@@ -140,16 +218,38 @@ def load(tls: TlsConfig) -> TlsMaterial:
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     """gRPC server credentials: ``tls.cert`` presented; with ``require_client_auth``,
-    callers must present a certificate signed by ``tls.ca``."""
+    callers must present a certificate signed by ``tls.ca``. Renewed files are presented
+    from the next connection on (gRPC asks the fetcher before each handshake)."""
     import grpc
 
-    material = load(tls)
-    if material.cert_chain is None or material.key is None:
+    first = _watch(tls)
+    if first.material.cert_chain is None or first.material.key is None:
         raise TlsError("a TLS server needs a certificate and its private key")
-    return grpc.ssl_server_credentials(
+    presented = [first.generation]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        current = _watch(tls)
+        if current.generation == presented[0]:
+            return None  # unchanged: gRPC keeps the configuration it has
+        presented[0] = current.generation
+        return _server_configuration(current.material, tls)
+
+    return grpc.dynamic_ssl_server_credentials(
+        _server_configuration(first.material, tls),
+        fetch,
+        require_client_authentication=tls.require_client_auth,
+    )
+
+
+def _server_configuration(
+    material: TlsMaterial, tls: TlsConfig
+) -> grpc.ServerCertificateConfiguration:
+    import grpc
+
+    assert material.key is not None and material.cert_chain is not None
+    return grpc.ssl_server_certificate_configuration(
         [(material.key, material.cert_chain)],
         root_certificates=material.ca if tls.require_client_auth else None,
-        require_client_auth=tls.require_client_auth,
     )
 
 
@@ -167,11 +267,36 @@ def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    """An ``ssl`` context for an HTTP server (the gateway's OpenAI API): TLS 1.2+, ``tls.cert``
-    presented, client certificates signed by ``tls.ca`` required with ``require_client_auth``."""
+    """An ``ssl`` context for an HTTP server (the gateway's OpenAI API): TLS 1.2+,
+    ``tls.cert`` presented, client certificates signed by ``tls.ca`` required with
+    ``require_client_auth``; renewed files are presented from the next handshake on."""
     load(tls)  # the same checks and messages as the gRPC port, before ssl's terser ones
     if tls.cert is None or tls.key is None:
         raise TlsError("a TLS server needs a certificate and its private key")
+    return follow_renewals(tls, _context(tls))
+
+
+def follow_renewals(tls: TlsConfig, context: ssl.SSLContext) -> ssl.SSLContext:
+    """Make a server's ``context`` present ``tls``'s renewed files: its SNI callback, which
+    runs on every ClientHello, moves each new connection to a context made from the files
+    of the moment. Returns ``context``."""
+    current: list[Any] = [generation(tls), context]  # generation, its context
+
+    def on_hello(connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        renewed = generation(tls)
+        if renewed != current[0]:
+            fresh = _context(tls)
+            fresh.sni_callback = on_hello
+            current[:] = [renewed, fresh]
+        if connection.context is not current[1]:
+            connection.context = current[1]
+
+    context.sni_callback = on_hello
+    return context
+
+
+def _context(tls: TlsConfig) -> ssl.SSLContext:
+    assert tls.cert is not None and tls.key is not None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(tls.cert, tls.key)
