@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import grpc
+
 from services.engine.engine import EngineConfig, LLMEngine
 from services.kv_transfer.transport import KVTransport
 from services.rpc.server import RunningServer, Servicer, start_server
@@ -77,9 +79,11 @@ class WorkerHost:
         self._registration: asyncio.Task[None] | None = None
         self._kv_publisher: asyncio.Task[None] | None = None
         self._gpu = GpuMonitor()
+        self._engine_load: Callable[[], wpb.WorkerLoad] | None = None
         self.transport: KVTransport | None = None
         self.refused: BaseException | None = None
-        """Why the router refused this worker, if it did (the process then exits)."""
+        """Why registration ended, if it did: the router refused this worker, or its engine
+        thread died (the process then exits with 1)."""
 
     @property
     def address(self) -> str:
@@ -98,6 +102,7 @@ class WorkerHost:
         self.engine = await asyncio.to_thread(LLMEngine, self.config.model, self.config.engine)
         self.loop = EngineLoop(self.engine)
         self.loop.on_tick(self._expire_leases)
+        self._engine_load = self.loop.watch(_engine_load)
         self.loop.start()
         self.server = await start_server(
             servicers(self), self.config.host, self.config.port, tls=self.config.tls
@@ -146,7 +151,12 @@ class WorkerHost:
         )
 
     async def load(self) -> wpb.WorkerLoad:
-        figures = await self.loop.call(_engine_load)
+        """What the heartbeat reports: the engine's figures as of its last step (never
+        waiting for the step under way), GPU memory and utilisation. Raises once the engine
+        thread has died, which ends the heartbeats (and the worker)."""
+        assert self._engine_load is not None, "the worker has not started"
+        figures = wpb.WorkerLoad()
+        figures.CopyFrom(self._engine_load())
         gpu = self._gpu.read()
         figures.gpu_memory_used_bytes = gpu.memory_used_bytes
         figures.gpu_memory_total_bytes = gpu.memory_total_bytes
@@ -179,8 +189,11 @@ class WorkerHost:
     def _registration_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
             return
-        self.refused = task.exception()
-        log.error("the router refused this worker, stopping: %s", self.refused)
+        self.refused = error = task.exception()
+        if isinstance(error, grpc.aio.AioRpcError):
+            log.error("the router refused this worker, stopping: %s", error)
+        else:  # the engine thread died, say
+            log.error("heartbeats ended, stopping the worker: %s", error)
         self._stop.set()
 
     def _expire_leases(self, engine: LLMEngine) -> None:

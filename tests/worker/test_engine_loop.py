@@ -1,0 +1,77 @@
+"""EngineLoop.watch: figures read without waiting for the engine thread, kept fresh by it,
+and refused once that thread has died (so a heartbeat stops instead of lying)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.sampling_params import SamplingParams
+from services.worker.engine_loop import EngineLoop
+
+
+@pytest.fixture(scope="module")
+def engine() -> LLMEngine:
+    return LLMEngine("tandem-tiny", EngineConfig(dtype="float32", device="cpu", num_blocks=32))
+
+
+def _free(engine: LLMEngine) -> int:
+    return engine.pool.num_free_blocks
+
+
+def test_a_watched_figure_is_read_without_waiting_for_a_long_step(engine: LLMEngine) -> None:
+    """Read while the engine thread is held mid-request, then after the request: each read
+    answers at once with the figure as of the engine's last step. (The engine refreshes a
+    watched figure after each step, before it runs the next command, so a command that is
+    running proves the refresh before it has happened.)"""
+
+    async def body() -> None:
+        loop = EngineLoop(engine, tick_s=0.01)
+        free = loop.watch(_free)
+        assert free() == 32  # computed at once, before the thread starts
+        loop.start()
+        gate, inside = threading.Event(), threading.Event()
+
+        def long_step(engine: LLMEngine) -> None:  # holds the engine thread
+            inside.set()
+            gate.wait(10)
+
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        outputs = loop.outputs("r1", lambda e: e.add_request("r1", list(range(5, 45)), params))
+        await anext(outputs)  # the first token: the prompt's 3 blocks are taken
+        held = asyncio.ensure_future(loop.call(long_step))
+        await asyncio.to_thread(inside.wait, 10)
+        start = time.monotonic()
+        assert free() == 32 - 3
+        assert time.monotonic() - start < 1  # not behind the held engine thread
+        gate.set()
+        await held
+        async for _ in outputs:
+            pass
+        await loop.call(lambda engine: None)  # a turn of the loop after the last step
+        assert free() == 32
+        await loop.stop()
+
+    asyncio.run(body())
+
+
+def test_a_watched_figure_is_refused_once_the_engine_thread_dies(engine: LLMEngine) -> None:
+    class Dying(EngineLoop):
+        def _run(self) -> None:
+            return  # the thread ends, as an exception escaping a step would end it
+
+    async def body() -> None:
+        loop = Dying(engine)
+        free = loop.watch(_free)
+        loop.start()
+        await asyncio.sleep(0.05)
+        with pytest.raises(RuntimeError, match="the engine thread has died"):
+            free()
+        await loop.stop()
+        assert free() == 32  # stopped on purpose: the last figure, no error
+
+    asyncio.run(body())
