@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.bench import report
 from services.bench.throughput import ThroughputConfig, ThroughputResult, measure_throughput
 from services.bench.workload import FIRST_ORDINARY_ID, random_workload
 from services.cli.main import main
-from services.engine.engine import EngineConfig
+from services.engine.engine import EngineConfig, default_dtype
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 2, 8, 4
@@ -41,7 +42,8 @@ def test_token_counts_are_exact_for_both(result: ThroughputResult) -> None:
         assert figures.output_tokens_per_s == pytest.approx(figures.output_tokens / figures.wall_s)
     expected = result.tandem.output_tokens_per_s / result.baseline.output_tokens_per_s
     assert result.output_throughput_ratio == pytest.approx(expected)
-    assert result.dtype == "bfloat16"  # the checkpoint's, used by both passes
+    # The engine's default for this bfloat16 checkpoint on this CPU, used by both passes.
+    assert result.dtype == default_dtype("bfloat16", torch.device("cpu"))
     assert not result.profiled
 
 
