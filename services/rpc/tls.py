@@ -107,6 +107,8 @@ class _Watch:
     material: TlsMaterial
     generation: int
     checked_at: float
+    refused: tuple[tuple[int, int, int] | None, ...] | None = None
+    """The files' stamp when they last failed the checks (logged once per stamp)."""
 
 
 _watches: dict[TlsConfig, _Watch] = {}
@@ -144,9 +146,15 @@ def _watch(tls: TlsConfig) -> _Watch:
         except TlsError as e:
             if watch is None:
                 raise
-            # Mid-renewal (certificate written, key not yet) or a bad renewal: keep serving.
-            log.error("TLS files changed but cannot be used, keeping the ones in use: %s", e)
-            watch.stamp, watch.checked_at = stamp, now  # looked at again when they change
+            # Mid-renewal (certificate written, key not yet), a certificate valid from a
+            # moment ahead of this clock, or a bad renewal: keep serving, and read them
+            # again at the next check.
+            if stamp != watch.refused:
+                log.error(
+                    "TLS files changed but cannot be used yet, keeping the ones in use: %s", e
+                )
+                watch.refused = stamp
+            watch.checked_at = now
             return watch
         if watch is not None:
             log.info("TLS certificate %s renewed; new handshakes present it", tls.cert)

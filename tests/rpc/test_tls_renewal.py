@@ -77,6 +77,29 @@ def test_files_renewed_in_place_are_used_and_bad_ones_are_not(
         load(TlsConfig(files.cert, files.key))  # a first read still fails loudly
 
 
+def test_a_refused_renewal_is_read_again_until_it_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files refused once (say, a certificate valid from a second ahead of this clock) are
+    read again at each check, not only when they change again; the refusal is logged once."""
+    ca = DevCa.create(tmp_path / "ca")
+    files = _served(ca, "alpha", tmp_path / "served")
+    assert generation(files) == 0
+    _install(ca.issue("beta", local_names=False), files)
+    real, attempts = tls_mod._read_material, []
+
+    def not_yet(tls: TlsConfig) -> tls_mod.TlsMaterial:
+        attempts.append(tls)
+        if len(attempts) < 3:
+            raise TlsError("TLS certificate is not valid before now + 1 s")
+        return real(tls)
+
+    monkeypatch.setattr(tls_mod, "_read_material", not_yet)
+    with caplog.at_level(logging.ERROR, logger="services.rpc.tls"):
+        assert [generation(files) for _ in range(3)] == [0, 0, 1]
+    assert caplog.text.count("cannot be used yet") == 1
+
+
 def test_a_grpc_server_presents_the_renewed_certificate(tmp_path: Path) -> None:
     ca = DevCa.create(tmp_path / "ca")
     files = _served(ca, "alpha", tmp_path / "served")
