@@ -259,10 +259,11 @@ def test_the_gateway_identity_module_does_not_import_torch() -> None:
 
 def test_a_verified_token_is_remembered_until_it_expires(issuer: Issuer) -> None:
     v = verifier(issuer, leeway_s=0)
-    token = issuer.mint(lifetime_s=1)
+    # exp is whole seconds (int(now) + lifetime): 2 s leaves at least 1 s to verify it in.
+    token = issuer.mint(lifetime_s=2)
     assert verify(v, token).username == "alice"
     assert (verify(v, token).username, v.cache_hits) == ("alice", 1)
-    time.sleep(1.1)
+    time.sleep(2.1)
     assert "expired" in refused(v, token)  # remembered, but not past its exp
     assert v.cache_hits == 1
 
