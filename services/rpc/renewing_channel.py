@@ -6,8 +6,8 @@ router and its peers). After cert-manager renews the files, such a channel would
 presenting the old certificate on every reconnection, until it expired and every new
 connection failed. ``RenewingChannel`` is a ``grpc.aio.Channel`` whose calls go to an inner
 channel made from the files' current generation (services/rpc/tls.py); when they are renewed,
-the next call makes a new inner channel, and the old one closes once its calls have ended
-(at most ``CLOSE_GRACE_S`` later). Stubs made once keep working: their methods look the inner
+the next call makes a new inner channel, and the old one is kept ``CLOSE_GRACE_S`` for the
+calls still on it, then closed. Stubs made once keep working: their methods look the inner
 channel up on each call, which costs a comparison while nothing changed.
 """
 
@@ -22,7 +22,7 @@ import grpc
 from services.rpc.tls import TlsConfig, generation
 
 CLOSE_GRACE_S = 60.0
-"""How long a replaced inner channel's calls (a long token stream, say) may still run."""
+"""How long a replaced inner channel is kept for its calls (a long token stream, say)."""
 
 
 class RenewingChannel(grpc.aio.Channel):
@@ -32,7 +32,7 @@ class RenewingChannel(grpc.aio.Channel):
         self._make = make
         self._generation = generation(tls)
         self._inner = make()
-        self._retired: set[asyncio.Task[None]] = set()
+        self._retired: dict[asyncio.Task[None], grpc.aio.Channel] = {}  # closing gracefully
         self._stale: list[grpc.aio.Channel] = []  # replaced outside an event loop
 
     def current(self) -> grpc.aio.Channel:
@@ -41,12 +41,12 @@ class RenewingChannel(grpc.aio.Channel):
         if renewed != self._generation:
             old, self._inner, self._generation = self._inner, self._make(), renewed
             try:
-                task = asyncio.get_running_loop().create_task(old.close(CLOSE_GRACE_S))
+                task = asyncio.get_running_loop().create_task(_retire(old))
             except RuntimeError:
                 self._stale.append(old)
             else:
-                self._retired.add(task)
-                task.add_done_callback(self._retired.discard)
+                self._retired[task] = old
+                task.add_done_callback(lambda t: self._retired.pop(t, None))
         return self._inner
 
     def unary_unary(self, method: str, **kwargs: Any) -> Any:
@@ -62,10 +62,13 @@ class RenewingChannel(grpc.aio.Channel):
         return _Method(self, "stream_stream", method, kwargs)
 
     async def close(self, grace: float | None = None) -> None:
-        stale, self._stale = self._stale, []
-        await asyncio.gather(
-            self._inner.close(grace), *(c.close(grace) for c in stale), *self._retired
-        )
+        """Close the inner channel and any replaced one still in its grace, all within
+        ``grace``."""
+        for task in self._retired:
+            task.cancel()  # its grace cut short: closed below like the rest
+        older, self._stale = [*self._stale, *self._retired.values()], []
+        self._retired.clear()
+        await asyncio.gather(self._inner.close(grace), *(c.close(grace) for c in older))
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         return self._inner.get_state(try_to_connect)
@@ -81,6 +84,14 @@ class RenewingChannel(grpc.aio.Channel):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close(None)
+
+
+async def _retire(old: grpc.aio.Channel) -> None:
+    """Give a replaced channel's calls CLOSE_GRACE_S, then close it (cancelling what is left).
+    Not ``old.close(CLOSE_GRACE_S)``: a close cannot be cut short once begun (a second
+    close returns at once, and cancelling the first leaves its calls running)."""
+    await asyncio.sleep(CLOSE_GRACE_S)
+    await old.close(None)  # no grace: no await inside, so never interrupted half-way
 
 
 class _Method:

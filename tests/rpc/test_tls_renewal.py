@@ -168,3 +168,32 @@ def test_a_long_lived_channel_presents_the_renewed_client_certificate(tmp_path: 
             await server.stop(0)
 
     asyncio.run(body())
+
+
+def test_a_replaced_channel_finishes_its_calls_and_closing_cuts_them_short(
+    tmp_path: Path,
+) -> None:
+    """A stream open on the channel of before a renewal goes on (the old inner channel waits
+    for it), and closing the RenewingChannel ends it within the grace it is given."""
+    ca = DevCa.create(tmp_path / "ca")
+    server_files = ca.issue("server")
+    client_files = _served(ca, "client", tmp_path / "client")
+
+    async def body() -> None:
+        server = await start_server([], tls=server_files)
+        channel = client_channel(server.address, tls=client_files)
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            watch = stub.Watch(health_pb2.HealthCheckRequest())  # a stream that stays open
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            _install(ca.issue("client-renewed", local_names=False), client_files)
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)  # the new channel
+            assert not watch.done()  # the old channel still carries its stream
+            start = asyncio.get_running_loop().time()
+            await channel.close(0)
+            assert asyncio.get_running_loop().time() - start < 5  # not the 60 s grace
+            assert await watch.code() == grpc.StatusCode.CANCELLED
+        finally:
+            await server.stop(0)
+
+    asyncio.run(body())
