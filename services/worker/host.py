@@ -79,7 +79,7 @@ class WorkerHost:
         self._registration: asyncio.Task[None] | None = None
         self._kv_publisher: asyncio.Task[None] | None = None
         self._gpu = GpuMonitor()
-        self._engine_load: Callable[[], wpb.WorkerLoad] | None = None
+        self._latest_load: Callable[[], wpb.WorkerLoad] | None = None
         self.transport: KVTransport | None = None
         self.refused: BaseException | None = None
         """Why registration ended, if it did: the router refused this worker, or its engine
@@ -102,7 +102,7 @@ class WorkerHost:
         self.engine = await asyncio.to_thread(LLMEngine, self.config.model, self.config.engine)
         self.loop = EngineLoop(self.engine)
         self.loop.on_tick(self._expire_leases)
-        self._engine_load = self.loop.watch(_engine_load)
+        self._latest_load = self.loop.watch(_engine_load)
         self.loop.start()
         self.server = await start_server(
             servicers(self), self.config.host, self.config.port, tls=self.config.tls
@@ -154,9 +154,9 @@ class WorkerHost:
         """What the heartbeat reports: the engine's figures as of its last step (never
         waiting for the step under way), GPU memory and utilisation. Raises once the engine
         thread has died, which ends the heartbeats (and the worker)."""
-        assert self._engine_load is not None, "the worker has not started"
+        assert self._latest_load is not None, "the worker has not started"
         figures = wpb.WorkerLoad()
-        figures.CopyFrom(self._engine_load())
+        figures.CopyFrom(self._latest_load())
         gpu = self._gpu.read()
         figures.gpu_memory_used_bytes = gpu.memory_used_bytes
         figures.gpu_memory_total_bytes = gpu.memory_total_bytes
