@@ -411,12 +411,11 @@ def default_dtype(checkpoint: str, device: torch.device) -> str:
     computes in float32 (twice the memory for weights and KV; ``dtype`` overrides)."""
     if device.type != "cpu" or checkpoint not in ("bfloat16", "float16"):
         return checkpoint
-    mkldnn = torch.ops.mkldnn
-    fast = (
-        mkldnn._is_mkldnn_bf16_supported()
-        if checkpoint == "bfloat16"
-        else mkldnn._is_mkldnn_fp16_supported()
-    )
+    probe = "_is_mkldnn_bf16_supported" if checkpoint == "bfloat16" else "_is_mkldnn_fp16_supported"
+    try:
+        fast = getattr(torch.ops.mkldnn, probe)()
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: cannot tell
+        return checkpoint
     if fast:
         return checkpoint
     log.info("this CPU has no %s matmul kernels: computing in float32", checkpoint)

@@ -30,3 +30,16 @@ def test_the_engine_uses_it_and_an_explicit_dtype_wins(monkeypatch: pytest.Monke
     assert LLMEngine("tandem-tiny", config).dtype == torch.float32  # a bfloat16 checkpoint
     forced = EngineConfig(device="cpu", num_blocks=8, dtype="bfloat16")
     assert LLMEngine("tandem-tiny", forced).dtype == torch.bfloat16
+
+
+def test_a_torch_without_the_probe_keeps_the_checkpoints_dtype(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A build without oneDNN cannot say: the checkpoint's dtype, as before."""
+
+    class NoProbe:
+        def __getattr__(self, name: str) -> object:
+            raise AttributeError(name)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", NoProbe())
+    assert default_dtype("bfloat16", CPU) == "bfloat16"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -45,9 +44,7 @@ def test_a_watched_figure_is_read_without_waiting_for_a_long_step(engine: LLMEng
         await anext(outputs)  # the first token: the prompt's 3 blocks are taken
         held = asyncio.ensure_future(loop.call(long_step))
         await asyncio.to_thread(inside.wait, 10)
-        start = time.monotonic()
-        assert free() == 32 - 3
-        assert time.monotonic() - start < 1  # not behind the held engine thread
+        assert free() == 32 - 3  # answered while the engine thread is held (else: a hang)
         gate.set()
         await held
         async for _ in outputs:
