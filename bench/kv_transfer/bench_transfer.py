@@ -52,6 +52,7 @@ from services.kv_transfer.client import KVReader  # noqa: E402
 from services.kv_transfer.factory import make_transport  # noqa: E402
 from services.kv_transfer.service import PinCheck, servicer  # noqa: E402
 from services.kv_transfer.transport import KVTransport  # noqa: E402
+from services.rpc.event_loop import run as run_loop  # noqa: E402
 from services.rpc.server import start_server  # noqa: E402
 
 LIBC = ctypes.CDLL(None)
@@ -348,7 +349,7 @@ def main() -> None:
         asyncio.run(serve(args))
         return
     args.num_blocks = args.prompt_tokens // GEOMETRY["block_size"]
-    results = asyncio.run(run(args))
+    results = run_loop(run(args))  # uvloop, as every service's pull
     environment = describe_environment(["python", *sys.argv])
     environment |= {
         name.replace("-", "_") + "_version": importlib.metadata.version(name)

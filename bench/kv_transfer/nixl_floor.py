@@ -11,10 +11,11 @@ loop on one thread (no event loop, no thread hops), timing each phase:
 - init: ``initialize_xfer``; post: ``transfer``; wait: ``check_xfer_state`` until DONE;
   release: ``release_xfer_handle``;
 
-and two variants: ``repost`` (one handle made once and posted again each time: the
-transfer alone) and ``prepped`` (descriptor lists prepared once, one descriptor per
-block and plane, ``make_prepped_xfer`` with block indices per pull, as vLLM's NIXL
-connector does). Medians in microseconds.
+and three variants: ``repost`` (one handle made once and posted again each time: the
+transfer alone), ``single`` (the same number of bytes as one descriptor, every phase: how
+much of the READ is per descriptor) and ``prepped`` (descriptor lists prepared once, one
+descriptor per block and plane, ``make_prepped_xfer`` with block indices per pull, as vLLM's
+NIXL connector does). Medians in microseconds.
 
 --notify adds a notification to each READ (a notified READ completes only once the peer has
 progressed); --reader-thread reads from a thread other than the one that made the pool
@@ -112,7 +113,7 @@ def measure(
 
         def body() -> None:
             if reader_thread == "device-current":
-                torch.cuda.set_device(torch.device(device))
+                torch.cuda.set_device(torch.device(device).index or 0)
             result.append(read_loop(*args))
 
         thread = threading.Thread(target=body)
@@ -166,6 +167,21 @@ def read_loop(
         if rep >= 3:
             note("repost", start)
     agent.release_xfer_handle(handle)
+
+    # The same bytes as one descriptor (the pool's first 16 MiB): what a layout keeping a
+    # prompt's blocks contiguous across planes would pay, i.e. how much of post is per
+    # descriptor.
+    one = [(0, PLANES * BLOCKS * BLOCK_PLANE_BYTES, dev)]
+    for rep in range(reps + 3):
+        start = time.perf_counter()
+        local_one = agent.get_xfer_descs([(pool.data_ptr() + o, n, d) for o, n, d in one], kind)
+        remote_one = agent.get_xfer_descs([(remote_addr + o, n, d) for o, n, d in one], kind)
+        handle = agent.initialize_xfer("READ", local_one, remote_one, name, notif)
+        agent.transfer(handle)
+        wait(agent, handle)
+        agent.release_xfer_handle(handle)
+        if rep >= 3:
+            note("single", start)
 
     local_side = agent.prep_xfer_dlist("NIXL_INIT_AGENT", block_descs(pool.data_ptr(), dev), kind)
     remote_side = agent.prep_xfer_dlist(name, block_descs(remote_addr, dev), kind)

@@ -7,6 +7,9 @@ the same pull timed through each layer Tandem puts around the READ, innermost la
 
 - ``pull``: ``KVReader.pull`` on the event loop (uvloop, as every service), what a decode
   worker pays;
+- ``pull_synced``: the same between two ``torch.cuda.synchronize()`` calls, as
+  bench_transfer.py times it, and ``synchronize`` one such call alone (both as ``pull``
+  and nothing on CPU);
 - ``transport``: ``NixlTransport.pull`` (no peer lookup);
 - ``thread_loop`` / ``thread_sync``: the READ as one ``AgentThread.transfer`` job, awaited
   from the loop / waited for with ``Future.result`` (descriptors made beforehand);
@@ -110,8 +113,18 @@ async def measure(blocks: int, reps: int) -> dict[str, float]:
         async def spans_only() -> None:
             kv_layout.paired_spans(transport.layout, local_ids, peer.layout, remote_ids)
 
+        async def pull_synced() -> None:
+            bt.synchronize()
+            await reader.pull(address, remote_ids, local_ids, "bench", 30)
+            bt.synchronize()
+
+        async def synchronize() -> None:
+            bt.synchronize()
+
         rows = {
             "pull": lambda: reader.pull(address, remote_ids, local_ids, "bench", 30),
+            "pull_synced": pull_synced,
+            "synchronize": synchronize,
             "transport": lambda: transport.pull(peer, remote_ids, local_ids, "bench", 30),
             "thread_loop": lambda: asyncio.wrap_future(thread.transfer(read).state),
             "thread_sync": thread_sync,
