@@ -16,7 +16,8 @@ the same pull timed through each layer Tandem puts around the READ, innermost la
 - ``hop_loop`` / ``hop_sync``: an empty job's round trip to the agent thread;
 - ``bare_*``: the READ's NIXL calls run back to back on the agent thread (describe, init,
   post, wait until done, release) and their ``bare_total``;
-- ``spans``: ``layout.paired_spans`` alone.
+- ``spans``: ``layout.paired_spans`` alone (one run each side: its shortcut), and
+  ``spans_general``: the same ids as numpy arrays, which take its general path.
 
 Medians in microseconds over ``--reps`` rounds, each running every row once (the bare
 phases after). The gaps between rows are what each layer costs: ``pull - thread_loop`` is
@@ -38,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -113,6 +115,11 @@ async def measure(blocks: int, reps: int) -> dict[str, float]:
         async def spans_only() -> None:
             kv_layout.paired_spans(transport.layout, local_ids, peer.layout, remote_ids)
 
+        local_np, remote_np = np.array(local_ids), np.array(remote_ids)
+
+        async def spans_general() -> None:
+            kv_layout.paired_spans(transport.layout, local_np, peer.layout, remote_np)
+
         async def pull_synced() -> None:
             bt.synchronize()
             await reader.pull(address, remote_ids, local_ids, "bench", 30)
@@ -131,6 +138,7 @@ async def measure(blocks: int, reps: int) -> dict[str, float]:
             "hop_loop": lambda: asyncio.wrap_future(thread.submit(int)),
             "hop_sync": hop_sync,
             "spans": spans_only,
+            "spans_general": spans_general,
         }
         figures = await _medians_us(rows, reps)
         phases = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,6 +131,38 @@ def test_paired_spans_copy_equals_tensor_copy() -> None:
     for r, loc in zip(remote_ids, local_ids, strict=True):
         want.tensor[:, :, loc * 16 : (loc + 1) * 16] = src_kv.tensor[:, :, r * 16 : (r + 1) * 16]
     assert torch.equal(dst_kv.tensor, want.tensor)
+
+
+@pytest.mark.parametrize(
+    ("local_ids", "remote_ids"),
+    [
+        (list(range(16, 80)), list(range(0, 64))),  # a 1,024-token prompt, one run each
+        ([79], [63]),  # the last block of each pool
+        (list(range(72, 80)), list(range(56, 64))),  # runs ending at each pool's end
+        ([10, 11, 12], [3, 4, 6]),  # one run locally, two remotely
+    ],
+)
+def test_paired_spans_single_run_path_equals_general_path(
+    local_ids: list[int], remote_ids: list[int]
+) -> None:
+    """Python ints take the one-run shortcut when they can; numpy ids always take the
+    general path: both must give the same rows, and the rows must be the caller's own."""
+    local, remote = layout_of(make_kv(80)), layout_of(make_kv(64))
+    fast = kv_layout.paired_spans(local, local_ids, remote, remote_ids)
+    general = kv_layout.paired_spans(local, np.array(local_ids), remote, np.array(remote_ids))
+    assert fast.dtype == general.dtype == np.int64
+    assert fast.tolist() == general.tolist()
+    fast[:, 0] += 1  # writable, and not the cached table
+    assert kv_layout.paired_spans(local, local_ids, remote, remote_ids).tolist() == general.tolist()
+
+
+def test_paired_spans_single_run_rows() -> None:
+    """Exact rows for one run: plane p at p * plane_bytes + first * span, on each side."""
+    local, remote = layout_of(make_kv(80)), layout_of(make_kv(64))
+    span = kv_layout.span_bytes(local)
+    rows = kv_layout.paired_spans(local, [5, 6, 7], remote, [60, 61, 62]).tolist()
+    want = [[(p * 80 + 5) * span, (p * 64 + 60) * span, 3 * span] for p in range(16)]
+    assert rows == want
 
 
 def test_paired_spans_rejects_mismatches() -> None:
