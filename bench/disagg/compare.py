@@ -28,7 +28,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     prefill, decode = MODES[mode]
     config = ClusterConfig(
         port=free_port(), prefill=prefill, decode=decode, policy="round-robin",
-        worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5"),
+        worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5", *device_args(args)),
     )  # fmt: skip
     serve_args = [
         "--workload", "random", "--num-prompts", str(args.num_prompts),
@@ -37,6 +37,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         "--goodput", args.goodput,
     ]  # fmt: skip
     return run_serve_bench(config, serve_args, args.out / f"{mode}.json")
+
+
+def device_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """Worker flags placing both workers' engines (and KV pools) on ``--device``."""
+    return ("--device", args.device) if args.device else ()
 
 
 def summarize(results: dict[str, dict]) -> str:
@@ -94,6 +99,12 @@ def main() -> int:
         default="ttft_ms=2000,tpot_ms=100",
         help="SLOs a request must meet to count towards goodput; keys ttft_ms, tpot_ms, "
         "e2e_ms (default ttft_ms=2000,tpot_ms=100)",
+    )
+    p.add_argument(
+        "--device",
+        metavar="cpu|cuda[:N]",
+        help="where every worker's engine and KV pool live (default: the workers' own "
+        "default, cuda when available); on one GPU both workers share it",
     )
     p.add_argument(
         "--out",
