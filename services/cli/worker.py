@@ -77,6 +77,14 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
             default=10.0,
             help="deadline for reading a prompt's KV before prefilling locally (default 10)",
         )
+        parser.add_argument(
+            "--kv-room-wait-s",
+            type=arg_types.non_negative_float,
+            default=10.0,
+            help="how long a prefilled request may wait, first come first served, for room "
+            "in this worker's KV pool to receive its KV before it is prefilled here instead "
+            "(default 10; 0: never wait); keep it below the prefill workers' --lease-s",
+        )
     add_engine_args(parser, batching=True)
     add_tracing_arg(parser)
     add_service_tls_args(parser)
@@ -99,6 +107,7 @@ def _handler(role: str) -> Callable[[argparse.Namespace], int]:
             kv_transport=args.kv_transport,
             lease_s=getattr(args, "lease_s", 30.0),
             kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
+            kv_room_wait_s=getattr(args, "kv_room_wait_s", 10.0),
             metrics_port=args.metrics_port,
             engine=engine_config(args),
             tls=tls,

@@ -25,7 +25,12 @@ def _servicers(host: WorkerHost) -> list[Servicer]:
     host.transport = make_transport(host.config.kv_transport, kv, host.worker_id, tls)
     reader = KVReader(host.worker_id, layout, host.transport, tls)
     decode = DecodeService(
-        host.loop, host.worker_id, reader, host.config.kv_timeout_s, host.metrics
+        host.loop,
+        host.worker_id,
+        reader,
+        host.config.kv_timeout_s,
+        host.metrics,
+        host.config.kv_room_wait_s,
     )
 
     def nothing_pinned(request_id: str, block_ids: list[int]) -> PinCheck:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.decode.room import RoomWaiter
 from services.engine.engine import LLMEngine, TransferTarget
 from services.engine.errors import InvalidRequestError, TandemError
 from services.kv_transfer.client import KVReader
@@ -47,12 +48,15 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         peers: KVReader,
         kv_timeout_s: float,
         metrics: WorkerMetrics,
+        kv_room_wait_s: float = 0.0,
     ) -> None:
         self.loop = loop
         self.worker_id = worker_id
         self.peers = peers
         self.kv_timeout_s = kv_timeout_s
+        self.kv_room_wait_s = kv_room_wait_s
         self.metrics = metrics
+        self.rooms = RoomWaiter(loop)
         self._background: set[asyncio.Task[None]] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -75,8 +79,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             timeout = request.kv_timeout_ms / 1000 if request.kv_timeout_ms else self.kv_timeout_s
             first = request.first_token_id
 
+            wait = self.kv_room_wait_s > 0
+
             def submit(engine: LLMEngine) -> None:
-                transfer.target = engine.add_transferred_request(rid, prompt, first, params)
+                transfer.target = engine.add_transferred_request(rid, prompt, first, params, wait)
 
             async def after_submit() -> None:
                 await self._read_kv(rid, request.kv, transfer, timeout)
@@ -123,7 +129,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         Any failure (peer gone, incompatible, timeout) falls back to prefilling here.
         """
         target = transfer.target
-        if target is None:  # no room now: the engine queued it for local prefill
+        if target is None and self.kv_room_wait_s > 0:  # queued for room: wait for it
+            target = transfer.target = await self._wait_for_room(rid)
+        if target is None:  # no room: the engine queued it to be prefilled here
             self._release_remote(kv)
             return
         start = time.monotonic()
@@ -152,6 +160,18 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self._release_remote(kv)
         ok = transfer.ok
         await self.loop.call(lambda engine: engine.transfer_done(rid, ok))
+
+    async def _wait_for_room(self, rid: str) -> TransferTarget | None:
+        start = time.monotonic()
+        with _tracer.start_as_current_span("kv.wait_for_room") as span:
+            target = await self.rooms.wait(rid, start + self.kv_room_wait_s)
+            span.set_attribute("tandem.kv.room_found", target is not None)
+        if target is None:
+            self.metrics.kv_room_give_ups.inc()
+            log.info("no room for %s's KV in %.1f s; prefilling it here", rid, self.kv_room_wait_s)
+        else:
+            self.metrics.kv_room_wait_seconds.observe(time.monotonic() - start)
+        return target
 
     def _release_remote(self, kv: wpb.KVHandle) -> None:
         """Tell the prefill worker to unpin, without waiting (its lease is the backstop)."""

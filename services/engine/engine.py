@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -167,24 +167,47 @@ class LLMEngine:
         prompt_token_ids: list[int],
         first_token: int,
         params: SamplingParams,
+        wait_for_room: bool = False,
     ) -> TransferTarget | None:
         """Admit a request prefilled elsewhere, whose first token is known.
 
         Reserves blocks for the prompt's KV (reusing this worker's prefix cache)
         and returns them; the caller copies the KV in, then calls
         ``transfer_done``. Returns None when the pool cannot hold it now: the
-        request is then queued to be prefilled here instead.
+        request is then queued to be prefilled here instead, or, with
+        ``wait_for_room``, queued to receive its KV once there is room
+        (``admit_awaiting``), which spares this worker the prefill.
         """
         self._validate(request_id, [*prompt_token_ids, first_token], params)
         req = self._new_request(request_id, [*prompt_token_ids, first_token], params)
         seq = req.seq
         seq.num_prompt_tokens = len(prompt_token_ids)
         req.text.push(first_token, check_stop=False)  # already sent by the prefill worker
-        reused = self.scheduler.reserve_for_transfer(seq, len(prompt_token_ids))
+        reused = self.scheduler.reserve_for_transfer(seq, len(prompt_token_ids), wait_for_room)
         if reused is None:
-            self.scheduler.add(seq)
+            if not wait_for_room:
+                self.scheduler.add(seq)
             return None
         return TransferTarget(tuple(seq.block_table), reused)
+
+    def admit_awaiting(self, give_up: Collection[str] = ()) -> dict[str, TransferTarget]:
+        """Reserve blocks for requests waiting for room to receive their KV, first come
+        first served, while they fit; then queue those in ``give_up`` still waiting to be
+        prefilled here. Returns the admitted ones' targets (copy, then ``transfer_done``)."""
+        admitted = {
+            seq.request_id: TransferTarget(tuple(seq.block_table), reused)
+            for seq, reused in self.scheduler.admit_awaiting()
+        }
+        for request_id in give_up:
+            req = self._requests.get(request_id)
+            if req is not None and req.seq.status == SeqStatus.AWAITING_ROOM:
+                self.scheduler.give_up_awaiting(req.seq)
+        return admitted
+
+    @property
+    def num_awaiting_room(self) -> int:
+        """Requests prefilled elsewhere waiting for room to receive their KV."""
+        return len(self.scheduler.awaiting_room)
 
     def transfer_done(self, request_id: str, ok: bool) -> None:
         """The KV copy for ``add_transferred_request`` finished; on failure, prefill here."""

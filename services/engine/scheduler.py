@@ -56,6 +56,9 @@ class Scheduler:
         self.block_size = pool.block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.awaiting_room: deque[tuple[Sequence, int]] = deque()
+        """Sequences prefilled elsewhere, with their KV's token count, waiting first come
+        first served for blocks to receive it (``reserve_for_transfer(wait=True)``)."""
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -107,6 +110,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq.status == SeqStatus.AWAITING_ROOM:
+            self._drop_awaiting(seq)
         self._release(seq)
         seq.status = SeqStatus.FINISHED
 
@@ -115,17 +120,66 @@ class Scheduler:
         self.running.remove(seq)
         seq.status = SeqStatus.HELD
 
-    def reserve_for_transfer(self, seq: Sequence, num_tokens: int) -> int | None:
+    def reserve_for_transfer(
+        self, seq: Sequence, num_tokens: int, wait: bool = False
+    ) -> int | None:
         """Give a new sequence blocks for ``num_tokens`` tokens of KV arriving from elsewhere.
 
         Its own prefix cache counts: cached blocks are taken, not copied. Returns
         how many leading blocks were cache hits, or None (nothing taken) when the
-        pool cannot hold the rest now.
+        pool cannot hold the rest now. With ``wait``, such a sequence joins
+        ``awaiting_room`` (``admit_awaiting`` reserves for it later), and it also waits
+        behind sequences already there and while the batch has no room (see
+        ``_room_to_receive``).
         """
+        if wait and (self.awaiting_room or not self._room_to_receive(seq, num_tokens)):
+            seq.status = SeqStatus.AWAITING_ROOM
+            self.awaiting_room.append((seq, num_tokens))
+            return None
+        return self._reserve_transfer(seq, num_tokens)
+
+    def admit_awaiting(self) -> list[tuple[Sequence, int]]:
+        """Reserve blocks for the sequences at the head of ``awaiting_room`` while they fit;
+        returns each admitted one with its cache hits, first come first served."""
+        admitted: list[tuple[Sequence, int]] = []
+        while self.awaiting_room:
+            seq, num_tokens = self.awaiting_room[0]
+            if not self._room_to_receive(seq, num_tokens):
+                break
+            self.awaiting_room.popleft()
+            reused = self._reserve_transfer(seq, num_tokens)
+            assert reused is not None  # _room_to_receive said it fits
+            admitted.append((seq, reused))
+        return admitted
+
+    def give_up_awaiting(self, seq: Sequence) -> None:
+        """Stop waiting for room to receive ``seq``'s KV: queue it to be prefilled here."""
+        self._drop_awaiting(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def _drop_awaiting(self, seq: Sequence) -> None:
+        self.awaiting_room = deque(e for e in self.awaiting_room if e[0] is not seq)
+
+    def _room_to_receive(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether a waiting transfer may take its blocks now: a batch slot is free, and the
+        pool keeps one free block per running sequence besides, so that admitting it does
+        not make the next step preempt a running one to let it grow."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        _, needed = self._transfer_need(seq, num_tokens)
+        return needed + len(self.running) <= self.pool.num_free_blocks
+
+    def _transfer_need(self, seq: Sequence, num_tokens: int) -> tuple[list[int], int]:
+        """(cached blocks it can take, free blocks it needs): what the cached prefix lacks,
+        plus the cached blocks it would take off the free list (idle ones count as free)."""
         hits = self._cached_prefix(seq)[: num_tokens // self.block_size]
         idle_hits = sum(1 for b in hits if self.pool.ref_count(b) == 0)
-        total = -(-num_tokens // self.block_size)
-        if total - len(hits) + idle_hits > self.pool.num_free_blocks:
+        return hits, -(-num_tokens // self.block_size) - len(hits) + idle_hits
+
+    def _reserve_transfer(self, seq: Sequence, num_tokens: int) -> int | None:
+        hits, needed = self._transfer_need(seq, num_tokens)
+        if needed > self.pool.num_free_blocks:
             return None
         self.pool.acquire(hits)
         seq.block_table = list(hits)

@@ -14,6 +14,9 @@ class SeqStatus(enum.Enum):
     """Queued, holding no blocks (new, or preempted and waiting to be recomputed)."""
     RUNNING = "running"
     """Holding blocks; prefilling in chunks or decoding one token per step."""
+    AWAITING_ROOM = "awaiting_room"
+    """Prefilled elsewhere; queued, holding no blocks, until the pool has room to receive
+    its KV."""
     AWAITING_KV = "awaiting_kv"
     """Holding blocks that another worker's KV is being copied into; not scheduled."""
     HELD = "held"

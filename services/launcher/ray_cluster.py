@@ -110,6 +110,7 @@ def worker_config_from_flags(role: str, model: str, host: str, router: str, work
         kv_transport=args.kv_transport,
         lease_s=getattr(args, "lease_s", 30.0),
         kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
+        kv_room_wait_s=getattr(args, "kv_room_wait_s", 10.0),
         metrics_port=args.metrics_port,
         engine=engine_config(args),
     )

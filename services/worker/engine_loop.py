@@ -33,6 +33,7 @@ class EngineLoop:
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._ticks: list[Callable[[LLMEngine], None]] = []
         self._watched: list[tuple[Callable[[LLMEngine], object], list[object]]] = []
+        self._step_waiters: list[asyncio.Future[None]] = []  # touched on the event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -87,6 +88,19 @@ class EngineLoop:
         self._commands.put(command)
         return await future
 
+    async def next_step(self) -> None:
+        """Return after the engine thread's next pass: a step when there is work, else its
+        next wake-up (a command, or at most ``tick_s``)."""
+        if self._loop is None or self._stopped.is_set():
+            raise RuntimeError("the engine loop is not running")
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._step_waiters.append(future)
+        try:
+            await future
+        finally:
+            if future in self._step_waiters:
+                self._step_waiters.remove(future)
+
     async def outputs(
         self,
         request_id: str,
@@ -129,6 +143,8 @@ class EngineLoop:
             if self.engine.has_schedulable():
                 self._dispatch(self.engine.step())
             self._refresh()
+            if self._step_waiters and self._loop is not None:  # a racy read: a late waiter
+                self._loop.call_soon_threadsafe(self._wake_step_waiters)  # waits one more pass
 
     def _drain_commands(self, block: bool) -> bool:
         """Run queued commands; wait up to tick_s for one when idle. False on stop."""
@@ -161,6 +177,12 @@ class EngineLoop:
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         if outputs and self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _wake_step_waiters(self) -> None:
+        waiters, self._step_waiters = self._step_waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

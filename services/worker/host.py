@@ -55,6 +55,10 @@ class WorkerConfig:
     """Prefill: how long prompt blocks stay pinned without a release."""
     kv_timeout_s: float = 10.0
     """Decode: deadline for reading a prompt's KV before prefilling locally."""
+    kv_room_wait_s: float = 10.0
+    """Decode: how long a prefilled request may wait for room in the KV pool to receive its
+    KV (first come first served) before it is prefilled here instead; 0 never waits. Keep
+    it below the prefill workers' lease, which pins the KV meanwhile."""
     metrics_port: int = 0
     """Prometheus /metrics port; 0 disables it."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -213,7 +217,7 @@ def _engine_load(engine: LLMEngine) -> wpb.WorkerLoad:
     )
     return wpb.WorkerLoad(
         running=len(sched.running),
-        waiting=len(sched.waiting),
+        waiting=len(sched.waiting) + len(sched.awaiting_room),
         free_blocks=engine.pool.num_free_blocks,
         total_blocks=engine.pool.num_blocks,
         queued_prefill_tokens=queued,

@@ -47,6 +47,18 @@ class WorkerMetrics:
             "KV reads that failed and fell back to local prefill",
             registry=r,
         )
+        self.kv_room_wait_seconds = Histogram(
+            "tandem_kv_room_wait_seconds",
+            "Time a prefilled request waited for room in this pool before its KV was read",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_room_give_ups = Counter(
+            "tandem_kv_room_give_ups",
+            "Prefilled requests that found no room within --kv-room-wait-s and were "
+            "prefilled here instead",
+            registry=r,
+        )
         self.inter_token_seconds = Histogram(
             "tandem_inter_token_seconds",
             "Gap between consecutive streamed tokens",

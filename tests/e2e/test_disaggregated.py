@@ -14,7 +14,7 @@ from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from services.launcher.local import LocalCluster
 from services.stubs.tandem.v1 import inference_pb2_grpc
-from tests.e2e.client import channel, eventually, generate, metric, request
+from tests.e2e.client import Completion, channel, eventually, generate, metric, request
 from tests.e2e.conftest import start_cluster
 
 BLOCK_BYTES = 16 * 8 * 2 * 4 * 64 * 4  # tokens × layers × K/V × kv heads × dim × fp32
@@ -135,3 +135,45 @@ def test_bad_requests_get_precise_statuses(
 async def _serve_all_raw(address: str, req) -> None:
     async with channel(address) as ch:
         await generate(inference_pb2_grpc.InferenceStub(ch), req)
+
+
+def test_a_full_decode_pool_waits_for_room_rather_than_prefilling_again(
+    tmp_path_factory: pytest.TempPathFactory, reference_engine
+) -> None:
+    """The decode worker's pool holds 8 blocks. r1 runs there, 50 + 70 tokens: 5 blocks
+    by its 16th token, all 8 by its last. r2's prompt, prefilled meanwhile, needs 4 and
+    finds 3 free: it waits for r1 to finish, then its KV is read in. Before, it was queued
+    to be prefilled again on the decode worker (bench/disagg/gpu-h100-overload: under load
+    151 of 200 requests went that way); with --kv-room-wait-s 0 this test fails so."""
+    pool_gib = str(8.5 * BLOCK_BYTES / 2**30)  # 8 blocks of fp32 tandem-tiny
+    small_pool = ("--kv-cache-gib", pool_gib)
+    c = start_cluster(tmp_path_factory.mktemp("room"), prefill=1, decode=1, decode_args=small_pool)
+    try:
+        decode = c.child("decode-0")
+        assert metric(decode.metrics_port, "tandem_kv_free_blocks") == 8
+        r1_prompt, r2_prompt = list(range(2000, 2050)), list(range(3000, 3050))  # 4 blocks each
+        (want1,), (want2,) = (
+            _offline(reference_engine, [p], n) for p, n in ((r1_prompt, 70), (r2_prompt, 8))
+        )
+
+        async def both() -> tuple:
+            async with channel(c.address) as ch:
+                stub = inference_pb2_grpc.InferenceStub(ch)
+                r1 = Completion()
+                first = asyncio.ensure_future(generate(stub, request(r1_prompt, 70), into=r1))
+                while len(r1.tokens) < 16:  # r1 holds 5 of the 8 blocks
+                    await asyncio.sleep(0.005)
+                second = await generate(stub, request(r2_prompt, 8))
+                return await first, second
+
+        got1, got2 = asyncio.run(both())
+        assert got1.tokens == want1 and got2.tokens == want2
+        serving = got2.final.serving
+        assert serving.prefill_worker == "prefill-0" and serving.kv_transport
+        assert serving.kv_transfer_bytes == 4 * BLOCK_BYTES
+        assert metric(decode.metrics_port, "tandem_kv_room_wait_seconds_count") == 1
+        assert metric(decode.metrics_port, "tandem_kv_room_give_ups_total") == 0
+        assert metric(decode.metrics_port, "tandem_kv_transfer_failures_total") == 0
+        eventually(lambda: metric(decode.metrics_port, "tandem_kv_free_blocks") == 8)
+    finally:
+        c.stop()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.engine import EngineConfig, LLMEngine, TransferTarget
 from services.engine.sampling_params import SamplingParams
 from tests.engine.reference import build_checkpoint
 
@@ -126,3 +126,70 @@ def test_abort_while_awaiting_kv_frees_blocks(checkpoint: Path) -> None:
     assert out is not None and out.finish_reason is not None
     assert decode.pool.num_free_blocks == 64
     decode.pool.check_integrity()
+
+
+# -- waiting for room to receive (a decode worker's pool full of running sequences) -----
+
+BUSY = list(range(300, 350))  # 50 tokens, no block shared with PROMPT
+
+
+def _small_decode(directory: Path) -> LLMEngine:
+    """8 blocks: a running 50-token request (4 blocks, then 5) leaves no room for PROMPT's
+    4 plus one block of headroom for the running one."""
+    return LLMEngine(str(directory), EngineConfig(dtype="float32", device="cpu", num_blocks=8))
+
+
+def _busy(decode: LLMEngine) -> None:
+    decode.add_request("busy", BUSY, PARAMS)
+    decode.step()  # its prefill: 4 blocks taken
+    assert decode.pool.num_free_blocks == 4
+
+
+def test_transfer_waits_for_room_then_reads(checkpoint: Path) -> None:
+    (whole,) = _engine(checkpoint).generate([PROMPT], PARAMS)
+    prefill, decode = _engine(checkpoint), _small_decode(checkpoint)
+    first, remote_ids = _prefill(prefill, "r7")
+    _busy(decode)
+    assert decode.add_transferred_request("r7", PROMPT, first, PARAMS, wait_for_room=True) is None
+    assert decode.num_awaiting_room == 1 and decode.pool.num_free_blocks == 4
+    steps = 0
+    while not (admitted := decode.admit_awaiting()):
+        assert decode.has_schedulable(), "the busy request finished and still no room"
+        decode.step()
+        steps += 1
+    assert steps == 23  # busy's tokens after its first: room came only when it finished
+    assert decode.num_awaiting_room == 0 and list(admitted) == ["r7"]
+    target = admitted["r7"]
+    # busy's full blocks 0-3 stay cached; its partial block 4 and the never-used 5-7 are taken
+    assert target == TransferTarget((4, 5, 6, 7), 0)
+    _copy_blocks(prefill, remote_ids, decode, list(target.block_ids))
+    prefill.release_held("r7")
+    decode.transfer_done("r7", ok=True)
+    assert [first, *_run(decode)] == list(whole.token_ids)
+    assert prefill.pool.num_free_blocks == 64 and decode.pool.num_free_blocks == 8
+    decode.pool.check_integrity()
+
+
+def test_waiting_transfer_past_its_deadline_is_prefilled_here(checkpoint: Path) -> None:
+    (whole,) = _engine(checkpoint).generate([PROMPT], PARAMS)
+    decode = _small_decode(checkpoint)
+    _busy(decode)
+    decode.add_transferred_request("r8", PROMPT, whole.token_ids[0], PARAMS, wait_for_room=True)
+    assert decode.admit_awaiting(give_up=["r8"]) == {}
+    assert decode.num_awaiting_room == 0
+    outs = _drain(decode)
+    r8 = [t for o in outs if o.request_id == "r8" for t in o.token_ids]
+    assert [whole.token_ids[0], *r8] == list(whole.token_ids)
+    assert decode.pool.num_free_blocks == 8
+
+
+def test_abort_while_awaiting_room_leaves_the_queue(checkpoint: Path) -> None:
+    decode = _small_decode(checkpoint)
+    _busy(decode)
+    decode.add_transferred_request("r9", PROMPT, 7, PARAMS, wait_for_room=True)
+    out = decode.abort("r9")
+    assert out is not None and out.finish_reason is not None
+    assert decode.num_awaiting_room == 0 and decode.pool.num_free_blocks == 4
+    assert decode.admit_awaiting(give_up=["r9"]) == {}  # gone: nothing to admit or give up
+    _drain(decode)
+    assert decode.pool.num_free_blocks == 8

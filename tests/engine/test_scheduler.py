@@ -8,6 +8,7 @@ max_tokens, as the engine does.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 import pytest
@@ -366,3 +367,67 @@ def test_scheduled_chunk_samples_only_when_it_reaches_the_last_token(h: Harness)
     chunk = ScheduledChunk(seq, 10)
     assert not chunk.samples
     assert ScheduledChunk(seq, 12).samples
+
+
+# ------------------------------------------------------- transfers waiting for room
+def _prefilled_elsewhere(h: Harness, rid: str, prompt_len: int) -> Sequence:
+    """A sequence whose prompt (unshared tokens) and first token came from a prefill worker."""
+    base = 10_000 * (h.arrivals + 1)
+    seq = Sequence(
+        request_id=rid,
+        token_ids=[*range(base, base + prompt_len), 7],
+        params=SamplingParams(max_tokens=4),
+        max_total_tokens=prompt_len + 4,
+        arrival=h.arrivals,
+        num_prompt_tokens=prompt_len,
+    )
+    h.arrivals += 1
+    return seq
+
+
+def test_transfers_wait_for_room_first_come_first_served() -> None:
+    h = Harness(num_blocks=8, max_num_batched_tokens=16)
+    run = h.add("run", 8, max_tokens=4)
+    assert h.step() == [("run", 8)] and run.block_table == [0, 1]
+    big, small = _prefilled_elsewhere(h, "big", 24), _prefilled_elsewhere(h, "small", 4)
+    # big needs 6 blocks and leaves one per running sequence: 7 > the 6 free.
+    assert h.sched.reserve_for_transfer(big, 24, wait=True) is None
+    # small would fit, but big came first.
+    assert h.sched.reserve_for_transfer(small, 4, wait=True) is None
+    assert [s.status for s in (big, small)] == [SeqStatus.AWAITING_ROOM] * 2
+    assert h.sched.admit_awaiting() == [] and h.pool.num_free_blocks == 6
+    while h.running():
+        h.step()
+    # run finished: its blocks 0 and 1 are free but cached, so big takes the 6 never used
+    # and small evicts one of run's, block 1 (its last block, the least valuable prefix).
+    assert h.sched.admit_awaiting() == [(big, 0), (small, 0)]
+    assert big.block_table == [2, 3, 4, 5, 6, 7] and small.block_table == [1]
+    assert [s.status for s in (big, small)] == [SeqStatus.AWAITING_KV] * 2
+    assert h.sched.awaiting_room == deque()
+
+
+def test_waiting_transfer_given_up_or_finished_leaves_the_queue() -> None:
+    h = Harness(num_blocks=8)
+    h.add("run", 8, max_tokens=4)
+    h.step()
+    a, b = _prefilled_elsewhere(h, "a", 24), _prefilled_elsewhere(h, "b", 24)
+    h.sched.reserve_for_transfer(a, 24, wait=True)
+    h.sched.reserve_for_transfer(b, 24, wait=True)
+    h.sched.give_up_awaiting(a)  # to be prefilled here, behind what was queued
+    h.finish(b)  # aborted while waiting: holds nothing
+    assert a.status == SeqStatus.WAITING and h.waiting() == ["a"]
+    assert b.status == SeqStatus.FINISHED and h.sched.awaiting_room == deque()
+    assert h.pool.num_free_blocks == 6
+
+
+def test_without_wait_a_transfer_that_does_not_fit_takes_nothing() -> None:
+    h = Harness(num_blocks=8)
+    h.add("run", 8, max_tokens=4)
+    h.step()
+    seq = _prefilled_elsewhere(h, "x", 28)  # 7 blocks: more than the 6 free
+    assert h.sched.reserve_for_transfer(seq, 28) is None
+    assert seq.status == SeqStatus.WAITING and h.sched.awaiting_room == deque()
+    # 24 tokens fit exactly without waiting: no headroom is asked of the old path.
+    fits = _prefilled_elsewhere(h, "y", 24)
+    assert h.sched.reserve_for_transfer(fits, 24) == 0 and h.pool.num_free_blocks == 0
+    h.finish(fits)

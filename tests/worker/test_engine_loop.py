@@ -72,3 +72,36 @@ def test_a_watched_figure_is_refused_once_the_engine_thread_dies(engine: LLMEngi
         assert free() == 32  # stopped on purpose: the last figure, no error
 
     asyncio.run(body())
+
+
+def test_next_step_returns_after_the_engines_next_pass(engine: LLMEngine) -> None:
+    """Idle, the engine thread passes at each command or tick; busy, at each step. A waiter
+    registered while the thread is held returns only once it has passed again."""
+
+    async def body() -> None:
+        loop = EngineLoop(engine, tick_s=30)  # no tick within the test: commands wake it
+        loop.start()
+        gate, inside = threading.Event(), threading.Event()
+
+        def hold(engine: LLMEngine) -> None:
+            inside.set()
+            gate.wait(10)
+
+        held = asyncio.ensure_future(loop.call(hold))
+        await asyncio.to_thread(inside.wait, 10)
+        waiter = asyncio.ensure_future(loop.next_step())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # the thread has not passed since
+        gate.set()
+        await held
+        await asyncio.wait_for(waiter, 5)
+        cancelled = asyncio.ensure_future(loop.next_step())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert loop._step_waiters == []  # a cancelled waiter leaves nothing behind
+        await loop.stop()
+        with pytest.raises(RuntimeError, match="not running"):
+            await loop.next_step()
+
+    asyncio.run(body())
