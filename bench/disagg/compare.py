@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.bench.cluster_run import run_serve_bench
+from services.bench.cluster_run import compare_runs, run_serve_bench
 from services.launcher.local import ClusterConfig, free_port
 
 MODES = {"disaggregated": (1, 1), "aggregated": (0, 2)}
@@ -113,11 +113,7 @@ def main() -> int:
         help="directory for <mode>.json, <mode>.png and summary.md (default bench/disagg)",
     )
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = {mode: run_mode(mode, args) for mode in MODES}
-    table = summarize(results)
-    (args.out / "summary.md").write_text(table + "\n")
-    print(table)
+    compare_runs(args.out, MODES, lambda mode: run_mode(mode, args), summarize)
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from services.bench.cluster_run import run_serve_bench
+from services.bench.cluster_run import compare_runs, run_serve_bench
 from services.launcher.local import ClusterConfig, free_port
 
 MODES = {"prefill-again": "0", "wait-for-room": "10"}
@@ -98,11 +98,7 @@ def main() -> int:
         help="directory for <mode>.json, <mode>.png and summary.md",
     )
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = {mode: run_mode(mode, args) for mode in MODES}
-    table = summarize(results)
-    (args.out / "summary.md").write_text(table + "\n")
-    print(table)
+    compare_runs(args.out, MODES, lambda mode: run_mode(mode, args), summarize)
     return 0
 
 

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from services.launcher.local import ClusterConfig, LocalCluster
@@ -35,3 +36,19 @@ def run_serve_bench(config: ClusterConfig, serve_args: list[str], out_json: Path
     finally:
         cluster.stop()
     return json.loads(out_json.read_text())
+
+
+def compare_runs(
+    out: Path,
+    names: Iterable[str],
+    run: Callable[[str], dict],
+    summarize: Callable[[dict[str, dict]], str],
+) -> dict[str, dict]:
+    """Run each named configuration in turn (``run(name)`` writes ``out/<name>.json``), then
+    write ``summarize(results)`` to ``out/summary.md`` and print it."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {name: run(name) for name in names}
+    table = summarize(results)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    return results
