@@ -5,7 +5,9 @@ past its deadline is prefilled here; a cancelled wait leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -36,32 +38,42 @@ async def _with_busy(loop: EngineLoop) -> asyncio.Task[list[int]]:
     return task
 
 
+@contextlib.asynccontextmanager
+async def _full_pool(
+    engine: LLMEngine | None = None,
+) -> AsyncIterator[tuple[EngineLoop, RoomWaiter, asyncio.Task[list[int]]]]:
+    """An engine loop, its RoomWaiter, and the busy request holding 4 of its 8 blocks."""
+    loop = EngineLoop(engine or _engine(), tick_s=0.01)
+    loop.start()
+    rooms = RoomWaiter(loop)
+    try:
+        yield loop, rooms, await _with_busy(loop)
+    finally:
+        await rooms.close()
+        await loop.stop()
+
+
 def _queue(rid: str, first: int = 7):
     return lambda e: e.add_transferred_request(rid, PROMPT, first, PARAMS, wait_for_room=True)
 
 
 def test_waiters_get_room_when_the_running_request_finishes() -> None:
     async def body() -> None:
-        loop = EngineLoop(_engine(), tick_s=0.01)
-        loop.start()
-        rooms = RoomWaiter(loop)
-        busy = await _with_busy(loop)
-        assert await loop.call(_queue("a")) is None
-        assert await loop.call(_queue("b")) is None
-        deadline = time.monotonic() + 30
-        a = asyncio.ensure_future(rooms.wait("a", deadline))
-        b = asyncio.ensure_future(rooms.wait("b", deadline))
-        assert len(await busy) == 8  # a and b waited while it ran
-        got_a, got_b = await asyncio.wait_for(asyncio.gather(a, b), 10)
-        # First come first served: a takes busy's partial block 3 and three never used; b
-        # evicts busy's cached full blocks 0-2 and takes the last unused one.
-        assert got_a == TransferTarget((3, 4, 5, 6), 0)
-        assert got_b == TransferTarget((0, 1, 2, 7), 0)
-        for rid in ("a", "b"):
-            await loop.call(lambda e, rid=rid: e.abort(rid))
-        assert await loop.call(lambda e: (e.pool.num_free_blocks, e.num_awaiting_room)) == (8, 0)
-        await rooms.close()
-        await loop.stop()
+        async with _full_pool() as (loop, rooms, busy):
+            assert await loop.call(_queue("a")) is None
+            assert await loop.call(_queue("b")) is None
+            deadline = time.monotonic() + 30
+            a = asyncio.ensure_future(rooms.wait("a", deadline))
+            b = asyncio.ensure_future(rooms.wait("b", deadline))
+            assert len(await busy) == 8  # a and b waited while it ran
+            got_a, got_b = await asyncio.wait_for(asyncio.gather(a, b), 10)
+            # First come first served: a takes busy's partial block 3 and three never used;
+            # b evicts busy's cached full blocks 0-2 and takes the last unused one.
+            assert got_a == TransferTarget((3, 4, 5, 6), 0)
+            assert got_b == TransferTarget((0, 1, 2, 7), 0)
+            for rid in ("a", "b"):
+                await loop.call(lambda e, rid=rid: e.abort(rid))
+            assert await loop.call(_idle) == (8, 0)
 
     asyncio.run(body())
 
@@ -70,46 +82,40 @@ def test_a_waiter_past_its_deadline_is_prefilled_here() -> None:
     async def body() -> None:
         engine = _engine()
         (whole,) = engine.generate([PROMPT], PARAMS)
-        loop = EngineLoop(engine, tick_s=0.01)
-        loop.start()
-        rooms = RoomWaiter(loop)
-        busy = await _with_busy(loop)
         first = whole.token_ids[0]
-        started = time.monotonic()
+        async with _full_pool(engine) as (loop, rooms, busy):
+            started = time.monotonic()
 
-        async def wait_in_vain() -> None:  # as DecodeService does, once the request is queued
-            assert await rooms.wait("late", started + 0.05) is None
-            assert time.monotonic() - started < 5
-            assert await loop.call(lambda e: e.num_awaiting_room) == 0
+            async def wait_in_vain() -> None:  # as DecodeService does, once it is queued
+                assert await rooms.wait("late", started + 0.05) is None
+                assert time.monotonic() - started < 5
+                assert await loop.call(lambda e: e.num_awaiting_room) == 0
 
-        outputs = loop.outputs("late", _queue("late", first), wait_in_vain)
-        tokens = [t async for out in outputs for t in out.token_ids]
-        assert [first, *tokens] == list(whole.token_ids)  # prefilled here, same tokens
-        await busy
-        assert await loop.call(lambda e: e.pool.num_free_blocks) == 8
-        await rooms.close()
-        await loop.stop()
+            outputs = loop.outputs("late", _queue("late", first), wait_in_vain)
+            tokens = [t async for out in outputs for t in out.token_ids]
+            assert [first, *tokens] == list(whole.token_ids)  # prefilled here, same tokens
+            await busy
+            assert await loop.call(_idle) == (8, 0)
 
     asyncio.run(body())
 
 
 def test_a_cancelled_wait_leaves_nothing_behind() -> None:
     async def body() -> None:
-        loop = EngineLoop(_engine(), tick_s=0.01)
-        loop.start()
-        rooms = RoomWaiter(loop)
-        busy = await _with_busy(loop)
-        await loop.call(_queue("gone"))
-        waiting = asyncio.ensure_future(rooms.wait("gone", time.monotonic() + 30))
-        await asyncio.sleep(0.02)
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        await loop.call(lambda e: e.abort("gone"))  # what EngineLoop.outputs does on cancel
-        await busy
-        assert rooms._waiting == {}
-        assert await loop.call(lambda e: (e.pool.num_free_blocks, e.num_awaiting_room)) == (8, 0)
-        await rooms.close()
-        await loop.stop()
+        async with _full_pool() as (loop, rooms, busy):
+            await loop.call(_queue("gone"))
+            waiting = asyncio.ensure_future(rooms.wait("gone", time.monotonic() + 30))
+            await asyncio.sleep(0.02)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await loop.call(lambda e: e.abort("gone"))  # what EngineLoop.outputs does on cancel
+            await busy
+            assert rooms._waiting == {}
+            assert await loop.call(_idle) == (8, 0)
 
     asyncio.run(body())
+
+
+def _idle(engine: LLMEngine) -> tuple[int, int]:
+    return engine.pool.num_free_blocks, engine.num_awaiting_room
