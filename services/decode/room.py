@@ -74,6 +74,6 @@ class RoomWaiter:
             await asyncio.wait_for(self.loop.next_step(), max(0.0, earliest - time.monotonic()))
 
     def _settle(self, request_id: str, target: TransferTarget | None) -> None:
-        entry = self._waiting.get(request_id)
+        entry = self._waiting.pop(request_id, None)  # now: the loop's next check counts it out
         if entry is not None and not entry[0].done():
             entry[0].set_result(target)
