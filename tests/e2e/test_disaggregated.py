@@ -137,43 +137,100 @@ async def _serve_all_raw(address: str, req) -> None:
         await generate(inference_pb2_grpc.InferenceStub(ch), req)
 
 
+@pytest.fixture(scope="module")
+def small_pool(
+    tmp_path_factory: pytest.TempPathFactory, tandem_home: Path
+) -> Iterator[LocalCluster]:
+    """1 prefill + 1 decode worker whose pool holds 8 blocks of fp32 tandem-tiny."""
+    pool_gib = str(8.5 * BLOCK_BYTES / 2**30)
+    c = start_cluster(
+        tmp_path_factory.mktemp("room"),
+        prefill=1,
+        decode=1,
+        decode_args=("--kv-cache-gib", pool_gib),
+    )
+    yield c
+    c.stop()
+
+
+R1_PROMPT, R2_PROMPT = list(range(2000, 2050)), list(range(3000, 3050))  # 4 blocks each
+
+
+async def _r1_filling_the_pool(stub: inference_pb2_grpc.InferenceStub) -> asyncio.Future:
+    """r1 runs on the decode worker, 50 + 70 tokens: 5 of its 8 blocks by its 16th token,
+    all 8 by its last. Returns once it holds 5; the future gives its Completion."""
+    r1 = Completion()
+    running = asyncio.ensure_future(generate(stub, request(R1_PROMPT, 70), into=r1))
+    while len(r1.tokens) < 16:
+        await asyncio.sleep(0.005)
+    return running
+
+
+def _room_figures(decode_port: int) -> tuple[float, float, float]:
+    return tuple(  # type: ignore[return-value]
+        metric(decode_port, name)
+        for name in (
+            "tandem_kv_room_wait_seconds_count",
+            "tandem_kv_room_give_ups_total",
+            "tandem_kv_transfer_failures_total",
+        )
+    )
+
+
 def test_a_full_decode_pool_waits_for_room_rather_than_prefilling_again(
-    tmp_path_factory: pytest.TempPathFactory, reference_engine
+    small_pool: LocalCluster, reference_engine
 ) -> None:
-    """The decode worker's pool holds 8 blocks. r1 runs there, 50 + 70 tokens: 5 blocks
-    by its 16th token, all 8 by its last. r2's prompt, prefilled meanwhile, needs 4 and
+    """r2's prompt, prefilled while r1 holds 5 of the decode worker's 8 blocks, needs 4 and
     finds 3 free: it waits for r1 to finish, then its KV is read in. Before, it was queued
     to be prefilled again on the decode worker (bench/disagg/gpu-h100-overload: under load
     151 of 200 requests went that way); with --kv-room-wait-s 0 this test fails so."""
-    pool_gib = str(8.5 * BLOCK_BYTES / 2**30)  # 8 blocks of fp32 tandem-tiny
-    small_pool = ("--kv-cache-gib", pool_gib)
-    c = start_cluster(tmp_path_factory.mktemp("room"), prefill=1, decode=1, decode_args=small_pool)
-    try:
-        decode = c.child("decode-0")
-        assert metric(decode.metrics_port, "tandem_kv_free_blocks") == 8
-        r1_prompt, r2_prompt = list(range(2000, 2050)), list(range(3000, 3050))  # 4 blocks each
-        (want1,), (want2,) = (
-            _offline(reference_engine, [p], n) for p, n in ((r1_prompt, 70), (r2_prompt, 8))
-        )
+    decode = small_pool.child("decode-0")
+    eventually(lambda: metric(decode.metrics_port, "tandem_kv_free_blocks") == 8)
+    (want1,), (want2,) = (
+        _offline(reference_engine, [p], n) for p, n in ((R1_PROMPT, 70), (R2_PROMPT, 8))
+    )
+    waits, give_ups, failures = _room_figures(decode.metrics_port)
 
-        async def both() -> tuple:
-            async with channel(c.address) as ch:
-                stub = inference_pb2_grpc.InferenceStub(ch)
-                r1 = Completion()
-                first = asyncio.ensure_future(generate(stub, request(r1_prompt, 70), into=r1))
-                while len(r1.tokens) < 16:  # r1 holds 5 of the 8 blocks
-                    await asyncio.sleep(0.005)
-                second = await generate(stub, request(r2_prompt, 8))
-                return await first, second
+    async def both() -> tuple:
+        async with channel(small_pool.address) as ch:
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            r1 = await _r1_filling_the_pool(stub)
+            second = await generate(stub, request(R2_PROMPT, 8))
+            return await r1, second
 
-        got1, got2 = asyncio.run(both())
-        assert got1.tokens == want1 and got2.tokens == want2
-        serving = got2.final.serving
-        assert serving.prefill_worker == "prefill-0" and serving.kv_transport
-        assert serving.kv_transfer_bytes == 4 * BLOCK_BYTES
-        assert metric(decode.metrics_port, "tandem_kv_room_wait_seconds_count") == 1
-        assert metric(decode.metrics_port, "tandem_kv_room_give_ups_total") == 0
-        assert metric(decode.metrics_port, "tandem_kv_transfer_failures_total") == 0
-        eventually(lambda: metric(decode.metrics_port, "tandem_kv_free_blocks") == 8)
-    finally:
-        c.stop()
+    got1, got2 = asyncio.run(both())
+    assert got1.tokens == want1 and got2.tokens == want2
+    serving = got2.final.serving
+    assert serving.prefill_worker == "prefill-0" and serving.kv_transport
+    assert serving.kv_transfer_bytes == 4 * BLOCK_BYTES
+    assert _room_figures(decode.metrics_port) == (waits + 1, give_ups, failures)
+    eventually(lambda: metric(decode.metrics_port, "tandem_kv_free_blocks") == 8)
+
+
+def test_cancelled_while_waiting_for_room_returns_every_block(small_pool: LocalCluster) -> None:
+    """r2 gets its first token (from the prefill worker), then waits for room on the decode
+    worker; the client cancels it there. Both pools go back to idle, and r2 is neither
+    admitted nor prefilled on the decode worker."""
+    decode, prefill = small_pool.child("decode-0"), small_pool.child("prefill-0")
+    prefill_total = 0.25 * 2**30 // BLOCK_BYTES
+    eventually(lambda: metric(decode.metrics_port, "tandem_kv_free_blocks") == 8)
+    waits, give_ups, failures = _room_figures(decode.metrics_port)
+
+    async def cancel_while_waiting() -> None:
+        async with channel(small_pool.address) as ch:
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            r1 = await _r1_filling_the_pool(stub)
+            call = stub.Generate(request(R2_PROMPT, 8))
+            assert len((await call.read()).token_ids) == 1  # the prefill worker's token
+            await asyncio.to_thread(
+                eventually, lambda: metric(decode.metrics_port, "tandem_queue_depth") == 1
+            )
+            call.cancel()
+            assert not r1.done()  # r2 was cancelled while r1 still held the pool
+            await r1
+
+    asyncio.run(cancel_while_waiting())
+    eventually(lambda: metric(decode.metrics_port, "tandem_kv_free_blocks") == 8)
+    eventually(lambda: metric(prefill.metrics_port, "tandem_kv_free_blocks") == prefill_total)
+    eventually(lambda: metric(decode.metrics_port, "tandem_queue_depth") == 0)
+    assert _room_figures(decode.metrics_port) == (waits, give_ups, failures)
