@@ -59,6 +59,9 @@ class Scheduler:
         self.awaiting_room: deque[tuple[Sequence, int]] = deque()
         """Sequences prefilled elsewhere, with their KV's token count, waiting first come
         first served for blocks to receive it (``reserve_for_transfer(wait=True)``)."""
+        self.num_receiving = 0
+        """Sequences holding blocks while their KV is copied in (AWAITING_KV): they join
+        ``running`` when it has arrived, so they count against its limits already."""
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -112,6 +115,8 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status == SeqStatus.AWAITING_ROOM:
             self._drop_awaiting(seq)
+        elif seq.status == SeqStatus.AWAITING_KV:
+            self.num_receiving -= 1
         self._release(seq)
         seq.status = SeqStatus.FINISHED
 
@@ -162,13 +167,15 @@ class Scheduler:
         self.awaiting_room = deque(e for e in self.awaiting_room if e[0] is not seq)
 
     def _room_to_receive(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether a waiting transfer may take its blocks now: a batch slot is free, and the
-        pool keeps one free block per running sequence besides, so that admitting it does
-        not make the next step preempt a running one to let it grow."""
-        if len(self.running) >= self.config.max_num_seqs:
+        """Whether a waiting transfer may take its blocks now: a batch slot is free (counting
+        sequences still receiving), and the pool keeps one free block per sequence in the
+        batch besides, so that admitting it does not make the next step preempt one of them
+        to let it grow."""
+        batch = len(self.running) + self.num_receiving
+        if batch >= self.config.max_num_seqs:
             return False
         _, needed = self._transfer_need(seq, num_tokens)
-        return needed + len(self.running) <= self.pool.num_free_blocks
+        return needed + batch <= self.pool.num_free_blocks
 
     def _transfer_need(self, seq: Sequence, num_tokens: int) -> tuple[list[int], int]:
         """(cached blocks it can take, free blocks it needs): what the cached prefix lacks,
@@ -188,10 +195,12 @@ class Scheduler:
         seq.num_cached_tokens = len(hits) * self.block_size
         self._grow(seq, num_tokens - seq.num_computed_tokens)
         seq.status = SeqStatus.AWAITING_KV
+        self.num_receiving += 1
         return len(hits)
 
     def transfer_done(self, seq: Sequence, num_tokens: int, ok: bool) -> None:
         """KV for ``num_tokens`` arrived (join the batch) or failed (recompute locally)."""
+        self.num_receiving -= 1
         if ok:
             seq.num_computed_tokens = num_tokens
             if self.config.enable_prefix_caching:

@@ -66,13 +66,14 @@ def test_waiters_get_room_when_the_running_request_finishes() -> None:
             a = asyncio.ensure_future(rooms.wait("a", deadline))
             b = asyncio.ensure_future(rooms.wait("b", deadline))
             assert len(await busy) == 8  # a and b waited while it ran
-            got_a, got_b = await asyncio.wait_for(asyncio.gather(a, b), 10)
-            # First come first served: a takes busy's partial block 3 and three never used;
-            # b evicts busy's cached full blocks 0-2 and takes the last unused one.
-            assert got_a == TransferTarget((3, 4, 5, 6), 0)
-            assert got_b == TransferTarget((0, 1, 2, 7), 0)
-            for rid in ("a", "b"):
-                await loop.call(lambda e, rid=rid: e.abort(rid))
+            # First come first served: a takes busy's partial block 3 and three never used.
+            assert await asyncio.wait_for(a, 10) == TransferTarget((3, 4, 5, 6), 0)
+            # 4 blocks are free, but b must leave one for a, which will run and grow.
+            await asyncio.sleep(0.05)
+            assert not b.done()
+            await loop.call(lambda e: e.abort("a"))  # its blocks come back, uncached
+            assert await asyncio.wait_for(b, 10) == TransferTarget((3, 4, 5, 6), 0)
+            await loop.call(lambda e: e.abort("b"))
             assert await loop.call(_idle) == (8, 0)
 
     asyncio.run(body())

@@ -431,3 +431,22 @@ def test_without_wait_a_transfer_that_does_not_fit_takes_nothing() -> None:
     fits = _prefilled_elsewhere(h, "y", 24)
     assert h.sched.reserve_for_transfer(fits, 24) == 0 and h.pool.num_free_blocks == 0
     h.finish(fits)
+
+
+def test_sequences_still_receiving_count_against_the_batch() -> None:
+    h = Harness(num_blocks=64, max_num_seqs=2)
+    run = h.add("run", 8, max_tokens=4)
+    h.step()
+    a, b = _prefilled_elsewhere(h, "a", 8), _prefilled_elsewhere(h, "b", 8)
+    assert h.sched.reserve_for_transfer(a, 8, wait=True) == 0 and h.sched.num_receiving == 1
+    # run and a (receiving, not yet running) fill the batch of 2
+    assert h.sched.reserve_for_transfer(b, 8, wait=True) is None
+    h.sched.transfer_done(a, 8, ok=True)
+    assert h.running() == ["run", "a"] and h.sched.num_receiving == 0
+    assert h.sched.admit_awaiting() == []
+    h.finish(run)
+    assert h.sched.admit_awaiting() == [(b, 0)] and h.sched.num_receiving == 1
+    h.finish(b)  # aborted while its KV was being copied in
+    assert h.sched.num_receiving == 0
+    h.finish(a)
+    assert h.pool.num_free_blocks == 64
