@@ -166,6 +166,14 @@ async def _r1_filling_the_pool(stub: inference_pb2_grpc.InferenceStub) -> asynci
     return running
 
 
+def _decodes(decode_port: int) -> float:
+    """Decode calls the worker has taken (a labelled counter: absent until the first)."""
+    try:
+        return metric(decode_port, "tandem_decode_requests_total")
+    except AssertionError:
+        return 0.0
+
+
 def _room_figures(decode_port: int) -> tuple[float, float, float]:
     return tuple(  # type: ignore[return-value]
         metric(decode_port, name)
@@ -220,10 +228,12 @@ def test_cancelled_while_waiting_for_room_returns_every_block(small_pool: LocalC
         async with channel(small_pool.address) as ch:
             stub = inference_pb2_grpc.InferenceStub(ch)
             r1 = await _r1_filling_the_pool(stub)
+            decoded = await asyncio.to_thread(_decodes, decode.metrics_port)  # r1 counted
             call = stub.Generate(request(R2_PROMPT, 8))
             assert len((await call.read()).token_ids) == 1  # the prefill worker's token
+            # The decode worker has r2 (a counter, not the heartbeat's gauges, which lag)
             await asyncio.to_thread(
-                eventually, lambda: metric(decode.metrics_port, "tandem_queue_depth") == 1
+                eventually, lambda: _decodes(decode.metrics_port) == decoded + 1, 5
             )
             call.cancel()
             assert not r1.done()  # r2 was cancelled while r1 still held the pool
