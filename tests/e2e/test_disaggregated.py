@@ -153,15 +153,16 @@ def small_pool(
     c.stop()
 
 
-R1_PROMPT, R2_PROMPT = list(range(2000, 2050)), list(range(3000, 3050))  # 4 blocks each
+R1_PROMPT = list(range(2000, 2066))  # 5 blocks
+R2_PROMPT = list(range(3000, 3050))  # 4 blocks
 
 
 async def _r1_filling_the_pool(stub: inference_pb2_grpc.InferenceStub) -> asyncio.Future:
-    """r1 runs on the decode worker, 50 + 70 tokens: 5 of its 8 blocks by its 16th token,
+    """r1 runs on the decode worker, 66 + 60 tokens: 5 of its 8 blocks from the start,
     all 8 by its last. Returns once it holds 5; the future gives its Completion."""
     r1 = Completion()
-    running = asyncio.ensure_future(generate(stub, request(R1_PROMPT, 70), into=r1))
-    while len(r1.tokens) < 16:
+    running = asyncio.ensure_future(generate(stub, request(R1_PROMPT, 60), into=r1))
+    while len(r1.tokens) < 2:  # the second token came from the decode worker
         await asyncio.sleep(0.005)
     return running
 
@@ -195,7 +196,7 @@ def test_a_full_decode_pool_waits_for_room_rather_than_prefilling_again(
     decode = small_pool.child("decode-0")
     eventually(lambda: metric(decode.metrics_port, "tandem_kv_free_blocks") == 8)
     (want1,), (want2,) = (
-        _offline(reference_engine, [p], n) for p, n in ((R1_PROMPT, 70), (R2_PROMPT, 8))
+        _offline(reference_engine, [p], n) for p, n in ((R1_PROMPT, 60), (R2_PROMPT, 8))
     )
     waits, give_ups, failures = _room_figures(decode.metrics_port)
 
