@@ -175,7 +175,7 @@ def paired_spans(
 
     It sits on every pull's path. The common case, one run on each side (a prompt's blocks
     handed out consecutively), is checked with two list comparisons and answered from a
-    cached table of plane offsets: three numpy calls. Otherwise it is a fixed chain of numpy
+    cached table of plane offsets: two numpy calls. Otherwise it is a fixed chain of numpy
     calls whatever the prompt's length (50–60 µs with warm caches, 270–400 µs right after a
     16 MiB copy: see bench/kv_transfer/README.md): the ids are checked per run (a run's ids
     rise by one, so the pool's bounds and overlaps between runs say it all), and only a
