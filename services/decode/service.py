@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
 RELEASE_TIMEOUT_S = 5.0
+LEASE_MARGIN_S = 0.5
+"""Of a prefill's lease, what a read leaves unused (at most a quarter of it): the handle's
+time in transit, and wake-ups late by a scheduling tick."""
 
 
 @dataclass
@@ -75,6 +78,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         except TandemError as e:
             await abort_with(context, e)
         transfer = _Transfer()
+        arrival = time.monotonic()
         if request.HasField("kv"):
             timeout = request.kv_timeout_ms / 1000 if request.kv_timeout_ms else self.kv_timeout_s
             first = request.first_token_id
@@ -85,7 +89,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 transfer.target = engine.add_transferred_request(rid, prompt, first, params, wait)
 
             async def after_submit() -> None:
-                await self._read_kv(rid, request.kv, transfer, timeout)
+                await self._read_kv(rid, request.kv, transfer, timeout, arrival)
 
             stream = self.loop.outputs(rid, submit, after_submit)
             self.metrics.decode_requests.labels("disaggregated").inc()
@@ -122,19 +126,23 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return info
 
     async def _read_kv(
-        self, rid: str, kv: wpb.KVHandle, transfer: _Transfer, timeout: float
+        self, rid: str, kv: wpb.KVHandle, transfer: _Transfer, timeout: float, arrival: float
     ) -> None:
         """Copy the blocks this worker lacks, release the prefill side, join the batch.
 
-        Any failure (peer gone, incompatible, timeout) falls back to prefilling here.
+        Any failure (peer gone, incompatible, timeout) falls back to prefilling here. Waiting
+        for room and the read both end before the prefill's lease does (``_lease_end``).
         """
+        lease_end = _lease_end(kv, arrival)
         target = transfer.target
         if target is None and self.kv_room_wait_s > 0:  # queued for room: wait for it
-            target = transfer.target = await self._wait_for_room(rid)
+            wait_end = min(time.monotonic() + self.kv_room_wait_s, lease_end)
+            target = transfer.target = await self._wait_for_room(rid, wait_end)
         if target is None:  # no room: the engine queued it to be prefilled here
             self._release_remote(kv)
             return
         start = time.monotonic()
+        timeout = min(timeout, lease_end - start)
         remote = list(kv.block_ids)[target.num_reused :]
         local = list(target.block_ids)[target.num_reused :]
         with _tracer.start_as_current_span("kv.read") as span:
@@ -142,6 +150,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             span.set_attribute("tandem.kv.blocks_reused", target.num_reused)
             span.set_attribute("tandem.kv.prefill_worker", kv.worker_id)
             try:
+                if timeout <= 0:
+                    raise TimeoutError(f"{kv.worker_id}'s lease on the blocks is ending")
                 if remote:
                     transfer.bytes = await asyncio.wait_for(
                         self.peers.pull(kv.address, remote, local, kv.request_id, timeout),
@@ -161,14 +171,14 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         ok = transfer.ok
         await self.loop.call(lambda engine: engine.transfer_done(rid, ok))
 
-    async def _wait_for_room(self, rid: str) -> TransferTarget | None:
+    async def _wait_for_room(self, rid: str, deadline: float) -> TransferTarget | None:
         start = time.monotonic()
         with _tracer.start_as_current_span("kv.wait_for_room") as span:
-            target = await self.rooms.wait(rid, start + self.kv_room_wait_s)
+            target = await self.rooms.wait(rid, deadline)
             span.set_attribute("tandem.kv.room_found", target is not None)
         if target is None:
             self.metrics.kv_room_give_ups.inc()
-            log.info("no room for %s's KV in %.1f s; prefilling it here", rid, self.kv_room_wait_s)
+            log.info("no room for %s's KV in %.1f s; prefilling it here", rid, deadline - start)
         else:
             self.metrics.kv_room_wait_seconds.observe(time.monotonic() - start)
         return target
@@ -195,3 +205,14 @@ async def _release(channel: grpc.aio.Channel, kv: wpb.KVHandle) -> None:
             kv.worker_id,
             e.code().name,
         )
+
+
+def _lease_end(kv: wpb.KVHandle, arrival: float) -> float:
+    """When a read of ``kv``'s blocks must be over (time.monotonic): before the prefill
+    worker's lease runs out and the blocks may be reused. Counted from this request's
+    arrival, less a margin for the handle's time in transit; no bound when the handle
+    does not say (an older prefill worker)."""
+    if not kv.lease_ms:
+        return float("inf")
+    lease_s = kv.lease_ms / 1000
+    return arrival + lease_s - min(LEASE_MARGIN_S, lease_s / 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 
@@ -81,6 +82,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                 request_id=rid,
                 block_ids=held.block_ids,
                 num_tokens=held.num_tokens,
+                lease_ms=max(1, int((held.expires_at - time.monotonic()) * 1000)),
             )
         )
         return response

@@ -245,3 +245,38 @@ def test_cancelled_while_waiting_for_room_returns_every_block(small_pool: LocalC
     eventually(lambda: metric(prefill.metrics_port, "tandem_kv_free_blocks") == prefill_total)
     eventually(lambda: metric(decode.metrics_port, "tandem_queue_depth") == 0)
     assert _room_figures(decode.metrics_port) == (waits, give_ups, failures)
+
+
+def test_waiting_for_room_ends_before_the_prefills_lease(
+    tmp_path_factory: pytest.TempPathFactory, reference_engine
+) -> None:
+    """With a 1 s lease on the prefill worker, r2 stops waiting for room after 0.75 s
+    (its lease less the margin), before its blocks there may be reused, and is prefilled
+    on the decode worker: same tokens, its KV never read, no failed read."""
+    pool_gib = str(8.5 * BLOCK_BYTES / 2**30)
+    c = start_cluster(
+        tmp_path_factory.mktemp("lease"),
+        prefill=1,
+        decode=1,
+        prefill_args=("--lease-s", "1"),
+        decode_args=("--kv-cache-gib", pool_gib),
+    )
+    try:
+        decode = c.child("decode-0")
+        (want2,) = _offline(reference_engine, [R2_PROMPT], 8)
+        waits, give_ups, failures = _room_figures(decode.metrics_port)
+
+        async def r2_behind_r1() -> Completion:
+            async with channel(c.address) as ch:
+                stub = inference_pb2_grpc.InferenceStub(ch)
+                r1 = await _r1_filling_the_pool(stub)
+                second = await generate(stub, request(R2_PROMPT, 8))
+                await r1
+                return second
+
+        got2 = asyncio.run(r2_behind_r1())
+        assert got2.tokens == want2
+        assert got2.final.serving.prefill_worker == "" and got2.final.serving.kv_transfer_bytes == 0
+        assert _room_figures(decode.metrics_port) == (waits, give_ups + 1, failures)
+    finally:
+        c.stop()
