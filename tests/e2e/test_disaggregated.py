@@ -250,15 +250,17 @@ def test_cancelled_while_waiting_for_room_returns_every_block(small_pool: LocalC
 def test_waiting_for_room_ends_before_the_prefills_lease(
     tmp_path_factory: pytest.TempPathFactory, reference_engine
 ) -> None:
-    """With a 1 s lease on the prefill worker, r2 stops waiting for room after 0.75 s
-    (its lease less the margin), before its blocks there may be reused, and is prefilled
-    on the decode worker: same tokens, its KV never read, no failed read."""
+    """With a 0.2 s lease on the prefill worker, r2 stops waiting for room after 0.15 s
+    (its lease less the margin, a quarter of it), well before r1's 60 steps free the room,
+    and is prefilled on the decode worker: same tokens, its KV never read (its blocks there
+    may already hold another prompt's KV), no failed read. Without the bound it waited and
+    read them after the lease."""
     pool_gib = str(8.5 * BLOCK_BYTES / 2**30)
     c = start_cluster(
         tmp_path_factory.mktemp("lease"),
         prefill=1,
         decode=1,
-        prefill_args=("--lease-s", "1"),
+        prefill_args=("--lease-s", "0.2"),
         decode_args=("--kv-cache-gib", pool_gib),
     )
     try:
