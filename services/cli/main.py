@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from services.cli import bench, gateway, generate, keys, router, tls_ca, up, worker
 from services.engine.errors import TandemError
+from services.launcher.launched import die_with_launcher
 
 Register = Callable[[argparse._SubParsersAction], None]
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``tandem`` with ``argv`` (default: sys.argv[1:]) and return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    die_with_launcher()  # first: a launched service must not outlive its launcher
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)

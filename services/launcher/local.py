@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from services.launcher.launched import LAUNCHER_PID
 from services.rpc.health_wait import wait_serving
 from services.rpc.tls import TlsConfig, channel_credentials
 from services.stubs.tandem.v1 import inference_pb2 as pb
@@ -213,8 +214,7 @@ class LocalCluster:
             stderr=subprocess.STDOUT if out else None,
             env=_child_env(),
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children
-            preexec_fn=_die_with_parent,
-        )
+        )  # no preexec_fn: see services/launcher/launched.py
         self.children.append(Child(name, port, process, log_path, metrics_port))
 
     def _dev_ca(self):  # type: ignore[no-untyped-def]
@@ -256,15 +256,6 @@ class LocalCluster:
             raise RuntimeError(f"{child.name} exited with status {code} while starting{where}")
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the child if the launcher dies without stopping it (no orphans)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -278,4 +269,4 @@ children's TLS as flags (--tls), so an operator's environment never turns it on 
 
 def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in TLS_ENVIRONMENT}
-    return env | {"PYTHONUNBUFFERED": "1"}
+    return env | {"PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())}
