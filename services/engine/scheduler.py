@@ -135,13 +135,15 @@ class Scheduler:
         pool cannot hold the rest now. With ``wait``, such a sequence joins
         ``awaiting_room`` (``admit_awaiting`` reserves for it later), and it also waits
         behind sequences already there and while the batch has no room (see
-        ``_room_to_receive``).
+        ``_fitting_hits``).
         """
-        if wait and (self.awaiting_room or not self._room_to_receive(seq, num_tokens)):
+        hits = None if wait and self.awaiting_room else self._fitting_hits(seq, num_tokens, wait)
+        if hits is not None:
+            return self._take_for_transfer(seq, num_tokens, hits)
+        if wait:
             seq.status = SeqStatus.AWAITING_ROOM
             self.awaiting_room.append((seq, num_tokens))
-            return None
-        return self._reserve_transfer(seq, num_tokens)
+        return None
 
     def admit_awaiting(self) -> list[tuple[Sequence, int]]:
         """Reserve blocks for the sequences at the head of ``awaiting_room`` while they fit;
@@ -149,12 +151,11 @@ class Scheduler:
         admitted: list[tuple[Sequence, int]] = []
         while self.awaiting_room:
             seq, num_tokens = self.awaiting_room[0]
-            if not self._room_to_receive(seq, num_tokens):
+            hits = self._fitting_hits(seq, num_tokens, batch_room=True)
+            if hits is None:
                 break
             self.awaiting_room.popleft()
-            reused = self._reserve_transfer(seq, num_tokens)
-            assert reused is not None  # _room_to_receive said it fits
-            admitted.append((seq, reused))
+            admitted.append((seq, self._take_for_transfer(seq, num_tokens, hits)))
         return admitted
 
     def give_up_awaiting(self, seq: Sequence) -> None:
@@ -166,28 +167,22 @@ class Scheduler:
     def _drop_awaiting(self, seq: Sequence) -> None:
         self.awaiting_room = deque(e for e in self.awaiting_room if e[0] is not seq)
 
-    def _room_to_receive(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether a waiting transfer may take its blocks now: a batch slot is free (counting
-        sequences still receiving), and the pool keeps one free block per sequence in the
-        batch besides, so that admitting it does not make the next step preempt one of them
-        to let it grow."""
-        batch = len(self.running) + self.num_receiving
-        if batch >= self.config.max_num_seqs:
-            return False
-        _, needed = self._transfer_need(seq, num_tokens)
-        return needed + batch <= self.pool.num_free_blocks
-
-    def _transfer_need(self, seq: Sequence, num_tokens: int) -> tuple[list[int], int]:
-        """(cached blocks it can take, free blocks it needs): what the cached prefix lacks,
-        plus the cached blocks it would take off the free list (idle ones count as free)."""
+    def _fitting_hits(self, seq: Sequence, num_tokens: int, batch_room: bool) -> list[int] | None:
+        """The cached blocks ``seq`` can take if ``num_tokens`` of KV arriving for it fit the
+        pool now (idle cached blocks count as free, and taking one uses that room up), else
+        None. With ``batch_room`` it must also find a batch slot (sequences still receiving
+        count) and leave one free block per sequence in the batch, so that admitting it does
+        not make the next step preempt one of them to let it grow."""
+        batch = len(self.running) + self.num_receiving if batch_room else 0
+        if batch_room and batch >= self.config.max_num_seqs:
+            return None
         hits = self._cached_prefix(seq)[: num_tokens // self.block_size]
         idle_hits = sum(1 for b in hits if self.pool.ref_count(b) == 0)
-        return hits, -(-num_tokens // self.block_size) - len(hits) + idle_hits
+        needed = -(-num_tokens // self.block_size) - len(hits) + idle_hits
+        return hits if needed + batch <= self.pool.num_free_blocks else None
 
-    def _reserve_transfer(self, seq: Sequence, num_tokens: int) -> int | None:
-        hits, needed = self._transfer_need(seq, num_tokens)
-        if needed > self.pool.num_free_blocks:
-            return None
+    def _take_for_transfer(self, seq: Sequence, num_tokens: int, hits: list[int]) -> int:
+        """Give ``seq`` its cached ``hits`` and fresh blocks for the rest; AWAITING_KV."""
         self.pool.acquire(hits)
         seq.block_table = list(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
