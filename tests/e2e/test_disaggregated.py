@@ -167,6 +167,15 @@ async def _r1_filling_the_pool(stub: inference_pb2_grpc.InferenceStub) -> asynci
     return running
 
 
+async def _r2_behind_r1(address: str) -> tuple[Completion, Completion]:
+    """r2 (8 tokens) sent once r1 fills the decode pool; both completions."""
+    async with channel(address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        r1 = await _r1_filling_the_pool(stub)
+        second = await generate(stub, request(R2_PROMPT, 8))
+        return await r1, second
+
+
 def _decodes(decode_port: int) -> float:
     """Decode calls the worker has taken (a labelled counter: absent until the first)."""
     try:
@@ -200,14 +209,7 @@ def test_a_full_decode_pool_waits_for_room_rather_than_prefilling_again(
     )
     waits, give_ups, failures = _room_figures(decode.metrics_port)
 
-    async def both() -> tuple:
-        async with channel(small_pool.address) as ch:
-            stub = inference_pb2_grpc.InferenceStub(ch)
-            r1 = await _r1_filling_the_pool(stub)
-            second = await generate(stub, request(R2_PROMPT, 8))
-            return await r1, second
-
-    got1, got2 = asyncio.run(both())
+    got1, got2 = asyncio.run(_r2_behind_r1(small_pool.address))
     assert got1.tokens == want1 and got2.tokens == want2
     serving = got2.final.serving
     assert serving.prefill_worker == "prefill-0" and serving.kv_transport
@@ -268,15 +270,7 @@ def test_waiting_for_room_ends_before_the_prefills_lease(
         (want2,) = _offline(reference_engine, [R2_PROMPT], 8)
         waits, give_ups, failures = _room_figures(decode.metrics_port)
 
-        async def r2_behind_r1() -> Completion:
-            async with channel(c.address) as ch:
-                stub = inference_pb2_grpc.InferenceStub(ch)
-                r1 = await _r1_filling_the_pool(stub)
-                second = await generate(stub, request(R2_PROMPT, 8))
-                await r1
-                return second
-
-        got2 = asyncio.run(r2_behind_r1())
+        _, got2 = asyncio.run(_r2_behind_r1(c.address))
         assert got2.tokens == want2
         assert got2.final.serving.prefill_worker == "" and got2.final.serving.kv_transfer_bytes == 0
         assert _room_figures(decode.metrics_port) == (waits, give_ups + 1, failures)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from services.launcher.launched import LAUNCHER_PID, die_with_launcher
+from services.launcher.launched import LAUNCHER_PID
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 
@@ -58,7 +58,21 @@ def test_a_child_whose_launcher_is_already_gone_stops_at_once() -> None:
     assert child.returncode == -signal.SIGTERM
 
 
-def test_outside_a_launched_process_it_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(LAUNCHER_PID, raising=False)
-    die_with_launcher()  # no prctl, no signal: this test process goes on
-    assert LAUNCHER_PID not in os.environ
+def _after_setup(env: dict[str, str]) -> tuple[int, bool]:
+    """In a child started with ``env``, after die_with_launcher: its parent-death signal,
+    and whether the launcher's variable is still there for its own children to inherit."""
+    code = (
+        "import ctypes, os; from services.launcher.launched import die_with_launcher as d; d(); "
+        "s = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(s), 0, 0, 0); "  # GET
+        f"print(s.value, {LAUNCHER_PID!r} in os.environ)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=30)
+    signal_number, left = out.stdout.split()
+    return int(signal_number), left == b"True"
+
+
+def test_only_a_launched_process_sets_the_signal_and_it_passes_nothing_on() -> None:
+    outside = {k: v for k, v in os.environ.items() if k != LAUNCHER_PID}
+    assert _after_setup(outside) == (0, False)
+    launched = dict(outside, **{LAUNCHER_PID: str(os.getpid())})  # this test is its parent
+    assert _after_setup(launched) == (signal.SIGTERM, False)
