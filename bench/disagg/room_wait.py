@@ -31,7 +31,8 @@ MODES = {"prefill-again": "0", "wait-for-room": "10"}
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     config = ClusterConfig(
         port=free_port(), prefill=1, decode=1, policy="round-robin",
-        worker_args=("--num-threads", "1", "--dtype", "float32"),
+        worker_args=("--num-threads", "1", "--dtype", "float32",
+                     *(("--device", args.device) if args.device else ())),
         decode_args=("--kv-cache-gib", str(args.decode_kv_cache_gib),
                      "--kv-room-wait-s", MODES[mode]),
     )  # fmt: skip
@@ -90,6 +91,12 @@ def main() -> int:
         default=0.03,
         help="the decode worker's KV pool in GiB, small so that it fills (default 0.03: "
         "~1,900 tokens of float32 tandem-tiny, three 576-token requests)",
+    )
+    p.add_argument(
+        "--device",
+        metavar="cpu|cuda[:N]",
+        help="where both workers' engines and KV pools live (default: the workers' own "
+        "default, cuda when available); on one GPU both workers share it",
     )
     p.add_argument(
         "--out",

@@ -36,6 +36,15 @@ timeout 150 python3 bench/kv_transfer/bench_transfer.py --device cuda --reps 20 
 timeout 150 python3 bench/kv_transfer/bench_transfer.py --device cuda --prompt-tokens 32768 \
   --reps 10 --json "$OUT/kv_transfer_cuda_32768.json" 2>&1 | tail -16
 
+step host-memory NIXL on this many-core host: one READ over 1, 2 and 4 agents
+# (on the 2-core CPU machine two lanes lost to one through Tandem's pull; see
+# bench/kv_transfer/README.md, sixth session)
+nproc
+timeout 60 python3 bench/kv_transfer/parallel_read.py --lanes 1 2 4 \
+  --json "$OUT/parallel_read_cpu.json" 2>&1 | grep -v 'NIXL INFO'
+timeout 120 python3 bench/kv_transfer/bench_transfer.py --device cpu --reps 20 \
+  --json "$OUT/kv_transfer_cpu_2048.json" 2>&1 | tail -16
+
 step where one NIXL VRAM READ spends its time, without Tandem around it
 # main thread, a new thread, a new thread with the device current (Tandem's agent thread);
 # then with a notification (what Tandem's READs carried until 2026-11-26: +0.9 ms)
@@ -52,6 +61,10 @@ timeout 90 python3 bench/kv_transfer/pull_overhead.py --device cuda --blocks 128
 step disaggregated serving end to end on CUDA, KV in VRAM over NIXL
 TANDEM_E2E_DEVICE=cuda timeout 300 python3 -m pytest -p no:cacheprovider -q -x \
   tests/e2e/test_disaggregated.py 2>&1 | tail -6
+
+step a full decode pool on the GPU: waiting for room against prefilling again
+timeout 240 python3 bench/disagg/room_wait.py --device cuda --num-prompts 80 \
+  --request-rate 20 --out "$OUT/room-wait" 2>&1 | tail -14
 
 step throughput on CUDA against transformers
 timeout 180 python3 -m services.cli.main bench throughput --model tandem-tiny --num-prompts 64 \
