@@ -26,6 +26,8 @@ from services.engine.outputs import FinishReason, RequestOutput
 from services.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import grpc
+
     from services.engine.engine import LLMEngine
     from services.rpc.tls import TlsConfig
     from services.stubs.tandem.v1 import inference_pb2
@@ -190,12 +192,8 @@ def run_remote(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         _print_partial(completion, args.json)
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not api_key_from(args):
-            print(
-                "hint: the target is a gateway; pass --api-key KEY or set TANDEM_API_KEY "
-                "(tandem up prints one)",
-                file=sys.stderr,
-            )
+        if (hint := _hint(exc, args)) is not None:
+            print(f"hint: {hint}", file=sys.stderr)
         bad_request = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         return EXIT_BAD_REQUEST if bad_request else EXIT_FAILED
     if completion.final is None:
@@ -204,6 +202,23 @@ def run_remote(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(json.dumps(completion.as_json()) if args.json else "")
     return 0
+
+
+def _hint(exc: grpc.aio.AioRpcError, args: argparse.Namespace) -> str | None:
+    """What to do about a failed call, where the status says it clearly."""
+    import grpc
+
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not api_key_from(args):
+        return (
+            "the target is a gateway; pass --api-key KEY or set TANDEM_API_KEY "
+            "(tandem up prints one)"
+        )
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (exc.details() or ""):
+        return (
+            f"nothing answered at {args.target}: start Tandem there (tandem up prints the "
+            "address to use) or fix --target"
+        )
+    return None
 
 
 def api_key_from(args: argparse.Namespace) -> str | None:

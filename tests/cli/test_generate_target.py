@@ -119,7 +119,18 @@ def test_unreachable_target_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert _generate(f"127.0.0.1:{port}", "--prompt", "hi") == 1
-    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+    err = capsys.readouterr().err
+    assert err.startswith("error: UNAVAILABLE: ")
+    assert f"hint: nothing answered at 127.0.0.1:{port}: start Tandem there" in err
+
+
+def test_unavailable_from_a_live_server_gets_no_connect_hint(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A router with no worker says UNAVAILABLE too: the target answered, so no such hint."""
+    with serving(ScriptedInference(failures={"hi": Failure(grpc.StatusCode.UNAVAILABLE)})) as t:
+        assert _generate(t, "--prompt", "hi") == 1
+    assert "hint:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
