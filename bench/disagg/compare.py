@@ -18,7 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.bench.cluster_run import compare_runs, run_serve_bench
+from services.bench.cluster_run import (
+    add_device_arg,
+    compare_runs,
+    device_args,
+    run_serve_bench,
+)
 from services.launcher.local import ClusterConfig, free_port
 
 MODES = {"disaggregated": (1, 1), "aggregated": (0, 2)}
@@ -28,7 +33,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     prefill, decode = MODES[mode]
     config = ClusterConfig(
         port=free_port(), prefill=prefill, decode=decode, policy="round-robin",
-        worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5", *device_args(args)),
+        worker_args=("--num-threads", "1", "--kv-cache-gib", "0.5", *device_args(args.device)),
     )  # fmt: skip
     serve_args = [
         "--workload", "random", "--num-prompts", str(args.num_prompts),
@@ -37,11 +42,6 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         "--goodput", args.goodput,
     ]  # fmt: skip
     return run_serve_bench(config, serve_args, args.out / f"{mode}.json")
-
-
-def device_args(args: argparse.Namespace) -> tuple[str, ...]:
-    """Worker flags placing both workers' engines (and KV pools) on ``--device``."""
-    return ("--device", args.device) if args.device else ()
 
 
 def summarize(results: dict[str, dict]) -> str:
@@ -100,12 +100,7 @@ def main() -> int:
         help="SLOs a request must meet to count towards goodput; keys ttft_ms, tpot_ms, "
         "e2e_ms (default ttft_ms=2000,tpot_ms=100)",
     )
-    p.add_argument(
-        "--device",
-        metavar="cpu|cuda[:N]",
-        help="where every worker's engine and KV pool live (default: the workers' own "
-        "default, cuda when available); on one GPU both workers share it",
-    )
+    add_device_arg(p)
     p.add_argument(
         "--out",
         type=Path,

@@ -21,7 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from services.bench.cluster_run import compare_runs, run_serve_bench
+from services.bench.cluster_run import (
+    add_device_arg,
+    compare_runs,
+    device_args,
+    run_serve_bench,
+)
 from services.launcher.local import ClusterConfig, free_port
 
 MODES = {"prefill-again": "0", "wait-for-room": "10"}
@@ -31,8 +36,7 @@ MODES = {"prefill-again": "0", "wait-for-room": "10"}
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     config = ClusterConfig(
         port=free_port(), prefill=1, decode=1, policy="round-robin",
-        worker_args=("--num-threads", "1", "--dtype", "float32",
-                     *(("--device", args.device) if args.device else ())),
+        worker_args=("--num-threads", "1", "--dtype", "float32", *device_args(args.device)),
         decode_args=("--kv-cache-gib", str(args.decode_kv_cache_gib),
                      "--kv-room-wait-s", MODES[mode]),
     )  # fmt: skip
@@ -92,12 +96,7 @@ def main() -> int:
         help="the decode worker's KV pool in GiB, small so that it fills (default 0.03: "
         "~1,900 tokens of float32 tandem-tiny, three 576-token requests)",
     )
-    p.add_argument(
-        "--device",
-        metavar="cpu|cuda[:N]",
-        help="where both workers' engines and KV pools live (default: the workers' own "
-        "default, cuda when available); on one GPU both workers share it",
-    )
+    add_device_arg(p)
     p.add_argument(
         "--out",
         type=Path,

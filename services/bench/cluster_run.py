@@ -7,6 +7,7 @@ configuration meets the same workload, seed and measuring code.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -15,6 +16,21 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from services.launcher.local import ClusterConfig, LocalCluster
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where every worker of a benchmark cluster runs (see ``device_args``)."""
+    parser.add_argument(
+        "--device",
+        metavar="cpu|cuda[:N]",
+        help="where every worker's engine and KV pool live (default: the workers' own "
+        "default, cuda when available); on one GPU all workers share it",
+    )
+
+
+def device_args(device: str | None) -> tuple[str, ...]:
+    """Worker flags placing the engine (and KV pool) on ``device``; none for the default."""
+    return ("--device", device) if device else ()
 
 
 def run_serve_bench(config: ClusterConfig, serve_args: list[str], out_json: Path) -> dict:
