@@ -15,10 +15,14 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.cli import arg_types, up_ray
 from services.cli.telemetry_args import add_tracing_arg
 from services.launcher.supervise import interrupt_on_sigterm, supervise
+
+if TYPE_CHECKING:
+    from services.launcher.local import Child
 
 SUMMARY = "run the gateway, router and prefill/decode workers as local processes"
 ROUTING_POLICIES = ("kv-aware", "round-robin", "least-loaded")
@@ -109,6 +113,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_tracing_arg(parser)  # passed on to every child: one trace per request
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="give every service (gateway, router, each worker) a Prometheus /metrics "
+        "endpoint on a free loopback port and print where, after the line saying where to "
+        "connect (default: off); over https with --tls",
+    )
+    parser.add_argument(
         "--tls",
         action="store_true",
         help="development TLS: mint a throwaway CA in the state directory (DIR/tls/ca.pem), "
@@ -120,10 +131,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    if args.tls and args.ray is not None:
-        from services.engine.errors import InvalidRequestError
+    for flag in ("tls", "metrics"):
+        if getattr(args, flag) and args.ray is not None:
+            from services.engine.errors import InvalidRequestError
 
-        raise InvalidRequestError("--tls", "is not supported with --ray yet; drop one of them")
+            raise InvalidRequestError(
+                f"--{flag}", "is not supported with --ray yet; drop one of them"
+            )
     if args.ray is not None:
         return up_ray.run(args)
     from services.engine.model_source import resolve_model
@@ -152,6 +166,7 @@ def _up(args: argparse.Namespace) -> int:
             gateway=gateway,
             trace_exporter=args.trace_exporter,
             tls_dir=tls_dir,
+            metrics=args.metrics,
         )
     )
     front = "" if gateway is None else "a gateway, "
@@ -162,6 +177,8 @@ def _up(args: argparse.Namespace) -> int:
     )
     cluster.start()
     print(_where_to_connect(args, cluster.address, secret, tls_dir), flush=True)
+    if args.metrics:
+        print(_metrics_endpoints(cluster.children, tls_dir is not None), flush=True)
     if tls_dir is not None:
         print(
             f"TLS: the public port serves TLS and every internal hop is mTLS; clients verify "
@@ -235,6 +252,17 @@ def _dev_ca(state_dir: Path) -> Path:
     from services.rpc.tls_dev_ca import DevCa
 
     return DevCa.create(state_dir / "tls").directory
+
+
+def _metrics_endpoints(children: list[Child], https: bool) -> str:
+    """The line naming each service's Prometheus endpoint (loopback, as every child binds)."""
+    scheme = "https" if https else "http"
+    endpoints = ", ".join(
+        f"{c.name} {scheme}://127.0.0.1:{c.metrics_port}/metrics"
+        for c in children
+        if c.metrics_port
+    )
+    return f"Prometheus metrics: {endpoints}"
 
 
 def _where_to_connect(

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "up", "--prefill", "0", "--decode", "1",
          "--port", str(port), "--state-dir", str(state), "--kv-cache-gib", "0.25",
-         "--http-port", str(http_port)],
+         "--http-port", str(http_port), "--metrics"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
@@ -32,6 +33,8 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
         found = UP_KEY.search(line)
         assert found, line
         secret, target = found.group(1), f"127.0.0.1:{port}"
+        endpoints = metrics_endpoints(up)
+        assert set(endpoints) == {"gateway", "router", "decode-0"}, endpoints
 
         generate = subprocess.run(
             [sys.executable, "-m", "services.cli.main", "generate", "--target", target,
@@ -78,6 +81,13 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
             model="tandem-tiny", prompt=[5, 6, 7, 8], max_tokens=3, temperature=0
         )
         assert completion.usage.completion_tokens == 3
+        # every service's /metrics answers, and counted the requests above
+        scraped = {name: scrape(url) for name, url in endpoints.items()}
+        assert (
+            'tandem_gateway_requests_total{model="tandem-tiny",outcome="ok"' in (scraped["gateway"])
+        )
+        assert "tandem_ttft_seconds_count" in scraped["router"]
+        assert 'tandem_decode_requests_total{mode="aggregated"}' in scraped["decode-0"]
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
@@ -85,3 +95,17 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
     logs = list(state.glob("*.log"))
     assert {p.name for p in logs} >= {"gateway.log", "router.log", "decode-0.log"}
     assert all(secret not in p.read_text(errors="replace") for p in logs)
+
+
+def metrics_endpoints(up: subprocess.Popen) -> dict[str, str]:
+    """Service name → /metrics URL, from the line `tandem up --metrics` prints next."""
+    assert up.stdout is not None
+    line = up.stdout.readline()
+    assert line.startswith("Prometheus metrics: "), line
+    pairs = (item.split(" ") for item in line.removeprefix("Prometheus metrics: ").split(", "))
+    return {name: url.strip() for name, url in pairs}
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
