@@ -76,3 +76,10 @@ def test_prompt_is_required_and_exclusive(
 def test_missing_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "required: COMMAND" in _fails(capsys, [])
     assert "required: BENCHMARK" in _fails(capsys, ["bench"])
+
+
+@pytest.mark.parametrize("flag", ["--tls", "--metrics"])
+def test_up_flags_not_yet_on_ray_are_refused(capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    """Refused before anything starts (no Ray needed), naming the flag."""
+    err = _fails(capsys, ["up", "--ray", "127.0.0.1:1", flag])
+    assert f"{flag}: is not supported with --ray yet" in err
