@@ -22,7 +22,7 @@ from services.engine.kv_cache import KVCache
 from services.engine.kv_events import KVEventLog
 from services.engine.model_config import load_model_config, model_identity
 from services.engine.model_source import resolve_model
-from services.engine.outputs import FinishReason, RequestOutput, Usage
+from services.engine.outputs import FinishReason, HeldKV, RequestOutput, Usage
 from services.engine.runner import DTYPES, ModelRunner
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
@@ -69,18 +69,6 @@ class Completion:
     text: str
     finish_reason: FinishReason
     usage: Usage
-
-
-@dataclass(frozen=True)
-class HeldKV:
-    """A prefilled prompt's blocks, pinned until a decode worker has read them."""
-
-    request_id: str
-    block_ids: tuple[int, ...]
-    num_tokens: int
-    """Tokens of KV in the blocks (the prompt length)."""
-    expires_at: float
-    """time.monotonic() after which the blocks are released unread."""
 
 
 @dataclass(frozen=True)
@@ -396,14 +384,15 @@ class LLMEngine:
         self.scheduler.hold(seq)
         del self._requests[seq.request_id]
         self.sampler.forget(seq.request_id)
-        self._held[seq.request_id] = HeldKV(
+        held = HeldKV(
             seq.request_id,
             tuple(seq.block_table),
             seq.num_prompt_tokens,
             time.monotonic() + req.lease_s,
         )
+        self._held[seq.request_id] = held
         usage = Usage(seq.num_prompt_tokens, 1, seq.num_cached_tokens or 0)
-        return RequestOutput(seq.request_id, (token,), delta, None, usage)
+        return RequestOutput(seq.request_id, (token,), delta, None, usage, held)
 
     def _max_model_len(self) -> int:
         mc = self.model_config

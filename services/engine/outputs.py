@@ -32,6 +32,18 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class HeldKV:
+    """A prefilled prompt's blocks, pinned until a decode worker has read them."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    """Tokens of KV in the blocks (the prompt length)."""
+    expires_at: float
+    """time.monotonic() after which the blocks are released unread."""
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """One delta of a request's stream; the last one carries finish_reason and usage."""
 
@@ -42,6 +54,9 @@ class RequestOutput:
     """Text new since the previous delta (held back while a stop string may be forming)."""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    held: HeldKV | None = None
+    """On the last delta of a prefill-only request: its blocks, pinned from then on. The
+    prefill worker's answer is built from it, with no second trip to the engine thread."""
 
     @property
     def finished(self) -> bool:

@@ -60,6 +60,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             # Cancelled after the prefill finished: nobody will read the blocks.
             await self.loop.call(lambda engine: engine.release_held(rid))
             raise
+        # From here to the answer there is no await (no point where a cancellation lands
+        # with the blocks pinned); one lost in transit is the router's to release.
         out = outs[-1] if outs else None
         if out is None or out.usage is None:
             await context.abort(grpc.StatusCode.INTERNAL, f"prefill of {rid} ended without output")
@@ -72,8 +74,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         if out.finish_reason is not None:
             response.finish_reason = FINISH_TO_PROTO[out.finish_reason]
             return response
-        held = await self.loop.call(lambda engine: engine.held(rid))
-        if held is None:  # expired already (a lease of ~0)
+        held = out.held
+        if held is None or held.expires_at <= time.monotonic():  # a lease of ~0
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"lease of {rid} expired at once")
         response.kv.CopyFrom(
             wpb.KVHandle(

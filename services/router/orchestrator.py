@@ -182,7 +182,6 @@ class Orchestrator:
             if first.finish_reason:
                 yield progress.final(first.finish_reason, [first.first_token_id], first.first_text)
                 return
-            yield progress.chunk([first.first_token_id], first.first_text)
         elif progress.placement == placements.LOCAL_PREFILL_FAILED:
             log.warning(
                 "request %s: every prefill worker failed it; the decode worker prefills locally",
@@ -190,6 +189,8 @@ class Orchestrator:
             )
         released = first is None
         try:
+            if first is not None:  # in the try: a client gone at this yield frees the KV too
+                yield progress.chunk([first.first_token_id], first.first_text)
             if decoder is None or decoder.gone.is_set():
                 decoders = self._candidates(progress, DECODE)
                 if not decoders:
@@ -230,8 +231,11 @@ class Orchestrator:
                     raise WorkerLost(
                         worker.worker_id, "stopped heartbeating during prefill"
                     ) from None
+                self._release_unanswered(worker, request)
                 raise
             except grpc.aio.AioRpcError as err:
+                if err.code() in _GAVE_UP:
+                    self._release_unanswered(worker, request)
                 raise self._failure(worker, "prefill", err, own_limit) from None
             finally:
                 if not call.done():
@@ -382,6 +386,15 @@ class Orchestrator:
             return RouteError(code, f"the request's deadline passed during {stage}")
         return RouteError(code, f"{stage} worker {worker.worker_id!r}: {details}")
 
+    def _release_unanswered(
+        self, worker: WorkerState, request: inference_pb2.GenerateRequest
+    ) -> None:
+        """A prefill call given up (deadline, cancel) may have pinned blocks whose handle
+        never arrived: the worker finished as the call ended, or its answer was lost in
+        transit. Release them by the attempt's request id (unique to this call) rather
+        than leave them pinned until the lease ends; NOT_FOUND when nothing was pinned."""
+        self._release_kv(worker, worker_pb2.KVHandle(request_id=request.request_id))
+
     def _release_kv(self, worker: WorkerState, kv: worker_pb2.KVHandle) -> None:
         """Best effort: unpin blocks that no decode worker will read (else the lease does)."""
         if worker.gone.is_set() or not kv.request_id:
@@ -409,6 +422,10 @@ def _prefill_tokens(worker: WorkerState, tokens: int) -> Iterator[None]:
         yield
     finally:
         worker.in_flight_prefill_tokens -= tokens
+
+
+_GAVE_UP = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+"""Prefill call endings after which the worker may have pinned blocks nobody will read."""
 
 
 def _vanished(worker: WorkerState) -> bool:

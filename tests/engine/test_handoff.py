@@ -50,6 +50,7 @@ def _prefill(prefill: LLMEngine, rid: str) -> tuple[int, list[int]]:
     assert out.finish_reason is None and out.usage is not None
     held = prefill.held(rid)
     assert held is not None and held.num_tokens == len(PROMPT)
+    assert out.held == held  # the last delta carries the pin: no second engine call needed
     return out.token_ids[0], list(held.block_ids)
 
 

@@ -57,6 +57,9 @@ def test_hung_prefill_times_out_and_is_retried_elsewhere() -> None:
             assert result.final.serving.prefill_worker == "p2"
             assert result.final.serving.retries == 1
             await asyncio.wait_for(hung.cancelled.wait(), 2)  # the hung call was abandoned
+            # ... and whatever it may have pinned as it gave up is released by attempt id
+            attempt = hung.calls[0].request.request_id
+            await _until(lambda: hung.released == [attempt])
 
     run(body())
 
@@ -304,6 +307,28 @@ def test_client_cancel_during_prefill_cancels_the_prefill_call() -> None:
             await _until(lambda: len(prefill.calls) == 1)
             call.cancel()
             await asyncio.wait_for(prefill.cancelled.wait(), 2)
+            await _until(lambda: prefill.released == [prefill.calls[0].request.request_id])
+
+    run(body())
+
+
+def test_client_gone_at_the_first_token_releases_the_prefill_kv() -> None:
+    """The consumer stops while the first token is being handed over, before any decode
+    call: the prefill's blocks are released at once, not left to the lease."""
+
+    async def body() -> None:
+        async with cluster(ROUND_ROBIN) as c:
+            prefill = await c.add("p1", PREFILL)
+            decode = await c.add("d1", DECODE)
+            request = inference_pb2.GenerateRequest(
+                model="fake-model", prompt_token_ids=PROMPT, max_tokens=5
+            )
+            stream = c.router.orchestrator.generate(request, timeout=10)
+            first = await anext(stream)
+            assert list(first.token_ids) == expected_completion(len(PROMPT), 1)
+            await stream.aclose()  # at the yield of the first token
+            await _until(lambda: prefill.released == [prefill.calls[0].request.request_id])
+            assert decode.calls == []
 
     run(body())
 
