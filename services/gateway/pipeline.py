@@ -273,12 +273,14 @@ class Pipeline:
             async for message in stream:
                 if call.client_request_id:  # the router echoes our id; show the client its own
                     message.request_id = call.client_request_id
-                relay.streamed += len(message.token_ids)
                 if relay.prompt_tokens is None and message.usage.prompt_tokens:
                     relay.prompt_tokens = message.usage.prompt_tokens
+                yield message
+                # Counted once sent: grpc resumes us right after the write, and a call
+                # cancelled during it (the client's deadline) never sent this message.
+                relay.streamed += len(message.token_ids)
                 if message.finish_reason:
                     relay.final = message
-                yield message
                 if relay.final is not None and not _failed(relay.final):
                     # A finished stream's final message settles the call, and the router
                     # ends it OK: end ours now rather than after the router's own close

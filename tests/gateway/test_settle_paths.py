@@ -14,10 +14,12 @@ from pathlib import Path
 import grpc
 
 from services.gateway.limits import DAY, MINUTE, InProcessAdmission, window_start
+from services.gateway.pipeline import CallInfo
 from services.stubs.tandem.v1 import inference_pb2
 from tests.gateway.harness import (
     DECODE,
     HANG_PREFILL,
+    MODEL,
     PAUSE,
     PREFILL,
     Spec,
@@ -102,6 +104,36 @@ def test_a_cancelled_stream_settles_once_with_the_tokens_produced(
             assert counters.read() == (1, 9, 9)
             decode = s.cluster.workers["d1"]
             await asyncio.wait_for(decode.cancelled.wait(), 5)  # the cancel went upstream
+
+    run(body())
+
+
+def test_a_message_whose_sending_was_cut_short_is_not_charged(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """The transport takes a message and the call ends while it sends it (a client's
+    deadline): only what was sent is charged. The pipeline counts a message once the
+    transport asks for the next one, which grpc does right after each write."""
+
+    async def body() -> None:
+        async with stack(tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url, limits=LIMITS) as s:
+            pipeline = s.gateway.service.pipeline
+            call = CallInfo(
+                request_id="cut-1", metadata=(("authorization", f"Bearer {token(issuer)}"),)
+            )
+            who = await pipeline.authenticate(call, MODEL)
+            request = inference_pb2.GenerateRequest(
+                model=MODEL, prompt_token_ids=[PAUSE + 3, 1, 2, 3, 4], max_tokens=10
+            )
+            stream = pipeline.generate(who, request, call)
+            sent = await anext(stream)  # the prefill's token: written, then the next asked
+            cut = await anext(stream)  # the decode's first: its write is cut short
+            assert len(sent.token_ids) == len(cut.token_ids) == 1
+            await stream.aclose()
+            await _settled(s, "cut-1")
+            row = s.ledger.get("cut-1")
+            assert row is not None
+            assert (row.completion_tokens, row.outcome) == (1, "cancelled")
 
     run(body())
 
