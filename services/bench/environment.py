@@ -24,6 +24,9 @@ def describe_environment(command_line: list[str]) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "transformers_version": _version("transformers"),
+        "grpcio_version": _version("grpcio"),
+        # gRPC core's switches (bench/gateway/README.md: its TCP stack changes CPU per call)
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS"),
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

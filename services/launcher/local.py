@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from services.launcher.launched import LAUNCHER_PID
+from services.rpc.channel_options import RECONNECT_OPTIONS
 from services.rpc.health_wait import wait_serving
 from services.rpc.tls import TlsConfig, channel_credentials
 from services.stubs.tandem.v1 import inference_pb2 as pb
@@ -229,8 +230,10 @@ class LocalCluster:
 
     def _channel(self, address: str) -> grpc.Channel:
         if self.tls is None:
-            return grpc.insecure_channel(address)
-        return grpc.secure_channel(address, channel_credentials(self.tls))
+            return grpc.insecure_channel(address, options=RECONNECT_OPTIONS)
+        return grpc.secure_channel(
+            address, channel_credentials(self.tls), options=RECONNECT_OPTIONS
+        )
 
     def _wait_serving(self, child: Child, deadline: float) -> None:
         with self._channel(child.address) as channel:

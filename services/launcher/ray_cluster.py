@@ -39,6 +39,7 @@ import grpc
 
 from services.launcher.local import GatewaySpec, free_port
 from services.launcher.supervise import interrupt_on_sigterm, supervise
+from services.rpc.channel_options import RECONNECT_OPTIONS
 from services.rpc.health_wait import wait_serving
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
@@ -378,7 +379,7 @@ def _wait_serving(
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the {name} exited with status {process.returncode}")
 
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=RECONNECT_OPTIONS) as channel:
         wait_serving(channel, f"the {name} at {address}", deadline, check_alive)
 
 
@@ -399,7 +400,7 @@ def wait_registered(actors: Iterable[Any], deadline: float) -> None:
 
 def wait_model_listed(router: str, model: str, deadline: float) -> None:
     """Wait until the router lists ``model`` (some worker serving it has registered)."""
-    with grpc.insecure_channel(router) as channel:
+    with grpc.insecure_channel(router, options=RECONNECT_OPTIONS) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         while time.monotonic() < deadline:
             try:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from services.rpc.channel_options import RECONNECT_OPTIONS
 from services.rpc.renewing_channel import RenewingChannel
 from services.rpc.tls import TlsConfig, channel_credentials, server_credentials
 from services.telemetry.tracing import client_interceptors, server_interceptors
@@ -121,6 +122,7 @@ def client_channel(
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        *RECONNECT_OPTIONS,
     ]
     if tls is None:
         return grpc.aio.insecure_channel(address, interceptors=interceptors, options=options)

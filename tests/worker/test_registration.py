@@ -1,0 +1,73 @@
+"""register_and_heartbeat against a real router that goes away and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from services.launcher.local import free_port
+from services.router.config import RouterConfig
+from services.router.server import Router, start_router
+from services.stubs.tandem.v1 import worker_pb2
+from services.worker.registration import register_and_heartbeat
+from tests.router.harness import run
+from tests.router.test_registry import registration
+
+OUTAGE_S = 6.0
+
+
+async def _load() -> worker_pb2.WorkerLoad:
+    return worker_pb2.WorkerLoad()
+
+
+async def _registered(router: Router, worker_id: str, within_s: float) -> float:
+    """Seconds until the router lists ``worker_id`` (AssertionError after ``within_s``)."""
+    start = time.monotonic()
+    while router.registry.get(worker_id) is None:
+        assert time.monotonic() - start < within_s, f"{worker_id} not registered in {within_s} s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+async def _count_connections(port: int, seconds: float) -> int:
+    """Hold ``port`` for ``seconds`` as a peer that is down (accept, close) and count the
+    connection attempts that reached it."""
+    attempts = 0
+
+    def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()
+
+    listener = await asyncio.start_server(refuse, "127.0.0.1", port)
+    await asyncio.sleep(seconds)
+    listener.close()
+    await listener.wait_closed()
+    return attempts
+
+
+def test_a_worker_is_back_within_seconds_of_its_routers_return() -> None:
+    """gRPC's default reconnect backoff (1 s x 1.6 up to 120 s) would find the router up to
+    minutes late; Tandem's channels retry at least once a second (RECONNECT_OPTIONS)."""
+
+    async def body() -> None:
+        config = RouterConfig(port=free_port(), heartbeat_interval_s=0.2)
+        router = await start_router(config)
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            register_and_heartbeat(router.address, registration("d1"), _load, stop)
+        )
+        try:
+            await _registered(router, "d1", within_s=5.0)
+            await router.stop(grace=0)
+            attempts = await _count_connections(config.port, OUTAGE_S)
+            # 1 s apart at most: >= 6 in 6 s; gRPC's defaults make ~3 (at 1, 2.6, 5.2 s)
+            assert attempts >= 6, attempts
+            router = await start_router(config)
+            assert await _registered(router, "d1", within_s=2.5) < 2.5
+        finally:
+            stop.set()
+            await worker
+            await router.stop(grace=0)
+
+    run(body(), timeout=30)
