@@ -110,10 +110,19 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` without its random initialisation: the weights come from the
+    checkpoint. On the meta device that ``normal_`` imports ``torch._dynamo``, 3.3 s of every
+    worker's start on a slow CPU, for numbers nobody reads."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -121,12 +130,14 @@ class Backbone(nn.Module):
 class CausalLM(nn.Module):
     """Decoder plus output head; ``forward`` returns float32 logits for chosen rows."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device | str) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryTable) -> None:
+        """``rotary`` comes built on the real device: the module itself is built on ``meta``
+        and its parameters replaced by the checkpoint's (``load_weights``)."""
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryTable(cfg.rope, cfg.head_dim, max_positions, device)
+        self.rotary = rotary
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv_cache: KVCache) -> torch.Tensor:  # [S, vocab]

@@ -13,6 +13,7 @@ from services.engine.attention import SeqSlice, plan_attention
 from services.engine.kv_cache import KVCache, block_runs
 from services.engine.model import CausalLM, StepBatch
 from services.engine.model_config import ModelConfig
+from services.engine.rope import RotaryTable
 from services.engine.scheduler import ScheduledChunk
 from services.engine.weights import load_weights
 
@@ -33,11 +34,13 @@ class ModelRunner:
     ) -> None:
         self.device = device
         self.block_size = block_size
+        # Built on meta (no memory, no random init), then given the checkpoint's tensors.
+        # Nothing is computed or allocated on meta: torch's reference ops for meta tensors
+        # import torch._dynamo and sympy, 4 s of every worker's start on a slow CPU.
+        rotary = RotaryTable(config.rope, config.head_dim, max_model_len, device)
         with torch.device("meta"):
-            model = CausalLM(config, max_model_len, device="meta")
-        model = model.to(dtype).to_empty(device=device)
-        model.rotary = type(model.rotary)(config.rope, config.head_dim, max_model_len, device)
-        load_weights(model, model_dir, dtype)
+            model = CausalLM(config, rotary)
+        load_weights(model, model_dir, dtype, device)
         self.model = model.eval()
         self.kv_cache = KVCache(
             config.num_layers,

@@ -41,12 +41,19 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_weights(model: CausalLM, model_dir: Path, dtype: torch.dtype) -> None:
-    """Fill ``model``'s parameters from the checkpoint, converted to ``dtype``."""
+def load_weights(
+    model: CausalLM, model_dir: Path, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Give ``model``'s parameters the checkpoint's tensors, as ``dtype`` on ``device``.
+
+    The parameters are replaced, not copied into, so ``model`` may be built on the meta
+    device (no memory, no random initialisation, no second copy of the weights).
+    """
     tensors = {k: v for k, v in read_checkpoint(model_dir).items() if not _IGNORED.match(k)}
     if model.config.tie_word_embeddings:
         tensors.setdefault("lm_head.weight", tensors.get("model.embed_tokens.weight"))
     used: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         source = _fetch(tensors, name, used, model_dir)
         if source.shape != param.shape:
@@ -54,14 +61,14 @@ def load_weights(model: CausalLM, model_dir: Path, dtype: torch.dtype) -> None:
                 f"{model_dir}: tensor for {name} has shape {tuple(source.shape)}, "
                 f"config.json implies {tuple(param.shape)}"
             )
-        with torch.no_grad():
-            param.copy_(source.to(dtype))
+        state[name] = source.to(device=device, dtype=dtype)
     unused = sorted(set(tensors) - used)
     if unused:
         raise CheckpointError(
             f"{model_dir}: {len(unused)} tensors do not belong to a "
             f"{model.config.model_type} model with this config, e.g. {unused[:3]}"
         )
+    model.load_state_dict(state, strict=True, assign=True)
 
 
 def _fetch(
