@@ -1,4 +1,4 @@
-"""Failures with real processes: killed workers, failed KV reads, silent workers.
+"""Failures with real processes: killed workers and routers, failed KV reads, silent workers.
 
 Each test kills or stops a real worker process and checks that requests still
 end with the offline tokens, each token sent exactly once and one final message.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +22,9 @@ from services.engine.sampling_params import SamplingParams
 from services.launcher.local import LocalCluster
 from services.stubs.tandem.v1 import inference_pb2_grpc
 from tests.e2e.client import Completion, channel, generate, request
-from tests.e2e.conftest import start_cluster
+from tests.e2e.conftest import ALWAYS_DISAGGREGATE, start_cluster
 
+ROLES = ("prefill", "decode")
 HEARTBEAT_TIMEOUT_S = 3.0  # the router's default: 3 missed 1 s heartbeats
 
 
@@ -115,4 +118,41 @@ def test_failed_kv_read_falls_back_to_local_prefill(
         assert got.final.serving.kv_transport == ""  # nothing crossed
         assert got.final.serving.kv_transfer_bytes == 0
     finally:
+        c.stop()
+
+
+def test_workers_rejoin_a_restarted_router(
+    tmp_path: Path, tandem_home: Path, reference_engine
+) -> None:
+    """The router is stateless but for its registry: killed and started again on its port
+    (what compose or Kubernetes do), it gets both workers back by their heartbeats within
+    seconds, and serves disaggregated requests with the offline tokens."""
+    c = start_cluster(tmp_path, prefill=1, decode=1, kv_transport="grpc")
+    router = c.child("router")
+    replacement = None
+    try:
+        os.kill(router.process.pid, signal.SIGKILL)
+        router.process.wait()
+        time.sleep(3.0)  # long enough for the workers' channels to back off
+        command = ["router", "--port", str(router.port), *ALWAYS_DISAGGREGATE]
+        log = tmp_path / "router-again.log"
+        with log.open("w") as out:
+            replacement = subprocess.Popen(
+                [sys.executable, "-m", "services.cli.main", *command],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        started = time.monotonic()
+        while not all(f"registered {role} worker" in log.read_text() for role in ROLES):
+            assert time.monotonic() - started < 20, "the workers did not rejoin in 20 s"
+            assert replacement.poll() is None, f"the new router exited: {log.read_text()}"
+            time.sleep(0.1)
+        prompt = list(range(300, 340))
+        (got,) = asyncio.run(_many(c.address, [prompt], 8))
+        assert got.tokens == _offline(reference_engine, prompt, 8)
+        assert got.final.serving.kv_transfer_bytes > 0  # both workers are back, in their roles
+    finally:
+        if replacement is not None:
+            replacement.terminate()
+            replacement.wait(timeout=30)
         c.stop()
