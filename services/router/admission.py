@@ -105,7 +105,8 @@ async def admit(
 
     Raises InvalidRequestError naming the field, RouteError(NOT_FOUND) for a model
     no worker ever served, RouteError(UNAVAILABLE) for one whose workers are all
-    gone, and the tokenizer's TandemError when the router cannot load it.
+    gone or, while the router has just started, not registered yet, and the tokenizer's
+    TandemError when the router cannot load it.
     """
     if not request.model:
         raise InvalidRequestError("model", "is required: one of the ids ListModels returns")
@@ -128,6 +129,13 @@ async def admit(
             raise RouteError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no worker serving model {request.model!r} is alive; retry later",
+            )
+        if (age := registry.settling_s()) is not None:
+            raise RouteError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no worker has registered model {request.model!r} yet: this router started "
+                f"{age:.1f} s ago and workers join within {registry.heartbeat_timeout_s:g} s; "
+                "retry",
             )
         served = ", ".join(m.model for m in registry.models()) or "none"
         raise RouteError(

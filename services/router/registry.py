@@ -104,6 +104,7 @@ class WorkerRegistry:
             raise ValueError(f"heartbeat_timeout_s must be above 0, got {heartbeat_timeout_s}")
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._clock = clock
+        self._started = clock()
         self._workers: dict[str, WorkerState] = {}
         self._served_once: set[str] = set()
         self._listeners: list[RemoveListener] = []
@@ -220,6 +221,15 @@ class WorkerRegistry:
     def was_served(self, model: str) -> bool:
         """Whether any worker ever registered for ``model`` (tells UNAVAILABLE from NOT_FOUND)."""
         return model in self._served_once
+
+    def settling_s(self) -> float | None:
+        """Seconds since this registry started while workers may still be registering: one
+        heartbeat timeout (a worker of a router restarted on its address finds it within a
+        heartbeat and a reconnect); None after that. An unknown model is then only not
+        known *yet*, and a client told NOT_FOUND by a freshly restarted router would stop
+        retrying."""
+        age = self._clock() - self._started
+        return age if age < self.heartbeat_timeout_s else None
 
     # --------------------------------------------------------------- internals
     def _live(self, worker_id: str) -> WorkerState | None:

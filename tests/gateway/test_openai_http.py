@@ -375,6 +375,10 @@ def test_bad_input_is_400_naming_the_parameter_and_unknowns_are_404(
                 )
             assert err.value.param == "messages[0].content[0]"
 
+            # A router that has just started says UNAVAILABLE for a model it does not know
+            # (its workers may be re-registering); NOT_FOUND only after that.
+            while s.cluster.router.registry.settling_s() is not None:
+                await asyncio.sleep(0.05)
             with pytest.raises(openai.NotFoundError) as err:
                 await client.completions.create(model=GHOST, prompt=PROMPT)
             assert (err.value.code, err.value.param) == ("model_not_found", "model")

@@ -56,6 +56,13 @@ def test_unknown_model_is_not_found_and_empty_pools_are_unavailable() -> None:
 
     async def body() -> None:
         async with cluster(config) as c:
+            # Just started (a restart, say): its workers may not have registered yet.
+            result = await c.generate(prompt_token_ids=[1], model="nope")
+            assert result.code == grpc.StatusCode.UNAVAILABLE
+            assert "no worker has registered model 'nope' yet" in result.details
+            assert "workers join within 0.5 s; retry" in result.details
+
+            await asyncio.sleep(config.heartbeat_timeout_s)
             result = await c.generate(prompt_token_ids=[1], model="nope")
             assert result.code == grpc.StatusCode.NOT_FOUND
             assert "'nope' is not served here" in result.details

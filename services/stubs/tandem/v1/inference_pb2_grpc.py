@@ -95,8 +95,10 @@ class InferenceServicer:
         carries google.rpc.RetryInfo / QuotaFailure
         details), or the request cannot fit in a worker's
         KV cache even alone.
-        UNAVAILABLE        no worker can serve the model now; retrying is safe
-        when no message was received.
+        UNAVAILABLE        no worker can serve the model now (its workers are
+        gone, or the router has just started and they have
+        not registered yet); retrying is safe when no
+        message was received.
         INTERNAL           the server failed; the message says how.
 
         Tokens are delivered at most once: when a worker dies mid-stream the
