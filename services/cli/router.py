@@ -21,6 +21,7 @@ _DEFAULTS = RouterConfig()
 DEFAULT_HEARTBEAT_INTERVAL_MS = round(_DEFAULTS.heartbeat_interval_s * 1000)
 DEFAULT_MAX_RETRIES = _DEFAULTS.max_retries
 DEFAULT_PREFILL_TIMEOUT_MS = round(_DEFAULTS.prefill_timeout_s * 1000)
+DEFAULT_DECODE_WAIT_MS = round(_DEFAULTS.decode_wait_s * 1000)
 DEFAULT_LOCAL_PREFILL_MAX_TOKENS = _DEFAULTS.local_prefill_max_tokens
 DEFAULT_LOCAL_PREFILL_MIN_CACHED = _DEFAULTS.local_prefill_min_cached
 
@@ -105,6 +106,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"the request is retried on another (default {DEFAULT_PREFILL_TIMEOUT_MS})",
     )
     parser.add_argument(
+        "--decode-wait-ms",
+        type=arg_types.non_negative_int,
+        default=DEFAULT_DECODE_WAIT_MS,
+        metavar="MS",
+        help="how long a request whose client already has tokens waits for a decode worker "
+        "when none is left (one restarting) before ending with UNAVAILABLE; requests that "
+        f"sent nothing fail at once, safe to retry (default {DEFAULT_DECODE_WAIT_MS}; 0: "
+        "never wait)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=arg_types.port,
         default=0,
@@ -138,6 +149,7 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         heartbeat_timeout_s=None if timeout_ms is None else timeout_ms / 1000,
         max_retries=args.max_retries,
         prefill_timeout_s=args.prefill_timeout_ms / 1000,
+        decode_wait_s=args.decode_wait_ms / 1000,
         metrics_port=args.metrics_port,
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         local_prefill_min_cached=args.local_prefill_min_cached,

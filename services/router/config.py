@@ -30,6 +30,12 @@ class RouterConfig:
     max_retries: int = 3
     """Most times one request moves to another worker after a failure (prefill
     retries and decode resumes together) before it fails with UNAVAILABLE."""
+    decode_wait_s: float = 10.0
+    """How long a request whose client already has tokens waits for a decode worker when
+    none is left (the only one restarting), before it ends with an error message and
+    UNAVAILABLE; bounded by the client's deadline and the prefill's KV lease. Requests
+    that sent nothing yet fail at once (UNAVAILABLE before any message is safe to retry).
+    0: never wait."""
     prefill_timeout_s: float = 60.0
     """Longest wait for one Prefill call; past it the worker counts as hung and the
     request is retried elsewhere. The client's own deadline, when shorter, wins."""
@@ -91,6 +97,8 @@ class RouterConfig:
             raise ValueError(
                 f"local_prefill_min_cached must be 0 or more, got {self.local_prefill_min_cached}"
             )
+        if not self.decode_wait_s >= 0:
+            raise ValueError(f"decode_wait_s must be 0 or more, got {self.decode_wait_s}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be 0 or more, got {self.shutdown_grace_s}")
 

@@ -152,8 +152,7 @@ class Orchestrator:
         model = progress.admitted.model
         fresh = not progress.sent
         request = progress.attempt_request(f"{progress.request_id}#{next(self._attempt_seq)}")
-        if not self._candidates(progress, DECODE):
-            raise self._no_worker(progress, DECODE)
+        await self._decoders(progress, deadline)
         routing = self._routing(progress)
         prefill_worker: WorkerState | None = None
         decoder: WorkerState | None = None
@@ -192,10 +191,7 @@ class Orchestrator:
             if first is not None:  # in the try: a client gone at this yield frees the KV too
                 yield progress.chunk([first.first_token_id], first.first_text)
             if decoder is None or decoder.gone.is_set():
-                decoders = self._candidates(progress, DECODE)
-                if not decoders:
-                    raise self._no_worker(progress, DECODE)
-                decoder = self._pick(decoders, routing, DECODE)
+                decoder = self._pick(await self._decoders(progress, deadline), routing, DECODE)
             progress.decode_worker = decoder.worker_id
             async with aclosing(
                 self._decode(progress, decoder, request, first, fresh, deadline)
@@ -302,6 +298,32 @@ class Orchestrator:
             raise self._failure(worker, "decode", err, own_limit=False) from None
 
     # ----------------------------------------------------------------- helpers
+    async def _decoders(self, progress: Progress, deadline: float | None) -> list[WorkerState]:
+        """The decode candidates. When none is left and the client already has tokens (no
+        retry can replay them), wait for one to join (a decode worker restarting), up to
+        ``decode_wait_s`` and the client's deadline, rather than end the stream half sent."""
+        decoders = self._candidates(progress, DECODE)
+        wait = self.config.decode_wait_s if progress.started else 0.0
+        if deadline is not None:
+            wait = min(wait, deadline - asyncio.get_running_loop().time())
+        if not decoders and wait > 0:
+            log.warning(
+                "request %s: no decode worker left after %d tokens sent; waiting up to %.1f s "
+                "for one to join",
+                progress.request_id,
+                len(progress.sent),
+                wait,
+            )
+            model = progress.admitted.model
+            decoders = await self.registry.wait_for_candidates(
+                model, DECODE, progress.excluded, wait
+            )
+            if not decoders:
+                raise self._no_worker(progress, DECODE, f"; waited {wait:.1f} s for one")
+        if not decoders:
+            raise self._no_worker(progress, DECODE)
+        return decoders
+
     def _candidates(self, progress: Progress, role: int) -> list[WorkerState]:
         return self.registry.candidates(progress.admitted.model, role, exclude=progress.excluded)
 
@@ -350,13 +372,13 @@ class Orchestrator:
             progress.retries,
         )
 
-    def _no_worker(self, progress: Progress, role: int) -> RouteError:
+    def _no_worker(self, progress: Progress, role: int, waited: str = "") -> RouteError:
         model = progress.admitted.model
         message = f"no {ROLE_NAMES[role]} worker left for model {model!r}"
         failed = sorted(w for w in progress.excluded)
         if failed:
             message += f" (failed for this request: {', '.join(failed)})"
-        return RouteError(grpc.StatusCode.UNAVAILABLE, message)
+        return RouteError(grpc.StatusCode.UNAVAILABLE, message + waited)
 
     def _timeout(self, deadline: float | None, limit: float | None) -> tuple[float | None, bool]:
         """The timeout of one worker call, and whether it is ``limit`` (ours) rather than

@@ -108,6 +108,8 @@ class WorkerRegistry:
         self._workers: dict[str, WorkerState] = {}
         self._served_once: set[str] = set()
         self._listeners: list[RemoveListener] = []
+        self._joined = asyncio.Event()
+        """Set (and replaced) at every registration: wakes ``wait_for_candidates``."""
 
     def add_remove_listener(self, listener: RemoveListener) -> None:
         """Call ``listener(worker)`` after each removal (expiry or replacement)."""
@@ -146,6 +148,8 @@ class WorkerRegistry:
         )
         self._workers[worker.worker_id] = worker
         self._served_once.add(worker.model)
+        self._joined.set()
+        self._joined = asyncio.Event()
         log.info(
             "registered %s worker %s at %s for model %s (block_size %d)",
             worker.role_name,
@@ -192,6 +196,23 @@ class WorkerRegistry:
             ),
             key=lambda w: w.worker_id,
         )
+
+    async def wait_for_candidates(
+        self, model: str, role: int, exclude: Iterable[str], timeout_s: float
+    ) -> list[WorkerState]:
+        """``candidates(...)``, waiting up to ``timeout_s`` for a worker to register when
+        there are none; [] when none came."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout_s
+        while not (found := self.candidates(model, role, exclude)):
+            left = until - loop.time()
+            if left <= 0:
+                return []
+            try:
+                await asyncio.wait_for(self._joined.wait(), left)
+            except TimeoutError:
+                return self.candidates(model, role, exclude)
+        return found
 
     def get(self, worker_id: str) -> WorkerState | None:
         """The live entry for ``worker_id``, or None."""

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections import Counter
 
 import grpc
 
 from services.router.config import RouterConfig
 from services.stubs.tandem.v1 import inference_pb2
-from tests.router.fakes import Behaviour, expected_completion, token_text
+from tests.router.fakes import MODEL, Behaviour, expected_completion, token_text
 from tests.router.harness import DECODE, PREFILL, cluster, run
 
 PROMPT = [11, 12, 13]
 ROUND_ROBIN = RouterConfig(
-    policy="round-robin", heartbeat_interval_s=0.1, heartbeat_timeout_s=2, prefill_timeout_s=5
+    policy="round-robin",
+    heartbeat_interval_s=0.1,
+    heartbeat_timeout_s=2,
+    prefill_timeout_s=5,
+    decode_wait_s=0.3,
 )
-"""Workers are picked in id order (p1 before p2, d1 before d2): the failing one first."""
+"""Workers are picked in id order (p1 before p2, d1 before d2): the failing one first. A
+stream left without a decode worker waits 0.3 s for one."""
 
 
 def _assert_each_token_once(tokens: list[int], expected: list[int]) -> None:
@@ -180,6 +187,7 @@ def test_every_decode_worker_dying_ends_with_error_message_and_unavailable() -> 
             assert result.code == grpc.StatusCode.UNAVAILABLE
             assert "no decode worker left" in result.details
             assert "d1" in result.details and "d2" in result.details
+            assert result.details.endswith("; waited 0.3 s for one")
             expected = expected_completion(len(PROMPT), 8)
             # prefill, d?, prefill again, the other d?: 4 tokens, each once, then one
             # final ERROR message counting them.
@@ -361,3 +369,38 @@ async def _until(condition, timeout: float = 3.0) -> None:  # type: ignore[no-un
     while not condition():
         assert loop.time() < end, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+def test_a_stream_left_without_decode_workers_waits_for_one_to_join() -> None:
+    """The only decode worker dies after the client got tokens (it restarts, under a new
+    id): the stream waits for the new one and resumes there, every token once, rather
+    than end half sent. A request with nothing sent yet fails at once (safe to retry)."""
+    config = dataclasses.replace(ROUND_ROBIN, decode_wait_s=10.0)
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add("p1", PREFILL)
+            d1 = await c.add("d1", DECODE, Behaviour(die_after=2))
+            stream = asyncio.create_task(
+                c.generate(prompt_token_ids=PROMPT, max_tokens=8, min_tokens=8)
+            )
+            await _until(lambda: len(d1.calls) == 1)
+            await asyncio.sleep(0.5)  # d1 failed the stream; the router waits for a worker
+            assert not stream.done()
+            await c.add("d2", DECODE)
+            result = await stream
+
+            _assert_each_token_once(result.tokens, expected_completion(len(PROMPT), 8))
+            assert result.code == grpc.StatusCode.OK
+            assert result.final.serving.decode_worker == "d2"
+            assert result.final.serving.retries == 1
+
+            for worker in ("d1", "d2"):
+                await c.workers[worker].stop()
+            await _until(lambda: not c.router.registry.candidates(MODEL, DECODE))
+            started = time.monotonic()
+            fresh = await c.generate(prompt_token_ids=PROMPT, max_tokens=8)
+            assert fresh.code == grpc.StatusCode.UNAVAILABLE and fresh.messages == []
+            assert "waited" not in fresh.details and time.monotonic() - started < 2
+
+    run(body())
