@@ -314,12 +314,18 @@ class Orchestrator:
                 len(progress.sent),
                 wait,
             )
-            model = progress.admitted.model
+            # A worker that failed this request and registers again (restarted under the
+            # same id: compose, a Kubernetes container restart) is a new process: take it.
+            failed = {w: self.registry.get(w) for w in progress.excluded}
             decoders = await self.registry.wait_for_candidates(
-                model, DECODE, progress.excluded, wait
+                progress.admitted.model,
+                DECODE,
+                lambda w: w.worker_id not in failed or w is not failed[w.worker_id],
+                wait,
             )
             if not decoders:
                 raise self._no_worker(progress, DECODE, f"; waited {wait:.1f} s for one")
+            progress.excluded.difference_update(w.worker_id for w in decoders)
         if not decoders:
             raise self._no_worker(progress, DECODE)
         return decoders

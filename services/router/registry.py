@@ -22,6 +22,7 @@ All methods run on the event loop thread; none blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -198,21 +199,19 @@ class WorkerRegistry:
         )
 
     async def wait_for_candidates(
-        self, model: str, role: int, exclude: Iterable[str], timeout_s: float
+        self, model: str, role: int, accept: Callable[[WorkerState], bool], timeout_s: float
     ) -> list[WorkerState]:
-        """``candidates(...)``, waiting up to ``timeout_s`` for a worker to register when
-        there are none; [] when none came."""
+        """The ``candidates(model, role)`` that ``accept`` takes, waiting up to ``timeout_s``
+        for a worker to register when there are none; [] when none came."""
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout_s
-        while not (found := self.candidates(model, role, exclude)):
+        while True:
+            found = [w for w in self.candidates(model, role) if accept(w)]
             left = until - loop.time()
-            if left <= 0:
-                return []
-            try:
+            if found or left <= 0:
+                return found
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._joined.wait(), left)
-            except TimeoutError:
-                return self.candidates(model, role, exclude)
-        return found
 
     def get(self, worker_id: str) -> WorkerState | None:
         """The live entry for ``worker_id``, or None."""

@@ -404,3 +404,31 @@ def test_a_stream_left_without_decode_workers_waits_for_one_to_join() -> None:
             assert "waited" not in fresh.details and time.monotonic() - started < 2
 
     run(body())
+
+
+def test_the_wait_takes_a_decode_worker_restarted_under_its_own_id() -> None:
+    """Compose and Kubernetes restart a worker under the same id: the new process is not
+    the one that failed the request, so the waiting stream resumes on it."""
+    config = dataclasses.replace(ROUND_ROBIN, decode_wait_s=10.0)
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add("p1", PREFILL)
+            d1 = await c.add("d1", DECODE, Behaviour(die_after=2))
+            stream = asyncio.create_task(
+                c.generate(prompt_token_ids=PROMPT, max_tokens=8, min_tokens=8)
+            )
+            await _until(lambda: len(d1.calls) == 1)
+            await asyncio.sleep(0.5)
+            assert not stream.done()
+            await d1.stop()
+            restarted = await c.add("d1", DECODE)
+            result = await stream
+
+            _assert_each_token_once(result.tokens, expected_completion(len(PROMPT), 8))
+            assert result.code == grpc.StatusCode.OK
+            assert result.final.serving.decode_worker == "d1"
+            assert result.final.serving.retries == 1
+            assert len(restarted.calls) == 1
+
+    run(body())
