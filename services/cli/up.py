@@ -120,6 +120,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "connect (default: off); over https with --tls",
     )
     parser.add_argument(
+        "--worker-restarts",
+        type=arg_types.non_negative_int,
+        default=3,
+        metavar="N",
+        help="start a prefill or decode worker that exits again, on its port and id, up to N "
+        "times a minute; past that, or when the router or gateway exits, everything stops "
+        "(default 3; 0: stop at the first exit; with --ray, Ray restarts its actors)",
+    )
+    parser.add_argument(
         "--tls",
         action="store_true",
         help="development TLS: mint a throwaway CA in the state directory (DIR/tls/ca.pem), "
@@ -167,6 +176,7 @@ def _up(args: argparse.Namespace) -> int:
             trace_exporter=args.trace_exporter,
             tls_dir=tls_dir,
             metrics=args.metrics,
+            worker_restarts=args.worker_restarts,
         )
     )
     front = "" if gateway is None else "a gateway, "
@@ -194,6 +204,8 @@ def _up(args: argparse.Namespace) -> int:
         )
 
     def dead() -> str:
+        for line in cluster.restart_dead_workers():
+            print(f"warning: {line}", file=sys.stderr, flush=True)
         gone = cluster.dead_children()
         names = ", ".join(f"{c.name} (status {c.process.returncode})" for c in gone)
         return f"{names} (logs in {log_dir})" if gone else ""

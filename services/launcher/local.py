@@ -14,6 +14,7 @@ the gateway's (or, without a gateway, the router's) certificate.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -31,6 +32,12 @@ from services.rpc.health_wait import wait_serving
 from services.rpc.tls import TlsConfig, channel_credentials
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
+
+RESTART_WINDOW_S = 60.0
+"""The window ``ClusterConfig.worker_restarts`` counts restarts in: a worker that keeps
+exiting (a bad flag, no memory) is left dead rather than restarted forever."""
+WORKER_ROLES = ("prefill-", "decode-")
+"""Name prefixes of the children ``restart_dead_workers`` may start again."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,10 @@ class ClusterConfig:
     """``--trace-exporter`` for every child (gateway, router, workers): one trace per request
     across all of them. OTLP endpoints come from the OTEL_EXPORTER_OTLP_* variables, which
     the children inherit."""
+    worker_restarts: int = 3
+    """How often ``restart_dead_workers`` starts a worker that exited again within
+    ``RESTART_WINDOW_S`` before it leaves it dead (the launcher then stops everything);
+    0: never restart."""
     tls_dir: Path | None = None
     """A development CA's directory (``services.rpc.tls_dev_ca.DevCa``; made there when it
     has none): each child gets its own certificate from it and requires mTLS from its
@@ -94,6 +105,10 @@ class Child:
     process: subprocess.Popen
     log_path: Path | None = None
     metrics_port: int = 0
+    args: tuple[str, ...] = ()
+    """The ``tandem`` command line it runs (to start it again)."""
+    restarts: list[float] = field(default_factory=list)
+    """When it was started again after exiting (monotonic seconds)."""
 
     @property
     def address(self) -> str:
@@ -170,6 +185,32 @@ class LocalCluster:
     def dead_children(self) -> list[Child]:
         return [c for c in self.children if c.process.poll() is not None]
 
+    def restart_dead_workers(self) -> list[str]:
+        """Start again, on the same port and id, every worker that exited and has restarts
+        left (``config.worker_restarts`` within ``RESTART_WINDOW_S``); one line per restart
+        saying so. The router lets it rejoin and resumes streams on it. A router or gateway
+        that exited, or a worker out of restarts, stays in ``dead_children``."""
+        said = []
+        now = time.monotonic()
+        for i, child in enumerate(self.children):
+            code = child.process.poll()
+            if code is None or not child.name.startswith(WORKER_ROLES):
+                continue
+            recent = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
+            if len(recent) >= self.config.worker_restarts:
+                continue
+            self.children[i] = self._start(
+                child.name, child.port, child.args, child.metrics_port, again=True
+            )
+            self.children[i].restarts.extend([*recent, now])
+            where = f"; its output is in {child.log_path}" if child.log_path else ""
+            said.append(
+                f"{child.name} exited with status {code}{where}; started it again "
+                f"({len(recent) + 1} of {self.config.worker_restarts} within "
+                f"{RESTART_WINDOW_S:g} s)"
+            )
+        return said
+
     # --------------------------------------------------------------- internals
     def _spawn_worker(self, role: str, index: int) -> None:
         cfg = self.config
@@ -194,29 +235,38 @@ class LocalCluster:
         self._spawn("gateway", cfg.port, args, metrics_port)
 
     def _spawn(self, name: str, port: int, args: list[str], metrics_port: int = 0) -> None:
+        self.children.append(self._start(name, port, tuple(args), metrics_port))
+
+    def _start(
+        self, name: str, port: int, args: tuple[str, ...], metrics_port: int, again: bool = False
+    ) -> Child:
+        """Launch one ``tandem`` service with its output in ``<log_dir>/<name>.log`` (added
+        to, when it is started ``again``, so the last run's end stays readable)."""
+        command = list(args)
         if self.config.trace_exporter != "none":
-            args = [*args, "--trace-exporter", self.config.trace_exporter]
+            command += ["--trace-exporter", self.config.trace_exporter]
         if self.config.tls_dir is not None:
             # The child's own name and the public host too, beside the loopback names.
             host = self.config.host
             extra = () if host in ("0.0.0.0", "::", "") else (host,)
             tls = self._dev_ca().issue(name, extra)
-            args = [*args, "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
-            args += ["--tls-ca", str(tls.ca)]
-        out = None
+            command += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+            command += ["--tls-ca", str(tls.ca)]
         log_path = None
+        out = contextlib.nullcontext()
         if self.config.log_dir is not None:
             self.config.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.config.log_dir / f"{name}.log"
-            out = log_path.open("w")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli.main", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            env=_child_env(),
-            start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children
-        )  # no preexec_fn: see services/launcher/launched.py
-        self.children.append(Child(name, port, process, log_path, metrics_port))
+            out = log_path.open("a" if again else "w")
+        with out as stream:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "services.cli.main", *command],
+                stdout=stream,
+                stderr=subprocess.STDOUT if stream else None,
+                env=_child_env(),
+                start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children
+            )  # no preexec_fn: see services/launcher/launched.py
+        return Child(name, port, process, log_path, metrics_port, args)
 
     def _dev_ca(self):  # type: ignore[no-untyped-def]
         """The CA in ``config.tls_dir``, created there when it holds none."""

@@ -156,3 +156,40 @@ def test_workers_rejoin_a_restarted_router(
             replacement.terminate()
             replacement.wait(timeout=30)
         c.stop()
+
+
+def test_a_killed_decode_worker_is_started_again_and_the_stream_resumes_on_it(
+    tmp_path: Path, tandem_home: Path, reference_engine
+) -> None:
+    """`tandem up`'s supervision with the only decode worker SIGKILLed mid-stream: the
+    launcher starts it again under its id, it rejoins the router, and the stream that was
+    waiting for a decode worker resumes there with every token once. One restart a minute
+    here: a second exit is left dead (and `tandem up` then stops everything)."""
+    c = start_cluster(tmp_path, prefill=1, decode=1, kv_transport="grpc", worker_restarts=1)
+    prompt = list(range(800, 830))
+
+    async def kill_and_restart_mid_stream() -> Completion:
+        async with channel(c.address) as ch:
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            seen = Completion()
+            task = asyncio.create_task(generate(stub, request(prompt, 60), into=seen))
+            while len(seen.tokens) < 4:
+                await asyncio.sleep(0.005)
+            os.kill(c.child("decode-0").process.pid, signal.SIGKILL)
+            c.child("decode-0").process.wait()
+            (said,) = c.restart_dead_workers()
+            assert said.startswith("decode-0 exited with status -9")
+            assert said.endswith("started it again (1 of 1 within 60 s)")
+            return await task
+
+    try:
+        got = asyncio.run(kill_and_restart_mid_stream())
+        assert got.tokens == _offline(reference_engine, prompt, 60)  # each token once
+        assert got.final.serving.decode_worker == "decode-0"
+        assert got.final.serving.retries >= 1
+        os.kill(c.child("decode-0").process.pid, signal.SIGKILL)
+        c.child("decode-0").process.wait()
+        assert c.restart_dead_workers() == []
+        assert [d.name for d in c.dead_children()] == ["decode-0"]
+    finally:
+        c.stop()
