@@ -11,8 +11,8 @@ import grpc
 
 from services.router.config import RouterConfig
 from services.stubs.tandem.v1 import inference_pb2
-from tests.router.fakes import MODEL, Behaviour, expected_completion, token_text
-from tests.router.harness import DECODE, PREFILL, cluster, run
+from tests.router.fakes import MODEL, Behaviour, FakeWorker, expected_completion, token_text
+from tests.router.harness import DECODE, PREFILL, Cluster, Result, cluster, run
 
 PROMPT = [11, 12, 13]
 ROUND_ROBIN = RouterConfig(
@@ -371,29 +371,38 @@ async def _until(condition, timeout: float = 3.0) -> None:  # type: ignore[no-un
         await asyncio.sleep(0.01)
 
 
+WAITING = dataclasses.replace(ROUND_ROBIN, decode_wait_s=10.0)
+
+
+async def _stream_left_without_decoders(c: Cluster) -> tuple[FakeWorker, asyncio.Task[Result]]:
+    """p1 and a decode worker d1 that fails every stream after 2 tokens; a request whose
+    stream d1 failed, now waiting for a decode worker (d1 is excluded for it)."""
+    await c.add("p1", PREFILL)
+    d1 = await c.add("d1", DECODE, Behaviour(die_after=2))
+    stream = asyncio.create_task(c.generate(prompt_token_ids=PROMPT, max_tokens=8, min_tokens=8))
+    await _until(lambda: len(d1.calls) == 1)
+    await asyncio.sleep(0.5)
+    assert not stream.done()
+    return d1, stream
+
+
+def _assert_resumed_on(result: Result, worker_id: str) -> None:
+    _assert_each_token_once(result.tokens, expected_completion(len(PROMPT), 8))
+    assert result.code == grpc.StatusCode.OK
+    assert result.final.serving.decode_worker == worker_id
+    assert result.final.serving.retries == 1
+
+
 def test_a_stream_left_without_decode_workers_waits_for_one_to_join() -> None:
     """The only decode worker dies after the client got tokens (it restarts, under a new
     id): the stream waits for the new one and resumes there, every token once, rather
     than end half sent. A request with nothing sent yet fails at once (safe to retry)."""
-    config = dataclasses.replace(ROUND_ROBIN, decode_wait_s=10.0)
 
     async def body() -> None:
-        async with cluster(config) as c:
-            await c.add("p1", PREFILL)
-            d1 = await c.add("d1", DECODE, Behaviour(die_after=2))
-            stream = asyncio.create_task(
-                c.generate(prompt_token_ids=PROMPT, max_tokens=8, min_tokens=8)
-            )
-            await _until(lambda: len(d1.calls) == 1)
-            await asyncio.sleep(0.5)  # d1 failed the stream; the router waits for a worker
-            assert not stream.done()
+        async with cluster(WAITING) as c:
+            _, stream = await _stream_left_without_decoders(c)
             await c.add("d2", DECODE)
-            result = await stream
-
-            _assert_each_token_once(result.tokens, expected_completion(len(PROMPT), 8))
-            assert result.code == grpc.StatusCode.OK
-            assert result.final.serving.decode_worker == "d2"
-            assert result.final.serving.retries == 1
+            _assert_resumed_on(await stream, "d2")
 
             for worker in ("d1", "d2"):
                 await c.workers[worker].stop()
@@ -409,26 +418,13 @@ def test_a_stream_left_without_decode_workers_waits_for_one_to_join() -> None:
 def test_the_wait_takes_a_decode_worker_restarted_under_its_own_id() -> None:
     """Compose and Kubernetes restart a worker under the same id: the new process is not
     the one that failed the request, so the waiting stream resumes on it."""
-    config = dataclasses.replace(ROUND_ROBIN, decode_wait_s=10.0)
 
     async def body() -> None:
-        async with cluster(config) as c:
-            await c.add("p1", PREFILL)
-            d1 = await c.add("d1", DECODE, Behaviour(die_after=2))
-            stream = asyncio.create_task(
-                c.generate(prompt_token_ids=PROMPT, max_tokens=8, min_tokens=8)
-            )
-            await _until(lambda: len(d1.calls) == 1)
-            await asyncio.sleep(0.5)
-            assert not stream.done()
+        async with cluster(WAITING) as c:
+            d1, stream = await _stream_left_without_decoders(c)
             await d1.stop()
             restarted = await c.add("d1", DECODE)
-            result = await stream
-
-            _assert_each_token_once(result.tokens, expected_completion(len(PROMPT), 8))
-            assert result.code == grpc.StatusCode.OK
-            assert result.final.serving.decode_worker == "d1"
-            assert result.final.serving.retries == 1
+            _assert_resumed_on(await stream, "d1")
             assert len(restarted.calls) == 1
 
     run(body())
