@@ -33,9 +33,10 @@ class RouterConfig:
     decode_wait_s: float = 10.0
     """How long a request whose client already has tokens waits for a decode worker when
     none is left (the only one restarting), before it ends with an error message and
-    UNAVAILABLE; bounded by the client's deadline and the prefill's KV lease. Requests
-    that sent nothing yet fail at once (UNAVAILABLE before any message is safe to retry).
-    0: never wait."""
+    UNAVAILABLE; the client's deadline bounds it too. Keep it under the prefill's KV lease
+    (30 s): a decode worker found after the lease prefills the prompt again. Requests that
+    sent nothing yet fail at once (UNAVAILABLE before any message is safe to retry). 0:
+    never wait."""
     prefill_timeout_s: float = 60.0
     """Longest wait for one Prefill call; past it the worker counts as hung and the
     request is retried elsewhere. The client's own deadline, when shorter, wins."""

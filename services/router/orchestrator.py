@@ -303,31 +303,32 @@ class Orchestrator:
         retry can replay them), wait for one to join (a decode worker restarting), up to
         ``decode_wait_s`` and the client's deadline, rather than end the stream half sent."""
         decoders = self._candidates(progress, DECODE)
+        if decoders:
+            return decoders
         wait = self.config.decode_wait_s if progress.started else 0.0
         if deadline is not None:
             wait = min(wait, deadline - asyncio.get_running_loop().time())
-        if not decoders and wait > 0:
-            log.warning(
-                "request %s: no decode worker left after %d tokens sent; waiting up to %.1f s "
-                "for one to join",
-                progress.request_id,
-                len(progress.sent),
-                wait,
-            )
-            # A worker that failed this request and registers again (restarted under the
-            # same id: compose, a Kubernetes container restart) is a new process: take it.
-            failed = {w: self.registry.get(w) for w in progress.excluded}
-            decoders = await self.registry.wait_for_candidates(
-                progress.admitted.model,
-                DECODE,
-                lambda w: w.worker_id not in failed or w is not failed[w.worker_id],
-                wait,
-            )
-            if not decoders:
-                raise self._no_worker(progress, DECODE, f"; waited {wait:.1f} s for one")
-            progress.excluded.difference_update(w.worker_id for w in decoders)
-        if not decoders:
+        if wait <= 0:
             raise self._no_worker(progress, DECODE)
+        log.warning(
+            "request %s: no decode worker left after %d tokens sent; waiting up to %.1f s for "
+            "one to join",
+            progress.request_id,
+            len(progress.sent),
+            wait,
+        )
+        # A worker that failed this request and registers again (restarted under the same
+        # id: compose, a Kubernetes container restart) is a new process: take it.
+        failed = {w: self.registry.get(w) for w in progress.excluded}
+        decoders = await self.registry.wait_for_candidates(
+            progress.admitted.model,
+            DECODE,
+            lambda w: w.worker_id not in failed or w is not failed[w.worker_id],
+            wait,
+        )
+        if not decoders:
+            raise self._no_worker(progress, DECODE, f"; waited {wait:.1f} s for one")
+        progress.excluded.difference_update(w.worker_id for w in decoders)
         return decoders
 
     def _candidates(self, progress: Progress, role: int) -> list[WorkerState]:
