@@ -385,6 +385,9 @@ class Orchestrator:
         failed = sorted(w for w in progress.excluded)
         if failed:
             message += f" (failed for this request: {', '.join(failed)})"
+        draining = self.registry.draining(model, role)
+        if draining:
+            message += f" (draining, taking no new requests: {', '.join(draining)})"
         return RouteError(grpc.StatusCode.UNAVAILABLE, message + waited)
 
     def _timeout(self, deadline: float | None, limit: float | None) -> tuple[float | None, bool]:

@@ -12,6 +12,10 @@ The orchestrator's listener closes the worker's channel, which cancels the
 calls in flight to it; seeing ``gone`` set, the orchestrator resumes those
 requests elsewhere instead of waiting on a worker that died silently.
 
+A worker shutting down gracefully heartbeats with ``draining`` set: it stays registered
+(the calls in flight to it go on; it serves its prefills' KV reads) but is no
+longer a candidate for new requests.
+
 Load has two sources: the worker's own report (lags by up to one heartbeat)
 and ``in_flight``, the router's count of calls it has dispatched to the worker
 and not yet seen end, which is exact and immediate.
@@ -64,6 +68,8 @@ class WorkerState:
     in_flight_prefill_tokens: int = 0
     """Prompt tokens (beyond the worker's cached prefix) of the Prefill calls the router
     has dispatched here and not yet seen answered: queued work no heartbeat shows yet."""
+    draining: bool = False
+    """The worker is shutting down gracefully: finishing its calls, taking no new ones."""
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the entry is removed (expired, or replaced by a re-registration)."""
 
@@ -161,8 +167,12 @@ class WorkerRegistry:
         )
         return worker
 
-    def heartbeat(self, worker_id: str, load: worker_pb2.WorkerLoad) -> None:
-        """Record ``load`` and that the worker is alive.
+    def heartbeat(
+        self, worker_id: str, load: worker_pb2.WorkerLoad, draining: bool = False
+    ) -> None:
+        """Record ``load`` and that the worker is alive; ``draining``: it is shutting down
+        gracefully, and no new request goes to it from now on (a worker never stops
+        draining: a process that serves again registers again).
 
         Raises UnknownWorkerError when the id is not registered or has expired
         (the worker must register again).
@@ -175,6 +185,13 @@ class WorkerRegistry:
             )
         worker.load = _copy(load)
         worker.last_heartbeat = self._clock()
+        if draining and not worker.draining:
+            worker.draining = True
+            log.info(
+                "%s worker %s is draining: no new requests go to it",
+                worker.role_name,
+                worker.worker_id,
+            )
 
     # ------------------------------------------------------------ router side
     def sweep(self) -> list[WorkerState]:
@@ -186,17 +203,16 @@ class WorkerRegistry:
         return expired
 
     def candidates(self, model: str, role: int, exclude: Iterable[str] = ()) -> list[WorkerState]:
-        """Live workers of ``role`` serving ``model``, minus ``exclude`` (ids), by id."""
-        self.sweep()
+        """Live workers of ``role`` serving ``model`` that take new requests (not draining),
+        minus ``exclude`` (ids), by id."""
         excluded = set(exclude)
-        return sorted(
-            (
-                w
-                for w in self._workers.values()
-                if w.model == model and w.role == role and w.worker_id not in excluded
-            ),
-            key=lambda w: w.worker_id,
-        )
+        return [
+            w for w in self._serving(model, role) if not w.draining and w.worker_id not in excluded
+        ]
+
+    def draining(self, model: str, role: int) -> list[str]:
+        """Ids of the live workers of ``role`` serving ``model`` that are draining."""
+        return [w.worker_id for w in self._serving(model, role) if w.draining]
 
     async def wait_for_candidates(
         self, model: str, role: int, accept: Callable[[WorkerState], bool], timeout_s: float
@@ -252,6 +268,9 @@ class WorkerRegistry:
         return age if age < self.heartbeat_timeout_s else None
 
     # --------------------------------------------------------------- internals
+    def _serving(self, model: str, role: int) -> list[WorkerState]:
+        return [w for w in self.workers() if w.model == model and w.role == role]
+
     def _live(self, worker_id: str) -> WorkerState | None:
         worker = self._workers.get(worker_id)
         now = self._clock()

@@ -87,7 +87,7 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
         self, request: worker_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.HeartbeatResponse:
         try:
-            self._registry.heartbeat(request.worker_id, request.load)
+            self._registry.heartbeat(request.worker_id, request.load, request.draining)
         except TandemError as error:
             await abort_with(context, error)
         return worker_pb2.HeartbeatResponse()

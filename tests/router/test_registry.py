@@ -80,6 +80,34 @@ def test_heartbeat_from_an_expired_worker_is_refused_until_it_registers_again() 
         registry.heartbeat("never", worker_pb2.WorkerLoad())
 
 
+def test_a_draining_worker_stays_registered_but_takes_no_new_requests() -> None:
+    clock = FakeClock()
+    registry = WorkerRegistry(heartbeat_timeout_s=3.0, clock=clock)
+    removed: list[str] = []
+    registry.add_remove_listener(lambda w: removed.append(w.worker_id))
+    d1 = registry.register(registration("d1"))
+    registry.register(registration("d2"))
+
+    registry.heartbeat("d1", worker_pb2.WorkerLoad(running=2), draining=True)
+    assert [w.worker_id for w in registry.candidates(MODEL, DECODE)] == ["d2"]
+    assert registry.draining(MODEL, DECODE) == ["d1"]
+    assert registry.get("d1") is d1 and not d1.gone.is_set()  # its calls go on
+    assert [m.model for m in registry.models()] == [MODEL]
+    # A later heartbeat without the flag does not bring it back: draining is one-way.
+    clock.now += 2.0
+    registry.heartbeat("d1", worker_pb2.WorkerLoad(running=1))
+    registry.heartbeat("d2", worker_pb2.WorkerLoad())
+    assert registry.draining(MODEL, DECODE) == ["d1"] and removed == []
+    # It still expires like any worker once it stops heartbeating...
+    clock.now += 2.0
+    registry.heartbeat("d2", worker_pb2.WorkerLoad())
+    clock.now += 1.5
+    assert registry.draining(MODEL, DECODE) == [] and removed == ["d1"]
+    # ...and a process registering under its id again is a new, serving entry.
+    registry.register(registration("d1"))
+    assert [w.worker_id for w in registry.candidates(MODEL, DECODE)] == ["d1", "d2"]
+
+
 def test_re_registration_replaces_the_entry() -> None:
     registry = WorkerRegistry(heartbeat_timeout_s=1.0, clock=FakeClock())
     old = registry.register(registration("d1", address="127.0.0.1:1"))

@@ -411,7 +411,9 @@ class RegistryServicer:
 
     def Heartbeat(self, request, context):
         """Reports load; a worker that misses heartbeats for the router's timeout
-        is removed and gets NOT_FOUND here, after which it registers again.
+        is removed and gets NOT_FOUND here, after which it registers again. A
+        draining worker (shutting down gracefully) says so here: the router then
+        places no new request on it and keeps relaying the ones it has.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
