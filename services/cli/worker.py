@@ -63,6 +63,15 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
         help="serve Prometheus /metrics on this port (default 0: off); HTTPS with the "
         "worker's --tls-cert, and a scraper certificate signed by --tls-ca required with it",
     )
+    parser.add_argument(
+        "--drain-timeout-s",
+        type=arg_types.non_negative_float,
+        default=25.0,
+        help="on SIGTERM/SIGINT, keep serving the requests already here (refusing new ones, "
+        "which the router sends elsewhere) for at most this many seconds before stopping "
+        "(default 25; keep it below the supervisor's kill timeout, 30 s on Kubernetes; "
+        "0: stop at once). A second signal stops at once",
+    )
     if role == "prefill":
         parser.add_argument(
             "--lease-s",
@@ -109,6 +118,7 @@ def _handler(role: str) -> Callable[[argparse.Namespace], int]:
             kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
             kv_room_wait_s=getattr(args, "kv_room_wait_s", 10.0),
             metrics_port=args.metrics_port,
+            drain_timeout_s=args.drain_timeout_s,
             engine=engine_config(args),
             tls=tls,
         )

@@ -30,6 +30,7 @@ def _servicers(host: WorkerHost) -> list[Servicer]:
         reader,
         host.config.kv_timeout_s,
         host.metrics,
+        host.gate,
         host.config.kv_room_wait_s,
     )
 

@@ -22,6 +22,7 @@ from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
 from services.telemetry.tracing import tracer
+from services.worker.drain import CallGate
 from services.worker.engine_loop import EngineLoop
 from services.worker.metrics import WorkerMetrics
 
@@ -51,9 +52,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         peers: KVReader,
         kv_timeout_s: float,
         metrics: WorkerMetrics,
+        gate: CallGate,
         kv_room_wait_s: float = 0.0,
     ) -> None:
         self.loop = loop
+        self.gate = gate
         self.worker_id = worker_id
         self.peers = peers
         self.kv_timeout_s = kv_timeout_s
@@ -64,6 +67,13 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def Decode(
+        self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        async with self.gate.admit(context):  # UNAVAILABLE once the worker drains
+            async for message in self._decode(request, context):
+                yield message
+
+    async def _decode(
         self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         req = request.request

@@ -251,6 +251,11 @@ class LLMEngine:
     def num_requests(self) -> int:
         return len(self._requests)
 
+    @property
+    def num_held(self) -> int:
+        """Finished prefills whose blocks stay pinned for a decode worker to read."""
+        return len(self._held)
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns a delta for every request that produced output."""
         chunks = self.scheduler.schedule()

@@ -30,7 +30,12 @@ def _servicers(host: WorkerHost) -> list[Servicer]:
         return await host.loop.call(check)
 
     prefill = PrefillService(
-        host.loop, host.worker_id, lambda: host.address, host.config.lease_s, host.metrics
+        host.loop,
+        host.worker_id,
+        lambda: host.address,
+        host.config.lease_s,
+        host.metrics,
+        host.gate,
     )
     return [
         Servicer(

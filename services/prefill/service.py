@@ -15,6 +15,7 @@ from services.rpc.requests import FINISH_TO_PROTO, prompt_token_ids, sampling_pa
 from services.rpc.status import abort_with
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
+from services.worker.drain import CallGate
 from services.worker.engine_loop import EngineLoop
 from services.worker.metrics import WorkerMetrics
 
@@ -29,14 +30,22 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         address: Callable[[], str],
         default_lease_s: float,
         metrics: WorkerMetrics,
+        gate: CallGate,
     ) -> None:
         self.loop = loop
+        self.gate = gate
         self.worker_id = worker_id
         self.address = address
         self.default_lease_s = default_lease_s
         self.metrics = metrics
 
     async def Prefill(
+        self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.PrefillResponse:
+        async with self.gate.admit(context):  # UNAVAILABLE once the worker drains
+            return await self._prefill(request, context)
+
+    async def _prefill(
         self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> wpb.PrefillResponse:
         req = request.request

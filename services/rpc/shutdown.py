@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -24,3 +24,14 @@ async def shutdown_signals(stop: asyncio.Event | None = None) -> AsyncIterator[a
     finally:
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+async def first_of(*awaitables: Awaitable[object], timeout: float | None = None) -> None:
+    """Wait until one of ``awaitables`` is done (or ``timeout`` s pass), then cancel the
+    rest: a signal, a stop event and a drain racing each other."""
+    waits = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -18,10 +18,11 @@ import grpc
 from services.engine.engine import EngineConfig, LLMEngine
 from services.kv_transfer.transport import KVTransport
 from services.rpc.server import RunningServer, Servicer, start_server
-from services.rpc.shutdown import shutdown_signals
+from services.rpc.shutdown import first_of, shutdown_signals
 from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.telemetry.tracing import shutdown_tracing
+from services.worker.drain import CallGate
 from services.worker.engine_loop import EngineLoop
 from services.worker.gpu import GpuMonitor
 from services.worker.kv_publisher import publish_kv_events
@@ -61,6 +62,11 @@ class WorkerConfig:
     it below the prefill workers' lease, which pins the KV meanwhile."""
     metrics_port: int = 0
     """Prometheus /metrics port; 0 disables it."""
+    drain_timeout_s: float = 25.0
+    """On SIGTERM/SIGINT: how long to keep serving the requests already here (and the KV
+    reads of prefills held for decode workers) while refusing new ones, before stopping
+    anyway. Keep it below the supervisor's kill timeout (Kubernetes' default grace period
+    is 30 s). 0 stops at once; a second signal does too."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Engine settings (KV pool size, batch limits, dtype, device)."""
     tls: TlsConfig | None = None
@@ -80,6 +86,9 @@ class WorkerHost:
         self.loop: EngineLoop | None = None
         self.server: RunningServer | None = None
         self._stop = asyncio.Event()
+        self.gate = CallGate(self.worker_id)
+        """Admits Prefill and Decode calls until the worker begins to drain."""
+        self._draining = asyncio.Event()
         self._registration: asyncio.Task[None] | None = None
         self._kv_publisher: asyncio.Task[None] | None = None
         self._gpu = GpuMonitor()
@@ -121,6 +130,7 @@ class WorkerHost:
                     self.load,
                     self._stop,
                     tls=self.config.tls,
+                    draining=self._draining,
                 )
             )
             self._registration.add_done_callback(self._registration_ended)
@@ -171,10 +181,52 @@ class WorkerHost:
         return figures
 
     async def serve_forever(self) -> None:
-        """Run until SIGINT/SIGTERM, then stop gracefully."""
-        async with shutdown_signals(self._stop) as stop:
-            await stop.wait()
+        """Run until SIGINT/SIGTERM (then drain and stop) or until the router refuses this
+        worker (then stop at once)."""
+        async with shutdown_signals() as signalled:
+            await first_of(signalled.wait(), self._stop.wait())
+            if signalled.is_set():
+                signalled.clear()  # a second signal cuts the drain short
+                await self.drain(interrupt=signalled)
         await self.stop()
+
+    async def drain(self, interrupt: asyncio.Event | None = None) -> bool:
+        """Refuse new Prefill/Decode calls, tell the router, and wait until the calls in
+        flight and the prefills held for decode workers are done, for at most
+        ``drain_timeout_s`` or until ``interrupt`` is set. True when it ended idle."""
+        self.gate.close()
+        self._draining.set()
+        self.metrics.draining.set(1)
+        if self.server is not None:
+            await self.server.health.enter_graceful_shutdown()  # NOT_SERVING to probes
+        timeout = self.config.drain_timeout_s
+        log.info(
+            "draining: refusing new requests, finishing %d in flight (at most %g s; "
+            "signal again to stop now)",
+            self.gate.active,
+            timeout,
+        )
+        idle = asyncio.ensure_future(self.gate.wait_idle(self._holds_work, timeout))
+        await first_of(idle, *([interrupt.wait()] if interrupt else []))
+        done = idle.done() and not idle.cancelled() and idle.result()
+        if done:
+            log.info("drained: every request finished; stopping")
+        else:
+            log.warning(
+                "stopping with %d calls still in flight (%s); the router resumes them elsewhere",
+                self.gate.active,
+                "signalled again" if interrupt and interrupt.is_set() else "drain timeout",
+            )
+        return done
+
+    async def _holds_work(self) -> bool:
+        """Whether the engine still runs requests or pins prefills for a reader."""
+        if self.loop is None:
+            return False
+        try:
+            return await self.loop.call(lambda e: e.has_unfinished() or e.num_held > 0)
+        except RuntimeError:  # the engine thread died: nothing left to finish
+            return False
 
     async def stop(self) -> None:
         self._stop.set()

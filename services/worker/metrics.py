@@ -68,6 +68,11 @@ class WorkerMetrics:
         self.running = Gauge("tandem_running_requests", "Requests in the batch", registry=r)
         self.waiting = Gauge("tandem_queue_depth", "Requests waiting to be scheduled", registry=r)
         self.free_blocks = Gauge("tandem_kv_free_blocks", "Free KV blocks", registry=r)
+        self.draining = Gauge(
+            "tandem_worker_draining",
+            "1 while the worker shuts down gracefully (refusing new requests)",
+            registry=r,
+        )
         self.role = role
 
     def serve(self, port: int, host: str = "127.0.0.1", tls: TlsConfig | None = None) -> None:

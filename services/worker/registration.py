@@ -4,6 +4,10 @@ Registration is retried until the router answers (workers may start first);
 heartbeats follow at the interval the router asks for. A NOT_FOUND heartbeat
 means the router dropped this worker (it restarted, or we were too slow):
 register again. Every call has a deadline, so a hung router never hangs us.
+
+Once the worker begins to drain (``draining`` set), a heartbeat goes out at once
+with the flag so the router stops placing requests here; from then on the
+worker never registers again (the router forgetting it is what it wants).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from services.rpc.server import client_channel
+from services.rpc.shutdown import first_of
 from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
@@ -31,17 +36,21 @@ async def register_and_heartbeat(
     load: Callable[[], Awaitable[wpb.WorkerLoad]],
     stop: asyncio.Event,
     tls: TlsConfig | None = None,
+    draining: asyncio.Event | None = None,
 ) -> None:
-    """Run until ``stop`` is set. A refusal (FAILED_PRECONDITION) is raised: the
-    worker cannot serve with the others and must not keep trying. ``tls``: dial the
-    router with this identity and CA (None: plaintext)."""
+    """Run until ``stop`` is set, or until the router forgets a draining worker. A refusal
+    (FAILED_PRECONDITION) is raised: the worker cannot serve with the others and must not
+    keep trying. ``tls``: dial the router with this identity and CA (None: plaintext).
+    ``draining``: set when the worker begins to shut down gracefully."""
+    draining = draining if draining is not None else asyncio.Event()
     async with client_channel(router, tls=tls) as channel:
         stub = worker_pb2_grpc.RegistryStub(channel)
-        while not stop.is_set():
+        beats = _Heartbeats(stub, registration.worker_id, load, stop, draining)
+        while not stop.is_set() and not draining.is_set():
             interval = await _register(stub, registration, stop)
             if interval is None:
                 return
-            await _heartbeat_until_dropped(stub, registration.worker_id, load, interval, stop)
+            await beats.until_dropped(interval)
 
 
 async def _register(
@@ -61,22 +70,51 @@ async def _register(
     return None
 
 
-async def _heartbeat_until_dropped(
-    stub: worker_pb2_grpc.RegistryStub,
-    worker_id: str,
-    load: Callable[[], Awaitable[wpb.WorkerLoad]],
-    interval: float,
-    stop: asyncio.Event,
-) -> None:
-    while not await _sleep(stop, interval):
-        try:
-            beat = wpb.HeartbeatRequest(worker_id=worker_id, load=await load())
-            await stub.Heartbeat(beat, timeout=CALL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                log.warning("the router forgot this worker; registering again")
-                return
-            log.warning("heartbeat failed (%s); will retry", e.code().name)
+class _Heartbeats:
+    def __init__(
+        self,
+        stub: worker_pb2_grpc.RegistryStub,
+        worker_id: str,
+        load: Callable[[], Awaitable[wpb.WorkerLoad]],
+        stop: asyncio.Event,
+        draining: asyncio.Event,
+    ) -> None:
+        self.stub = stub
+        self.worker_id = worker_id
+        self.load = load
+        self.stop = stop
+        self.draining = draining
+        self.told_draining = False
+
+    async def until_dropped(self, interval: float) -> None:
+        """Heartbeat every ``interval`` s (at once when draining begins) until the router
+        forgets this worker or ``stop`` is set."""
+        while not await self._wait(interval):
+            try:
+                await self._beat()
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    if not self.draining.is_set():
+                        log.warning("the router forgot this worker; registering again")
+                    return
+                log.warning("heartbeat failed (%s); will retry", e.code().name)
+
+    async def _beat(self) -> None:
+        draining = self.draining.is_set()
+        beat = wpb.HeartbeatRequest(
+            worker_id=self.worker_id, load=await self.load(), draining=draining
+        )
+        await self.stub.Heartbeat(beat, timeout=CALL_TIMEOUT_S)
+        if draining and not self.told_draining:
+            self.told_draining = True
+            log.info("draining: the router sends no new requests here")
+
+    async def _wait(self, interval: float) -> bool:
+        """Sleep ``interval`` s, waking early on stop and when draining begins (the router
+        must hear of it at once); True when stopping."""
+        events = [self.stop] if self.draining.is_set() else [self.stop, self.draining]
+        await first_of(*(event.wait() for event in events), timeout=interval)
+        return self.stop.is_set()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> bool:

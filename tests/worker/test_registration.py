@@ -11,7 +11,7 @@ from services.router.server import Router, start_router
 from services.stubs.tandem.v1 import worker_pb2
 from services.worker.registration import register_and_heartbeat
 from tests.router.harness import run
-from tests.router.test_registry import registration
+from tests.router.test_registry import DECODE, MODEL, registration
 
 OUTAGE_S = 6.0
 
@@ -68,6 +68,41 @@ def test_a_worker_is_back_within_seconds_of_its_routers_return() -> None:
         finally:
             stop.set()
             await worker
+            await router.stop(grace=0)
+
+    run(body(), timeout=30)
+
+
+def test_draining_reaches_the_router_at_once_and_the_worker_never_re_registers() -> None:
+    """Heartbeats come every 2 s here: the draining one must not wait for the next."""
+
+    async def body() -> None:
+        config = RouterConfig(port=free_port(), heartbeat_interval_s=2.0)
+        router = await start_router(config)
+        stop, draining = asyncio.Event(), asyncio.Event()
+        worker = asyncio.create_task(
+            register_and_heartbeat(
+                router.address, registration("d1"), _load, stop, draining=draining
+            )
+        )
+        try:
+            await _registered(router, "d1", within_s=5.0)
+            entry = router.registry.get("d1")
+            draining.set()
+            start = time.monotonic()
+            while not entry.draining:
+                assert time.monotonic() - start < 1.0, "the draining heartbeat waited"
+                await asyncio.sleep(0.01)
+            assert router.registry.candidates(MODEL, DECODE) == []
+            # A restarted router does not know it: a serving worker would register again,
+            # a draining one takes NOT_FOUND as the end of its registration.
+            await router.stop(grace=0)
+            router = await start_router(config)
+            await asyncio.wait_for(worker, 10.0)
+            assert router.registry.get("d1") is None and not stop.is_set()
+        finally:
+            stop.set()
+            await asyncio.gather(worker, return_exceptions=True)
             await router.stop(grace=0)
 
     run(body(), timeout=30)

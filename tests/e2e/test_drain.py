@@ -1,0 +1,116 @@
+"""Rolling updates with real processes: a worker sent SIGTERM drains instead of dying.
+
+It tells the router at once (no new request goes to it, none is refused for it),
+finishes the stream it is serving without a retry, refuses direct calls with
+UNAVAILABLE, and exits 0; a drain that runs past ``--drain-timeout-s`` is cut and
+the router resumes the stream elsewhere, every token still sent once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.launcher.local import Child, LocalCluster
+from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.e2e.client import Completion, channel, generate, request
+from tests.e2e.conftest import start_cluster
+from tests.e2e.test_failures import _offline
+
+LONG = 600
+"""Tokens in the stream that is running when the signal lands: seconds of decoding."""
+PROMPTS = [list(range(400, 430)), list(range(600, 630))]
+"""Round-robin places one stream on each decode worker, the first on decode-0."""
+
+
+def _wait_logged(child: Child, line: str, timeout_s: float = 15.0) -> None:
+    assert child.log_path is not None
+    deadline = time.monotonic() + timeout_s
+    while line not in child.log_path.read_text():
+        assert time.monotonic() < deadline, f"{child.name} never logged {line!r}"
+        time.sleep(0.02)
+
+
+async def _stream_then_sigterm(
+    cluster: LocalCluster, during: object = None
+) -> tuple[list[Completion], list[Completion]]:
+    """Two long streams; once both flow, SIGTERM decode-0 and (once the router knows it
+    is draining) send four short requests. Returns (long streams, short ones)."""
+    decode0 = cluster.child("decode-0")
+    async with channel(cluster.address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        seen = [Completion() for _ in PROMPTS]
+        streams = [
+            asyncio.create_task(generate(stub, request(p, LONG), into=c))
+            for p, c in zip(PROMPTS, seen, strict=True)
+        ]
+        while min(len(c.tokens) for c in seen) < 4:
+            await asyncio.sleep(0.005)
+        decode0.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(_wait_logged, decode0, "draining: the router sends no new")
+        if during is not None:
+            await during(decode0)
+        short = [generate(stub, request([7, 8, 9, i], 4)) for i in range(4)]
+        quick = await asyncio.gather(*short)
+        assert not all(c.finals for c in seen), "the long streams ended before the checks"
+        return await asyncio.gather(*streams), quick
+
+
+async def _refused_directly(decode0: Child) -> None:
+    async with channel(decode0.address) as ch:
+        call = worker_pb2_grpc.DecodeWorkerStub(ch).Decode(
+            worker_pb2.DecodeRequest(request=request([1, 2, 3], 2)), timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in call:
+                pass
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "decode-0 is draining" in refused.value.details()
+
+
+def test_a_draining_decode_worker_finishes_its_stream_and_takes_no_new_one(
+    tmp_path: Path, tandem_home: Path, reference_engine
+) -> None:
+    c = start_cluster(tmp_path, prefill=1, decode=2, kv_transport="grpc", policy="round-robin")
+    try:
+        streams, quick = asyncio.run(_stream_then_sigterm(c, _refused_directly))
+        for prompt, got, worker in zip(PROMPTS, streams, ("decode-0", "decode-1"), strict=True):
+            assert got.tokens == _offline(reference_engine, prompt, LONG)
+            assert got.final.serving.decode_worker == worker  # finished where it began
+            assert got.final.serving.retries == 0
+        assert {q.final.serving.decode_worker for q in quick} == {"decode-1"}
+        assert all(q.final.serving.retries == 0 for q in quick)  # none was refused
+        decode0 = c.child("decode-0")
+        assert decode0.process.wait(timeout=15) == 0
+        _wait_logged(decode0, "drained: every request finished")
+    finally:
+        c.stop()
+
+
+def test_a_drain_past_its_timeout_is_cut_and_the_stream_resumes_elsewhere(
+    tmp_path: Path, tandem_home: Path, reference_engine
+) -> None:
+    c = start_cluster(
+        tmp_path,
+        prefill=1,
+        decode=2,
+        kv_transport="grpc",
+        policy="round-robin",
+        decode_args=("--drain-timeout-s", "0.5"),
+    )
+    try:
+        streams, _ = asyncio.run(_stream_then_sigterm(c))
+        cut = streams[0]
+        assert cut.tokens == _offline(reference_engine, PROMPTS[0], LONG)  # each token once
+        assert cut.final.serving.decode_worker == "decode-1"
+        assert cut.final.serving.retries >= 1
+        decode0 = c.child("decode-0")
+        assert decode0.process.wait(timeout=15) == 0
+        _wait_logged(decode0, "stopping with 1 calls still in flight (drain timeout)")
+    finally:
+        c.stop()
