@@ -25,7 +25,7 @@ from tests.e2e.test_failures import _offline
 LONG = 600
 """Tokens in the stream that is running when the signal lands: seconds of decoding."""
 PROMPTS = [list(range(400, 430)), list(range(600, 630))]
-"""Round-robin places one stream on each decode worker, the first on decode-0."""
+"""Round-robin places one stream on each decode worker (which one where, it decides)."""
 
 
 def _wait_logged(child: Child, line: str, timeout_s: float = 15.0) -> None:
@@ -79,10 +79,11 @@ def test_a_draining_decode_worker_finishes_its_stream_and_takes_no_new_one(
     c = start_cluster(tmp_path, prefill=1, decode=2, kv_transport="grpc", policy="round-robin")
     try:
         streams, quick = asyncio.run(_stream_then_sigterm(c, _refused_directly))
-        for prompt, got, worker in zip(PROMPTS, streams, ("decode-0", "decode-1"), strict=True):
+        for prompt, got in zip(PROMPTS, streams, strict=True):
             assert got.tokens == _offline(reference_engine, prompt, LONG)
-            assert got.final.serving.decode_worker == worker  # finished where it began
-            assert got.final.serving.retries == 0
+            assert got.final.serving.retries == 0  # finished where it began...
+        # ...one of them on the draining worker
+        assert {s.final.serving.decode_worker for s in streams} == {"decode-0", "decode-1"}
         assert {q.final.serving.decode_worker for q in quick} == {"decode-1"}
         assert all(q.final.serving.retries == 0 for q in quick)  # none was refused
         decode0 = c.child("decode-0")
@@ -105,10 +106,11 @@ def test_a_drain_past_its_timeout_is_cut_and_the_stream_resumes_elsewhere(
     )
     try:
         streams, _ = asyncio.run(_stream_then_sigterm(c))
-        cut = streams[0]
-        assert cut.tokens == _offline(reference_engine, PROMPTS[0], LONG)  # each token once
-        assert cut.final.serving.decode_worker == "decode-1"
-        assert cut.final.serving.retries >= 1
+        for prompt, got in zip(PROMPTS, streams, strict=True):
+            assert got.tokens == _offline(reference_engine, prompt, LONG)  # each token once
+            assert got.final.serving.decode_worker == "decode-1"
+        # The one decode-0 was serving was cut and resumed; the other never moved.
+        assert sorted(s.final.serving.retries for s in streams) == [0, 1]
         decode0 = c.child("decode-0")
         assert decode0.process.wait(timeout=15) == 0
         _wait_logged(decode0, "stopping with 1 calls still in flight (drain timeout)")
