@@ -44,13 +44,20 @@ def registration(
     )
 
 
-def test_a_worker_that_stops_heartbeating_expires_after_the_timeout() -> None:
+def _two_decode_workers() -> tuple[FakeClock, WorkerRegistry, list[str]]:
+    """A registry with d1 and d2 (3 s heartbeat timeout), its clock, and the ids it removes."""
     clock = FakeClock()
     registry = WorkerRegistry(heartbeat_timeout_s=3.0, clock=clock)
     removed: list[str] = []
     registry.add_remove_listener(lambda w: removed.append(w.worker_id))
-    d1 = registry.register(registration("d1"))
+    registry.register(registration("d1"))
     registry.register(registration("d2"))
+    return clock, registry, removed
+
+
+def test_a_worker_that_stops_heartbeating_expires_after_the_timeout() -> None:
+    clock, registry, removed = _two_decode_workers()
+    d1 = registry.get("d1")
 
     clock.now += 2.0
     registry.heartbeat("d2", worker_pb2.WorkerLoad(running=4))
@@ -81,12 +88,8 @@ def test_heartbeat_from_an_expired_worker_is_refused_until_it_registers_again() 
 
 
 def test_a_draining_worker_stays_registered_but_takes_no_new_requests() -> None:
-    clock = FakeClock()
-    registry = WorkerRegistry(heartbeat_timeout_s=3.0, clock=clock)
-    removed: list[str] = []
-    registry.add_remove_listener(lambda w: removed.append(w.worker_id))
-    d1 = registry.register(registration("d1"))
-    registry.register(registration("d2"))
+    clock, registry, removed = _two_decode_workers()
+    d1 = registry.get("d1")
 
     registry.heartbeat("d1", worker_pb2.WorkerLoad(running=2), draining=True)
     assert [w.worker_id for w in registry.candidates(MODEL, DECODE)] == ["d2"]
