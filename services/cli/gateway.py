@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from services.cli import arg_types
+from services.cli.drain_args import add_drain_arg
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
 from services.cli.tls_args import add_service_tls_args, gateway_tls
@@ -116,6 +117,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/v1/chat/completions) on this port, same credentials and policy as gRPC "
         "(default 0: off)",
     )
+    add_drain_arg(
+        parser,
+        "refuse new calls (NOT_SERVING to health checks; the HTTP API stops listening) and "
+        "finish the ones in flight, gRPC and HTTP; a call cut after it is metered for what "
+        "it sent",
+    )
     add_tracing_arg(parser)
     tls = add_service_tls_args(
         parser,
@@ -153,6 +160,7 @@ def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         http_host=args.host,
         tls=public_tls,
         router_tls=router_tls,
+        drain_timeout_s=args.drain_timeout_s,
     )
 
 
@@ -193,6 +201,9 @@ async def serve(config) -> None:  # type: ignore[no-untyped-def]
     try:
         async with shutdown_signals() as stop:
             await stop.wait()
-            log.info("gateway shutting down")
+            log.info(
+                "gateway draining: refusing new calls, finishing the ones in flight (at most %g s)",
+                config.drain_timeout_s,
+            )
     finally:
         await gateway.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from services.cli import arg_types
+from services.cli.drain_args import add_drain_arg
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
 from services.cli.tls_args import add_service_tls_args, service_tls
@@ -123,6 +124,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default 0: off); HTTPS with the router's --tls-cert, and a scraper certificate "
         "signed by --tls-ca required with it",
     )
+    add_drain_arg(
+        parser,
+        "refuse new calls (NOT_SERVING to health checks) and keep relaying the streams "
+        "already running",
+    )
     add_tracing_arg(parser)
     add_service_tls_args(parser)
     parser.set_defaults(handler=run)
@@ -151,6 +157,7 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         prefill_timeout_s=args.prefill_timeout_ms / 1000,
         decode_wait_s=args.decode_wait_ms / 1000,
         metrics_port=args.metrics_port,
+        drain_timeout_s=args.drain_timeout_s,
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         local_prefill_min_cached=args.local_prefill_min_cached,
         tls=service_tls(args),

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from services.cli import arg_types
+from services.cli.drain_args import add_drain_arg
 from services.cli.engine_args import add_engine_args, engine_config
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
@@ -63,14 +64,11 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
         help="serve Prometheus /metrics on this port (default 0: off); HTTPS with the "
         "worker's --tls-cert, and a scraper certificate signed by --tls-ca required with it",
     )
-    parser.add_argument(
-        "--drain-timeout-s",
-        type=arg_types.non_negative_float,
-        default=25.0,
-        help="on SIGTERM/SIGINT, keep serving the requests already here (refusing new ones, "
-        "which the router sends elsewhere) for at most this many seconds before stopping "
-        "(default 25; keep it below the supervisor's kill timeout, 30 s on Kubernetes; "
-        "0: stop at once). A second signal stops at once",
+    add_drain_arg(
+        parser,
+        "finish the requests already here and the KV reads of prefills held for decode "
+        "workers while refusing new ones (the router sends those elsewhere; a second signal "
+        "stops at once)",
     )
     if role == "prefill":
         parser.add_argument(

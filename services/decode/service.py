@@ -15,6 +15,7 @@ from services.decode.room import RoomWaiter
 from services.engine.engine import LLMEngine, TransferTarget
 from services.engine.errors import InvalidRequestError, TandemError
 from services.kv_transfer.client import KVReader
+from services.rpc.drain import CallGate
 from services.rpc.requests import prompt_token_ids, response_from, sampling_params
 from services.rpc.server import client_channel
 from services.rpc.status import abort_with
@@ -22,7 +23,6 @@ from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
 from services.telemetry.tracing import tracer
-from services.worker.drain import CallGate
 from services.worker.engine_loop import EngineLoop
 from services.worker.metrics import WorkerMetrics
 

@@ -295,14 +295,19 @@ class HttpServer:
 
 
 async def start_http(
-    pipeline: Pipeline, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    pipeline: Pipeline,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    drain_timeout_s: float = SHUTDOWN_TIMEOUT_S,
 ) -> HttpServer:
     """Serve the API on host:port (0: a free port) on the running loop; HTTPS with
-    ``ssl_context`` (``services.rpc.tls.server_ssl_context``)."""
+    ``ssl_context`` (``services.rpc.tls.server_ssl_context``). ``stop()`` lets requests in
+    flight finish for ``drain_timeout_s``."""
     runner = web.AppRunner(
         OpenAIApi(pipeline).app(),
         handler_cancellation=True,  # a client that leaves stops its generation
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        shutdown_timeout=drain_timeout_s,
         access_log=None,
     )
     await runner.setup()

@@ -4,6 +4,7 @@ gRPC server (and Prometheus ``/metrics`` when ``metrics_port`` is set)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,8 @@ from services.rpc.metrics_http import MetricsServer, serve_metrics
 from services.rpc.server import RunningServer, Servicer, client_channel, start_server
 from services.rpc.tls import TlsConfig, load, server_ssl_context
 from services.stubs.tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class GatewayConfig:
     router_tls: TlsConfig | None = None
     """How the gateway dials the router: the router's CA, and the gateway's certificate as
     its client identity (mTLS). None: plaintext."""
+    drain_timeout_s: float = 25.0
+    """On SIGINT/SIGTERM: how long the calls in flight (gRPC and HTTP streams) get to finish
+    while new ones are refused; what is cut after it is metered for what was sent."""
 
 
 class Gateway(RunningServer):
@@ -87,9 +93,11 @@ class Gateway(RunningServer):
         metrics_server: MetricsServer | None = None,
         redis_client: Any = None,
         http: HttpServer | None = None,
+        drain_timeout_s: float = 25.0,
     ) -> None:
         super().__init__(running.server, running.port, running.health)
         self._http = http
+        self._drain_timeout_s = drain_timeout_s
         self.service = service
         self.store = store
         self._channel = channel
@@ -102,10 +110,23 @@ class Gateway(RunningServer):
         """The port the OpenAI HTTP API is bound to; None when it is off."""
         return self._http.port if self._http is not None else None
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def _drain_grpc(self, grace: float) -> None:
+        """Refuse new Generate calls (UNAVAILABLE, which clients retry elsewhere) while the
+        server still listens, finish the ones in flight, then stop the server."""
+        gate = self.service.gate
+        gate.close()
+        await self.health.enter_graceful_shutdown()
+        if not await gate.wait_idle(grace):
+            log.warning("gateway stopping with %d calls still in flight", gate.active)
+        await super().stop(min(grace, 1.0))  # Admin and Usage calls are short
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain for ``grace`` s (None: the config's drain timeout; HTTP streams always get
+        the config's), then close the router channel, the settler and the store."""
         # Both drain at once; the router channel stays open until both are done.
         http_stopped = self._http.stop() if self._http is not None else asyncio.sleep(0)
-        await asyncio.gather(super().stop(grace), http_stopped)
+        grace = self._drain_timeout_s if grace is None else grace
+        await asyncio.gather(self._drain_grpc(grace), http_stopped)
         await self.service.pipeline.close()  # writes the settles still queued
         await self._channel.close()
         _close_extras(self._verifier, self._metrics_server, self._redis)
@@ -166,7 +187,9 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
         if config.http_port is not None:
             host = config.http_host or config.host
             ssl_context = server_ssl_context(config.tls) if config.tls is not None else None
-            http = await start_http(service.pipeline, host, config.http_port, ssl_context)
+            http = await start_http(
+                service.pipeline, host, config.http_port, ssl_context, config.drain_timeout_s
+            )
     except BaseException:
         if running is not None:
             await running.stop(0)
@@ -175,7 +198,17 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
         _close_extras(verifier, metrics_server, redis_client)
         store.close()
         raise
-    return Gateway(running, service, channel, verifier, store, metrics_server, redis_client, http)
+    return Gateway(
+        running,
+        service,
+        channel,
+        verifier,
+        store,
+        metrics_server,
+        redis_client,
+        http,
+        config.drain_timeout_s,
+    )
 
 
 def _admission(config: GatewayConfig) -> tuple[Admission, Any]:

@@ -38,6 +38,7 @@ from services.gateway.pipeline import (
     prompt_estimate,
 )
 from services.gateway.policy import Policy
+from services.rpc.drain import CallGate
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
 
 __all__ = ["DEFAULT_MAX_TOKENS", "REQUEST_ID_HEADER", "GatewayService", "prompt_estimate"]
@@ -59,8 +60,17 @@ class GatewayService(inference_pb2_grpc.InferenceServicer):
         audit: AuditLog,
     ) -> None:
         self.pipeline = Pipeline(router, authenticator, policy, admission, ledger, audit)
+        self.gate = CallGate("the gateway")
+        """Admits Generate calls until the gateway drains (refused ones cost nothing)."""
 
     async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        async with self.gate.admit(context):  # UNAVAILABLE once the gateway drains
+            async for message in self._generate(request, context):
+                yield message
+
+    async def _generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         call = _call_info(context, uuid.uuid4().hex, request.request_id)

@@ -11,11 +11,11 @@ import grpc
 
 from services.engine.engine import LLMEngine
 from services.engine.errors import TandemError
+from services.rpc.drain import CallGate
 from services.rpc.requests import FINISH_TO_PROTO, prompt_token_ids, sampling_params
 from services.rpc.status import abort_with
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
-from services.worker.drain import CallGate
 from services.worker.engine_loop import EngineLoop
 from services.worker.metrics import WorkerMetrics
 

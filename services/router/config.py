@@ -49,8 +49,9 @@ class RouterConfig:
     release_timeout_s: float = 2.0
     """Deadline of the best-effort ReleaseKV sent when a decode leg fails, so the
     prefill worker unpins blocks nobody will read before their lease runs out."""
-    shutdown_grace_s: float = 5.0
-    """On SIGINT/SIGTERM, how long in-flight requests get to finish."""
+    drain_timeout_s: float = 25.0
+    """On SIGINT/SIGTERM: how long the streams in flight get to finish while new calls are
+    refused, before the rest are cut."""
     metrics_port: int = 0
     """Serve Prometheus /metrics on this port (TTFT, inter-token latency, retries); 0: off."""
     local_prefill_max_tokens: int = 256
@@ -100,8 +101,8 @@ class RouterConfig:
             )
         if not self.decode_wait_s >= 0:
             raise ValueError(f"decode_wait_s must be 0 or more, got {self.decode_wait_s}")
-        if self.shutdown_grace_s < 0:
-            raise ValueError(f"shutdown_grace_s must be 0 or more, got {self.shutdown_grace_s}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be 0 or more, got {self.drain_timeout_s}")
 
     @property
     def effective_heartbeat_timeout_s(self) -> float:

@@ -16,6 +16,7 @@ from services.router.orchestrator import Orchestrator
 from services.router.policies import make_policy
 from services.router.registry import WorkerRegistry
 from services.router.service import InferenceService, RegistryService
+from services.rpc.drain import CallGate
 from services.rpc.server import RunningServer, Servicer, start_server
 from services.rpc.shutdown import shutdown_signals
 from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2_grpc
@@ -33,8 +34,11 @@ class Router:
         registry: WorkerRegistry,
         orchestrator: Orchestrator,
         kv_state: RouterKVState | None = None,
+        gate: CallGate | None = None,
     ) -> None:
         self.config = config
+        self.gate = gate if gate is not None else CallGate("the router")
+        """Admits Generate calls until the router drains."""
         self.server = server
         self.registry = registry
         self.orchestrator = orchestrator
@@ -52,11 +56,18 @@ class Router:
         return self.server.address
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, give in-flight ones ``grace`` s (default: the config's), close."""
+        """Drain: refuse new Generate calls (UNAVAILABLE) and NOT_SERVING to health checks,
+        relay the streams in flight for up to ``grace`` s (None: the config's drain timeout)
+        while workers keep heartbeating, then close."""
+        grace = self.config.drain_timeout_s if grace is None else grace
+        self.gate.close()
+        await self.server.health.enter_graceful_shutdown()
+        if not await self.gate.wait_idle(grace):
+            log.warning("router stopping with %d streams still in flight", self.gate.active)
         self._sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sweeper
-        await self.server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        await self.server.stop(0)
         await self.orchestrator.close()
 
     async def _sweep_forever(self) -> None:
@@ -85,12 +96,13 @@ async def start_router(
     kv_state = RouterKVState(metrics.indexed_blocks)
     registry.add_remove_listener(kv_state.on_worker_removed)
     orchestrator.kv_state = kv_state
+    gate = CallGate("the router")
     if config.metrics_port:
         metrics.serve(config.metrics_port, config.host, config.tls)
     server = await start_server(
         [
             Servicer(
-                InferenceService(orchestrator, metrics),
+                InferenceService(orchestrator, metrics, gate),
                 inference_pb2_grpc.add_InferenceServicer_to_server,
                 "tandem.v1.Inference",
             ),
@@ -104,7 +116,7 @@ async def start_router(
         port=config.port,
         tls=config.tls,
     )
-    return Router(config, server, registry, orchestrator, kv_state)
+    return Router(config, server, registry, orchestrator, kv_state, gate)
 
 
 async def serve(config: RouterConfig) -> None:
@@ -121,6 +133,9 @@ async def serve(config: RouterConfig) -> None:
     try:
         async with shutdown_signals() as stop:
             await stop.wait()
-            log.info("router shutting down (grace %g s)", config.shutdown_grace_s)
+            log.info(
+                "router draining: refusing new calls, relaying the streams it has (at most %g s)",
+                config.drain_timeout_s,
+            )
     finally:
         await router.stop()

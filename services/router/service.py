@@ -18,6 +18,7 @@ from services.router.kv_state import NeedsSnapshot, RouterKVState
 from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.registry import WorkerRegistry
+from services.rpc.drain import CallGate
 from services.rpc.status import abort_with
 from services.stubs.tandem.v1 import (
     inference_pb2,
@@ -32,11 +33,24 @@ log = logging.getLogger(__name__)
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Generate and ListModels, served by the orchestrator."""
 
-    def __init__(self, orchestrator: Orchestrator, metrics: RouterMetrics | None = None) -> None:
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        metrics: RouterMetrics | None = None,
+        gate: CallGate | None = None,
+    ) -> None:
         self._orchestrator = orchestrator
         self._metrics = metrics or RouterMetrics()
+        self._gate = gate if gate is not None else CallGate("the router")
 
     async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        async with self._gate.admit(context):  # UNAVAILABLE once the router drains
+            async for message in self._generate(request, context):
+                yield message
+
+    async def _generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         stream = self._metrics.observe(

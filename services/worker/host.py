@@ -17,12 +17,12 @@ import grpc
 
 from services.engine.engine import EngineConfig, LLMEngine
 from services.kv_transfer.transport import KVTransport
+from services.rpc.drain import CallGate
 from services.rpc.server import RunningServer, Servicer, start_server
 from services.rpc.shutdown import first_of, shutdown_signals
 from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.telemetry.tracing import shutdown_tracing
-from services.worker.drain import CallGate
 from services.worker.engine_loop import EngineLoop
 from services.worker.gpu import GpuMonitor
 from services.worker.kv_publisher import publish_kv_events
@@ -86,7 +86,7 @@ class WorkerHost:
         self.loop: EngineLoop | None = None
         self.server: RunningServer | None = None
         self._stop = asyncio.Event()
-        self.gate = CallGate(self.worker_id)
+        self.gate = CallGate(f"worker {self.worker_id}")
         """Admits Prefill and Decode calls until the worker begins to drain."""
         self._draining = asyncio.Event()
         self._registration: asyncio.Task[None] | None = None
@@ -206,7 +206,7 @@ class WorkerHost:
             self.gate.active,
             timeout,
         )
-        idle = asyncio.ensure_future(self.gate.wait_idle(self._holds_work, timeout))
+        idle = asyncio.ensure_future(self.gate.wait_idle(timeout, self._holds_work))
         await first_of(idle, *([interrupt.wait()] if interrupt else []))
         done = idle.done() and not idle.cancelled() and idle.result()
         if done:

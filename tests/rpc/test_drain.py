@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from services.worker.drain import CallGate
+from services.rpc.drain import CallGate
 from tests.router.harness import run
 
 
@@ -26,13 +26,9 @@ class _Context:
         raise _Aborted
 
 
-async def _never_busy() -> bool:
-    return False
-
-
 def test_a_closed_gate_refuses_new_calls_with_unavailable_naming_the_worker() -> None:
     async def body() -> None:
-        gate = CallGate("decode-0")
+        gate = CallGate("worker decode-0")
         async with gate.admit(_Context()):
             assert gate.active == 1
             gate.close()
@@ -43,7 +39,7 @@ def test_a_closed_gate_refuses_new_calls_with_unavailable_naming_the_worker() ->
                 raise AssertionError("a closed gate ran a call")
         code, details = context.status
         assert code == grpc.StatusCode.UNAVAILABLE
-        assert "decode-0 is draining" in details and "another worker" in details
+        assert "worker decode-0 is draining" in details and "retry" in details
         assert gate.active == 0
 
     run(body(), timeout=5)
@@ -68,7 +64,7 @@ def test_wait_idle_returns_when_the_last_call_ends_and_the_engine_is_done() -> N
         running = [asyncio.create_task(call()) for _ in range(3)]
         await asyncio.sleep(0)
         gate.close()
-        waiting = asyncio.create_task(gate.wait_idle(busy, timeout_s=5.0))
+        waiting = asyncio.create_task(gate.wait_idle(5.0, busy))
         await asyncio.sleep(0.2)
         assert not waiting.done() and gate.active == 3
         release.set()
@@ -91,11 +87,11 @@ def test_wait_idle_gives_up_after_its_timeout() -> None:
         task = asyncio.create_task(call())
         await asyncio.sleep(0)
         gate.close()
-        assert await gate.wait_idle(_never_busy, timeout_s=0.3) is False
+        assert await gate.wait_idle(0.3) is False
         assert gate.active == 1
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert gate.active == 0
-        assert await gate.wait_idle(_never_busy, timeout_s=0.3) is True
+        assert await gate.wait_idle(0.3) is True
 
     run(body(), timeout=10)

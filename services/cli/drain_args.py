@@ -1,0 +1,23 @@
+"""The --drain-timeout-s flag every long-running service takes (workers, router, gateway)."""
+
+from __future__ import annotations
+
+import argparse
+
+from services.cli import arg_types
+
+DEFAULT_DRAIN_TIMEOUT_S = 25.0
+"""Below Kubernetes' default 30 s grace period and compose's ``stop_grace_period: 30s``."""
+
+
+def add_drain_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``what``: how this service drains, in words, for --help."""
+    parser.add_argument(
+        "--drain-timeout-s",
+        type=arg_types.non_negative_float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        metavar="S",
+        help=f"on SIGTERM/SIGINT, {what}, for at most this many seconds before stopping "
+        f"(default {DEFAULT_DRAIN_TIMEOUT_S:g}; keep it below the supervisor's kill timeout, "
+        "30 s on Kubernetes and in deploy/compose.yaml; 0: stop at once)",
+    )

@@ -1,0 +1,104 @@
+"""Graceful shutdown of a service: refuse new work, finish what it has, then exit.
+
+On SIGTERM (a rolling update, ``docker compose stop``, ``tandem up`` closing) a
+service closes its ``CallGate``: new calls are refused with UNAVAILABLE ("retry:
+another replica takes it"), while the calls already in flight run to their end.
+The server itself keeps listening meanwhile: gRPC's own graceful stop answers a
+call that arrives during it with CANCELLED, which clients do not retry, and
+stops the heartbeats and KV reads that the calls in flight still need.
+
+Workers gate Prefill and Decode (not KV reads and releases: a decode worker
+elsewhere may still be pulling a prompt a draining prefill worker holds); the
+router and the gateway gate Generate. ``wait_idle`` returns once no gated call
+runs and the service's own outstanding work (``busy``: a worker's pinned
+prefills) is done; a drain timeout bounds the wait so a stuck client cannot
+hold a rolling update forever (what still runs is then cut, and the router
+resumes it elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from services.engine.errors import TandemError
+from services.rpc.status import abort_with
+
+POLL_S = 0.05
+"""How often ``wait_idle`` asks ``busy`` whether the service still holds work."""
+
+
+class DrainingError(TandemError):
+    """The service is shutting down and takes no new calls (UNAVAILABLE: retry elsewhere)."""
+
+    grpc_code = "UNAVAILABLE"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"{name} is draining (shutting down): it finishes the calls it has and takes no "
+            "new ones; retry, and another replica takes this one"
+        )
+
+
+async def _nothing_else() -> bool:
+    return False
+
+
+class CallGate:
+    """Counts the calls in flight and refuses new ones once closed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        """Who refuses, in the refusal's message ("worker decode-0", "the router")."""
+        self._active = 0
+        self._closed = False
+        self._changed = asyncio.Event()
+
+    @property
+    def active(self) -> int:
+        """Gated calls running now."""
+        return self._active
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse every call from now on; the ones running go on."""
+        self._closed = True
+        self._changed.set()
+
+    @contextlib.asynccontextmanager
+    async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Run the block as one gated call, or end the call with UNAVAILABLE when closed."""
+        if self._closed:
+            await abort_with(context, DrainingError(self.name))
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._changed.set()
+
+    async def wait_idle(
+        self, timeout_s: float, busy: Callable[[], Awaitable[bool]] = _nothing_else
+    ) -> bool:
+        """Wait until no gated call runs and ``busy()`` (the service's own outstanding work)
+        is False; False if ``timeout_s`` passed first (0: whether no call runs now)."""
+        if timeout_s <= 0:
+            return not self._active
+        try:
+            await asyncio.wait_for(self._until_idle(busy), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _until_idle(self, busy: Callable[[], Awaitable[bool]]) -> None:
+        while self._active or await busy():
+            self._changed.clear()
+            # A call ending wakes us at once; ``busy`` is polled.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), POLL_S)
