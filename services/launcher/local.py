@@ -4,8 +4,9 @@ Every child is a ``tandem <service>`` process on a port chosen here, so the
 launcher can wait for each to report SERVING on grpc.health.v1 before
 declaring the system up. With ``ClusterConfig.gateway`` set, the gateway takes ``port`` (the
 public door) and the router moves to a free loopback port behind it. Children are stopped
-with SIGTERM (graceful), then SIGKILL after a grace period; a child that dies on its own is
-reported by name.
+with SIGTERM, on which each drains (finishes its streams, refusing new ones) for at most
+``ClusterConfig.drain_timeout_s``, then SIGKILL a few seconds after that; a child that dies
+on its own is reported by name.
 
 With ``ClusterConfig.tls_dir`` every child gets a certificate from a development CA there
 (``services.rpc.tls_dev_ca``): every internal hop is mTLS, and the public port is TLS with
@@ -91,6 +92,10 @@ class ClusterConfig:
     """How often ``restart_dead_workers`` starts a worker that exited again within
     ``RESTART_WINDOW_S`` before it leaves it dead (the launcher then stops everything);
     0: never restart."""
+    drain_timeout_s: float = 5.0
+    """``--drain-timeout-s`` for every child: on stop, how long streams in flight get to end.
+    Short, as a person stopping a local stack expects, and below ``stop``'s kill grace, so a
+    gateway is never killed with usage still to write."""
     tls_dir: Path | None = None
     """A development CA's directory (``services.rpc.tls_dev_ca.DevCa``; made there when it
     has none): each child gets its own certificate from it and requires mTLS from its
@@ -166,8 +171,11 @@ class LocalCluster:
             self.stop()
             raise
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every child (workers first), SIGKILL those still alive after grace_s."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM every child (the gateway first, the router last), SIGKILL those still
+        alive after ``grace_s`` (None: the drain timeout + 5 s)."""
+        if grace_s is None:
+            grace_s = self.config.drain_timeout_s + 5.0
         for child in reversed(self.children):
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
@@ -242,7 +250,9 @@ class LocalCluster:
     ) -> Child:
         """Launch one ``tandem`` service with its output in ``<log_dir>/<name>.log`` (added
         to, when it is started ``again``, so the last run's end stays readable)."""
-        command = list(args)
+        # Right after the service's name: a --drain-timeout-s in ``args`` (later) wins.
+        drain = ("--drain-timeout-s", f"{self.config.drain_timeout_s:g}")
+        command = [args[0], *drain, *args[1:]]
         if self.config.trace_exporter != "none":
             command += ["--trace-exporter", self.config.trace_exporter]
         if self.config.tls_dir is not None:

@@ -351,7 +351,9 @@ def _start_gateway(config: RayClusterConfig, spec: GatewaySpec, router: str) -> 
 
 
 def _start_local(config: RayClusterConfig, args: list[str]) -> subprocess.Popen:
-    """``tandem <args>`` as a child process here (output to this terminal)."""
+    """``tandem <args>`` as a child process here (output to this terminal), draining for at
+    most ``DRAIN_S`` on SIGTERM: below ``_terminate``'s kill grace."""
+    args = [*args, "--drain-timeout-s", f"{DRAIN_S:g}"]
     if config.trace_exporter != "none":
         args = [*args, "--trace-exporter", config.trace_exporter]
     return subprocess.Popen(
@@ -360,8 +362,12 @@ def _start_local(config: RayClusterConfig, args: list[str]) -> subprocess.Popen:
     )
 
 
+DRAIN_S = 5.0
+"""How long the router and gateway here let streams in flight end when the cluster stops."""
+
+
 def _terminate(process: subprocess.Popen | None) -> None:
-    """SIGTERM (graceful), SIGKILL after 10 s."""
+    """SIGTERM (graceful: a drain of ``DRAIN_S``), SIGKILL after 10 s."""
     if process is None or process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)
