@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -319,10 +320,40 @@ class LocalCluster:
             raise RuntimeError(f"{child.name} exited with status {code} while starting{where}")
 
 
+PORT_FLOOR = 20000
+"""Lowest port ``free_port`` hands out."""
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, for a child to bind soon after.
+
+    Drawn at random from below the kernel's ephemeral range: a port the kernel chose
+    (``bind(0)``) goes back into that range once released, where any outgoing connection
+    may take it as its local port before the child binds it (a cluster start then failed
+    with "Address already in use"). Never the same port twice in one process.
+    """
+    ceiling = _ephemeral_floor()
+    for _ in range(200):
+        port = random.randrange(PORT_FLOOR, ceiling) if ceiling > PORT_FLOOR + 1000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free loopback port found")
+
+
+def _ephemeral_floor() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 when unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 TLS_ENVIRONMENT = ("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from services.bench.serve import ServeConfig, measure_serving
 from services.bench.serve_workload import poisson_schedule
 from services.cli.main import main
+from services.launcher.local import free_port
 from tests.bench.test_serve_fake import MAX_CONTEXT, Failure, ScriptedInference, serving
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -146,14 +146,8 @@ def test_shared_prefix_sends_grouped_prompts() -> None:
     assert result.metrics.prompt_tokens == 9 * 12
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_target_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    target = f"127.0.0.1:{_free_port()}"
+    target = f"127.0.0.1:{free_port()}"
     assert _bench(target, "--num-prompts", "2", "--request-rate", "inf") == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot list the models at {target}: UNAVAILABLE")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import grpc
 import pytest
 
 from services.cli.main import main
+from services.launcher.local import free_port
 from tests.bench.test_serve_fake import Failure, ScriptedInference, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,9 +115,7 @@ def test_deadline_and_a_stream_without_final_message_fail(
 
 
 def test_unreachable_target_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     assert _generate(f"127.0.0.1:{port}", "--prompt", "hi") == 1
     err = capsys.readouterr().err
     assert err.startswith("error: UNAVAILABLE: ")

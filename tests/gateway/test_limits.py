@@ -5,7 +5,6 @@ from __future__ import annotations
 import calendar
 import itertools
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from services.gateway.limits import (
     window_start,
 )
 from services.gateway.limits_redis import RedisAdmission
+from services.launcher.local import free_port
 
 T0 = calendar.timegm((2028, 2, 29, 23, 59, 30))  # future leap day, 30 s before midnight
 
@@ -277,16 +277,10 @@ def test_daily_quota_concurrent_never_exceeded(rds: redis.Redis, prefix: str) ->
 # --- store outages --------------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _dead_client() -> redis.Redis:
     return redis.Redis(
         host="127.0.0.1",
-        port=_closed_port(),
+        port=free_port(),  # nothing listens there
         socket_connect_timeout=0.5,
         socket_timeout=0.5,
         retry=Retry(NoBackoff(), 0),
