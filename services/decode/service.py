@@ -69,9 +69,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     async def Decode(
         self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        async with self.gate.admit(context):  # UNAVAILABLE once the worker drains
-            async for message in self._decode(request, context):
-                yield message
+        async for message in self.gate.stream(context, self._decode(request, context)):
+            yield message  # the gate: UNAVAILABLE once the worker drains
 
     async def _decode(
         self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext

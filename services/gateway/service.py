@@ -66,9 +66,8 @@ class GatewayService(inference_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        async with self.gate.admit(context):  # UNAVAILABLE once the gateway drains
-            async for message in self._generate(request, context):
-                yield message
+        async for message in self.gate.stream(context, self._generate(request, context)):
+            yield message  # the gate: UNAVAILABLE once the gateway drains
 
     async def _generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext

@@ -46,9 +46,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        async with self._gate.admit(context):  # UNAVAILABLE once the router drains
-            async for message in self._generate(request, context):
-                yield message
+        async for message in self._gate.stream(context, self._generate(request, context)):
+            yield message  # the gate: UNAVAILABLE once the router drains
 
     async def _generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext

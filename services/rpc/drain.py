@@ -21,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
 from services.engine.errors import TandemError
 from services.rpc.status import abort_with
+
+T = TypeVar("T")
 
 POLL_S = 0.05
 """How often ``wait_idle`` asks ``busy`` whether the service still holds work."""
@@ -82,6 +85,14 @@ class CallGate:
         finally:
             self._active -= 1
             self._changed.set()
+
+    async def stream(
+        self, context: grpc.aio.ServicerContext, messages: AsyncIterator[T]
+    ) -> AsyncIterator[T]:
+        """Relay a response stream as one gated call (refused with UNAVAILABLE when closed)."""
+        async with self.admit(context):
+            async for message in messages:
+                yield message
 
     async def wait_idle(
         self, timeout_s: float, busy: Callable[[], Awaitable[bool]] = _nothing_else

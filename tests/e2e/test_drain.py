@@ -28,6 +28,19 @@ PROMPTS = [list(range(400, 430)), list(range(600, 630))]
 """Round-robin places one stream on each decode worker (which one where, it decides)."""
 
 
+def _two_decoders(tmp: Path, drain_timeout_s: str) -> LocalCluster:
+    """One prefill and two decode workers behind a round-robin router."""
+    decode_args = ("--drain-timeout-s", drain_timeout_s)
+    return start_cluster(
+        tmp, prefill=1, decode=2, kv_transport="grpc", policy="round-robin", decode_args=decode_args
+    )
+
+
+def _exited_cleanly(child: Child, last_words: str) -> None:
+    assert child.process.wait(timeout=15) == 0
+    _wait_logged(child, last_words)
+
+
 def _wait_logged(child: Child, line: str, timeout_s: float = 15.0) -> None:
     assert child.log_path is not None
     deadline = time.monotonic() + timeout_s
@@ -84,14 +97,7 @@ async def _refused_directly(decode0: Child) -> None:
 def test_a_draining_decode_worker_finishes_its_stream_and_takes_no_new_one(
     tmp_path: Path, tandem_home: Path, reference_engine
 ) -> None:
-    c = start_cluster(
-        tmp_path,
-        prefill=1,
-        decode=2,
-        kv_transport="grpc",
-        policy="round-robin",
-        decode_args=PATIENT,
-    )
+    c = _two_decoders(tmp_path, drain_timeout_s=PATIENT[1])
     try:
         streams, quick = asyncio.run(_stream_then_sigterm(c, _refused_directly))
         for prompt, got in zip(PROMPTS, streams, strict=True):
@@ -101,9 +107,7 @@ def test_a_draining_decode_worker_finishes_its_stream_and_takes_no_new_one(
         assert {s.final.serving.decode_worker for s in streams} == {"decode-0", "decode-1"}
         assert {q.final.serving.decode_worker for q in quick} == {"decode-1"}
         assert all(q.final.serving.retries == 0 for q in quick)  # none was refused
-        decode0 = c.child("decode-0")
-        assert decode0.process.wait(timeout=15) == 0
-        _wait_logged(decode0, "drained: every request finished")
+        _exited_cleanly(c.child("decode-0"), "drained: every request finished")
     finally:
         c.stop()
 
@@ -111,14 +115,7 @@ def test_a_draining_decode_worker_finishes_its_stream_and_takes_no_new_one(
 def test_a_drain_past_its_timeout_is_cut_and_the_stream_resumes_elsewhere(
     tmp_path: Path, tandem_home: Path, reference_engine
 ) -> None:
-    c = start_cluster(
-        tmp_path,
-        prefill=1,
-        decode=2,
-        kv_transport="grpc",
-        policy="round-robin",
-        decode_args=("--drain-timeout-s", "0.5"),
-    )
+    c = _two_decoders(tmp_path, drain_timeout_s="0.5")
     try:
         # A 0.5 s drain may end before its heartbeat reaches the router (on a busy
         # machine the engine thread starves the event loop): the router then learns from
@@ -129,9 +126,8 @@ def test_a_drain_past_its_timeout_is_cut_and_the_stream_resumes_elsewhere(
             assert got.final.serving.decode_worker == "decode-1"
         # The one decode-0 was serving was cut and resumed; the other never moved.
         assert sorted(s.final.serving.retries for s in streams) == [0, 1]
-        decode0 = c.child("decode-0")
-        assert decode0.process.wait(timeout=15) == 0
-        _wait_logged(decode0, "stopping with 1 calls still in flight (drain timeout)")
+        cut_short = "stopping with 1 calls still in flight (drain timeout)"
+        _exited_cleanly(c.child("decode-0"), cut_short)
     finally:
         c.stop()
 
@@ -139,8 +135,8 @@ def test_a_drain_past_its_timeout_is_cut_and_the_stream_resumes_elsewhere(
 def test_a_draining_router_relays_its_streams_to_the_end_then_exits_at_once(
     tmp_path: Path, tandem_home: Path, reference_engine
 ) -> None:
-    """The workers' KV event streams never end by themselves: the router closes them when it
-    drains, or every restart would wait out the whole drain timeout."""
+    """The workers' KV event streams never end by themselves: the router waits for its
+    Generate streams only, or every restart would wait out the whole drain timeout."""
     c = start_cluster(tmp_path, prefill=1, decode=1, kv_transport="grpc", router_args=PATIENT)
     router = c.child("router")
     prompt = PROMPTS[0]
