@@ -22,6 +22,7 @@ from services.gateway.api_keys import ApiKeys
 from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.server import Gateway, GatewayConfig, start_gateway
+from services.gateway.store import open_store
 from services.router.admission import TokenizerCache
 from services.rpc.server import client_channel
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
@@ -584,3 +585,34 @@ def test_no_worker_left_is_503_and_wrong_methods_are_405(
 def _error_code(error: openai.APIStatusError) -> object:
     assert isinstance(error.body, dict)
     return error.body["code"]
+
+
+def test_a_draining_gateway_finishes_its_http_streams_and_stops_listening(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        slow = Behaviour(token_interval_s=0.05)  # 30 tokens: ~1.5 s
+        async with stack(tmp_path, issuer, tiny_model_dir, decode=slow) as s:
+            client = s.client(s.key())
+            stream = await client.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=30, stream=True
+            )
+            text = ""
+            async for chunk in stream:
+                text += chunk.choices[0].text
+                if len(text) >= 3:
+                    break
+            stopping = asyncio.create_task(s.gateway.stop())  # the drain timeout: 25 s
+            await asyncio.sleep(0.1)
+            with pytest.raises(openai.APIConnectionError):  # no longer listening
+                await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+            async for chunk in stream:  # the stream in flight runs to its end
+                text += chunk.choices[0].text
+            assert text == _text(expected_completion(len(PROMPT), 30))
+            await asyncio.wait_for(stopping, 10)
+            request_id = chunk.id.removeprefix("cmpl-")
+            with open_store(f"sqlite:{tmp_path / 'gateway.db'}") as store:  # stop() closed its
+                row = Ledger(store).get(request_id)
+            assert (row.completion_tokens, row.outcome) == (30, "ok")
+
+    run(body())
