@@ -174,13 +174,25 @@ class LocalCluster:
 
     def stop(self, grace_s: float | None = None) -> None:
         """SIGTERM every child (the gateway first, the router last), SIGKILL those still
-        alive after ``grace_s`` (None: the drain timeout + 5 s)."""
+        alive after ``grace_s`` (None: the drain timeout + 5 s). Ctrl-C meanwhile (a second
+        one, for ``tandem up``) signals the router and workers again, which ends their
+        drains at once; the gateway is left to meter the streams that ends, and exits."""
         if grace_s is None:
             grace_s = self.config.drain_timeout_s + 5.0
+        self._signal_alive(signal.SIGTERM)
+        try:
+            self._wait_or_kill(time.monotonic() + grace_s)
+        except KeyboardInterrupt:
+            print("stopping now ...", file=sys.stderr)
+            self._signal_alive(signal.SIGTERM, spare="gateway")
+            self._wait_or_kill(time.monotonic() + SECOND_SIGNAL_GRACE_S)
+
+    def _signal_alive(self, signum: int, spare: str | None = None) -> None:
         for child in reversed(self.children):
-            if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
+            if child.process.poll() is None and child.name != spare:
+                child.process.send_signal(signum)
+
+    def _wait_or_kill(self, deadline: float) -> None:
         for child in self.children:
             try:
                 child.process.wait(max(0.1, deadline - time.monotonic()))
@@ -320,6 +332,8 @@ class LocalCluster:
             raise RuntimeError(f"{child.name} exited with status {code} while starting{where}")
 
 
+SECOND_SIGNAL_GRACE_S = 3.0
+"""After a second Ctrl-C: how long children get to exit before SIGKILL."""
 PORT_FLOOR = 20000
 """Lowest port ``free_port`` hands out."""
 _handed_out: set[int] = set()
