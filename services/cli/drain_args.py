@@ -17,7 +17,7 @@ def add_drain_arg(parser: argparse.ArgumentParser, what: str) -> None:
         type=arg_types.non_negative_float,
         default=DEFAULT_DRAIN_TIMEOUT_S,
         metavar="S",
-        help=f"on SIGTERM/SIGINT, {what}, for at most this many seconds before stopping "
+        help="on SIGTERM/SIGINT, drain for at most S seconds before stopping "
         f"(default {DEFAULT_DRAIN_TIMEOUT_S:g}; keep it below the supervisor's kill timeout, "
-        "30 s on Kubernetes and in deploy/compose.yaml; 0: stop at once)",
+        f"30 s on Kubernetes and in deploy/compose.yaml; 0: stop at once): {what}",
     )

@@ -119,9 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_drain_arg(
         parser,
-        "refuse new calls (NOT_SERVING to health checks; the HTTP API stops listening) and "
-        "finish the ones in flight, gRPC and HTTP; a call cut after it is metered for what "
-        "it sent",
+        "new calls are refused (NOT_SERVING to health checks; the HTTP API stops "
+        "listening), the ones in flight finish, gRPC and HTTP; a call cut at the end is "
+        "metered for what it sent",
     )
     add_tracing_arg(parser)
     tls = add_service_tls_args(

@@ -126,8 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_drain_arg(
         parser,
-        "refuse new calls (NOT_SERVING to health checks) and keep relaying the streams "
-        "already running",
+        "new calls are refused (NOT_SERVING to health checks) and the streams already "
+        "running are relayed to their end",
     )
     add_tracing_arg(parser)
     add_service_tls_args(parser)

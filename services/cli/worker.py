@@ -66,9 +66,9 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
     )
     add_drain_arg(
         parser,
-        "finish the requests already here and the KV reads of prefills held for decode "
-        "workers while refusing new ones (the router sends those elsewhere; a second signal "
-        "stops at once)",
+        "new requests are refused (the router sends them elsewhere), the ones here "
+        "finish, and so do the KV reads of prefills held for decode workers; a second "
+        "signal stops at once",
     )
     if role == "prefill":
         parser.add_argument(
