@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from services.cli import arg_types
-
-DEFAULT_DRAIN_TIMEOUT_S = 25.0
-"""Below Kubernetes' default 30 s grace period and compose's ``stop_grace_period: 30s``."""
+from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S
 
 
 def add_drain_arg(parser: argparse.ArgumentParser, what: str) -> None:

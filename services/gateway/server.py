@@ -25,6 +25,7 @@ from services.gateway.policy import load_policy
 from services.gateway.service import GatewayService
 from services.gateway.store import Store, open_store
 from services.gateway.usage_service import UsageService
+from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S, drain_server
 from services.rpc.metrics_http import MetricsServer, serve_metrics
 from services.rpc.server import RunningServer, Servicer, client_channel, start_server
 from services.rpc.tls import TlsConfig, load, server_ssl_context
@@ -75,7 +76,7 @@ class GatewayConfig:
     router_tls: TlsConfig | None = None
     """How the gateway dials the router: the router's CA, and the gateway's certificate as
     its client identity (mTLS). None: plaintext."""
-    drain_timeout_s: float = 25.0
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     """On SIGINT/SIGTERM: how long the calls in flight (gRPC and HTTP streams) get to finish
     while new ones are refused; what is cut after it is metered for what was sent."""
 
@@ -93,7 +94,7 @@ class Gateway(RunningServer):
         metrics_server: MetricsServer | None = None,
         redis_client: Any = None,
         http: HttpServer | None = None,
-        drain_timeout_s: float = 25.0,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
     ) -> None:
         super().__init__(running.server, running.port, running.health)
         self._http = http
@@ -114,9 +115,7 @@ class Gateway(RunningServer):
         """Refuse new Generate calls (UNAVAILABLE, which clients retry elsewhere) while the
         server still listens, finish the ones in flight, then stop the server."""
         gate = self.service.gate
-        gate.close()
-        await self.health.enter_graceful_shutdown()
-        if not await gate.wait_idle(grace):
+        if not await drain_server(self, gate, grace):
             log.warning("gateway stopping with %d calls still in flight", gate.active)
         await super().stop(min(grace, 1.0))  # Admin and Usage calls are short
 

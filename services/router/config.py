@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S
+
 if TYPE_CHECKING:
     from services.rpc.tls import TlsConfig
 
@@ -49,7 +51,7 @@ class RouterConfig:
     release_timeout_s: float = 2.0
     """Deadline of the best-effort ReleaseKV sent when a decode leg fails, so the
     prefill worker unpins blocks nobody will read before their lease runs out."""
-    drain_timeout_s: float = 25.0
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     """On SIGINT/SIGTERM: how long the streams in flight get to finish while new calls are
     refused, before the rest are cut."""
     metrics_port: int = 0

@@ -16,7 +16,7 @@ from services.router.orchestrator import Orchestrator
 from services.router.policies import make_policy
 from services.router.registry import WorkerRegistry
 from services.router.service import InferenceService, RegistryService
-from services.rpc.drain import CallGate
+from services.rpc.drain import CallGate, drain_server
 from services.rpc.server import RunningServer, Servicer, start_server
 from services.rpc.shutdown import shutdown_signals
 from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2_grpc
@@ -33,12 +33,12 @@ class Router:
         server: RunningServer,
         registry: WorkerRegistry,
         orchestrator: Orchestrator,
+        gate: CallGate,
         kv_state: RouterKVState | None = None,
-        gate: CallGate | None = None,
     ) -> None:
         self.config = config
-        self.gate = gate if gate is not None else CallGate("the router")
-        """Admits Generate calls until the router drains."""
+        self.gate = gate
+        """Admits Generate calls (InferenceService's) until the router drains."""
         self.server = server
         self.registry = registry
         self.orchestrator = orchestrator
@@ -60,9 +60,7 @@ class Router:
         relay the streams in flight for up to ``grace`` s (None: the config's drain timeout)
         while workers keep heartbeating, then close."""
         grace = self.config.drain_timeout_s if grace is None else grace
-        self.gate.close()
-        await self.server.health.enter_graceful_shutdown()
-        if not await self.gate.wait_idle(grace):
+        if not await drain_server(self.server, self.gate, grace):
             log.warning("router stopping with %d streams still in flight", self.gate.active)
         self._sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -116,7 +114,7 @@ async def start_router(
         port=config.port,
         tls=config.tls,
     )
-    return Router(config, server, registry, orchestrator, kv_state, gate)
+    return Router(config, server, registry, orchestrator, gate, kv_state)
 
 
 async def serve(config: RouterConfig) -> None:

@@ -21,15 +21,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from services.engine.errors import TandemError
 from services.rpc.status import abort_with
 
+if TYPE_CHECKING:
+    from services.rpc.server import RunningServer
+
 T = TypeVar("T")
 
+DEFAULT_DRAIN_TIMEOUT_S = 25.0
+"""Every service's ``--drain-timeout-s``: below Kubernetes' default 30 s grace period and
+compose's ``stop_grace_period: 30s`` (deploy/)."""
 POLL_S = 0.05
 """How often ``wait_idle`` asks ``busy`` whether the service still holds work."""
 
@@ -113,3 +119,16 @@ class CallGate:
             # A call ending wakes us at once; ``busy`` is polled.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), POLL_S)
+
+
+async def drain_server(
+    server: RunningServer,
+    gate: CallGate,
+    timeout_s: float,
+    busy: Callable[[], Awaitable[bool]] = _nothing_else,
+) -> bool:
+    """Close ``gate``, answer health checks NOT_SERVING (the server keeps listening), and
+    wait until idle (``CallGate.wait_idle``); False when ``timeout_s`` passed first."""
+    gate.close()
+    await server.health.enter_graceful_shutdown()
+    return await gate.wait_idle(timeout_s, busy)

@@ -17,7 +17,7 @@ import grpc
 
 from services.engine.engine import EngineConfig, LLMEngine
 from services.kv_transfer.transport import KVTransport
-from services.rpc.drain import CallGate
+from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S, CallGate, drain_server
 from services.rpc.server import RunningServer, Servicer, start_server
 from services.rpc.shutdown import first_of, shutdown_signals
 from services.rpc.tls import TlsConfig
@@ -62,7 +62,7 @@ class WorkerConfig:
     it below the prefill workers' lease, which pins the KV meanwhile."""
     metrics_port: int = 0
     """Prometheus /metrics port; 0 disables it."""
-    drain_timeout_s: float = 25.0
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     """On SIGTERM/SIGINT: how long to keep serving the requests already here (and the KV
     reads of prefills held for decode workers) while refusing new ones, before stopping
     anyway. Keep it below the supervisor's kill timeout (Kubernetes' default grace period
@@ -194,19 +194,19 @@ class WorkerHost:
         """Refuse new Prefill/Decode calls, tell the router, and wait until the calls in
         flight and the prefills held for decode workers are done, for at most
         ``drain_timeout_s`` or until ``interrupt`` is set. True when it ended idle."""
-        self.gate.close()
-        self._draining.set()
-        self.metrics.draining.set(1)
-        if self.server is not None:
-            await self.server.health.enter_graceful_shutdown()  # NOT_SERVING to probes
+        assert self.server is not None, "the worker has not started"
         timeout = self.config.drain_timeout_s
+        idle = asyncio.ensure_future(
+            drain_server(self.server, self.gate, timeout, self._holds_work)
+        )
+        self._draining.set()  # the heartbeat tells the router at once
+        self.metrics.draining.set(1)
         log.info(
             "draining: refusing new requests, finishing %d in flight (at most %g s; "
             "signal again to stop now)",
             self.gate.active,
             timeout,
         )
-        idle = asyncio.ensure_future(self.gate.wait_idle(timeout, self._holds_work))
         await first_of(idle, *([interrupt.wait()] if interrupt else []))
         done = idle.done() and not idle.cancelled() and idle.result()
         if done:
