@@ -7,18 +7,28 @@ model and ``settle``/``release`` once the real token count is known (the reserve
 commit-actual scheme, so concurrent in-flight requests cannot all pass a check that is only
 charged afterwards).
 
-Algorithm: **fixed windows keyed by the window's start**, UTC.
+Algorithm: **windows keyed by the window's start**, UTC; per-minute rates slide.
 
 * ``requests_per_minute``: a counter per scope per minute window, +1 per admitted request.
 * ``tokens_per_minute`` / ``tokens_per_day`` / ``tokens_per_month``: a counter per scope per
   minute / day / calendar-month window, charged with the reserved token estimate.
 * A window's key is ``<scope>|<metric>|<period>|<start epoch seconds>``; minute windows
   start at ``floor(t / 60) * 60``, day windows at 00:00 UTC, month windows at 00:00 UTC on
-  the 1st. A counter lives until its window ends (plus a short grace so a late ``settle``
-  can still refund into it).
-* ``reserve`` checks ``used + amount <= limit`` for every (scope, window) that has a limit
-  and, only if all pass, charges all of them: all or nothing, under one lock here and in one
-  Lua script in ``limits_redis``.
+  the 1st. A counter lives until its window ends (a minute counter one minute longer, since
+  the next window reads it) plus a short grace so a late ``settle`` can still refund into it.
+* Day and month budgets check ``used + amount <= limit`` against their calendar window: a
+  budget per calendar period is the intended meaning.
+* Minute rates are a **sliding window counter**: the previous minute's counter counts in
+  proportion to how much of it still lies within the last 60 s, ``used = current +
+  previous * (60 - elapsed) / 60``. With plain fixed windows a caller could spend a whole
+  limit at 23:59:59.9 and again at 00:00:00.0, twice the limit within 0.1 s; here a caller
+  who spent it at the end of one minute gets nothing at the start of the next and regains it
+  evenly over the minute. The estimate assumes the previous minute's traffic was spread
+  evenly, so it is exact for steady callers and close for bursty ones (Cloudflare's and Kong's
+  sliding windows work the same way), for two counters and O(1) work per check.
+* ``reserve`` checks every (scope, window) that has a limit and, only if all pass, charges
+  all of them: all or nothing, under one lock here and in one Lua script in
+  ``limits_redis``.
 * ``settle(reservation, actual)`` adds ``actual - reserved`` to each token window the
   reservation charged (the window it was charged in, even after a rollover, while that
   counter still exists); a counter never goes below zero; a second settle is a no-op.
@@ -27,20 +37,14 @@ Algorithm: **fixed windows keyed by the window's start**, UTC.
   count, as if the request had never been admitted. It is ``settle`` to zero plus the
   request refund, and is equally idempotent.
 
-Why fixed windows: one counter per window, O(1) per check, trivially atomic in Redis, and
-the same scheme as Kuadrant/Limitador. The known cost is the burst edge: a caller can spend
-a full window's limit at the end of one window and again at the start of the next, so up to
-2x the limit can pass within any span of one window length straddling a boundary. For
-per-minute rates that is acceptable; day and month budgets are budgets per calendar period,
-where that is the intended meaning.
-
 Parameters (``Limits``, one per scope; ``None`` means unlimited, no counter is kept):
 ``requests_per_minute``, ``tokens_per_minute``, ``tokens_per_day``, ``tokens_per_month``.
 ``InProcessAdmission(clock=time.time, grace_s=120)``: ``clock`` gives Unix seconds (tests
 inject one); ``grace_s`` is how long after its window a counter is kept for late settles.
 
 A rejected request raises ``LimitExceeded`` (gRPC RESOURCE_EXHAUSTED) naming the scope, the
-limit, and when its window resets. Minute windows carry ``retry_after_s``; a day or month
+limit, and when it has room again. Minute rates carry ``retry_after_s``, the time until the
+sliding estimate leaves room for the request if nothing else arrives; a day or month
 budget carries ``retry_after_s=None`` and ``is_quota=True`` (retrying soon is pointless;
 ``reset_at`` still says when it refills). A request larger than a limit outright is also
 marked ``is_quota`` with no retry.
@@ -53,6 +57,7 @@ noticeably. Use ``limits_redis.RedisAdmission`` when several replicas share limi
 from __future__ import annotations
 
 import calendar
+import math
 import threading
 import time
 import uuid
@@ -75,9 +80,9 @@ class Limits:
     """Limits for one scope; ``None`` means unlimited."""
 
     requests_per_minute: int | None = None
-    """Admitted requests per UTC minute window."""
+    """Admitted requests per minute (sliding window)."""
     tokens_per_minute: int | None = None
-    """Tokens (reserved, then settled) per UTC minute window."""
+    """Tokens (reserved, then settled) per minute (sliding window)."""
     tokens_per_day: int | None = None
     """Token budget per UTC calendar day."""
     tokens_per_month: int | None = None
@@ -201,7 +206,8 @@ class Charge:
     amount: int
     """How much was added at reserve time."""
     expire_at: int
-    """Unix seconds after which the counter may be dropped (window end + grace)."""
+    """Unix seconds after which the counter may be dropped (when no check reads it and no
+    settle can refund into it any more)."""
 
 
 @dataclass(frozen=True)
@@ -222,31 +228,79 @@ def _key(scope: str, metric: str, period: str, start: int) -> str:
     return f"{scope}|{metric}|{period}|{start}"
 
 
-def plan(
-    scopes: Sequence[Scope], tokens: int, now: float, grace_s: int
-) -> list[tuple[Scope, str, str, int, Charge, int]]:
-    """Per (scope, window): (scope, limit name, period, limit, charge, window end)."""
+@dataclass(frozen=True)
+class Step:
+    """One (scope, limit) check of a reservation, and the counter it charges."""
+
+    scope: Scope
+    """Whose limit."""
+    name: str
+    """The limit's name, e.g. ``tokens_per_minute``."""
+    period: str
+    """``minute``, ``day`` or ``month``."""
+    limit: int
+    """The limit's value."""
+    charge: Charge
+    """The current window's counter and what the request adds to it."""
+    start: int
+    """Unix seconds at which the current window started."""
+    end: int
+    """Unix seconds at which the current window ends."""
+    previous_key: str
+    """The previous window's counter (minute rates); read only, never charged."""
+    previous_weight: float
+    """The share of the previous window still within the last 60 s; 0 for budgets."""
+
+    def used(self, current: int, previous: int) -> float:
+        """What the window holds against the limit, with the previous window weighted."""
+        return current + previous * self.previous_weight
+
+    def fits(self, current: int, previous: int) -> bool:
+        """Whether the request's charge fits under the limit."""
+        return self.used(current, previous) + self.charge.amount <= self.limit
+
+
+def plan(scopes: Sequence[Scope], tokens: int, now: float, grace_s: int) -> list[Step]:
+    """The checks a request of ``tokens`` makes at ``now``, in order."""
     if tokens < 0:
         raise ValueError(f"tokens must be >= 0, got {tokens}")
     out = []
     for scope in scopes:
         for name, metric, period, limit in scope.limits.windows():
-            end = window_end(period, now)
+            start, end = window_start(period, now), window_end(period, now)
             amount = 1 if metric == REQUESTS else tokens
-            key = _key(scope.name, metric, period, window_start(period, now))
-            out.append(
-                (scope, name, period, limit, Charge(key, metric, amount, end + grace_s), end)
-            )
+            key = _key(scope.name, metric, period, start)
+            if period == MINUTE:  # slides: the next minute reads this counter too
+                previous = _key(scope.name, metric, period, start - 60)
+                weight, expire_at = (end - now) / 60, end + 60 + grace_s
+            else:
+                previous, weight, expire_at = key, 0.0, end + grace_s
+            charge = Charge(key, metric, amount, expire_at)
+            out.append(Step(scope, name, period, limit, charge, start, end, previous, weight))
     return out
 
 
-def exceeded(
-    scope: Scope, name: str, period: str, limit: int, used: int, amount: int, end: int, now: float
-) -> LimitExceeded:
-    """The error for a failed check; minute windows get a retry delay, budgets do not."""
-    quota = period != MINUTE or amount > limit
-    retry = None if quota else max(0.0, end - now)
-    return LimitExceeded(scope.name, name, limit, used, amount, end, retry, quota)
+def _retry_after(step: Step, current: int, previous: int, now: float) -> float:
+    """Seconds until a minute rate has room for the request, if nothing else arrives."""
+    room = step.limit - step.charge.amount
+    if current <= room:  # the previous minute's weight has to fall far enough
+        at = step.start + 60 * (1 - (room - current) / previous)
+    else:  # only once this minute is the previous one, weighing less and less
+        at = step.end + 60 * (1 - room / current)
+    return max(0.0, at - now)
+
+
+def exceeded(step: Step, current: int, previous: int, now: float) -> LimitExceeded:
+    """The error for a failed check; minute rates get a retry delay, budgets do not."""
+    amount, limit = step.charge.amount, step.limit
+    used = math.ceil(step.used(current, previous))
+    if step.period != MINUTE or amount > limit:
+        reset_at: float = step.end
+        retry, quota = None, True
+    else:
+        retry, quota = _retry_after(step, current, previous, now), False
+        reset_at = now + retry
+    return LimitExceeded(step.scope.name, step.name, limit, used, amount, reset_at, retry, quota)
 
 
 class Admission(ABC):
@@ -304,14 +358,15 @@ class InProcessAdmission(Admission):
         steps = plan(scopes, tokens, now, self._grace_s)
         with self._lock:
             self._gc(now)
-            for scope, name, period, limit, charge, end in steps:
-                used = self._counts.get(charge.key, (0, 0))[0]
-                if used + charge.amount > limit:
-                    raise exceeded(scope, name, period, limit, used, charge.amount, end, now)
-            for _, _, _, _, charge, _ in steps:
-                used = self._counts.get(charge.key, (0, 0))[0]
-                self._counts[charge.key] = (used + charge.amount, charge.expire_at)
-        return Reservation(uuid.uuid4().hex, tokens, tuple(s[4] for s in steps))
+            for step in steps:
+                current = self._counts.get(step.charge.key, (0, 0))[0]
+                previous = self._counts.get(step.previous_key, (0, 0))[0]
+                if not step.fits(current, previous):
+                    raise exceeded(step, current, previous, now)
+            for step in steps:
+                c = step.charge
+                self._counts[c.key] = (self._counts.get(c.key, (0, 0))[0] + c.amount, c.expire_at)
+        return Reservation(uuid.uuid4().hex, tokens, tuple(s.charge for s in steps))
 
     def _adjust(self, reservation: Reservation, actual: int, refund_requests: bool) -> None:
         if actual < 0:

@@ -2,13 +2,15 @@
 
 Design
 ------
-Same algorithm and semantics as ``limits.InProcessAdmission`` (fixed UTC windows keyed by
-window start; reserve an estimate, settle the real count; see ``limits``'s header), with
-the counters in Redis:
+Same algorithm and semantics as ``limits.InProcessAdmission`` (UTC windows keyed by window
+start, per-minute rates sliding over the previous minute's counter; reserve an estimate,
+settle the real count; see ``limits``'s header), with the counters in Redis:
 
 * ``reserve`` runs one Lua script (``EVALSHA`` via redis-py's ``Script``, which loads it on
-  ``NOSCRIPT``) that reads every counter, and only if every ``used + amount <= limit``
-  ``INCRBY``s them all and sets ``EXPIREAT`` window end + ``grace_s``. Redis runs a script
+  ``NOSCRIPT``) that reads every counter and its predecessor, and only if every ``current +
+  previous * weight + amount <= limit`` ``INCRBY``s the current ones and sets ``EXPIREAT``
+  (``Charge.expire_at``). The gateway computes the weights from its clock, so the script
+  and ``InProcessAdmission`` do the same double-precision arithmetic. Redis runs a script
   atomically, so check-and-charge is all-or-nothing across scopes and across replicas: no
   two replicas can both take the last unit.
 * ``settle``/``release`` run a second script: ``SET <prefix>done|<id> NX EXAT`` makes it
@@ -62,18 +64,20 @@ log = logging.getLogger(__name__)
 OnStoreError = Literal["fail-open", "fail-closed"]
 
 _RESERVE = """
-local n = #KEYS
+local n = #KEYS / 2
 for i = 1, n do
-  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if used + tonumber(ARGV[3*i-2]) > tonumber(ARGV[3*i-1]) then
-    return {i, used}
+  local current = tonumber(redis.call('GET', KEYS[2*i-1]) or '0')
+  local previous = tonumber(redis.call('GET', KEYS[2*i]) or '0')
+  local weight = tonumber(ARGV[4*i])
+  if current + previous * weight + tonumber(ARGV[4*i-3]) > tonumber(ARGV[4*i-2]) then
+    return {i, current, previous}
   end
 end
 for i = 1, n do
-  redis.call('INCRBY', KEYS[i], ARGV[3*i-2])
-  redis.call('EXPIREAT', KEYS[i], ARGV[3*i])
+  redis.call('INCRBY', KEYS[2*i-1], ARGV[4*i-3])
+  redis.call('EXPIREAT', KEYS[2*i-1], ARGV[4*i-1])
 end
-return {0, 0}
+return {0, 0, 0}
 """
 
 _ADJUST = """
@@ -141,21 +145,23 @@ class RedisAdmission(Admission):
         now = self._clock()
         steps = plan(scopes, tokens, now, self._grace_s)
         rid = uuid.uuid4().hex
-        charges = tuple(s[4] for s in steps)
+        charges = tuple(s.charge for s in steps)
         if not steps:
             return Reservation(rid, tokens, charges)
-        keys = [self._prefix + c.key for c in charges]
-        args: list[int] = []
-        for _, _, _, limit, c, _ in steps:
-            args += [c.amount, limit, c.expire_at]
+        keys: list[str] = []
+        args: list[int | str] = []
+        for step in steps:
+            keys += [self._prefix + step.charge.key, self._prefix + step.previous_key]
+            # repr round-trips a double exactly; Lua's tonumber reads it back bit for bit.
+            c = step.charge
+            args += [c.amount, step.limit, c.expire_at, repr(step.previous_weight)]
         try:
-            failed, used = self._reserve(keys=keys, args=args)
+            failed, current, previous = self._reserve(keys=keys, args=args)
         except redis.RedisError as err:
             self._store_error("reserve", err)
             return Reservation(rid, tokens, charges, recorded=False)
         if failed:
-            scope, name, period, limit, c, end = steps[int(failed) - 1]
-            raise exceeded(scope, name, period, limit, int(used), c.amount, end, now)
+            raise exceeded(steps[int(failed) - 1], int(current), int(previous), now)
         return Reservation(rid, tokens, charges)
 
     def _adjust(

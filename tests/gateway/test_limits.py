@@ -171,14 +171,17 @@ def test_all_or_nothing_across_scopes(backend) -> None:
         400,
         350,
     )
-    assert e.retry_after_s == pytest.approx(30.0)
+    # The minute slides: 30 s to the next one, where the 400 weigh fully and fall to the
+    # 150 that leave room for 350 after another 60 * (1 - 150 / 400) = 37.5 s.
+    assert e.retry_after_s == pytest.approx(67.5)
+    assert e.reset_at == pytest.approx(clock.t + 67.5)
     assert not e.is_quota
     assert e.grpc_code == "RESOURCE_EXHAUSTED"
     # nothing was charged anywhere for the rejected request
     assert used(key("key:k", "requests", MINUTE, clock.t)) == 1
     assert used(key("key:k", "tokens", DAY, clock.t)) == 400
     assert used(key("team:t", "tokens", MONTH, clock.t)) == 400
-    clock.t += 60  # new minute: the user window resets, the team month budget does not
+    clock.t += 120  # the user's minutes are empty again, the team month budget is not
     with pytest.raises(LimitExceeded) as ei:
         adm.reserve([k, u, t], 350)
     e = ei.value
@@ -192,6 +195,61 @@ def test_all_or_nothing_across_scopes(backend) -> None:
     assert "team:t" in str(e) and "tokens_per_month=700" in str(e)
     adm.reserve([k, u, t], 300)
     assert used(key("team:t", "tokens", MONTH, clock.t)) == 700
+
+
+def test_minute_rates_slide_over_the_boundary(backend) -> None:
+    adm, clock, used = backend
+    s = Scope("key:b", Limits(requests_per_minute=10))
+    boundary = window_end(MINUTE, T0)
+    clock.t = boundary - 0.5
+    for _ in range(10):
+        adm.reserve([s], 0)
+    clock.t = boundary + 0.5  # fixed windows would admit 10 more here, 1 s after the 10
+    with pytest.raises(LimitExceeded) as ei:
+        adm.reserve([s], 0)
+    e = ei.value
+    # 10 * 59.5 / 60 + 0 = 9.92 used; room for 1 once the previous 10 weigh 9: at 6 s.
+    assert (e.used, e.requested, e.is_quota) == (10, 1, False)
+    assert e.retry_after_s == pytest.approx(5.5)
+    clock.t = boundary + 6
+    adm.reserve([s], 0)  # 10 * 54 / 60 + 0 = 9, +1 fits
+    with pytest.raises(LimitExceeded) as ei:
+        adm.reserve([s], 0)  # 9 + 1 + 1 > 10
+    assert ei.value.retry_after_s == pytest.approx(6.0)  # until the 10 weigh 8
+    clock.t = boundary + 30  # 10 * 30 / 60 + 1 = 6 used: 4 more, not 5
+    assert sum(_admits(adm, s) for _ in range(6)) == 4
+    assert used(key("key:b", "requests", MINUTE, clock.t)) == 5
+    assert used(key("key:b", "requests", MINUTE, boundary - 1)) == 10
+    with pytest.raises(LimitExceeded) as ei:
+        adm.reserve([s], 0)  # 5 + 10 * 30 / 60 = 10 used
+    assert ei.value.retry_after_s == pytest.approx(6.0)  # until the 10 weigh 4
+    clock.t = boundary + 36
+    adm.reserve([s], 0)
+
+
+def test_retry_after_reaching_into_the_next_minute(backend) -> None:
+    adm, clock, _ = backend
+    s = Scope("key:n", Limits(requests_per_minute=3))
+    clock.t = window_start(MINUTE, T0) + 10
+    for _ in range(3):
+        adm.reserve([s], 0)
+    with pytest.raises(LimitExceeded) as ei:
+        adm.reserve([s], 0)
+    # This minute's 3 leave no room until they are the previous minute's and weigh 2:
+    # 50 s to the boundary, then 60 * (1 - 2 / 3) = 20 s.
+    assert ei.value.retry_after_s == pytest.approx(70.0)
+    clock.t += 69.9
+    assert not _admits(adm, s)
+    clock.t += 0.1
+    assert _admits(adm, s)
+
+
+def _admits(adm, scope: Scope) -> bool:
+    try:
+        adm.reserve([scope], 0)
+    except LimitExceeded:
+        return False
+    return True
 
 
 def test_request_over_limit_outright_is_quota(backend) -> None:
@@ -245,7 +303,7 @@ def test_two_replicas_admit_exactly_n(rds: redis.Redis, prefix: str) -> None:
     ks = list(rds.scan_iter(match=prefix + "key:shared|requests|*"))
     assert len(ks) == 1
     assert int(rds.get(ks[0])) == 37
-    assert 0 < rds.ttl(ks[0]) <= 60 + 120
+    assert 60 < rds.ttl(ks[0]) <= 60 + 60 + 120  # the next minute reads it too
 
 
 def test_daily_quota_concurrent_never_exceeded(rds: redis.Redis, prefix: str) -> None:

@@ -323,7 +323,8 @@ def test_rate_limit_is_429_with_retry_after_and_quota_without(
             with pytest.raises(openai.RateLimitError) as err:
                 await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
             assert err.value.code == "rate_limit_exceeded"
-            assert 1 <= int(err.value.response.headers["Retry-After"]) <= 60
+            # The one request weighs fully until the next minute starts, then fades over it.
+            assert 60 <= int(err.value.response.headers["Retry-After"]) <= 120
             assert "requests_per_minute=1" in err.value.message
 
             # Another key of the same team: the team's monthly quota (7 used of 40) is next.
