@@ -24,8 +24,10 @@ Algorithm: **windows keyed by the window's start**, UTC; per-minute rates slide.
   limit at 23:59:59.9 and again at 00:00:00.0, twice the limit within 0.1 s; here a caller
   who spent it at the end of one minute gets nothing at the start of the next and regains it
   evenly over the minute. The estimate assumes the previous minute's traffic was spread
-  evenly, so it is exact for steady callers and close for bursty ones (Cloudflare's and Kong's
-  sliding windows work the same way), for two counters and O(1) work per check.
+  evenly: for a steady caller it is within one request of the true count over the last
+  60 s (so one sending at exactly the limit's rate is refused now and then), and a burst is
+  smoothed (Cloudflare's and Kong's sliding windows work the same way); two counters and O(1)
+  work per check.
 * ``reserve`` checks every (scope, window) that has a limit and, only if all pass, charges
   all of them: all or nothing, under one lock here and in one Lua script in
   ``limits_redis``.
