@@ -8,14 +8,16 @@ from services.cli import arg_types
 from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S
 
 
-def add_drain_arg(parser: argparse.ArgumentParser, what: str) -> None:
+def add_drain_arg(
+    parser: argparse.ArgumentParser, what: str, default: float = DEFAULT_DRAIN_TIMEOUT_S
+) -> None:
     """``what``: how this service drains, in words, for --help."""
     parser.add_argument(
         "--drain-timeout-s",
         type=arg_types.non_negative_float,
-        default=DEFAULT_DRAIN_TIMEOUT_S,
+        default=default,
         metavar="S",
         help="on SIGTERM/SIGINT, drain for at most S seconds before stopping "
-        f"(default {DEFAULT_DRAIN_TIMEOUT_S:g}; keep it below the supervisor's kill timeout, "
+        f"(default {default:g}; keep it below the supervisor's kill timeout, "
         f"30 s on Kubernetes and in deploy/compose.yaml; 0: stop at once): {what}",
     )

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.cli import arg_types, up_ray
+from services.cli.drain_args import add_drain_arg
 from services.cli.telemetry_args import add_tracing_arg
 from services.launcher.supervise import interrupt_on_sigterm, supervise
 
 if TYPE_CHECKING:
-    from services.launcher.local import Child
+    from services.launcher.local import Child, ClusterConfig, GatewaySpec
 
 SUMMARY = "run the gateway, router and prefill/decode workers as local processes"
 ROUTING_POLICIES = ("kv-aware", "round-robin", "least-loaded")
@@ -31,6 +32,8 @@ EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy.exampl
 UP_KEY_CREATOR = "tandem-up"
 """``created_by`` of the admin keys ``tandem up`` mints (the previous one is revoked)."""
 UP_KEY_TEAM = "platform"
+UP_DRAIN_TIMEOUT_S = 5.0
+"""Ctrl-C on a development cluster should not take the services' 25 s default."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -135,6 +138,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "give every service a certificate, serve TLS on the public ports (gRPC and https) "
         "and mTLS between gateway, router and workers",
     )
+    add_drain_arg(
+        parser,
+        "every service gets it; the gateway stops taking requests and finishes (and meters) "
+        "the streams in flight, the workers finish theirs (Ray actors too); a second Ctrl-C "
+        "ends the local drains at once; a service still running 5 s after S is killed",
+        default=UP_DRAIN_TIMEOUT_S,
+    )
     up_ray.add_ray_arg(parser)
     parser.set_defaults(handler=_up)
 
@@ -150,35 +160,18 @@ def _up(args: argparse.Namespace) -> int:
     if args.ray is not None:
         return up_ray.run(args)
     from services.engine.model_source import resolve_model
-    from services.launcher.local import ClusterConfig, LocalCluster
+    from services.launcher.local import LocalCluster
 
     # SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
     interrupt_on_sigterm()
     policy = None if args.no_gateway else _policy_file(args)  # fail before building anything
     resolve_model(args.model)  # build tandem-tiny once here, not in every worker at once
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-up-"))
-    worker_args = ("--kv-cache-gib", str(args.kv_cache_gib)) if args.kv_cache_gib else ()
     tls_dir = _dev_ca(log_dir) if args.tls else None
     gateway, secret = (
         (None, None) if policy is None else _gateway(policy, log_dir, args.model, args.http_port)
     )
-    cluster = LocalCluster(
-        ClusterConfig(
-            model=args.model,
-            prefill=args.prefill,
-            decode=args.decode,
-            port=args.port,
-            policy=args.policy,
-            kv_transport=args.kv_transport,
-            worker_args=worker_args,
-            log_dir=log_dir,
-            gateway=gateway,
-            trace_exporter=args.trace_exporter,
-            tls_dir=tls_dir,
-            metrics=args.metrics,
-            worker_restarts=args.worker_restarts,
-        )
-    )
+    cluster = LocalCluster(cluster_config(args, log_dir, gateway, tls_dir))
     front = "" if gateway is None else "a gateway, "
     print(
         f"starting {front}{args.prefill} prefill + {args.decode} decode workers "
@@ -211,6 +204,34 @@ def _up(args: argparse.Namespace) -> int:
         return f"{names} (logs in {log_dir})" if gone else ""
 
     return supervise(dead, cluster.stop)
+
+
+def cluster_config(
+    args: argparse.Namespace,
+    log_dir: Path,
+    gateway: GatewaySpec | None = None,
+    tls_dir: Path | None = None,
+) -> ClusterConfig:
+    """The local cluster ``tandem up``'s flags describe."""
+    from services.launcher.local import ClusterConfig
+
+    worker_args = ("--kv-cache-gib", str(args.kv_cache_gib)) if args.kv_cache_gib else ()
+    return ClusterConfig(
+        model=args.model,
+        prefill=args.prefill,
+        decode=args.decode,
+        port=args.port,
+        policy=args.policy,
+        kv_transport=args.kv_transport,
+        worker_args=worker_args,
+        log_dir=log_dir,
+        gateway=gateway,
+        trace_exporter=args.trace_exporter,
+        tls_dir=tls_dir,
+        metrics=args.metrics,
+        worker_restarts=args.worker_restarts,
+        drain_timeout_s=args.drain_timeout_s,
+    )
 
 
 def _policy_file(args: argparse.Namespace) -> Path:

@@ -58,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> RayClusterConfig:
         policy=getattr(args, "policy", None) or "kv-aware",
         worker_args=worker_args,
         trace_exporter=getattr(args, "trace_exporter", "none"),
+        drain_timeout_s=getattr(args, "drain_timeout_s", 5.0),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from services.cli import arg_types
 from services.cli.drain_args import add_drain_arg
@@ -13,6 +14,9 @@ from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
 from services.cli.tls_args import add_service_tls_args, service_tls
 from services.rpc import event_loop
+
+if TYPE_CHECKING:
+    from services.worker.host import WorkerConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,29 +101,35 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
     add_service_tls_args(parser)
 
 
+def worker_config(args: argparse.Namespace, **overrides: Any) -> WorkerConfig:
+    """The WorkerConfig ``tandem prefill|decode`` flags describe; ``overrides`` replace
+    fields (the Ray launcher sets the host, router and id it chose)."""
+    from services.worker.host import WorkerConfig
+
+    fields: dict[str, Any] = dict(
+        model=args.model,
+        host=args.host,
+        advertise=args.advertise,
+        port=args.port,
+        router=args.router,
+        worker_id=args.worker_id,
+        kv_transport=args.kv_transport,
+        lease_s=getattr(args, "lease_s", 30.0),
+        kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
+        kv_room_wait_s=getattr(args, "kv_room_wait_s", 10.0),
+        metrics_port=args.metrics_port,
+        drain_timeout_s=args.drain_timeout_s,
+        engine=engine_config(args),
+    )
+    return WorkerConfig(**{**fields, **overrides})
+
+
 def _handler(role: str) -> Callable[[argparse.Namespace], int]:
     def handle(args: argparse.Namespace) -> int:
-        from services.worker.host import WorkerConfig
-
         tls = service_tls(args)  # a half-given set fails before the model loads
         logging.getLogger().setLevel(logging.INFO)
         configure_tracing(args, f"tandem-{role}")
-        config = WorkerConfig(
-            model=args.model,
-            host=args.host,
-            advertise=args.advertise,
-            port=args.port,
-            router=args.router,
-            worker_id=args.worker_id,
-            kv_transport=args.kv_transport,
-            lease_s=getattr(args, "lease_s", 30.0),
-            kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
-            kv_room_wait_s=getattr(args, "kv_room_wait_s", 10.0),
-            metrics_port=args.metrics_port,
-            drain_timeout_s=args.drain_timeout_s,
-            engine=engine_config(args),
-            tls=tls,
-        )
+        config = worker_config(args, tls=tls)
         if role == "prefill":
             from services.prefill.server import run
         else:

@@ -174,11 +174,12 @@ class LocalCluster:
 
     def stop(self, grace_s: float | None = None) -> None:
         """SIGTERM every child (the gateway first, the router last), SIGKILL those still
-        alive after ``grace_s`` (None: the drain timeout + 5 s). Ctrl-C meanwhile (a second
-        one, for ``tandem up``) signals the router and workers again, which ends their
-        drains at once; the gateway is left to meter the streams that ends, and exits."""
+        alive after ``grace_s`` (None: the drain timeout + ``KILL_AFTER_DRAIN_S``). Ctrl-C
+        meanwhile (a second one, for ``tandem up``) signals the router and workers again,
+        which ends their drains at once; the gateway is left to meter the streams that
+        ends, and exits."""
         if grace_s is None:
-            grace_s = self.config.drain_timeout_s + 5.0
+            grace_s = self.config.drain_timeout_s + KILL_AFTER_DRAIN_S
         self._signal_alive(signal.SIGTERM)
         try:
             self._wait_or_kill(time.monotonic() + grace_s)
@@ -332,6 +333,8 @@ class LocalCluster:
             raise RuntimeError(f"{child.name} exited with status {code} while starting{where}")
 
 
+KILL_AFTER_DRAIN_S = 5.0
+"""How long after its drain timeout a child that has not exited is killed."""
 SECOND_SIGNAL_GRACE_S = 3.0
 """After a second Ctrl-C: how long children get to exit before SIGKILL."""
 PORT_FLOOR = 20000

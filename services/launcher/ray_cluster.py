@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from services.launcher.local import GatewaySpec, free_port
+from services.launcher.local import KILL_AFTER_DRAIN_S, GatewaySpec, free_port
 from services.launcher.supervise import interrupt_on_sigterm, supervise
 from services.rpc.channel_options import RECONNECT_OPTIONS
 from services.rpc.health_wait import wait_serving
@@ -92,29 +92,19 @@ class RayClusterConfig:
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra ``ray.init`` arguments (``num_cpus`` for a local instance, ...)."""
     startup_timeout_s: float = 300.0
+    drain_timeout_s: float = 5.0
+    """``--drain-timeout-s`` for the router, the gateway and every worker actor: on stop,
+    how long streams in flight get to end (each is killed a few seconds after that)."""
 
 
 def worker_config_from_flags(role: str, model: str, host: str, router: str, worker_id: str,
                              flags: Sequence[str]) -> Any:  # fmt: skip
     """The WorkerConfig ``tandem <role> <flags>`` would run, for this actor's host and id."""
-    from services.cli.engine_args import engine_config
     from services.cli.main import build_parser
-    from services.worker.host import WorkerConfig
+    from services.cli.worker import worker_config
 
     args = build_parser().parse_args([role, *flags])
-    return WorkerConfig(
-        model=model,
-        host=host,
-        port=args.port,
-        router=router,
-        worker_id=worker_id,
-        kv_transport=args.kv_transport,
-        lease_s=getattr(args, "lease_s", 30.0),
-        kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
-        kv_room_wait_s=getattr(args, "kv_room_wait_s", 10.0),
-        metrics_port=args.metrics_port,
-        engine=engine_config(args),
-    )
+    return worker_config(args, model=model, host=host, router=router, worker_id=worker_id)
 
 
 def _configure_tracing(role: str, flags: Sequence[str]) -> None:
@@ -216,10 +206,16 @@ class WorkerActor:
         return os.getpid()
 
     def stop(self) -> None:
-        """Deregister-free graceful stop: the router drops us after the heartbeat timeout."""
-        if self._loop is not None and self._host is not None:
-            self._loop.call_soon_threadsafe(self._host._stop.set)
-            self._thread.join(timeout=15)
+        """Graceful stop, as SIGTERM on a process worker: drain (the router stops placing
+        work here at the first draining heartbeat; calls in flight and held prefills finish,
+        for at most the worker's ``--drain-timeout-s``), then stop."""
+        if self._loop is None or self._host is None:
+            return
+        drained = asyncio.run_coroutine_threadsafe(self._host.drain(), self._loop)
+        with contextlib.suppress(Exception):  # a failed drain still ends in the stop below
+            drained.result(timeout=self.config.drain_timeout_s + 5)
+        self._loop.call_soon_threadsafe(self._host._stop.set)
+        self._thread.join(timeout=15)
 
 
 @dataclass
@@ -248,14 +244,16 @@ class RayCluster:
     def stop(self) -> None:
         import ray
 
-        _terminate(self.gateway_process)  # the door first: no new requests
-        for actor in self.actors.values():
-            # already dead, or Ray is going down: killed below all the same
+        drain = self.config.drain_timeout_s
+        _terminate(self.gateway_process, drain)  # the door first: no new requests
+        # Every actor drains at once; already dead, or Ray going down: killed all the same.
+        stopping = {actor: actor.stop.remote() for actor in self.actors.values()}
+        for actor, stopped in stopping.items():
             with contextlib.suppress(Exception):
-                ray.get(actor.stop.remote(), timeout=20)
+                ray.get(stopped, timeout=drain + KILL_AFTER_DRAIN_S + 15)
             ray.kill(actor, no_restart=True)
         self.actors.clear()
-        _terminate(self.router_process)
+        _terminate(self.router_process, drain)
         if self.owns_ray:
             ray.shutdown()
 
@@ -286,7 +284,8 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
         if num_gpus is None:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         actor_class = ray.remote(WorkerActor)
-        flags = tuple(config.worker_args)
+        # Ours first, so a --drain-timeout-s in worker_args wins.
+        flags = ("--drain-timeout-s", f"{config.drain_timeout_s:g}", *config.worker_args)
         if config.trace_exporter != "none":
             flags += ("--trace-exporter", config.trace_exporter)
         for role, count in (("prefill", config.prefill), ("decode", config.decode)):
@@ -352,8 +351,8 @@ def _start_gateway(config: RayClusterConfig, spec: GatewaySpec, router: str) -> 
 
 def _start_local(config: RayClusterConfig, args: list[str]) -> subprocess.Popen:
     """``tandem <args>`` as a child process here (output to this terminal), draining for at
-    most ``DRAIN_S`` on SIGTERM: below ``_terminate``'s kill grace."""
-    args = [*args, "--drain-timeout-s", f"{DRAIN_S:g}"]
+    most ``config.drain_timeout_s`` on SIGTERM: below ``_terminate``'s kill."""
+    args = [*args, "--drain-timeout-s", f"{config.drain_timeout_s:g}"]
     if config.trace_exporter != "none":
         args = [*args, "--trace-exporter", config.trace_exporter]
     return subprocess.Popen(
@@ -362,17 +361,13 @@ def _start_local(config: RayClusterConfig, args: list[str]) -> subprocess.Popen:
     )
 
 
-DRAIN_S = 5.0
-"""How long the router and gateway here let streams in flight end when the cluster stops."""
-
-
-def _terminate(process: subprocess.Popen | None) -> None:
-    """SIGTERM (graceful: a drain of ``DRAIN_S``), SIGKILL after 10 s."""
+def _terminate(process: subprocess.Popen | None, drain_s: float) -> None:
+    """SIGTERM (graceful: a drain of ``drain_s``), SIGKILL ``KILL_AFTER_DRAIN_S`` later."""
     if process is None or process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)
     try:
-        process.wait(10)
+        process.wait(drain_s + KILL_AFTER_DRAIN_S)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()

@@ -32,11 +32,15 @@ from services.launcher.ray_cluster import (  # noqa: E402
 )
 from services.stubs.tandem.v1 import inference_pb2 as pb  # noqa: E402
 from services.stubs.tandem.v1 import inference_pb2_grpc  # noqa: E402
-from tests.e2e.client import channel, generate, request  # noqa: E402
+from tests.e2e.client import Completion, channel, generate, request  # noqa: E402
 from tests.e2e.conftest import ALWAYS_DISAGGREGATE, WORKER_ARGS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPTS = [[5, 17, 99, 3, 250, 61, 7], list(range(40, 80))]
+PATIENT_S = 120.0
+"""Every service's drain: a stream in flight must end by itself, however slow the machine."""
+LONG = 600
+"""Tokens in the stream running when an actor is stopped: seconds of decoding."""
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,7 @@ def cluster(tandem_home: Path, gateway_key: tuple[GatewaySpec, str]) -> Iterator
             startup_timeout_s=180,
             gateway=gateway_key[0],
             gateway_host="127.0.0.1",
+            drain_timeout_s=PATIENT_S,
         )
     )
     yield c
@@ -128,3 +133,32 @@ def test_a_killed_actor_is_restarted_and_serves_again(
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def test_a_stopped_actor_drains_its_stream(
+    cluster: RayCluster, reference_engine: LLMEngine
+) -> None:
+    """``stop()`` on an actor (what stopping the cluster does) drains like SIGTERM on a
+    process worker: the stream in flight ends with every token, none is cut."""
+    decode = cluster.actors["ray-decode-0"]
+    prompt = list(range(300, 330))
+
+    async def stream_then_stop() -> Completion:
+        async with channel(cluster.router_address) as ch:
+            seen = Completion()
+            stream = asyncio.create_task(
+                generate(inference_pb2_grpc.InferenceStub(ch), request(prompt, LONG), into=seen)
+            )
+            while len(seen.tokens) < 4:
+                await asyncio.sleep(0.005)
+            await asyncio.to_thread(ray.get, decode.stop.remote(), timeout=PATIENT_S + 30)
+            assert seen.finals, "stop() returned before the stream it drained had ended"
+            return await stream
+
+    got = asyncio.run(stream_then_stop())
+    params = SamplingParams(max_tokens=LONG, temperature=0.0, ignore_eos=True)
+    assert got.tokens == list(reference_engine.generate([prompt], params)[0].token_ids)
+    assert got.final.serving.retries == 0  # finished where it began
+    # Leave a serving decode actor for whatever runs next: Ray restarts a killed one.
+    ray.kill(decode, no_restart=False)
+    wait_registered([decode], time.monotonic() + 120)
