@@ -164,13 +164,20 @@ def run_verify(args: argparse.Namespace) -> int:
     from services.gateway.store import open_store
 
     with open_store(args.store) as store:
-        log = AuditLog(store)
-        broken = log.verify_chain()
-        head_id, head_hash = log.head()
+        check = AuditLog(store).check_chain()
+    head_id, head_hash = check.head
+    broken = check.broken_at
+    if broken is not None and broken < 1:
+        print(
+            f"audit chain BROKEN: a record with id {broken} lies outside the chain, whose ids "
+            "start at 1 (written by hand, not by a gateway)",
+            file=sys.stderr,
+        )
+        return 1
     if broken is not None:
         print(
             f"audit chain BROKEN at record {broken}: its hash or its link to record "
-            f"{broken - 1} does not verify (records 1..{broken - 1} are intact)",
+            f"{broken - 1} does not verify (records 1..{head_id} are intact)",
             file=sys.stderr,
         )
         return 1

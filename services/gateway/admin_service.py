@@ -20,7 +20,6 @@ import re
 import grpc.aio
 
 from services.engine.errors import TandemError
-from services.gateway import status_details
 from services.gateway.api_keys import MAX_DESCRIPTION, ApiKey, ApiKeys
 from services.gateway.auth import Identity
 from services.gateway.call_auth import CallGuard, abort_error
@@ -97,9 +96,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         bad = create_violations(request)
         if bad:
             message = "invalid CreateApiKeyRequest: " + "; ".join(f"{f}: {d}" for f, d in bad)
-            await status_details.abort_with_details(
-                context, status_details.invalid_argument(message, bad)
-            )
+            await self._guard.invalid(context, who, "CreateApiKey", message, bad)
         limits = {n: getattr(request.limits, n) for n in LIMIT_FIELDS if request.limits.HasField(n)}
         try:
             minted = await asyncio.to_thread(
@@ -142,13 +139,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.RevokeApiKeyResponse:
         who = await self._admin(context, "RevokeApiKey")
         if not _KEY_ID.match(request.key_id):
-            await status_details.abort_with_details(
+            await self._guard.invalid(
                 context,
-                status_details.invalid_argument(
-                    # The value is not echoed: a confused caller may have pasted a secret.
-                    "key_id must be 16 lowercase hex digits (the id ListApiKeys shows)",
-                    [("key_id", "must be 16 lowercase hex digits")],
-                ),
+                who,
+                "RevokeApiKey",
+                # The value is not echoed: a confused caller may have pasted a secret.
+                "key_id must be 16 lowercase hex digits (the id ListApiKeys shows)",
+                [("key_id", "must be 16 lowercase hex digits")],
             )
         try:
             key = await asyncio.to_thread(self._keys.revoke, request.key_id)

@@ -41,6 +41,19 @@ from services.gateway.store import Store, Tx
 GENESIS_HASH = "0" * 64
 DECISIONS = ("allow", "deny")
 _BATCH = 1000
+_BEFORE_ANY_ID = -(2**63)
+"""Below every id a 64-bit integer column can hold: where a full walk starts."""
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """What one walk of the chain found."""
+
+    broken_at: int | None
+    """The id of the first record that fails verification; None when the chain holds."""
+    head: tuple[int, str]
+    """The last record that verified (id, hash), (0, GENESIS_HASH) when none did: the head
+    to anchor elsewhere, from the same walk (records appended since are not vouched for)."""
 
 
 @dataclass(frozen=True)
@@ -151,14 +164,19 @@ class AuditLog:
 
     def verify_chain(self) -> int | None:
         """The id of the first record that fails verification, or None if the chain holds."""
+        return self.check_chain().broken_at
+
+    def check_chain(self) -> ChainCheck:
+        """Walk every record, from before the first id, so one slipped in below it (id 0,
+        a negative id) is found too; what held is reported from this same walk."""
         expected_id, prev_hash = 1, GENESIS_HASH
-        for record_id, time_us, body, stored_prev, digest in self._rows(0):
+        for record_id, time_us, body, stored_prev, digest in self._rows(_BEFORE_ANY_ID):
             if record_id != expected_id or stored_prev != prev_hash:
-                return int(record_id)
+                return ChainCheck(int(record_id), (expected_id - 1, prev_hash))
             if chain_hash(prev_hash, record_id, time_us, body) != digest:
-                return int(record_id)
+                return ChainCheck(int(record_id), (expected_id - 1, prev_hash))
             expected_id, prev_hash = record_id + 1, digest
-        return None
+        return ChainCheck(None, (expected_id - 1, prev_hash))
 
     def _rows(self, after_id: int) -> Iterator[tuple[int, int, str, str, str]]:
         while True:

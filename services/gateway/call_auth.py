@@ -12,7 +12,7 @@ be written fails (UNAVAILABLE) instead of happening unrecorded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import grpc.aio
@@ -60,6 +60,25 @@ class CallGuard:
         await self.record(context, self.event(context, who, "deny", f"{action}: {message}"))
         await status_details.abort_with_details(
             context, status_details.permission_denied(message, reason, metadata=metadata)
+        )
+        raise AssertionError("abort_with_details returned")  # grpc's abort always raises
+
+    async def invalid(
+        self,
+        context: grpc.aio.ServicerContext,
+        who: Identity,
+        action: str,
+        message: str,
+        violations: Sequence[tuple[str, str]],
+    ) -> NoReturn:
+        """Audit a refusal of ``action`` for invalid arguments and abort INVALID_ARGUMENT with
+        BadRequest. The record names the fields, never their values: a confused caller may
+        have pasted a secret into one."""
+        fields = ", ".join(sorted({f for f, _ in violations}))
+        reason = f"{action}: invalid argument ({fields})"
+        await self.record(context, self.event(context, who, "deny", reason))
+        await status_details.abort_with_details(
+            context, status_details.invalid_argument(message, violations)
         )
         raise AssertionError("abort_with_details returned")  # grpc's abort always raises
 

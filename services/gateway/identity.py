@@ -51,13 +51,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import json
 import logging
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,11 +112,24 @@ def _b64json(segment: str, what: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         value = json.loads(raw)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:  # RecursionError: nested too deep
         raise _refuse(f"malformed token ({what} is not base64url JSON)") from e
     if not isinstance(value, dict):
         raise _refuse(f"malformed token ({what} is not a JSON object)")
     return value
+
+
+@contextlib.contextmanager
+def _malformed_is_refused() -> Iterator[None]:
+    """Fail closed: a token shaped in a way no check foresaw (a claim of an unexpected JSON
+    type reaching a comparison, say) is refused, never an internal error."""
+    try:
+        yield
+    except AuthenticationError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
+        log.warning("refused a malformed access token (%s)", type(e).__name__)
+        raise _refuse("malformed token") from e
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -275,14 +289,16 @@ class OidcVerifier:
         remembered = self._remembered(token)
         if remembered is not None:
             return remembered
-        header = self._header(token)
+        with _malformed_is_refused():
+            header = self._header(token)
         key = await self._key_for(header["kid"])
         keys = self._keys
         if key is None or keys is None:
             if keys is None:
                 raise _refuse("the identity provider's signing keys are unavailable")
             raise _refuse("signed with an unknown key (kid not in the realm's JWKS)")
-        principal = self._check(token, header, key)
+        with _malformed_is_refused():
+            principal = self._check(token, header, key)
         self._remember(token, principal, keys)
         return principal
 
@@ -315,7 +331,7 @@ class OidcVerifier:
             raise _refuse("malformed token (not a compact JWS with three parts)")
         header = _b64json(parts[0], "header")
         alg = header.get("alg")
-        if alg not in self.algorithms:
+        if not isinstance(alg, str) or alg not in self.algorithms:
             raise _refuse(
                 f"algorithm {_quote(alg)} is not allowed (allowed: {sorted(self.algorithms)})"
             )
@@ -339,7 +355,7 @@ class OidcVerifier:
             raise _refuse("bad signature") from e
         try:
             claims = json.loads(jws.payload)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             raise _refuse("malformed token (payload is not JSON)") from e
         if not isinstance(claims, dict):
             raise _refuse("malformed token (payload is not a JSON object)")

@@ -7,8 +7,10 @@ every request goes through the same :class:`Pipeline` as gRPC: authenticate, aut
 reserve, forward, settle once into admission, ledger and audit. Chat messages are sent to
 the router as ``GenerateRequest.messages``; it applies the model's chat template.
 
-Order of checks: the credential first (401 even for a malformed body), then the body (400,
-not audited: no policy decision was made), then the pipeline's policy.
+Order of checks: the credential first, before the body is read (401 even for a malformed
+body; a caller without a credential cannot make the gateway parse 16 MiB of JSON, and its
+audit record names no model), then the body (400, not audited: no policy decision was
+made), then the pipeline's policy.
 
 Streaming (``stream: true``): server-sent events, ``data: {chunk}\\n\\n`` per chunk and
 ``data: [DONE]`` at the end. Refusals before the first token still get a plain HTTP error
@@ -112,12 +114,9 @@ class OpenAIApi:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         call = _call_info(request, uuid.uuid4().hex)
         headers = {"x-request-id": call.request_id}
-        body, unreadable = await _read_json(request)
-        model = body.get("model") if isinstance(body, dict) else None
         try:
-            who = await self._pipeline.authenticate(call, model if isinstance(model, str) else "")
-            if unreadable:
-                raise BadRequest(None, unreadable)
+            who = await self._pipeline.authenticate(call)
+            body = await _read_json(request)
             call = replace(call, client_request_id=_client_request_id(request))
             parsed = parse_chat(body) if chat else parse_completion(body)
         except GatewayError as error:
@@ -261,12 +260,14 @@ def _call_info(request: web.Request, request_id: str) -> CallInfo:
     return CallInfo(request_id=request_id, metadata=credentials, peer=address)
 
 
-async def _read_json(request: web.Request) -> tuple[Any, str | None]:
-    """The parsed body, or (None, why it cannot be read)."""
+async def _read_json(request: web.Request) -> Any:
+    """The parsed body; BadRequest saying why it cannot be read."""
     try:
-        return json.loads(await request.read()), None
+        return json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return None, f"the request body is not valid JSON ({exc})"
+        raise BadRequest(None, f"the request body is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise BadRequest(None, "the request body nests JSON too deeply") from exc
 
 
 @web.middleware

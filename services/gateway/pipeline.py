@@ -147,6 +147,31 @@ def check_client_request_id(value: str, field: str) -> None:
     )
 
 
+MODEL_NAME_MAX = 256
+"""Longest model name a request may carry (it is echoed in errors and stored per request)."""
+
+
+def check_model_name(value: str) -> None:
+    """INVALID_ARGUMENT naming ``model`` unless ``value`` is printable and at most
+    :data:`MODEL_NAME_MAX` characters: before authorization, whose refusal echoes it."""
+    if len(value) <= MODEL_NAME_MAX and value.isprintable():
+        return
+    description = f"must be printable and at most {MODEL_NAME_MAX} characters"
+    raise GatewayError(
+        status_details.invalid_argument(f"model: {description}", [("model", description)])
+    )
+
+
+def unchecked(value: str, limit: int) -> str:
+    """A value no check has bounded yet (the model and request id of a caller refused before
+    its request was validated), as an append-only audit record may hold it: at most
+    ``limit`` characters, escaped, marked with its real length when cut."""
+    if len(value) <= limit and value.isprintable():
+        return value
+    shown = value[:limit].encode("unicode_escape").decode("ascii")[:limit]
+    return f"{shown}...({len(value)} characters)"
+
+
 @dataclass(frozen=True)
 class CallInfo:
     """What a transport knows about one call."""
@@ -223,10 +248,10 @@ class Pipeline:
                     principal="anonymous",
                     decision="deny",
                     reason=f"unauthenticated: {exc}",
-                    model=model,
+                    model=unchecked(model, MODEL_NAME_MAX),
                     request_id=call.request_id,
                     source=call.peer,
-                    client_request_id=call.client_request_id,
+                    client_request_id=unchecked(call.client_request_id, CLIENT_REQUEST_ID_MAX),
                 )
             )
             refused = status_details.refused_credential(exc, isinstance(exc, MissingCredential))
@@ -253,6 +278,7 @@ class Pipeline:
         Refusals raise GatewayError before the first message; an upstream failure raises
         it after the settle, following whatever messages were relayed.
         """
+        check_model_name(request.model)
         attributes = step_attributes(call.request_id, request.model, who)
         await traced("authorize", self._authorize(who, request.model, call), attributes)
         prompt = prompt_estimate(request)

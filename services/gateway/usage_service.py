@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 import grpc.aio
 
 from services.engine.errors import TandemError
-from services.gateway import status_details
 from services.gateway.auth import Identity
 from services.gateway.call_auth import CallGuard, abort_error
 from services.gateway.ledger import Ledger, UsageTotal
@@ -55,23 +54,34 @@ def period(request: admin_pb2.GetUsageRequest) -> tuple[float, float]:
             day = dt.datetime.strptime(request.day, "%Y-%m-%d").replace(tzinfo=dt.UTC)
         except ValueError:
             raise BadRequest("day", f"must be YYYY-MM-DD, got {request.day[:40]!r}") from None
-        return day.timestamp(), (day + dt.timedelta(days=1)).timestamp()
+        return _span(day, dt.timedelta(days=1), "day")
     if which == "month":
         try:
             first = dt.datetime.strptime(request.month, "%Y-%m").replace(tzinfo=dt.UTC)
         except ValueError:
             raise BadRequest("month", f"must be YYYY-MM, got {request.month[:40]!r}") from None
         days = calendar.monthrange(first.year, first.month)[1]
-        return first.timestamp(), (first + dt.timedelta(days=days)).timestamp()
+        return _span(first, dt.timedelta(days=days), "month")
     if which == "range":
         if not request.range.HasField("start") or not request.range.HasField("end"):
             raise BadRequest("range", "needs both start and end")
-        start = request.range.start.ToMicroseconds() / 1e6
-        end = request.range.end.ToMicroseconds() / 1e6
+        try:
+            start = request.range.start.ToMicroseconds() / 1e6
+            end = request.range.end.ToMicroseconds() / 1e6
+        except ValueError as exc:  # protobuf refuses a Timestamp past year 9999
+            raise BadRequest("range", f"not a valid timestamp ({exc})") from None
         if not start < end:
             raise BadRequest("range", "start must be before end")
         return start, end
     raise BadRequest("period", "set exactly one of range, day (YYYY-MM-DD) or month (YYYY-MM)")
+
+
+def _span(start: dt.datetime, length: dt.timedelta, field: str) -> tuple[float, float]:
+    """[start, start + length) in epoch seconds; BadRequest past the calendar's end."""
+    try:
+        return start.timestamp(), (start + length).timestamp()
+    except OverflowError:
+        raise BadRequest(field, "must end before the year 10000") from None
 
 
 def group_columns(request: admin_pb2.GetUsageRequest) -> tuple[str, ...]:
@@ -151,12 +161,9 @@ class UsageService(admin_pb2_grpc.UsageServiceServicer):
             start, end = period(request)
             columns = group_columns(request)
         except BadRequest as exc:
-            await status_details.abort_with_details(
-                context,
-                status_details.invalid_argument(
-                    f"invalid GetUsageRequest: {exc}", [(exc.field, exc.description)]
-                ),
-            )
+            violations = [(exc.field, exc.description)]
+            message = f"invalid GetUsageRequest: {exc}"
+            await self._guard.invalid(context, who, "GetUsage", message, violations)
         principal = await self._scope(context, who, request)
         if self._settled is not None:
             await self._settled()

@@ -65,6 +65,22 @@ def test_audit_verify_passes_then_names_a_tampered_record(
     assert "BROKEN at record 2" in err and "records 1..1 are intact" in err
 
 
+def test_audit_verify_names_a_record_slipped_in_below_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gateway.db"
+    store = f"sqlite:{path}"
+    assert main(["keys", "create", "--store", store, "--team", "a", "--model", "m"]) == 0
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) "
+            "SELECT 0, time_us, body, prev_hash, hash FROM audit_log WHERE id = 1"
+        )
+    capsys.readouterr()
+    assert main(["audit", "verify", "--store", store]) == 1
+    assert "a record with id 0 lies outside the chain" in capsys.readouterr().err
+
+
 def test_bad_store_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keys", "list", "--store", "mysql://x"]) == 2
     assert "expected sqlite:PATH or postgresql://" in capsys.readouterr().err

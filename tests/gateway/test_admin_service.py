@@ -157,6 +157,15 @@ def test_invalid_requests_name_every_bad_field(tmp_path: Path, store_url: str) -
             _, code, status, message = await call(m.admin.RevokeApiKey, bad_id, admin)
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             assert field_violations(status) == ["key_id"] and secret not in message
+            # Each refusal left one record, naming the fields and never a value.
+            reasons = [e.reason for e in m.audit() if e.decision == "deny"]
+            assert reasons == [
+                "CreateApiKey: invalid argument (description, limits.tokens_per_day, models[1], "
+                "team)",
+                "CreateApiKey: invalid argument (models)",
+                "RevokeApiKey: invalid argument (key_id)",
+            ]
+            assert all(secret not in e.reason for e in m.audit())
 
             unknown = admin_pb2.RevokeApiKeyRequest(key_id="0123456789abcdef")
             _, code, _, message = await call(m.admin.RevokeApiKey, unknown, admin)

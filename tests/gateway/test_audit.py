@@ -90,6 +90,32 @@ def test_an_inserted_record_is_detected_after_it(store: Store) -> None:
     assert log.verify_chain() == 4
 
 
+@pytest.mark.parametrize("forged_id", [0, -7])
+def test_a_record_forged_below_the_first_id_is_detected(store: Store, forged_id: int) -> None:
+    log = AuditLog(store)
+    _fill(log, 3)
+    body = '{"principal":"mallory","decision":"allow","reason":"CreateApiKey: admin"}'
+    with store.transaction() as tx:
+        tx.execute(
+            "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) VALUES (?, 0, ?, ?, ?)",
+            (forged_id, body, GENESIS_HASH, chain_hash(GENESIS_HASH, forged_id, 0, body)),
+        )
+    check = log.check_chain()
+    assert check.broken_at == forged_id
+    assert check.head == (0, GENESIS_HASH)  # nothing before it verified
+
+
+def test_the_head_reported_is_the_last_record_the_walk_verified(store: Store) -> None:
+    log = AuditLog(store)
+    _fill(log, 6)
+    records = list(log.records())
+    assert log.check_chain().head == (6, records[-1].hash)
+    with store.transaction() as tx:
+        tx.execute("DELETE FROM audit_log WHERE id = 5")
+    check = log.check_chain()
+    assert (check.broken_at, check.head) == (6, (4, records[3].hash))
+
+
 def test_concurrent_appenders_extend_one_chain(open_same: StoreFactory) -> None:
     logs = [AuditLog(open_same()) for _ in range(2)]  # two replicas
     threads = [threading.Thread(target=_fill, args=(logs[k % 2], 25)) for k in range(6)]

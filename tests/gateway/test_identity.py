@@ -123,6 +123,12 @@ def _foreign_key_real_kid(issuer: Issuer) -> str:
     return issuer.sign(issuer.claims(), key=stranger, kid=issuer.kid)
 
 
+def _with_header(issuer: Issuer, header: str) -> str:
+    """A token whose header segment is ``header`` (JSON text), the rest a real token's."""
+    _, payload, sig = issuer.mint().split(".")
+    return f"{b64url(header.encode())}.{payload}.{sig}"
+
+
 BAD: dict[str, tuple[Callable[[Issuer], str], str]] = {
     "garbage": (lambda i: "this-is-not-a-jwt", "malformed token"),
     "garbage-3-parts": (lambda i: "abc.def.ghi", "malformed token"),
@@ -146,6 +152,15 @@ BAD: dict[str, tuple[Callable[[Issuer], str], str]] = {
         "unknown key",
     ),
     "no-kid": (lambda i: i.sign(i.claims(), header={"kid": None}), "names no key"),
+    # Shapes a check might not foresee must be refusals, never an internal error.
+    "alg-not-a-string": (
+        lambda i: _with_header(i, json.dumps({"alg": ["RS256"], "kid": i.kid})),
+        "algorithm ['RS256'] is not allowed",
+    ),
+    "header-nested-too-deep": (
+        lambda i: _with_header(i, '{"alg": "RS256", "x": ' + "[" * 1200 + "]" * 1200 + "}"),
+        "malformed token (header is not base64url JSON)",
+    ),
 }
 
 

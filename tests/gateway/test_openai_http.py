@@ -311,6 +311,34 @@ def test_credentials_and_model_refusals_are_401_and_403_and_audited(
     run(body())
 
 
+def test_the_credential_is_checked_before_the_body_is_read(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    """A caller without a credential cannot make the gateway parse its body (a deeply nested
+    one used to escape as a 500), and its audit record carries nothing the body said."""
+    nested = "[" * 200_000
+    named = json.dumps({"model": "m" * 5000, "prompt": "x"})
+
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s, aiohttp.ClientSession() as http:
+            url = f"{s.base_url}/completions"
+            for sent in (nested, named):
+                bad = {"Authorization": "Bearer not-a-key"}
+                async with http.post(url, data=sent, headers=bad) as r:
+                    assert r.status == 401
+            assert [(e.decision, e.model) for e in s.audit()] == [("deny", "")] * 2
+            good = {"Authorization": f"Bearer {s.key()}"}
+            async with http.post(url, data=nested, headers=good) as r:
+                assert r.status == 400
+                assert "nests JSON too deeply" in (await r.json())["error"]["message"]
+            async with http.post(url, data=named, headers=good) as r:
+                assert r.status == 400  # checked before authorization, which echoes it
+                error = (await r.json())["error"]
+                assert (error["param"], len(error["message"]) < 200) == ("model", True)
+
+    run(body())
+
+
 def test_rate_limit_is_429_with_retry_after_and_quota_without(
     tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
 ) -> None:

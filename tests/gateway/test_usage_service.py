@@ -131,17 +131,28 @@ def test_bad_periods_and_groupings_are_invalid_argument(tmp_path: Path, store_ur
                 day="2025-01-01",
                 group_by=[admin_pb2.USAGE_GROUP_BY_TEAM, admin_pb2.USAGE_GROUP_BY_TEAM],
             )
+            past_the_calendar = admin_pb2.GetUsageRequest()
+            past_the_calendar.range.start.FromSeconds(0)
+            past_the_calendar.range.end.seconds = 2**62
             cases = [
                 (admin_pb2.GetUsageRequest(), "period"),
                 (admin_pb2.GetUsageRequest(day="2025-13-01"), "day"),
                 (admin_pb2.GetUsageRequest(month="March"), "month"),
                 (backwards, "range"),
                 (twice, "group_by[1]"),
+                # the calendar's last day and month: were UNKNOWN (OverflowError)
+                (admin_pb2.GetUsageRequest(day="9999-12-31"), "day"),
+                (admin_pb2.GetUsageRequest(month="9999-12"), "month"),
+                (past_the_calendar, "range"),
             ]
             for request, field in cases:
+                before = len(m.audit())
                 _, code, status, message = await call(m.usage.GetUsage, request, admin)
                 assert code == grpc.StatusCode.INVALID_ARGUMENT, field
                 assert field_violations(status) == [field] and field in message
+                [record] = m.audit()[before:]  # every refused query leaves one record
+                assert record.decision == "deny"
+                assert record.reason == f"GetUsage: invalid argument ({field})"
             _, code, _, _ = await call(m.usage.GetUsage, admin_pb2.GetUsageRequest(), None)
             assert code == grpc.StatusCode.UNAUTHENTICATED
 

@@ -1,0 +1,56 @@
+"""What a caller sends that no check has bounded yet must not reach the append-only audit
+log or an error's metadata at the caller's chosen size: over gRPC, a refused caller's model
+and request id are cut short in its record, and a model name too long to be one is
+INVALID_ARGUMENT before authorization (whose refusal echoes it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from services.gateway.pipeline import CLIENT_REQUEST_ID_MAX, MODEL_NAME_MAX, unchecked
+from tests.gateway.harness import stack, token
+from tests.gateway.issuer import Issuer
+from tests.router.harness import run
+
+HUGE = 1_000_000
+
+
+def test_a_refused_callers_strings_are_cut_short_in_its_audit_record(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url) as s:
+            reply = await s.generate(
+                "not-a-credential", model="m" * HUGE, request_id="r" * HUGE, prompt_token_ids=[1]
+            )
+            assert reply.code == grpc.StatusCode.UNAUTHENTICATED
+            [event] = s.audit()
+            assert event.model == "m" * MODEL_NAME_MAX + f"...({HUGE} characters)"
+            assert event.client_request_id == (
+                "r" * CLIENT_REQUEST_ID_MAX + f"...({HUGE} characters)"
+            )
+
+    run(body())
+
+
+def test_a_model_name_too_long_is_invalid_argument_before_authorization(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url) as s:
+            reply = await s.generate(token(issuer), model="y" * 3000, prompt_token_ids=[1])
+            # It was PERMISSION_DENIED up to a few thousand characters, then
+            # RESOURCE_EXHAUSTED once the echo outgrew the status metadata.
+            assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert reply.details.startswith("model: must be printable")
+            assert s.audit() == []  # no policy decision was made
+
+    run(body())
+
+
+def test_unchecked_values_are_kept_when_short_and_escaped_when_cut() -> None:
+    assert unchecked("llama-3", 8) == "llama-3"
+    assert unchecked("a\nb", 8) == "a\\nb...(3 characters)"
+    assert unchecked("é" * 10, 4) == "\\xe9...(10 characters)"
