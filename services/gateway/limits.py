@@ -221,9 +221,10 @@ class Reservation:
     tokens: int
     """The token estimate reserved."""
     charges: tuple[Charge, ...]
-    """Every counter charged."""
-    recorded: bool = True
-    """False when admitted fail-open without the store: settle/release do nothing."""
+    """Every counter charged (or, when the store failed, that may have been)."""
+    uncertain: bool = False
+    """The store failed during the reserve, before or after charging (a reply lost to a
+    timeout): a shared store settles it in the background, refunding only what was charged."""
 
 
 def _key(scope: str, metric: str, period: str, start: int) -> str:
@@ -373,8 +374,6 @@ class InProcessAdmission(Admission):
     def _adjust(self, reservation: Reservation, actual: int, refund_requests: bool) -> None:
         if actual < 0:
             raise ValueError(f"actual_tokens must be >= 0, got {actual}")
-        if not reservation.recorded:
-            return
         now = self._clock()
         with self._lock:
             if reservation.id in self._done:

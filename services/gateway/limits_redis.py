@@ -13,9 +13,13 @@ settle the real count; see ``limits``'s header), with the counters in Redis:
   and ``InProcessAdmission`` do the same double-precision arithmetic. Redis runs a script
   atomically, so check-and-charge is all-or-nothing across scopes and across replicas: no
   two replicas can both take the last unit.
-* ``settle``/``release`` run a second script: ``SET <prefix>done|<id> NX EXAT`` makes it
-  idempotent (a second call finds the marker and does nothing), then each still-existing
-  counter gets ``max(0, value + delta)`` with ``KEEPTTL``; an expired window is not revived.
+* The reserve script also sets a marker ``<prefix>res|<id>`` (expiring with the latest
+  counter it charged). ``settle``/``release`` run a second script that deletes the marker
+  and, only if it existed, gives each still-existing counter ``max(0, value + delta)`` with
+  ``KEEPTTL`` (an expired window is not revived). So a second settle does nothing, and so
+  does the settle of a reserve that never ran; while the settle of one whose reply was lost
+  (a timeout after Redis ran the script) refunds exactly what it charged. A marker lives
+  only while its request runs.
 * Keys: ``<prefix><scope>|<metric>|<period>|<window start>``. For Redis Cluster put a hash
   tag in the prefix (e.g. ``"{tandem}:"``) so a script's keys share a slot.
 * Window boundaries come from the gateway's clock (``clock``); replicas are assumed
@@ -27,14 +31,15 @@ Parameters: ``client`` (a ``redis.Redis``), ``prefix`` (key namespace, default
 
 ``on_store_error`` when Redis cannot be reached or errors:
 
-* ``"fail-open"`` (**default**): admit the request, log a warning, and return a reservation
-  with ``recorded=False`` (its settle/release do nothing). Limits here protect capacity and
-  budgets; a Redis outage should not turn into a full outage of inference for every caller.
-  Authentication stays fail-closed elsewhere; this matches Kuadrant (closed for auth, open
-  for limits). The price: while Redis is down, usage is neither enforced nor counted.
+* ``"fail-open"`` (**default**): admit the request, log a warning, and return the
+  reservation (its settle refunds what the script charged if it ran, see above). Limits
+  here protect capacity and budgets; a Redis outage should not turn into a full outage of
+  inference for every caller. Authentication stays fail-closed elsewhere; this matches
+  Kuadrant (closed for auth, open for limits). The price: while Redis is down, usage is
+  neither enforced nor counted.
 * ``"fail-closed"``: raise ``LimitStoreUnavailable`` (gRPC UNAVAILABLE, transient, with a
-  message naming the store) from reserve, settle and release. Choose it where a budget
-  overrun costs more than downtime.
+  message naming the store) from reserve (after trying to release what it may have
+  charged), settle and release. Choose it where a budget overrun costs more than downtime.
 
 Calls are synchronous (redis-py); from asyncio use ``await asyncio.to_thread(adm.reserve,
 ...)`` or a thread-pool executor, each call is one round trip.
@@ -42,7 +47,11 @@ Calls are synchronous (redis-py); from asyncio use ``await asyncio.to_thread(adm
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -64,7 +73,7 @@ log = logging.getLogger(__name__)
 OnStoreError = Literal["fail-open", "fail-closed"]
 
 _RESERVE = """
-local n = #KEYS / 2
+local n = (#KEYS - 1) / 2
 for i = 1, n do
   local current = tonumber(redis.call('GET', KEYS[2*i-1]) or '0')
   local previous = tonumber(redis.call('GET', KEYS[2*i]) or '0')
@@ -77,17 +86,18 @@ for i = 1, n do
   redis.call('INCRBY', KEYS[2*i-1], ARGV[4*i-3])
   redis.call('EXPIREAT', KEYS[2*i-1], ARGV[4*i-1])
 end
+redis.call('SET', KEYS[#KEYS], '1', 'EXAT', ARGV[4*n+1])
 return {0, 0, 0}
 """
 
 _ADJUST = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EXAT', ARGV[1]) then
+if redis.call('DEL', KEYS[1]) == 0 then
   return 0
 end
 for i = 2, #KEYS do
   local v = redis.call('GET', KEYS[i])
   if v then
-    local nv = tonumber(v) + tonumber(ARGV[i])
+    local nv = tonumber(v) + tonumber(ARGV[i-1])
     if nv < 0 then nv = 0 end
     redis.call('SET', KEYS[i], nv, 'KEEPTTL')
   end
@@ -98,6 +108,9 @@ return 1
 
 OUTAGE_LOG_INTERVAL_S = 10.0
 """Fail-open admissions during a Redis outage are logged at most once per this interval."""
+UNCERTAIN_BACKLOG = 1024
+"""Most settles of uncertain reservations waiting for Redis; more are dropped (and logged):
+during an outage each may wait out a timeout, and they must not pile up without bound."""
 
 
 class RedisAdmission(Admission):
@@ -124,10 +137,19 @@ class RedisAdmission(Admission):
         self._adjust_script = client.register_script(_ADJUST)
         self._last_logged = float("-inf")
         self._unlogged = 0
+        # Uncertain settles wait for Redis on their own daemon thread, never on the caller's
+        # (the gateway's settler writes the ledger, which an outage must not hold up).
+        self._later: queue.Queue[Callable[[], None]] = queue.Queue(UNCERTAIN_BACKLOG)
+        self._later_thread: threading.Thread | None = None
+        self._later_lock = threading.Lock()
+        self.dropped_uncertain = 0
+        """Uncertain settles dropped because the backlog was full (their charge may stay)."""
 
-    def _store_error(self, op: str, err: Exception) -> None:
+    def _store_error(self, op: str, err: Exception, reservation: Reservation | None = None) -> None:
         msg = f"rate-limit store (Redis) unavailable during {op}: {err}"
         if self._on_error == "fail-closed":
+            if reservation is not None:  # refused: give back what it may have charged
+                self.release(reservation)
             raise LimitStoreUnavailable(msg + "; limits fail closed, retry later") from err
         # Every request fails the same way during an outage: one line per interval, not
         # one per request.
@@ -144,10 +166,9 @@ class RedisAdmission(Admission):
     def reserve(self, scopes: Sequence[Scope], tokens: int) -> Reservation:
         now = self._clock()
         steps = plan(scopes, tokens, now, self._grace_s)
-        rid = uuid.uuid4().hex
-        charges = tuple(s.charge for s in steps)
+        reservation = Reservation(uuid.uuid4().hex, tokens, tuple(s.charge for s in steps))
         if not steps:
-            return Reservation(rid, tokens, charges)
+            return reservation
         keys: list[str] = []
         args: list[int | str] = []
         for step in steps:
@@ -155,27 +176,84 @@ class RedisAdmission(Admission):
             # repr round-trips a double exactly; Lua's tonumber reads it back bit for bit.
             c = step.charge
             args += [c.amount, step.limit, c.expire_at, repr(step.previous_weight)]
+        keys.append(self._marker(reservation))
+        args.append(self._latest_expiry(reservation))
         try:
             failed, current, previous = self._reserve(keys=keys, args=args)
         except redis.RedisError as err:
-            self._store_error("reserve", err)
-            return Reservation(rid, tokens, charges, recorded=False)
+            # The script may have run and only its reply been lost (a timeout): the settle
+            # or release of an uncertain reservation refunds it exactly when it did (its
+            # marker exists) and does nothing when it did not.
+            uncertain = dataclasses.replace(reservation, uncertain=True)
+            self._store_error("reserve", err, uncertain)
+            return uncertain
         if failed:
             raise exceeded(steps[int(failed) - 1], int(current), int(previous), now)
-        return Reservation(rid, tokens, charges)
+        return reservation
+
+    def _marker(self, reservation: Reservation) -> str:
+        """The key a reserve sets and the first settle or release deletes."""
+        return f"{self._prefix}res|{reservation.id}"
+
+    def _latest_expiry(self, reservation: Reservation) -> int:
+        default = int(self._clock()) + self._grace_s
+        return max((c.expire_at for c in reservation.charges), default=default)
 
     def _adjust(
         self, op: str, reservation: Reservation, actual: int, refund_requests: bool
     ) -> None:
         if actual < 0:
             raise ValueError(f"actual_tokens must be >= 0, got {actual}")
-        if not reservation.recorded:
-            return
-        keys = [f"{self._prefix}done|{reservation.id}"]
-        latest = max(
-            (c.expire_at for c in reservation.charges), default=int(self._clock()) + self._grace_s
-        )
-        args = [latest]
+        if reservation.uncertain:
+            self._adjust_later(op, reservation, actual, refund_requests)
+        else:
+            self._run_adjust(op, reservation, actual, refund_requests)
+
+    def _adjust_later(
+        self, op: str, reservation: Reservation, actual: int, refund_requests: bool
+    ) -> None:
+        def adjust() -> None:
+            with contextlib.suppress(LimitStoreUnavailable):  # fail-closed: still down
+                self._run_adjust(op, reservation, actual, refund_requests)
+
+        try:
+            self._later_queue().put_nowait(adjust)
+        except queue.Full:
+            self.dropped_uncertain += 1
+            log.warning(
+                "%d uncertain rate-limit settles wait for Redis already; dropped the %s of "
+                "reservation %s (what its reserve may have charged stays until its window ends)",
+                UNCERTAIN_BACKLOG,
+                op,
+                reservation.id,
+            )
+
+    def _later_queue(self) -> queue.Queue[Callable[[], None]]:
+        """The uncertain settles' queue, its thread started on first use."""
+        with self._later_lock:
+            if self._later_thread is None:
+                self._later_thread = threading.Thread(
+                    target=self._run_later, name="tandem-limits-uncertain", daemon=True
+                )
+                self._later_thread.start()
+        return self._later
+
+    def _run_later(self) -> None:
+        while True:
+            self._later.get()()
+
+    def settled_later(self, timeout_s: float = 10.0) -> None:
+        """Wait until the uncertain settles queued so far have run (tests)."""
+        done = threading.Event()
+        self._later_queue().put(done.set)
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"uncertain settles still queued after {timeout_s} s")
+
+    def _run_adjust(
+        self, op: str, reservation: Reservation, actual: int, refund_requests: bool
+    ) -> None:
+        keys = [self._marker(reservation)]
+        args: list[int] = []
         for c in reservation.charges:
             if c.metric == "tokens":
                 delta = actual - c.amount

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
@@ -286,7 +287,7 @@ class Pipeline:
         estimate = prompt + max(0, max_tokens)
         reservation = await traced(
             "admit",
-            self._reserve(who, request.model, call, estimate),
+            self._reserve(who, request.model, call, estimate, prompt),
             {**attributes, "tandem.gateway.tokens_reserved": estimate},
         )
         forwarded = inference_pb2.GenerateRequest()
@@ -341,11 +342,23 @@ class Pipeline:
             )
         )
 
-    async def _reserve(self, who: Identity, model: str, call: CallInfo, tokens: int) -> Reservation:
+    async def _reserve(
+        self, who: Identity, model: str, call: CallInfo, tokens: int, prompt: int
+    ) -> Reservation:
         try:
             if not self.admission.blocking:
                 return self.admission.reserve(self._scopes(who), tokens)
-            return await asyncio.to_thread(self.admission.reserve, self._scopes(who), tokens)
+            reserving = asyncio.ensure_future(
+                asyncio.to_thread(self.admission.reserve, self._scopes(who), tokens)
+            )
+            try:
+                return await asyncio.shield(reserving)
+            except asyncio.CancelledError:
+                # The thread charges the store all the same: settle what it reserves as a
+                # call cancelled before its first token, or the charge stays for the window.
+                orphan = functools.partial(self._settle_orphan, who, model, call, prompt)
+                reserving.add_done_callback(orphan)
+                raise
         except LimitExceeded as exc:
             reason = f"limit exceeded: {exc}"
             self._record_audit(self._event(who, "deny", reason, model, call))
@@ -402,6 +415,15 @@ class Pipeline:
         else:
             settle_admission(self.admission, reservation, record)
             self.settler.submit(Settle(event, record))
+
+    def _settle_orphan(
+        self, who: Identity, model: str, call: CallInfo, prompt: int, reserving: asyncio.Future
+    ) -> None:
+        """Settle a reservation its cancelled call stopped waiting for (nothing to do when
+        the reserve refused or failed: it charged nothing)."""
+        if reserving.cancelled() or reserving.exception() is not None:
+            return
+        self._settle(who, model, call, reserving.result(), prompt, _Relay(outcome="cancelled"))
 
     async def settled(self) -> None:
         """Wait until every call settled so far is in the ledger and the audit log."""

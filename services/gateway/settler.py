@@ -97,17 +97,21 @@ class Settler:
         self._pending = metrics.settles_pending if metrics is not None else None
         self._queue: queue.SimpleQueue[Settle | Future[None] | object] = queue.SimpleQueue()
         self._closed = False
+        self._closing = threading.Lock()
+        """Makes checking ``_closed`` and queueing one step: nothing lands behind the stop."""
         self._thread = threading.Thread(target=self._run, name="gateway-settler", daemon=True)
         self._thread.start()
 
     def submit(self, settle: Settle) -> None:
-        """Queue one settle (never blocks). After :meth:`close`, writes it inline."""
-        if self._closed:
+        """Queue one settle (never waits on I/O). After :meth:`close`, writes it inline."""
+        with self._closing:
+            queued = not self._closed
+            if queued:
+                if self._pending is not None:
+                    self._pending.inc()
+                self._queue.put(settle)
+        if not queued:
             self._write([settle])
-            return
-        if self._pending is not None:
-            self._pending.inc()
-        self._queue.put(settle)
 
     async def flush(self) -> None:
         """Wait until every settle submitted before this call is committed."""
@@ -122,14 +126,19 @@ class Settler:
 
     def _marker(self) -> Future[None]:
         marker: Future[None] = Future()
-        self._queue.put(marker)
+        with self._closing:
+            if self._closed:  # everything before it is written, or being written inline
+                marker.set_result(None)
+            else:
+                self._queue.put(marker)
         return marker
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued, then stop the thread (blocks up to ``timeout_s``)."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
+        with self._closing:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.error("the settler did not drain within %.1f s: usage may be lost", timeout_s)

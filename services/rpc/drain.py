@@ -95,8 +95,10 @@ class CallGate:
     async def stream(
         self, context: grpc.aio.ServicerContext, messages: AsyncIterator[T]
     ) -> AsyncIterator[T]:
-        """Relay a response stream as one gated call (refused with UNAVAILABLE when closed)."""
-        async with self.admit(context):
+        """Relay a response stream as one gated call (refused with UNAVAILABLE when closed).
+        ``messages`` is closed when the call ends, cancelled included, so its own cleanup
+        (a settle, a release) runs then, not whenever it is garbage collected."""
+        async with self.admit(context), _closing(messages):
             async for message in messages:
                 yield message
 
@@ -119,6 +121,13 @@ class CallGate:
             # A call ending wakes us at once; ``busy`` is polled.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), POLL_S)
+
+
+def _closing(messages: AsyncIterator[T]) -> contextlib.AbstractAsyncContextManager[object]:
+    """Closes ``messages`` on exit when it can be closed (an async generator)."""
+    if hasattr(messages, "aclose"):
+        return contextlib.aclosing(messages)  # type: ignore[type-var]
+    return contextlib.nullcontext()
 
 
 async def drain_server(

@@ -351,9 +351,10 @@ def test_fail_open_admits_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         r1 = adm.reserve([s], 10)
         r2 = adm.reserve([s], 10)
-    assert not r1.recorded and not r2.recorded
+    assert r1.uncertain and r2.uncertain
     adm.settle(r1, 5)
     adm.release(r2)
+    adm.settled_later()  # tried in the background, failing the same way
     assert "fail-open" in caplog.text and "unavailable" in caplog.text
     # an outage fails every call the same way: one warning for the interval, not one each
     assert len([r for r in caplog.records if "fail-open" in r.getMessage()]) == 1
@@ -370,3 +371,84 @@ def test_fail_closed_raises_unavailable() -> None:
 def test_bad_on_store_error(rds: redis.Redis) -> None:
     with pytest.raises(ValueError, match="on_store_error"):
         RedisAdmission(rds, on_store_error="ignore")  # type: ignore[arg-type]
+
+
+# --- a reserve whose reply is lost -------------------------------------------------------
+
+
+def _reply_lost(adm: RedisAdmission, ran: bool) -> None:
+    """Make the reserve script's reply time out, after Redis ran it (``ran``) or before."""
+    script = adm._reserve
+
+    def lost(**kwargs: object) -> object:
+        if ran:
+            script(**kwargs)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    adm._reserve = lost  # type: ignore[assignment]
+
+
+LOST = Scope("key:lost", Limits(requests_per_minute=10, tokens_per_day=1000))
+
+
+@pytest.mark.parametrize("ran", [True, False])
+def test_fail_open_settles_a_reserve_whose_reply_was_lost(
+    rds: redis.Redis, prefix: str, ran: bool
+) -> None:
+    clock = Clock(T0 - 3600)
+    adm = RedisAdmission(rds, prefix=prefix, clock=clock)
+    _reply_lost(adm, ran)
+    r = adm.reserve([LOST], 300)  # admitted, fail-open
+    assert r.uncertain
+    day = prefix + key("key:lost", "tokens", DAY, clock.t)
+    assert rds.get(day) == (b"300" if ran else None)
+    adm.settle(r, 40)
+    adm.settled_later()
+    # What ran is settled to the tokens used, as any reservation; what did not, untouched.
+    assert rds.get(day) == (b"40" if ran else None)
+    adm.settle(r, 0)
+    adm.settled_later()
+    assert rds.get(day) == (b"40" if ran else None)  # a second settle does nothing
+    assert list(rds.scan_iter(match=prefix + "res|*")) == []  # no marker outlives its call
+
+
+def test_fail_closed_refunds_a_refused_reserve_whose_reply_was_lost(
+    rds: redis.Redis, prefix: str
+) -> None:
+    clock = Clock(T0 - 3600)
+    adm = RedisAdmission(rds, prefix=prefix, clock=clock, on_store_error="fail-closed")
+    _reply_lost(adm, ran=True)
+    with pytest.raises(LimitStoreUnavailable):
+        adm.reserve([LOST], 300)
+    adm.settled_later()
+    assert rds.get(prefix + key("key:lost", "tokens", DAY, clock.t)) == b"0"
+    assert rds.get(prefix + key("key:lost", "requests", MINUTE, clock.t)) == b"0"
+
+
+def test_markers_live_only_while_their_request_runs(rds: redis.Redis, prefix: str) -> None:
+    adm = RedisAdmission(rds, prefix=prefix, clock=Clock(T0 - 3600))
+    held = [adm.reserve([LOST], 10) for _ in range(3)]
+    assert len(list(rds.scan_iter(match=prefix + "res|*"))) == 3
+    for r in held:
+        adm.settle(r, 1)
+    assert list(rds.scan_iter(match=prefix + "res|*")) == []
+
+
+def test_uncertain_settles_past_the_backlog_are_dropped_not_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("services.gateway.limits_redis.UNCERTAIN_BACKLOG", 2)
+    adm = RedisAdmission(_dead_client())
+    taken, stuck = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        taken.set()
+        stuck.wait()
+
+    adm._later_queue().put(hold)
+    assert taken.wait(5)  # the thread waits in hold(): nothing drains
+    for _ in range(4):
+        adm.settle(adm.reserve([LOST], 10), 1)
+    assert adm.dropped_uncertain == 2
+    stuck.set()
+    adm.settled_later()

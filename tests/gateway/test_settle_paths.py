@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import grpc
+import redis
 
 from services.gateway.limits import DAY, MINUTE, InProcessAdmission, window_start
+from services.gateway.limits_redis import RedisAdmission
 from services.gateway.pipeline import CallInfo
 from services.stubs.tandem.v1 import inference_pb2
 from tests.gateway.harness import (
@@ -238,3 +242,60 @@ def test_an_audit_failure_does_not_cost_the_ledger_row(tmp_path: Path, issuer: I
             assert s.audit() == []  # nothing was audited, and nothing half-written
 
     run(body())
+
+
+class _HeldRedis(RedisAdmission):
+    """A Redis admission whose reserve waits, on its thread, until the test lets it go."""
+
+    def __init__(self, client: redis.Redis, prefix: str, now: float) -> None:
+        super().__init__(client, prefix=prefix, clock=lambda: now)
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def reserve(self, scopes, tokens):  # type: ignore[no-untyped-def]
+        self.started.set()
+        self.go.wait(10)
+        return super().reserve(scopes, tokens)
+
+
+def test_a_call_cancelled_while_a_redis_reserve_runs_gives_the_charge_back(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """The reserve goes on in its thread after the call is cancelled; what it charges is
+    settled as a call cancelled before its first token, not left for the window."""
+    rds = redis.Redis(host="127.0.0.1", port=6379)
+    prefix = f"test:cancel-reserve:{uuid.uuid4().hex}:"
+    now = time.time()
+    held = _HeldRedis(rds, prefix, now)
+    m, d = window_start(MINUTE, now), window_start(DAY, now)
+    keys = [f"{prefix}user:ann|requests|minute|{m}", f"{prefix}team:ml|tokens|day|{d}"]
+
+    async def body() -> None:
+        async with stack(
+            tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url, limits=LIMITS,
+            admission=[held],
+        ) as s:  # fmt: skip
+            started = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            threading.Thread(
+                target=lambda: held.started.wait(10) and loop.call_soon_threadsafe(started.set),
+                daemon=True,
+            ).start()
+            reply = await s.generate(
+                token(issuer), prompt_token_ids=[1, 2, 3], max_tokens=5, request_id="c1",
+                cancel_when=started,
+            )  # fmt: skip
+            assert reply.code == grpc.StatusCode.CANCELLED
+            await asyncio.sleep(0.2)  # the gateway has seen the cancel; now the reserve runs
+            held.go.set()
+            await until(lambda: len(s.ledger.find("ann", "c1")) == 1)
+            [row] = s.ledger.find("ann", "c1")
+            assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (0, 0, "cancelled")
+            await until(lambda: [rds.get(k) for k in keys] == [b"0", b"0"])
+
+    try:
+        run(body())
+    finally:
+        leftovers = list(rds.scan_iter(match=prefix + "*"))
+        if leftovers:
+            rds.delete(*leftovers)
+        rds.close()

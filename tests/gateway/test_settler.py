@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -140,3 +141,34 @@ def test_the_pending_gauge_counts_what_is_queued(store: Store) -> None:
         assert metrics.value("tandem_gateway_settles_pending") == 0
     finally:
         settler.close()
+
+
+class _HeldGauge:
+    """A pending gauge whose ``inc`` waits for the test: where a thread switch can land
+    between a submit's check that the settler is open and its queueing."""
+
+    def __init__(self) -> None:
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def inc(self, amount: float = 1) -> None:
+        self.entered.set()
+        self.go.wait(5)
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+
+def test_a_submit_racing_close_is_still_written(store: Store) -> None:
+    settler, ledger, _ = _settler(store)
+    gauge = _HeldGauge()
+    settler._pending = gauge  # type: ignore[assignment]
+    submitting = threading.Thread(target=settler.submit, args=(Settle(_event(1), _record(1)),))
+    submitting.start()
+    assert gauge.entered.wait(5)  # the submit saw the settler open
+    closing = threading.Thread(target=settler.close)
+    closing.start()
+    closing.join(0.2)  # close waits for the submit to finish queueing...
+    gauge.go.set()
+    submitting.join(5)
+    closing.join(5)
+    assert ledger.get("req-1") == _record(1)  # ...so its stop lands behind the settle

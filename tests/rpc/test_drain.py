@@ -95,3 +95,27 @@ def test_wait_idle_gives_up_after_its_timeout() -> None:
         assert await gate.wait_idle(0.3) is True
 
     run(body(), timeout=10)
+
+
+def test_a_gated_stream_closes_its_source_when_the_call_ends_early() -> None:
+    """A cancelled call's source runs its cleanup (the gateway's settle) at once, not when
+    the garbage collector gets to it."""
+
+    async def body() -> None:
+        cleaned: list[str] = []
+
+        async def source():  # type: ignore[no-untyped-def]
+            try:
+                yield 1
+                yield 2
+            finally:
+                cleaned.append("settled")
+
+        gate = CallGate("the gateway")
+        relay = gate.stream(_Context(), source())
+        assert await anext(relay) == 1
+        await relay.aclose()  # what grpc does to a cancelled call's response stream
+        assert cleaned == ["settled"]
+        assert gate.active == 0
+
+    run(body(), timeout=5)
