@@ -321,6 +321,12 @@ class LLMEngine:
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        if request_id in self._held:  # a second pin would orphan the first one's blocks
+            raise InvalidRequestError(
+                "request_id",
+                f"{request_id!r} already holds KV for a decode worker; release it (ReleaseKV) "
+                "or wait for its lease to expire before reusing the id",
+            )
         params.validate()
         if not prompt:
             raise InvalidRequestError("prompt", "is empty; give at least one token")

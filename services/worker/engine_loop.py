@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from services.engine.engine import LLMEngine
+from services.engine.errors import InvalidRequestError
 from services.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -110,22 +111,40 @@ class EngineLoop:
         """Register for ``request_id``'s outputs, run ``submit`` (which adds the request)
         and then ``after_submit`` (e.g. a KV transfer), and yield the outputs until
         the final one. If the consumer stops early (client cancelled) or
-        ``after_submit`` fails, the request is aborted and its blocks freed."""
+        ``after_submit`` fails, the request is aborted and its blocks freed.
+
+        An id whose outputs another call is still receiving is refused with
+        InvalidRequestError before anything is registered: the running request keeps its
+        stream. A refused or failed ``submit`` aborts nothing (it added no request)."""
+        if request_id in self._queues:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = q
         finished = False
+        submitted = True
         try:
-            await self.call(submit)
+            try:
+                await self.call(submit)
+            except Exception:  # submit raised (it changed nothing) or never ran
+                submitted = False
+                raise
             if after_submit is not None:
                 await after_submit()
             while not finished:
                 out = await q.get()
                 finished = out.finished or out.usage is not None
+                if finished:  # the id is free for reuse once its final output is out
+                    self._unregister(request_id, q)
                 yield out
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
+            self._unregister(request_id, q)
+            if submitted and not finished:
                 self._commands.put(lambda engine: engine.abort(request_id) and None)
+
+    def _unregister(self, request_id: str, q: asyncio.Queue[RequestOutput]) -> None:
+        """Drop ``request_id``'s queue if it is still ``q`` (this call's own)."""
+        if self._queues.get(request_id) is q:
+            del self._queues[request_id]
 
     # ----------------------------------------------------------- engine thread
     def _run(self) -> None:
