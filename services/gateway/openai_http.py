@@ -185,6 +185,11 @@ async def _stream(
             while message is not None:
                 if message.finish_reason:
                     final = message
+                    if _unfinished(final) is None:
+                        # Sent before the next read, at which the pipeline counts its tokens
+                        # as sent: a client gone by then is charged for what it was sent.
+                        reason = shapes.FINISH_REASONS[final.finish_reason]
+                        await _event(response, shapes.chunk(shape, final.text, reason))
                 elif message.text:
                     await _event(response, shapes.chunk(shape, message.text))
                 message = await anext(stream, None)
@@ -203,13 +208,12 @@ async def _end_stream(
     shape: shapes.Shape,
     final: inference_pb2.GenerateResponse | None,
 ) -> None:
+    """The stream's end, after its last chunk: an error event, or the usage and [DONE]."""
     failure = _unfinished(final)
     if failure is not None:
         await _event(response, failure[1])
         return
     assert final is not None
-    reason = shapes.FINISH_REASONS[final.finish_reason]
-    await _event(response, shapes.chunk(shape, final.text, reason))
     if parsed.include_usage:
         await _event(response, shapes.usage_chunk(shape, final))
     await response.write(b"data: [DONE]\n\n")
