@@ -296,7 +296,8 @@ def run_serve(args: argparse.Namespace) -> int:
         from services.bench.environment import describe_environment
         from services.bench.report import write_json
 
-        environment = describe_environment(["tandem", *redact_api_key(args.argv)])
+        argv = redact_api_key(args.argv, args.api_key)
+        environment = describe_environment(["tandem", *argv])
         write_json(args.json, result_dict(result, environment))
         print(f"wrote {args.json}")
     if args.plot:
@@ -307,18 +308,13 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def redact_api_key(argv: list[str]) -> list[str]:
-    """``argv`` with the value of ``--api-key`` replaced, for the recorded command line."""
-    out, hide_next = [], False
-    for arg in argv:
-        if hide_next:
-            out.append("***")
-        elif arg.startswith("--api-key="):
-            out.append("--api-key=***")
-        else:
-            out.append(arg)
-        hide_next = arg == "--api-key"
-    return out
+def redact_api_key(argv: list[str], secret: str | None) -> list[str]:
+    """``argv`` with the API key ``secret`` replaced wherever it appears, for the recorded
+    command line: by value, since argparse takes the flag however it is abbreviated
+    (``--api tdm_…``, ``--api-k=tdm_…``)."""
+    if not secret:
+        return list(argv)
+    return [arg.replace(secret, "***") for arg in argv]
 
 
 def _request_rate(text: str) -> float:

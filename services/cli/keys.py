@@ -96,7 +96,8 @@ def operator() -> str:
         return "cli:unknown"
 
 
-def _audit(store, reason: str, team: str = "") -> None:  # type: ignore[no-untyped-def]
+def audit_cli(store, reason: str, team: str = "") -> None:  # type: ignore[no-untyped-def]
+    """One audit record for a key operation run from this machine's command line."""
     from services.gateway.audit import AuditEvent, AuditLog
 
     AuditLog(store).append(
@@ -118,7 +119,7 @@ def run_create(args: argparse.Namespace) -> int:
         )
         key = minted.key
         flag = ", admin" if key.admin else ""
-        _audit(store, f"keys create: key {key.key_id} for team {key.team}{flag}", key.team)
+        audit_cli(store, f"keys create: key {key.key_id} for team {key.team}{flag}", key.team)
     print(minted.secret, flush=True)
     print(
         f"minted key {key.key_id} (team {key.team}, models {', '.join(key.models)}{flag}); "
@@ -154,7 +155,7 @@ def run_revoke(args: argparse.Namespace) -> int:
         except KeyNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        _audit(store, f"keys revoke: key {key.key_id} of team {key.team}", key.team)
+        audit_cli(store, f"keys revoke: key {key.key_id} of team {key.team}", key.team)
     print(f"revoked key {key.key_id} (team {key.team}) at {_when(key.revoked_at or 0)}")
     return 0
 

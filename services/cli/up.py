@@ -136,7 +136,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="development TLS: mint a throwaway CA in the state directory (DIR/tls/ca.pem), "
         "give every service a certificate, serve TLS on the public ports (gRPC and https) "
-        "and mTLS between gateway, router and workers",
+        "and mTLS between gateway, router and workers (without it, any user of this "
+        "machine can call the router and workers on their loopback ports, past the gateway)",
     )
     add_drain_arg(
         parser,
@@ -257,11 +258,12 @@ def _gateway(  # type: ignore[no-untyped-def]
     policy: Path, state_dir: Path, model: str, http_port: int = 0
 ):
     """The GatewaySpec for this run and a fresh admin key's secret (the last run's revoked)."""
+    from services.cli.keys import audit_cli
     from services.gateway.api_keys import ApiKeys
     from services.gateway.store import open_store
     from services.launcher.local import GatewaySpec
 
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the store and TLS keys
     store_url = f"sqlite:{state_dir / 'gateway.db'}"
     http_args = ("--http-port", str(http_port)) if http_port else ()
     with open_store(store_url) as store:
@@ -269,6 +271,7 @@ def _gateway(  # type: ignore[no-untyped-def]
         for old in keys.list():
             if old.created_by == UP_KEY_CREATOR and not old.revoked:
                 keys.revoke(old.key_id)
+                audit_cli(store, f"tandem up: revoked the last run's admin key {old.key_id}")
         minted = keys.mint(
             UP_KEY_TEAM,
             [model],
@@ -276,6 +279,8 @@ def _gateway(  # type: ignore[no-untyped-def]
             admin=True,
             description="tandem up admin key (revoked by the next tandem up on this store)",
         )
+        key = minted.key
+        audit_cli(store, f"tandem up: admin key {key.key_id} for team {key.team}", key.team)
     return GatewaySpec(policy=policy, store=store_url, args=http_args), minted.secret
 
 

@@ -47,8 +47,12 @@ def config_from_args(args: argparse.Namespace) -> RayClusterConfig:
         worker_args += ("--kv-cache-gib", str(args.kv_cache_gib))
     if getattr(args, "kv_transport", None):
         worker_args += ("--kv-transport", args.kv_transport)
+    address = None if args.ray in (None, "", LOCAL) else args.ray
     return RayClusterConfig(
-        address=None if args.ray in (None, "", LOCAL) else args.ray,
+        address=address,
+        # A local Ray instance: nothing on another machine needs the router or the workers,
+        # which take no credentials, so nothing listens beyond loopback (as `tandem up`).
+        loopback_only=address is None,
         model=args.model,
         prefill=args.prefill,
         decode=args.decode,
@@ -76,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
         # on a remote cluster each node builds its own on first use
         resolve_model(args.model)
     config = config_from_args(args)
+    if not config.loopback_only:
+        print(
+            "note: on a Ray cluster the router and the worker actors listen on the cluster "
+            "network and take no credentials (--tls is not supported with --ray yet): keep "
+            "that network private; clients go through the gateway",
+            file=sys.stderr,
+        )
     secret = None
     if policy is not None:
         state_dir = getattr(args, "log_dir", None) or Path(tempfile.mkdtemp(prefix="tandem-up-"))

@@ -19,6 +19,7 @@ Database failures surface as :class:`StoreError` (UNAVAILABLE): callers fail clo
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
@@ -205,6 +206,18 @@ _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
 )"""
 
 
+def _create_private(path: str) -> None:
+    """Create the store's file readable by its owner only (0600) if it does not exist yet;
+    SQLite gives its -wal and -shm files the same mode. It holds key ids, teams, usage and
+    the audit log's client addresses: nothing for other users of the machine."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return  # an existing store keeps the mode its operator gave it
+    except OSError as exc:
+        raise StoreError(f"cannot create SQLite store {path!r}: {exc}") from exc
+
+
 class SqliteStore(Store):
     """The embedded backend: one SQLite file (WAL), or ``:memory:``."""
 
@@ -214,6 +227,8 @@ class SqliteStore(Store):
         self.path = path
         self._lock = threading.Lock()
         try:
+            if path != ":memory:":
+                _create_private(path)
             self._conn = sqlite3.connect(
                 path, check_same_thread=False, isolation_level=None, timeout=30.0
             )

@@ -13,7 +13,8 @@ constructor, because a restarted actor runs only its constructor: serving must b
 there, not in a method someone has to call again.
 
 The router runs where this launcher runs (``tandem router`` as a child process,
-listening on every interface) unless an existing router is given. With
+listening on every interface, or on loopback only with ``loopback_only``) unless an
+existing router is given. With
 ``RayClusterConfig.gateway`` set (``tandem up --ray``'s default), a ``tandem gateway`` runs
 here too, in front: it takes ``port`` (the door clients use) and the router moves to a free
 port behind it, as with ``services.launcher.local``. Every Ray node needs Tandem installed
@@ -37,6 +38,7 @@ from typing import Any
 
 import grpc
 
+from services.launcher.launched import LAUNCHER_PID
 from services.launcher.local import KILL_AFTER_DRAIN_S, GatewaySpec, free_port
 from services.launcher.supervise import interrupt_on_sigterm, supervise
 from services.rpc.channel_options import RECONNECT_OPTIONS
@@ -72,6 +74,10 @@ class RayClusterConfig:
     gateway_host: str = "0.0.0.0"
     """Interface the gateway listens on (every one by default, as the router did before
     there was a gateway: clients may be on other machines)."""
+    loopback_only: bool = False
+    """Bind the router, the gateway and the worker actors to 127.0.0.1 (a local Ray
+    instance, where nothing on another machine needs them): the router and workers take
+    no credentials, so they must not listen where the network can reach them."""
     trace_exporter: str = "none"
     """``--trace-exporter`` for the router, the gateway and every worker actor (OTLP
     endpoints from the OTEL_EXPORTER_OTLP_* variables; give them to actors through ``env``)."""
@@ -119,14 +125,14 @@ class WorkerActor:
     """A Ray actor hosting one prefill or decode worker (see the module docstring)."""
 
     def __init__(self, role: str, model: str, router: str, worker_id: str,
-                 flags: Sequence[str], use_gpu: bool) -> None:  # fmt: skip
+                 flags: Sequence[str], use_gpu: bool, loopback: bool = False) -> None:  # fmt: skip
         import ray
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         flags = list(flags)
         if use_gpu and "--device" not in flags:
             flags += ["--device", "cuda"]  # Ray set CUDA_VISIBLE_DEVICES to our GPU
-        host = ray.util.get_node_ip_address()
+        host = LOOPBACK if loopback else ray.util.get_node_ip_address()
         self.role = role
         self.config = worker_config_from_flags(role, model, host, router, worker_id, flags)
         _configure_tracing(role, flags)  # before the worker's server and channels exist
@@ -274,7 +280,11 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
         if router is None:
             # behind a gateway the router leaves `port` to it and takes a free one
             router_port = free_port() if config.gateway else config.port
-            router_host = config.router_host or ray.util.get_node_ip_address()
+            router_host = (
+                LOOPBACK
+                if config.loopback_only
+                else config.router_host or ray.util.get_node_ip_address()
+            )
             router_process = _start_router(config, router_port)
             router = f"{router_host}:{router_port}"
         cluster = RayCluster(config, router, router_process=router_process, owns_ray=owns_ray)
@@ -298,12 +308,15 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
                     max_restarts=config.max_restarts,
                     # a call in flight when the actor dies is retried on the restarted one
                     max_task_retries=-1 if config.max_restarts else 0,
-                ).remote(role, config.model, router, worker_id, flags, num_gpus > 0)
+                ).remote(
+                    role, config.model, router, worker_id, flags, num_gpus > 0,
+                    config.loopback_only,
+                )  # fmt: skip
         wait_registered(cluster.actors.values(), deadline)
         if config.gateway is not None:
             cluster.gateway_process = _start_gateway(config, config.gateway, router)
-            listen = config.gateway_host
-            host = "127.0.0.1" if listen in ("0.0.0.0", "::", "") else listen
+            listen = LOOPBACK if config.loopback_only else config.gateway_host
+            host = LOOPBACK if listen in ("0.0.0.0", "::", "") else listen
             cluster.gateway_address = f"{host}:{config.port}"
             _wait_serving(cluster.gateway_address, deadline, cluster.gateway_process, "gateway")
     except BaseException:
@@ -333,17 +346,22 @@ def run_on_ray(config: RayClusterConfig, announce: Callable[[RayCluster], str] =
     return supervise(lambda: " and ".join(cluster.dead_processes()), cluster.stop)
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def _start_router(config: RayClusterConfig, port: int) -> subprocess.Popen:
+    host = LOOPBACK if config.loopback_only else "0.0.0.0"
     args = [
-        "router", "--host", "0.0.0.0", "--port", str(port), "--policy", config.policy,
+        "router", "--host", host, "--port", str(port), "--policy", config.policy,
         *config.router_args,
     ]  # fmt: skip
     return _start_local(config, args)
 
 
 def _start_gateway(config: RayClusterConfig, spec: GatewaySpec, router: str) -> subprocess.Popen:
+    host = LOOPBACK if config.loopback_only else config.gateway_host
     args = [
-        "gateway", "--host", config.gateway_host, "--port", str(config.port),
+        "gateway", "--host", host, "--port", str(config.port),
         "--router", router, "--policy", str(spec.policy), "--store", spec.store, *spec.args,
     ]  # fmt: skip
     return _start_local(config, args)
@@ -357,7 +375,9 @@ def _start_local(config: RayClusterConfig, args: list[str]) -> subprocess.Popen:
         args = [*args, "--trace-exporter", config.trace_exporter]
     return subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", *args],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # The launcher's pid: the child stops itself if the launcher dies (a kill -9), as
+        # the local launcher's children do, instead of serving on as an orphan.
+        env={**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHER_PID: str(os.getpid())},
     )
 
 

@@ -3,6 +3,8 @@ how long Ctrl-C waits for streams in flight (locally and on Ray)."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from services.cli.main import build_parser
 from services.cli.up import UP_DRAIN_TIMEOUT_S, cluster_config
 from services.cli.up_ray import config_from_args
+from services.launcher import ray_cluster
+from services.launcher.launched import LAUNCHER_PID
 from services.launcher.ray_cluster import worker_config_from_flags
 from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S
 
@@ -42,3 +46,42 @@ def test_ray_actor_config_is_the_worker_cli_config_with_its_placement() -> None:
         "ray-prefill-0",
     )
     assert (config.model, config.drain_timeout_s, config.lease_s) == ("tandem-tiny", 3.0, 9.0)
+
+
+def test_up_on_a_local_ray_listens_on_loopback_only() -> None:
+    # The router and workers take no credentials: on a local Ray nothing else needs them.
+    assert config_from_args(build_parser().parse_args(["up", "--ray"])).loopback_only
+    remote = build_parser().parse_args(["up", "--ray", "ray://head:10001"])
+    assert not config_from_args(remote).loopback_only
+
+
+def test_ray_launchers_children_stop_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router and gateway the Ray launcher starts know its pid (services.launcher.launched
+    stops them when it dies), as the local launcher's children do."""
+    started: list[dict[str, str]] = []
+    monkeypatch.setattr(
+        ray_cluster.subprocess, "Popen", lambda argv, env: started.append(env) or argv
+    )
+    config = ray_cluster.RayClusterConfig(loopback_only=True)
+    ray_cluster._start_router(config, 50052)
+    assert started[0][LAUNCHER_PID] == str(os.getpid())
+
+
+def test_up_keeps_its_state_private_and_audits_its_admin_keys(tmp_path: Path) -> None:
+    from services.cli.up import EXAMPLE_POLICY
+    from services.cli.up import _gateway as up_gateway
+    from services.gateway.audit import AuditLog
+    from services.gateway.store import open_store
+
+    state = tmp_path / "state"
+    first = up_gateway(EXAMPLE_POLICY, state, "tandem-tiny")[0]
+    up_gateway(EXAMPLE_POLICY, state, "tandem-tiny")  # the next run revokes the last key
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "gateway.db").stat().st_mode) == 0o600
+    with open_store(first.store) as store:
+        reasons = [r.event.reason for r in AuditLog(store).records()]
+    assert [r.split(" key ")[0] for r in reasons] == [
+        "tandem up: admin",
+        "tandem up: revoked the last run's admin",
+        "tandem up: admin",
+    ]

@@ -108,3 +108,12 @@ def test_collector_forwards_traces_to_jaeger() -> None:
 def test_paths_are_relative_to_the_compose_file() -> None:
     # `docker compose -f deploy/compose.yaml` resolves paths against deploy/.
     assert Path(COMPOSE.parent / "keycloak" / "realm.json").is_file()
+
+
+def test_every_published_port_is_on_the_hosts_loopback() -> None:
+    """The development credentials (Keycloak admin, the realm's users and client secret)
+    are public: nothing may be reachable from the network with them."""
+    services = _compose()["services"]
+    published = [(n, p) for n, s in services.items() for p in s.get("ports", [])]
+    assert published, "the stack publishes the gateways, Keycloak, Jaeger and Prometheus"
+    assert [(n, p) for n, p in published if not str(p).startswith("127.0.0.1:")] == []

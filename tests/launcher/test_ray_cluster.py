@@ -68,6 +68,7 @@ def cluster(tandem_home: Path, gateway_key: tuple[GatewaySpec, str]) -> Iterator
             startup_timeout_s=180,
             gateway=gateway_key[0],
             gateway_host="127.0.0.1",
+            loopback_only=True,  # as `tandem up --ray` on a local Ray
             drain_timeout_s=PATIENT_S,
         )
     )
