@@ -15,6 +15,7 @@ from services.decode.room import RoomWaiter
 from services.engine.engine import LLMEngine, TransferTarget
 from services.engine.errors import InvalidRequestError, TandemError
 from services.kv_transfer.client import KVReader
+from services.kv_transfer.errors import KVTransferError
 from services.rpc.drain import CallGate
 from services.rpc.requests import prompt_token_ids, response_from, sampling_params
 from services.rpc.server import client_channel
@@ -84,6 +85,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 raise InvalidRequestError(
                     "first_token_id", "must be set exactly when kv is set (disaggregated mode)"
                 )
+            if request.HasField("kv"):
+                _check_handle(request.kv, len(prompt), self.peers.layout.block_size)
         except TandemError as e:
             await abort_with(context, e)
         transfer = _Transfer()
@@ -140,7 +143,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         """Copy the blocks this worker lacks, release the prefill side, join the batch.
 
         Any failure (peer gone, incompatible, timeout) falls back to prefilling here. Waiting
-        for room and the read both end before the prefill's lease does (``_lease_end``).
+        for room and the read both end before the prefill's lease does (``_lease_end``); after
+        a read, the release must find the blocks still pinned, else the read is discarded
+        (``_check_still_pinned``): the backstop for a lease that ended early all the same.
         """
         lease_end = _lease_end(kv, arrival)
         target = transfer.target
@@ -154,6 +159,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         timeout = min(timeout, lease_end - start)
         remote = list(kv.block_ids)[target.num_reused :]
         local = list(target.block_ids)[target.num_reused :]
+        released = False
         with _tracer.start_as_current_span("kv.read") as span:
             span.set_attribute("tandem.kv.blocks_read", len(remote))
             span.set_attribute("tandem.kv.blocks_reused", target.num_reused)
@@ -166,6 +172,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                         self.peers.pull(kv.address, remote, local, kv.request_id, timeout),
                         timeout,
                     )
+                    released = True
+                    await self._check_still_pinned(kv)
                 transfer.ok = True
                 self.metrics.kv_bytes_received.inc(transfer.bytes)
                 self.metrics.kv_transfer_seconds.observe(time.monotonic() - start)
@@ -176,9 +184,23 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 log.warning(
                     "KV read for %s from %s failed (%s); prefilling locally", rid, kv.worker_id, e
                 )
-        self._release_remote(kv)
-        ok = transfer.ok
+        if not released:
+            self._release_remote(kv)
+        ok = transfer.ok  # False: the blocks read are freed uncached, and the prompt prefilled
         await self.loop.call(lambda engine: engine.transfer_done(rid, ok))
+
+    async def _check_still_pinned(self, kv: wpb.KVHandle) -> None:
+        """Release the prefill side after a read, and raise KVTransferError when it no longer
+        held the blocks: its lease ran out, so they may have held another prompt's KV while
+        they were read (a one-sided NIXL READ cannot tell). A release that fails otherwise
+        (the peer unreachable) proves nothing either way; the read stands."""
+        code = await _release(self._channel(kv.address), kv)
+        if code == grpc.StatusCode.NOT_FOUND:
+            raise KVTransferError(
+                f"{kv.worker_id} no longer held the blocks of {kv.request_id!r} after the read "
+                "(lease ran out): they may hold another prompt's KV",
+                peer_code=code.name,
+            )
 
     async def _wait_for_room(self, rid: str, deadline: float) -> TransferTarget | None:
         start = time.monotonic()
@@ -194,15 +216,20 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def _release_remote(self, kv: wpb.KVHandle) -> None:
         """Tell the prefill worker to unpin, without waiting (its lease is the backstop)."""
-        channel = self._channels.get(kv.address)
-        if channel is None:
-            channel = self._channels[kv.address] = client_channel(kv.address, tls=self.peers.tls)
-        task = asyncio.create_task(_release(channel, kv))
+        task = asyncio.create_task(_release(self._channel(kv.address), kv))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        """The channel to a prefill worker, made once per address."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = client_channel(address, tls=self.peers.tls)
+        return channel
 
-async def _release(channel: grpc.aio.Channel, kv: wpb.KVHandle) -> None:
+
+async def _release(channel: grpc.aio.Channel, kv: wpb.KVHandle) -> grpc.StatusCode:
+    """ReleaseKV ``kv`` on the prefill worker; returns the status it ended with."""
     try:
         await worker_pb2_grpc.PrefillWorkerStub(channel).ReleaseKV(
             wpb.ReleaseKVRequest(request_id=kv.request_id), timeout=RELEASE_TIMEOUT_S
@@ -213,6 +240,27 @@ async def _release(channel: grpc.aio.Channel, kv: wpb.KVHandle) -> None:
             kv.request_id,
             kv.worker_id,
             e.code().name,
+        )
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def _check_handle(kv: wpb.KVHandle, prompt_len: int, block_size: int) -> None:
+    """Raise InvalidRequestError naming the KVHandle field that does not describe the
+    prompt's KV: a handle short of blocks, or naming one twice, would leave blocks here
+    that nothing writes, and the request would decode on whatever they hold."""
+    needed = -(-prompt_len // block_size)
+    if len(kv.block_ids) != needed:
+        raise InvalidRequestError(
+            "kv.block_ids",
+            f"has {len(kv.block_ids)} blocks; a prompt of {prompt_len} tokens in blocks of "
+            f"{block_size} needs {needed}",
+        )
+    if len(set(kv.block_ids)) != len(kv.block_ids):
+        raise InvalidRequestError("kv.block_ids", "names a block more than once")
+    if kv.num_tokens not in (0, prompt_len):
+        raise InvalidRequestError(
+            "kv.num_tokens", f"is {kv.num_tokens}; must be the prompt's length, {prompt_len} (or 0)"
         )
 
 

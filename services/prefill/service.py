@@ -11,6 +11,7 @@ import grpc
 
 from services.engine.engine import LLMEngine
 from services.engine.errors import TandemError
+from services.engine.outputs import FinishReason
 from services.rpc.drain import CallGate
 from services.rpc.requests import FINISH_TO_PROTO, prompt_token_ids, sampling_params
 from services.rpc.status import abort_with
@@ -20,6 +21,13 @@ from services.worker.engine_loop import EngineLoop
 from services.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+_FAILED = {
+    FinishReason.ERROR: (grpc.StatusCode.INTERNAL, "the model step failed"),
+    FinishReason.CANCELLED: (grpc.StatusCode.UNAVAILABLE, "the worker aborted it"),
+}
+"""Endings of a prefill that carry no first token, and the status each ends the call with:
+a PrefillResponse has no room for an error, and a fake token must never reach a client."""
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -74,6 +82,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         out = outs[-1] if outs else None
         if out is None or out.usage is None:
             await context.abort(grpc.StatusCode.INTERNAL, f"prefill of {rid} ended without output")
+        if out.finish_reason in _FAILED:  # nothing is pinned: the engine freed the blocks
+            code, why = _FAILED[out.finish_reason]
+            await context.abort(code, f"prefill of {rid} failed: {why}")
         self.metrics.prefill_requests.inc()
         response = wpb.PrefillResponse(
             first_token_id=out.token_ids[0] if out.token_ids else 0,

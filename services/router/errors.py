@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 
 from services.engine.errors import TandemError
+
+if TYPE_CHECKING:
+    from services.router.registry import WorkerState
 
 
 class RouteError(TandemError):
@@ -35,10 +40,13 @@ class UnknownWorkerError(TandemError, LookupError):
 class WorkerLost(Exception):
     """A worker failed in a way another worker can make good (dead, hung, shutting down).
 
-    Internal to the orchestrator: it excludes the worker and resumes the request.
+    Internal to the orchestrator: it excludes the worker's registry entry (not its id: a
+    worker that registers again under the same id, a restarted process, is a new entry
+    and may serve the request) and resumes the request.
     """
 
-    def __init__(self, worker_id: str, reason: str) -> None:
-        super().__init__(f"worker {worker_id!r} {reason}")
-        self.worker_id = worker_id
+    def __init__(self, worker: WorkerState, reason: str) -> None:
+        super().__init__(f"worker {worker.worker_id!r} {reason}")
+        self.worker = worker
+        self.worker_id = worker.worker_id
         self.reason = reason

@@ -6,7 +6,12 @@ One call of ``generate()`` runs attempts until one ends the request:
   call Prefill (bounded by ``prefill_timeout_s``); send the first token to the
   client at once; unless the prefill already finished the request, pick a
   decode worker D and call Decode with the first token and P's KV handle, then
-  relay D's stream (it never repeats the first token).
+  relay D's stream (it never repeats the first token). The handle's lease_ms is
+  what is left of P's lease when Decode is sent (D counts it from its arrival);
+  when less than ``KV_LEASE_MIN_LEFT_MS`` is left (the wait for a decode worker
+  outlasted it, and P may have reused the blocks), no handle is sent: D prefills
+  the prompt plus the first token itself. A prefill that ends the request must
+  say STOP or LENGTH; CANCELLED and ERROR are failures (see below).
 - Local prefill: call Decode without KV; D prefills locally. When the model
   has no prefill worker ("local-no-prefill-worker"), when every one failed this
   request ("local-prefill-failed"), and, under a prefix-aware policy
@@ -28,11 +33,13 @@ policy; ``placement_metrics.PLACEMENTS`` counts placements by reason.
 An attempt that fails in a way another worker can make good (WorkerLost:
 UNAVAILABLE, a hang past the prefill timeout, a worker removed for missing
 heartbeats, a stream cut short or aborted by a shutting-down worker) excludes
-that worker and starts another attempt over the prompt plus the tokens already
-sent (see progress.py), at most ``max_retries`` times. Every other failure ends
-the request with the worker's status. The client sees each token once and
-exactly one final message, or a non-OK status; when messages were already sent,
-a failure sends a final FINISH_REASON_ERROR message first.
+that worker's registry entry (not its id: a process restarted under the same id
+is a new entry, which may serve the request) and starts another attempt over the
+prompt plus the tokens already sent (see progress.py), at most ``max_retries``
+times. Every other failure ends the request with the worker's status. The
+client sees each token once and exactly one final message, or a non-OK status;
+when messages were already sent, a failure sends a final FINISH_REASON_ERROR
+message first.
 
 A client that cancels (or whose deadline passes) cancels the task running this
 generator; the worker call in progress is cancelled with it, so workers free
@@ -45,6 +52,8 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import aclosing, contextmanager
 
@@ -71,6 +80,11 @@ _NO_FINAL_CODES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Ended by the caller (cancel, deadline): no final message, as inference.proto says."""
 _AFTER_MESSAGES_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
 """The statuses a stream may end with after its final FINISH_REASON_ERROR message."""
+KV_LEASE_MIN_LEFT_MS = 500
+"""A prefill's KV handle with less of its lease left than this when Decode is sent (or than
+half its lease, when the lease is under twice this) is not sent: the decode worker keeps up
+to 0.5 s of the lease unused (its LEASE_MARGIN_S), so a read would have next to no time;
+it prefills the prompt itself. The half keeps a short lease (tests, tight pools) usable."""
 
 
 class Orchestrator:
@@ -118,17 +132,20 @@ class Orchestrator:
         deadline = None if timeout is None else loop.time() + timeout
         progress = Progress(await admit(request, self.registry, self.tokenizers))
         progress.policy = self.policy.name
+        failed: set[WorkerState] = set()
+        """Registry entries (not ids) that failed this request; never picked for it again."""
         try:
             while True:
                 if progress.exhausted:
                     yield progress.final(inference_pb2.FINISH_REASON_LENGTH)
                     return
                 try:
-                    async with aclosing(self._attempt(progress, deadline)) as messages:
+                    async with aclosing(self._attempt(progress, failed, deadline)) as messages:
                         async for message in messages:
                             yield message
                     return
                 except WorkerLost as lost:
+                    failed.add(lost.worker)
                     self._count_failure(progress, lost)
         except RouteError as error:
             if not progress.started or error.code in _NO_FINAL_CODES:
@@ -146,19 +163,20 @@ class Orchestrator:
 
     # ---------------------------------------------------------------- attempts
     async def _attempt(
-        self, progress: Progress, deadline: float | None
+        self, progress: Progress, failed: set[WorkerState], deadline: float | None
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """One placement: prefill (when a prefill worker is left and needed) then decode."""
         model = progress.admitted.model
         fresh = not progress.sent
         request = progress.attempt_request(f"{progress.request_id}#{next(self._attempt_seq)}")
-        await self._decoders(progress, deadline)
+        await self._decoders(progress, failed, deadline)
         routing = self._routing(progress)
         prefill_worker: WorkerState | None = None
         decoder: WorkerState | None = None
         first: worker_pb2.PrefillResponse | None = None
+        answered = 0.0  # when the prefill answered (time.monotonic): its lease counts from then
         progress.prefill_worker = progress.decode_worker = ""
-        prefillers = self._candidates(progress, PREFILL)
+        prefillers = self._candidates(progress, failed, PREFILL)
         if not prefillers:
             progress.placement = (
                 placements.LOCAL_PREFILL_FAILED
@@ -166,7 +184,7 @@ class Orchestrator:
                 else placements.LOCAL_NO_PREFILL_WORKER
             )
         elif self.policy.prefix_aware:
-            decoder = self._pick(self._candidates(progress, DECODE), routing, DECODE)
+            decoder = self._pick(self._candidates(progress, failed, DECODE), routing, DECODE)
             progress.placement = self._local_reason(routing, decoder) or placements.DISAGGREGATED
         else:
             progress.placement = placements.DISAGGREGATED
@@ -176,10 +194,12 @@ class Orchestrator:
             progress.prefill_worker = prefill_worker.worker_id
             with _prefill_tokens(prefill_worker, routing.uncached_tokens(prefill_worker.worker_id)):
                 first = await self._prefill(prefill_worker, request, deadline)
+            answered = time.monotonic()
             if fresh:
                 progress.record_cached(first.cached_tokens)
             if first.finish_reason:
-                yield progress.final(first.finish_reason, [first.first_token_id], first.first_text)
+                reason = _prefill_finish(prefill_worker, first)
+                yield progress.final(reason, [first.first_token_id], first.first_text)
                 return
         elif progress.placement == placements.LOCAL_PREFILL_FAILED:
             log.warning(
@@ -191,10 +211,20 @@ class Orchestrator:
             if first is not None:  # in the try: a client gone at this yield frees the KV too
                 yield progress.chunk([first.first_token_id], first.first_text)
             if decoder is None or decoder.gone.is_set():
-                decoder = self._pick(await self._decoders(progress, deadline), routing, DECODE)
+                decoder = self._pick(
+                    await self._decoders(progress, failed, deadline), routing, DECODE
+                )
             progress.decode_worker = decoder.worker_id
+            handoff = first
+            if first is not None and prefill_worker is not None:
+                handoff = _lease_left(first, time.monotonic() - answered)
+                if handoff is None:  # its blocks may hold another prompt's KV by now
+                    self._release_kv(prefill_worker, first.kv)
+                    released = True
+                    request = self._expired_handoff(progress, prefill_worker, request)
+                    fresh = False  # the prefill's cache hits are recorded; keep them
             async with aclosing(
-                self._decode(progress, decoder, request, first, fresh, deadline)
+                self._decode(progress, decoder, request, handoff, fresh, deadline)
             ) as messages:
                 async for message in messages:
                     yield message
@@ -202,6 +232,23 @@ class Orchestrator:
         finally:
             if not released and prefill_worker is not None and first is not None:
                 self._release_kv(prefill_worker, first.kv)
+
+    def _expired_handoff(
+        self,
+        progress: Progress,
+        prefill_worker: WorkerState,
+        request: inference_pb2.GenerateRequest,
+    ) -> inference_pb2.GenerateRequest:
+        """The Decode request once the prefill's KV lease ran out (the wait for a decode
+        worker outlasted it): no handle, and the first token, already sent, becomes prompt,
+        as on a resume, so the decode worker prefills it all and never repeats it."""
+        log.warning(
+            "request %s: the KV lease of prefill worker %s ran out before Decode was sent; "
+            "the decode worker prefills locally",
+            progress.request_id,
+            prefill_worker.worker_id,
+        )
+        return progress.attempt_request(request.request_id)
 
     def _local_reason(self, routing: RoutingRequest, decoder: WorkerState) -> str:
         """Why ``decoder`` should prefill this prompt itself, or "" to disaggregate."""
@@ -224,9 +271,7 @@ class Orchestrator:
                 return await call
             except asyncio.CancelledError:
                 if _vanished(worker):
-                    raise WorkerLost(
-                        worker.worker_id, "stopped heartbeating during prefill"
-                    ) from None
+                    raise WorkerLost(worker, "stopped heartbeating during prefill") from None
                 self._release_unanswered(worker, request)
                 raise
             except grpc.aio.AioRpcError as err:
@@ -273,7 +318,7 @@ class Orchestrator:
                     if tokens or message.text:
                         yield progress.chunk(tokens, message.text)
                     if reason == inference_pb2.FINISH_REASON_CANCELLED:
-                        raise WorkerLost(worker.worker_id, "aborted the request (shutting down?)")
+                        raise WorkerLost(worker, "aborted the request (shutting down?)")
                     error_reported = error_reported or reason == inference_pb2.FINISH_REASON_ERROR
             finally:
                 if not call.done():
@@ -282,7 +327,7 @@ class Orchestrator:
             raise RouteError(
                 grpc.StatusCode.INTERNAL, f"decode worker {worker.worker_id!r} failed the request"
             )
-        raise WorkerLost(worker.worker_id, "ended its stream without a final message")
+        raise WorkerLost(worker, "ended its stream without a final message")
 
     async def _read(
         self, worker: WorkerState, call: grpc.aio.UnaryStreamCall
@@ -292,24 +337,26 @@ class Orchestrator:
             return await call.read()
         except asyncio.CancelledError:
             if _vanished(worker):
-                raise WorkerLost(worker.worker_id, "stopped heartbeating during decode") from None
+                raise WorkerLost(worker, "stopped heartbeating during decode") from None
             raise
         except grpc.aio.AioRpcError as err:
             raise self._failure(worker, "decode", err, own_limit=False) from None
 
     # ----------------------------------------------------------------- helpers
-    async def _decoders(self, progress: Progress, deadline: float | None) -> list[WorkerState]:
+    async def _decoders(
+        self, progress: Progress, failed: set[WorkerState], deadline: float | None
+    ) -> list[WorkerState]:
         """The decode candidates. When none is left and the client already has tokens (no
         retry can replay them), wait for one to join (a decode worker restarting), up to
         ``decode_wait_s`` and the client's deadline, rather than end the stream half sent."""
-        decoders = self._candidates(progress, DECODE)
+        decoders = self._candidates(progress, failed, DECODE)
         if decoders:
             return decoders
         wait = self.config.decode_wait_s if progress.started else 0.0
         if deadline is not None:
             wait = min(wait, deadline - asyncio.get_running_loop().time())
         if wait <= 0:
-            raise self._no_worker(progress, DECODE)
+            raise self._no_worker(progress, failed, DECODE)
         log.warning(
             "request %s: no decode worker left after %d tokens sent; waiting up to %.1f s for "
             "one to join",
@@ -318,21 +365,21 @@ class Orchestrator:
             wait,
         )
         # A worker that failed this request and registers again (restarted under the same
-        # id: compose, a Kubernetes container restart) is a new process: take it.
-        failed = {w: self.registry.get(w) for w in progress.excluded}
+        # id: compose, a Kubernetes container restart) is a new entry: taken.
         decoders = await self.registry.wait_for_candidates(
-            progress.admitted.model,
-            DECODE,
-            lambda w: w.worker_id not in failed or w is not failed[w.worker_id],
-            wait,
+            progress.admitted.model, DECODE, lambda w: w not in failed, wait
         )
         if not decoders:
-            raise self._no_worker(progress, DECODE, f"; waited {wait:.1f} s for one")
-        progress.excluded.difference_update(w.worker_id for w in decoders)
+            raise self._no_worker(progress, failed, DECODE, f"; waited {wait:.1f} s for one")
         return decoders
 
-    def _candidates(self, progress: Progress, role: int) -> list[WorkerState]:
-        return self.registry.candidates(progress.admitted.model, role, exclude=progress.excluded)
+    def _candidates(
+        self, progress: Progress, failed: set[WorkerState], role: int
+    ) -> list[WorkerState]:
+        """The registry's candidates but the entries that failed this request (by identity:
+        a worker re-registered under a failed one's id is a new process)."""
+        candidates = self.registry.candidates(progress.admitted.model, role)
+        return [w for w in candidates if w not in failed]
 
     def _routing(self, progress: Progress) -> RoutingRequest:
         """The request's routing facts for this attempt, with one prefix-index lookup."""
@@ -361,8 +408,8 @@ class Orchestrator:
         return self.policy.pick(candidates, dataclasses.replace(routing, role=role))
 
     def _count_failure(self, progress: Progress, lost: WorkerLost) -> None:
-        """Exclude the failed worker and count a retry; RouteError once retries run out."""
-        progress.excluded.add(lost.worker_id)
+        """Count a retry after ``lost`` (its worker is excluded by the caller); RouteError
+        once retries run out."""
         if progress.exhausted:
             return  # nothing left to generate: generate() ends with LENGTH
         progress.retries += 1
@@ -379,12 +426,14 @@ class Orchestrator:
             progress.retries,
         )
 
-    def _no_worker(self, progress: Progress, role: int, waited: str = "") -> RouteError:
+    def _no_worker(
+        self, progress: Progress, failed: set[WorkerState], role: int, waited: str = ""
+    ) -> RouteError:
         model = progress.admitted.model
         message = f"no {ROLE_NAMES[role]} worker left for model {model!r}"
-        failed = sorted(w for w in progress.excluded)
-        if failed:
-            message += f" (failed for this request: {', '.join(failed)})"
+        failed_ids = sorted({w.worker_id for w in failed})
+        if failed_ids:
+            message += f" (failed for this request: {', '.join(failed_ids)})"
         draining = self.registry.draining(model, role)
         if draining:
             message += f" (draining, taking no new requests: {', '.join(draining)})"
@@ -408,12 +457,11 @@ class Orchestrator:
         """WorkerLost for failures another worker can make good, else the client's status."""
         code, details = err.code(), err.details() or ""
         if code in _RESUMABLE_CODES:
-            return WorkerLost(worker.worker_id, f"failed {stage} with {code.name}: {details}")
+            return WorkerLost(worker, f"failed {stage} with {code.name}: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             if own_limit:
                 return WorkerLost(
-                    worker.worker_id,
-                    f"did not answer {stage} within {self.config.prefill_timeout_s:g} s",
+                    worker, f"did not answer {stage} within {self.config.prefill_timeout_s:g} s"
                 )
             return RouteError(code, f"the request's deadline passed during {stage}")
         return RouteError(code, f"{stage} worker {worker.worker_id!r}: {details}")
@@ -455,6 +503,42 @@ def _prefill_tokens(worker: WorkerState, tokens: int) -> Iterator[None]:
     finally:
         worker.in_flight_prefill_tokens -= tokens
 
+
+def _lease_left(
+    first: worker_pb2.PrefillResponse, elapsed_s: float
+) -> worker_pb2.PrefillResponse | None:
+    """``first`` with its KV lease reduced by ``elapsed_s`` since the prefill answered (the
+    decode worker counts the lease from its own arrival), or None when too little is left
+    (see KV_LEASE_MIN_LEFT_MS). A handle without a lease (lease_ms 0) goes as is."""
+    lease_ms = first.kv.lease_ms
+    if not lease_ms:
+        return first
+    left_ms = lease_ms - math.ceil(elapsed_s * 1000)
+    if left_ms < min(KV_LEASE_MIN_LEFT_MS, lease_ms // 2):
+        return None
+    handoff = worker_pb2.PrefillResponse()
+    handoff.CopyFrom(first)
+    handoff.kv.lease_ms = left_ms
+    return handoff
+
+
+def _prefill_finish(worker: WorkerState, first: worker_pb2.PrefillResponse) -> int:
+    """The finish reason of a prefill that ended its request: STOP or LENGTH. Any other
+    comes with no real first token; they are failures, handled as a Decode stream's:
+    CANCELLED (the worker aborted it, shutting down) resumes elsewhere, ERROR (its model
+    step failed) and unknown reasons end the request with INTERNAL."""
+    reason = first.finish_reason
+    if reason in _FINISHED:
+        return reason
+    if reason == inference_pb2.FINISH_REASON_CANCELLED:
+        raise WorkerLost(worker, "aborted the prefill (shutting down?)")
+    name = _REASON_NAMES.get(reason, str(reason))
+    raise RouteError(
+        grpc.StatusCode.INTERNAL, f"prefill worker {worker.worker_id!r} failed the request ({name})"
+    )
+
+
+_REASON_NAMES = {number: name for name, number in inference_pb2.FinishReason.items()}
 
 _GAVE_UP = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 """Prefill call endings after which the worker may have pinned blocks nobody will read."""

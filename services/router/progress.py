@@ -42,8 +42,6 @@ class Progress:
         """Whether any message reached the client (then failures end with a final message)."""
         self.retries = 0
         """Times the request moved to another worker after a failure (ServingInfo.retries)."""
-        self.excluded: set[str] = set()
-        """Ids of workers that failed this request; never picked for it again."""
         self.cached_tokens = 0
         """Prompt tokens served from a prefix cache, as the prefill of the prompt said."""
         self.prefill_worker = ""
