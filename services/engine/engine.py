@@ -161,7 +161,8 @@ class LLMEngine:
 
         Reserves blocks for the prompt's KV (reusing this worker's prefix cache)
         and returns them; the caller copies the KV in, then calls
-        ``transfer_done``. Returns None when the pool cannot hold it now: the
+        ``transfer_done``. Returns None when the pool cannot hold it now, or the batch
+        already has ``max_num_seqs`` sequences (running or receiving): the
         request is then queued to be prefilled here instead, or, with
         ``wait_for_room``, queued to receive its KV once there is room
         (``admit_awaiting``), which spares this worker the prefill.
@@ -257,22 +258,44 @@ class LLMEngine:
         return len(self._held)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns a delta for every request that produced output."""
+        """Run one scheduling step; returns a delta for every request that produced output.
+
+        A failure is contained to the requests it concerns: one request's sampling or
+        appending failing ends that request alone with an ERROR output (its blocks freed);
+        a failure of the forward pass or of the bookkeeping after it ends every request in
+        the step the same way. The others carry on as if nothing had happened.
+        """
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
         sampling = [c for c in chunks if c.samples]  # before postprocess moves the counters
         try:
             logits = self.runner.execute(chunks)
+            self.scheduler.postprocess(chunks)
         except Exception:
             log.exception("model step failed; failing the %d requests in it", len(chunks))
-            return [
-                self._finish(self._requests[c.seq.request_id], FinishReason.ERROR, "")
-                for c in chunks
-            ]
-        self.scheduler.postprocess(chunks)
-        tokens = self._sample(logits, sampling)
-        return [out for c, t in zip(sampling, tokens, strict=True) if (out := self._append(c, t))]
+            return [self._fail(c.seq) for c in chunks]
+        outputs: list[RequestOutput] = []
+        for chunk, token in zip(sampling, self._sample_each(logits, sampling), strict=True):
+            if token is None:
+                outputs.append(self._fail(chunk.seq))
+                continue
+            try:
+                out = self._append(chunk, token)
+            except Exception:
+                log.exception("appending a token to request %r failed", chunk.seq.request_id)
+                out = self._fail(chunk.seq)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def fail_running(self) -> list[RequestOutput]:
+        """End every request in the running batch with ERROR and free its blocks.
+
+        For a step that failed in a way nothing could attribute to a request (the engine
+        loop calls it): their streams end instead of waiting forever, and the requests
+        waiting or receiving KV are served next as usual."""
+        return [self._fail(seq) for seq in list(self.scheduler.running)]
 
     def generate(
         self,
@@ -356,8 +379,54 @@ class LLMEngine:
             r.eos if r.seq.num_output_tokens < r.seq.params.min_tokens else () for r in reqs
         ]
         return self.sampler.sample(
-            logits, [r.seq.request_id for r in reqs], [r.seq.params for r in reqs], suppress
+            logits,
+            [r.seq.request_id for r in reqs],
+            [r.seq.params for r in reqs],
+            suppress,
+            # A seeded draw depends on (seed, index) only: a decode worker continuing a
+            # request prefilled elsewhere draws index 1 just as a single worker would.
+            [r.seq.num_output_tokens for r in reqs],
         )
+
+    def _sample_each(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> list[int | None]:
+        """Next token per chunk, None for a chunk whose sampling failed.
+
+        The whole batch is sampled at once; if that fails, row by row, to find the rows
+        that fail. Redrawing is safe: a seeded row's draw depends on (seed, index) only."""
+        try:
+            return list(self._sample(logits, chunks))
+        except Exception as e:
+            log.warning("sampling the batch failed (%s); sampling row by row", e)
+        tokens: list[int | None] = []
+        for row, chunk in enumerate(chunks):
+            try:
+                tokens.append(self._sample(logits[row : row + 1], [chunk])[0])
+            except Exception:
+                log.exception("sampling failed for request %r", chunk.seq.request_id)
+                tokens.append(None)
+        return tokens
+
+    def _fail(self, seq: Sequence) -> RequestOutput:
+        """End ``seq``'s request with ERROR, freeing its blocks, whatever state a failure
+        half-way through a step left it in; never raises."""
+        request_id = seq.request_id
+        req = self._requests.get(request_id)
+        if req is not None and req.seq is seq:
+            try:
+                return self._finish(req, FinishReason.ERROR, "")
+            except Exception:
+                log.exception("cleaning up failed request %r failed", request_id)
+        # Whatever is left: take it out of the engine so no later step touches it.
+        if self._requests.get(request_id) is req and req is not None:
+            del self._requests[request_id]
+        self.sampler.forget(request_id)
+        if seq in self.scheduler.running:
+            self.scheduler.running.remove(seq)
+        if seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens or 0)
+        return RequestOutput(request_id, (), "", FinishReason.ERROR, usage)
 
     def _append(self, chunk: ScheduledChunk, token: int) -> RequestOutput | None:
         req = self._requests[chunk.seq.request_id]

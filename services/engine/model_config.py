@@ -168,11 +168,12 @@ def _as_ids(value: Any) -> tuple[int, ...]:
 
 
 def model_identity(model_dir: Path) -> str:
-    """A short name that changes when the model's architecture or tokenizer does.
+    """A short name that changes when the model's architecture, tokenizer or weights do.
 
-    It goes into every block hash, so two workers share prefix-cache entries
-    only when they serve the same model. Weights are not read (that would cost
-    seconds per GB at every start); their file names and sizes stand in for them.
+    It goes into every block hash and the KV handshake, so two workers share
+    prefix-cache entries or KV only when they serve the same model. Hashing whole
+    weight files would cost seconds per GB at every start, so each shard stands in
+    by a cheap fingerprint (``_shard_fingerprint``): a few MiB read per shard.
     """
     h = hashlib.sha256()
     for name in ("config.json", "tokenizer.json"):
@@ -180,5 +181,34 @@ def model_identity(model_dir: Path) -> str:
         if path.exists():
             h.update(name.encode() + b"\0" + path.read_bytes())
     for path in sorted(model_dir.glob("*.safetensors")):
-        h.update(f"{path.name}\0{path.stat().st_size}".encode())
+        h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        h.update(_shard_fingerprint(path))
     return f"{model_dir.name}@{h.hexdigest()[:16]}"
+
+
+_FINGERPRINT_SPAN = 1 << 20
+"""Bytes of tensor data hashed at each end of a shard."""
+_MAX_HEADER = 16 << 20
+"""Most header bytes read (real safetensors headers are KiBs to a few MiB)."""
+
+
+def _shard_fingerprint(path: Path) -> bytes:
+    """SHA-256 of a safetensors shard's JSON header (tensor names, dtypes, shapes,
+    offsets) and of the first and last MiB of its tensor data: two checkpoints of one
+    architecture (say, two fine-tunes) differ there, and it reads at most a few MiB
+    whatever the shard's size. A file that is not valid safetensors is hashed the same
+    way from byte 0 (loading it fails later with a clear error)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        data_start = 8 + n if 0 < n <= min(_MAX_HEADER, size - 8) else 0
+        f.seek(0)
+        h.update(f.read(min(data_start, _MAX_HEADER + 8)))  # the size prefix and header
+        h.update(f.read(_FINGERPRINT_SPAN))  # the first MiB of tensor data
+        tail = max(data_start + _FINGERPRINT_SPAN, size - _FINGERPRINT_SPAN)
+        if tail < size:
+            f.seek(tail)
+            h.update(f.read(size - tail))  # the last MiB (what the first did not cover)
+    return h.digest()

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from services.engine.errors import InvalidRequestError
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this are decoded greedily (see ``SamplingParams.temperature``)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,7 +20,11 @@ class SamplingParams:
     min_tokens: int = 0
     """EOS and stop strings are ignored until this many tokens exist."""
     temperature: float = 1.0
-    """0 selects greedy decoding; otherwise logits are divided by it."""
+    """0 selects greedy decoding; otherwise logits are divided by it.
+
+    Any temperature below ``GREEDY_BELOW`` (1e-5) is decoded greedily too: dividing
+    logits by, say, 1.4e-45 (a valid float32) overflows to inf/NaN, and at such a
+    temperature the distribution is already argmax up to ties."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose mass reaches top_p, in (0, 1]."""
     top_k: int = 0
@@ -31,7 +38,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Decoded by argmax: temperature 0, or below ``GREEDY_BELOW``."""
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first field out of range."""

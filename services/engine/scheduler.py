@@ -89,7 +89,8 @@ class Scheduler:
         # Admitting right after preempting would only thrash: wait a step.
         preempted = preempted or self.num_preemptions != preemptions_before
         while not preempted and self.waiting and budget > 0:
-            if len(self.running) >= self.config.max_num_seqs:
+            # Sequences receiving KV join ``running`` when it arrives: they hold their slot.
+            if len(self.running) + self.num_receiving >= self.config.max_num_seqs:
                 break
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
@@ -132,10 +133,10 @@ class Scheduler:
 
         Its own prefix cache counts: cached blocks are taken, not copied. Returns
         how many leading blocks were cache hits, or None (nothing taken) when the
-        pool cannot hold the rest now. With ``wait``, such a sequence joins
+        pool cannot hold the rest now or the batch has no slot for it (``max_num_seqs``,
+        sequences still receiving included). With ``wait``, such a sequence joins
         ``awaiting_room`` (``admit_awaiting`` reserves for it later), and it also waits
-        behind sequences already there and while the batch has no room (see
-        ``_fitting_hits``).
+        behind sequences already there (see ``_fitting_hits``).
         """
         hits = None if wait and self.awaiting_room else self._fitting_hits(seq, num_tokens, wait)
         if hits is not None:
@@ -169,13 +170,14 @@ class Scheduler:
 
     def _fitting_hits(self, seq: Sequence, num_tokens: int, batch_room: bool) -> list[int] | None:
         """The cached blocks ``seq`` can take if ``num_tokens`` of KV arriving for it fit the
-        pool now (idle cached blocks count as free, and taking one uses that room up), else
-        None. With ``batch_room`` it must also find a batch slot (sequences still receiving
-        count) and leave one free block per sequence in the batch, so that admitting it does
-        not make the next step preempt one of them to let it grow."""
-        batch = len(self.running) + self.num_receiving if batch_room else 0
-        if batch_room and batch >= self.config.max_num_seqs:
+        pool now (idle cached blocks count as free, and taking one uses that room up) and the
+        batch has a slot for it (sequences still receiving count: each joins the batch when
+        its KV arrives, so ``max_num_seqs`` is never exceeded), else None. With
+        ``batch_room`` it must also leave one free block per sequence in the batch, so that
+        admitting it does not make the next step preempt one of them to let it grow."""
+        if len(self.running) + self.num_receiving >= self.config.max_num_seqs:
             return None
+        batch = len(self.running) + self.num_receiving if batch_room else 0
         hits = self._cached_prefix(seq)[: num_tokens // self.block_size]
         idle_hits = sum(1 for b in hits if self.pool.ref_count(b) == 0)
         needed = -(-num_tokens // self.block_size) - len(hits) + idle_hits

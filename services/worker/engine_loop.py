@@ -160,10 +160,24 @@ class EngineLoop:
                     self._guard(duty)
                 next_tick = time.monotonic() + self.tick_s
             if self.engine.has_schedulable():
-                self._dispatch(self.engine.step())
+                self._dispatch(self._step())
             self._refresh()
             if self._step_waiters and self._loop is not None:  # a racy read: a late waiter
                 self._loop.call_soon_threadsafe(self._wake_step_waiters)  # waits one more pass
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step. The engine contains the failures it can attribute; anything
+        else that escapes it fails the requests then running with an ERROR output (their
+        streams end, their blocks are freed) and the thread goes on serving the rest."""
+        try:
+            return self.engine.step()
+        except Exception:
+            log.exception("engine step failed; failing the requests it was running")
+        try:
+            return self.engine.fail_running()
+        except Exception as e:  # already logged above; do not log the same failure twice
+            log.error("could not fail the running requests cleanly either: %r", e)
+            return []
 
     def _drain_commands(self, block: bool) -> bool:
         """Run queued commands; wait up to tick_s for one when idle. False on stop."""

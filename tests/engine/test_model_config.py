@@ -183,8 +183,8 @@ def test_model_identity_follows_config_tokenizer_and_weight_sizes(tmp_path: Path
     first = model_identity(model)
     assert first.startswith("llama@") and len(first) == len("llama@") + 16
     assert model_identity(model) == first
-    (model / "model.safetensors").write_bytes(b"\1" * 8)  # same size: not read
-    assert model_identity(model) == first
+    (model / "model.safetensors").write_bytes(b"\1" * 8)  # same size, other bytes
+    assert model_identity(model) != first
     (model / "model.safetensors").write_bytes(b"\0" * 9)
     second = model_identity(model)
     assert second != first
