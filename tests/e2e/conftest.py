@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.sampling_params import SamplingParams
 from services.launcher.local import ClusterConfig, LocalCluster, free_port
 
 # float32 on every worker and in the reference engine: greedy tokens must match
@@ -36,6 +37,26 @@ def tandem_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def reference_engine(tandem_home: Path) -> LLMEngine:
     """The offline engine every served result is compared with."""
     return LLMEngine("tandem-tiny", EngineConfig(dtype="float32", device=DEVICE))
+
+
+_GREEDY: dict[tuple[object, ...], list[int]] = {}
+"""The longest greedy run seen per (model, engine config, prompt), for the whole session."""
+
+
+def offline_tokens(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[int]:
+    """The tokens the offline engine gives ``prompt`` alone at temperature 0.
+
+    Remembered for the session, because the long references cost seconds each on two
+    cores and several tests compare with the same one. A shorter run's tokens are the
+    prefix of a longer one's: one sequence, greedy, EOS ignored, so each step computes
+    the same thing whatever ``max_tokens`` is."""
+    key = (engine.model_id, engine.config, tuple(prompt))
+    known = _GREEDY.get(key, [])
+    if len(known) < max_tokens:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        (done,) = engine.generate([prompt], params)
+        known = _GREEDY[key] = list(done.token_ids)
+    return known[:max_tokens]
 
 
 # These tests are about the prefill → decode hand-off, so the router must not

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.engine import LLMEngine
-from services.engine.sampling_params import SamplingParams
 from services.launcher.local import LocalCluster
 from services.stubs.tandem.v1 import inference_pb2_grpc
 from tests.e2e.client import Completion, channel, generate, request
-from tests.e2e.conftest import ALWAYS_DISAGGREGATE, start_cluster
+from tests.e2e.conftest import ALWAYS_DISAGGREGATE, offline_tokens, start_cluster
 
 ROLES = ("prefill", "decode")
 HEARTBEAT_TIMEOUT_S = 3.0  # the router's default: 3 missed 1 s heartbeats
@@ -33,12 +31,6 @@ def cluster(tmp_path: Path, tandem_home: Path) -> Iterator[LocalCluster]:
     c = start_cluster(tmp_path, prefill=2, decode=2, kv_transport="grpc")
     yield c
     c.stop()
-
-
-def _offline(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[int]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    (c,) = engine.generate([prompt], params)
-    return list(c.token_ids)
 
 
 async def _many(address: str, prompts: list[list[int]], max_tokens: int) -> list[Completion]:
@@ -54,7 +46,7 @@ def test_dead_prefill_worker_is_retried_elsewhere(cluster: LocalCluster, referen
     # half of them to the dead worker first.
     results = asyncio.run(_many(cluster.address, prompts, 8))
     for prompt, got in zip(prompts, results, strict=True):
-        assert got.tokens == _offline(reference_engine, prompt, 8)
+        assert got.tokens == offline_tokens(reference_engine, prompt, 8)
         assert got.final.serving.prefill_worker == "prefill-1"
     assert sum(r.final.serving.retries for r in results) >= 1
 
@@ -81,7 +73,7 @@ def test_decode_worker_killed_mid_stream_resumes_elsewhere(
 
     results = asyncio.run(kill_after_first_tokens())
     for prompt, got in zip(prompts, results, strict=True):
-        assert got.tokens == _offline(reference_engine, prompt, 120)  # each token once
+        assert got.tokens == offline_tokens(reference_engine, prompt, 120)  # each token once
         final = got.final  # exactly one final message
         assert final.usage.prompt_tokens == len(prompt)
         assert final.usage.completion_tokens == 120
@@ -114,7 +106,7 @@ def test_failed_kv_read_falls_back_to_local_prefill(
         started = time.monotonic()
         (got,) = asyncio.run(_many(c.address, [prompt], 10))
         assert time.monotonic() - started < 30
-        assert got.tokens == _offline(reference_engine, prompt, 10)
+        assert got.tokens == offline_tokens(reference_engine, prompt, 10)
         assert got.final.serving.kv_transport == ""  # nothing crossed
         assert got.final.serving.kv_transfer_bytes == 0
     finally:
@@ -149,7 +141,7 @@ def test_workers_rejoin_a_restarted_router(
             time.sleep(0.1)
         prompt = list(range(300, 340))
         (got,) = asyncio.run(_many(c.address, [prompt], 8))
-        assert got.tokens == _offline(reference_engine, prompt, 8)
+        assert got.tokens == offline_tokens(reference_engine, prompt, 8)
         assert got.final.serving.kv_transfer_bytes > 0  # both workers are back, in their roles
     finally:
         if replacement is not None:
@@ -184,7 +176,7 @@ def test_a_killed_decode_worker_is_started_again_and_the_stream_resumes_on_it(
 
     try:
         got = asyncio.run(kill_and_restart_mid_stream())
-        assert got.tokens == _offline(reference_engine, prompt, 60)  # each token once
+        assert got.tokens == offline_tokens(reference_engine, prompt, 60)  # each token once
         assert got.final.serving.decode_worker == "decode-0"
         assert got.final.serving.retries >= 1
         os.kill(c.child("decode-0").process.pid, signal.SIGKILL)

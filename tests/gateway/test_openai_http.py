@@ -8,7 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -95,13 +95,18 @@ class Stack:
         return [r.event for r in AuditLog(self.gateway.store).records()]
 
 
+QUICK_GIVE_UP = replace(FAST, decode_wait_s=0.5)
+"""A stream left without a decode worker ends in half a second, not the default ten: the
+one such test here is about the 503 the client gets, not about waiting."""
+
+
 @asynccontextmanager
 async def stack(
     tmp_path: Path, issuer: Issuer, tiny: Path, limits: str = "", decode: Behaviour | None = None
 ) -> AsyncIterator[Stack]:
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY + limits)
-    async with cluster(FAST, TokenizerCache(locate=lambda name: tiny)) as c:
+    async with cluster(QUICK_GIVE_UP, TokenizerCache(locate=lambda name: tiny)) as c:
         await c.add("p1", PREFILL)
         await c.add("d1", DECODE, decode)
         config = GatewayConfig(
