@@ -26,7 +26,12 @@ from services.engine.outputs import FinishReason, HeldKV, RequestOutput, Usage
 from services.engine.runner import DTYPES, ModelRunner
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from services.engine.scheduler import (
+    ScheduledChunk,
+    Scheduler,
+    SchedulerConfig,
+    SchedulingError,
+)
 from services.engine.sequence import SeqStatus, Sequence
 from services.engine.text_stream import TextStream
 from services.engine.tokenizer import Tokenizer
@@ -263,9 +268,17 @@ class LLMEngine:
         A failure is contained to the requests it concerns: one request's sampling or
         appending failing ends that request alone with an ERROR output (its blocks freed);
         a failure of the forward pass or of the bookkeeping after it ends every request in
-        the step the same way. The others carry on as if nothing had happened.
+        the step the same way; a failure while scheduling a request ends that request, and
+        the step runs nothing else (the next one does). The others carry on as if nothing
+        had happened.
         """
-        chunks = self.scheduler.schedule()
+        try:
+            chunks = self.scheduler.schedule()
+        except SchedulingError as e:
+            # The chunks scheduled before it simply run on the next pass: their blocks stay
+            # allocated and their tokens uncomputed, which the scheduler picks up again.
+            log.exception("%s; failing that request", e)
+            return [self._fail(e.seq)]
         if not chunks:
             return []
         sampling = [c for c in chunks if c.samples]  # before postprocess moves the counters

@@ -19,6 +19,8 @@ No tensors here: the scheduler decides which tokens run, the runner runs them.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from services.engine.block_pool import BlockPool
@@ -46,6 +48,25 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """True when the chunk reaches the last known token, so a new one is sampled."""
         return self.seq.num_computed_tokens + self.num_tokens == len(self.seq.token_ids)
+
+
+class SchedulingError(Exception):
+    """Scheduling ``seq`` raised. The engine fails that request alone: left where it was,
+    it would raise again on every later pass and stall everything queued behind it."""
+
+    def __init__(self, seq: Sequence) -> None:
+        super().__init__(f"scheduling request {seq.request_id!r} failed")
+        self.seq = seq
+
+
+@contextmanager
+def _blamed_on(seq: Sequence) -> Iterator[None]:
+    try:
+        yield
+    except SchedulingError:
+        raise
+    except Exception as e:
+        raise SchedulingError(seq) from e
 
 
 class Scheduler:
@@ -79,10 +100,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self._make_room(seq, self._blocks_needed(seq, n)):
-                preempted = True
-                break
-            self._grow(seq, n)
+            with _blamed_on(seq):
+                if not self._make_room(seq, self._blocks_needed(seq, n)):
+                    preempted = True
+                    break
+                self._grow(seq, n)
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
             i += 1
@@ -92,10 +114,10 @@ class Scheduler:
             # Sequences receiving KV join ``running`` when it arrives: they hold their slot.
             if len(self.running) + self.num_receiving >= self.config.max_num_seqs:
                 break
-            chunk = self._admit(self.waiting[0], budget)
+            with _blamed_on(self.waiting[0]):
+                chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
                 break
-            self.waiting.popleft()
             chunks.append(chunk)
             budget -= chunk.num_tokens
         return chunks
@@ -249,6 +271,8 @@ class Scheduler:
         return max(0, expected - len(seq.block_table) - adding)
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
+        """Start ``seq``, the head of ``waiting``, with a chunk of at most ``budget`` tokens;
+        None (and nothing changed) when the pool cannot hold that chunk now."""
         hits = self._cached_prefix(seq)
         # Cached blocks nobody holds count as free; taking them uses that room up.
         idle_hits = sum(1 for b in hits if self.pool.ref_count(b) == 0)
@@ -257,6 +281,9 @@ class Scheduler:
         total = -(-(computed + n) // self.block_size)
         if total - len(hits) + idle_hits > self.pool.num_free_blocks:
             return None
+        # Out of ``waiting`` before it joins ``running``: a failure below must not leave
+        # it in both, where failing it would still leave it queued.
+        self.waiting.popleft()
         self.pool.acquire(hits)
         seq.block_table = list(hits)
         seq.num_computed_tokens = computed

@@ -78,7 +78,22 @@ def _poison_append(engine: LLMEngine) -> None:
     text.push = poisoned  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize("poison", [_poison_sampling, _poison_append], ids=["sample", "append"])
+def _poison_growing(engine: LLMEngine) -> None:
+    """Giving "bad" room for its third token raises (every time), as a corrupted pool would;
+    scheduling raises before any chunk of that step runs."""
+    grow, seq = engine.scheduler._grow, engine._requests["bad"].seq
+
+    def poisoned(s, n):
+        if s is seq and seq.num_output_tokens == 2:
+            raise RuntimeError("block pool: free list corrupted")
+        return grow(s, n)
+
+    engine.scheduler._grow = poisoned  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    "poison", [_poison_sampling, _poison_append, _poison_growing], ids=["sample", "append", "grow"]
+)
 def test_a_failing_request_ends_alone_with_error_and_frees_its_blocks(
     checkpoint: Path, poison
 ) -> None:
@@ -104,6 +119,35 @@ def test_a_failing_request_ends_alone_with_error_and_frees_its_blocks(
         assert by_id[rid][-1].finish_reason == FinishReason.LENGTH
     assert engine.scheduler.running == [] and not engine.has_unfinished()
     assert engine.pool.num_free_blocks == NUM_BLOCKS  # every block came back
+
+
+def test_a_request_whose_admission_fails_ends_alone_and_the_queue_behind_it_moves(
+    checkpoint: Path,
+) -> None:
+    """Before, the waiting request stayed at the head of the queue and raised on every pass:
+    it never ended, and nothing queued behind it ever started."""
+    want = {rid: _alone(checkpoint, rid, p) for rid, p in (("good", GOOD), ("seeded", SEEDED))}
+    engine = _engine(checkpoint)
+    for rid, params in (("bad", GOOD), ("good", GOOD), ("seeded", SEEDED)):
+        engine.add_request(rid, PROMPTS[rid], params)
+    bad_seq = engine._requests["bad"].seq
+
+    def unhashable(*args: object) -> list[int]:
+        raise RuntimeError("hashing the prompt's blocks failed")
+
+    bad_seq.block_hashes = unhashable  # type: ignore[method-assign]
+
+    outs = _all_outputs(engine)
+
+    (bad,) = [o for o in outs if o.request_id == "bad"]
+    assert (bad.finish_reason, bad.token_ids) == (FinishReason.ERROR, ())
+    assert bad.usage is not None and bad.usage.prompt_tokens == len(PROMPTS["bad"])
+    assert bad.usage.completion_tokens == 0
+    assert bad_seq.status == SeqStatus.FINISHED and bad_seq.block_table == []
+    assert bad_seq not in engine.scheduler.waiting
+    got = {rid: [t for o in outs if o.request_id == rid for t in o.token_ids] for rid in want}
+    assert got == want
+    assert not engine.has_unfinished() and engine.pool.num_free_blocks == NUM_BLOCKS
 
 
 def test_a_tiny_valid_temperature_decodes_greedily(checkpoint: Path) -> None:
