@@ -326,6 +326,9 @@ class Admission(ABC):
     def release(self, reservation: Reservation) -> None:
         """Undo a reservation whose request failed before producing any token."""
 
+    def close(self) -> None:  # noqa: B027 - a hook: most admissions hold nothing to close
+        """Finish background work (the gateway calls it when it stops, after its settles)."""
+
 
 class InProcessAdmission(Admission):
     """Counters in this process's memory; safe from many threads and asyncio tasks."""

@@ -41,6 +41,14 @@ Parameters: ``client`` (a ``redis.Redis``), ``prefix`` (key namespace, default
   message naming the store) from reserve (after trying to release what it may have
   charged), settle and release. Choose it where a budget overrun costs more than downtime.
 
+A settle or release that cannot reach Redis is retried on a background thread (pausing
+0.5 s, doubling to 30 s, while Redis stays down) until the windows it adjusts have ended:
+otherwise the unused part of an estimate (prompt + ``max_tokens`` − used) would stay
+charged to a monthly budget for the rest of the month. The marker makes a retry safe: an
+adjustment applies once, whichever attempt reaches Redis. At most ``SETTLE_BACKLOG``
+settles wait (more are dropped, counted in ``dropped_settles`` and logged); ``close()``
+gives those still waiting one last try.
+
 Calls are synchronous (redis-py); from asyncio use ``await asyncio.to_thread(adm.reserve,
 ...)`` or a thread-pool executor, each call is one round trip.
 """
@@ -107,10 +115,25 @@ return 1
 
 
 OUTAGE_LOG_INTERVAL_S = 10.0
-"""Fail-open admissions during a Redis outage are logged at most once per this interval."""
-UNCERTAIN_BACKLOG = 1024
-"""Most settles of uncertain reservations waiting for Redis; more are dropped (and logged):
-during an outage each may wait out a timeout, and they must not pile up without bound."""
+"""Store errors during a Redis outage are logged at most once per this interval."""
+SETTLE_BACKLOG = 1024
+"""Most settles waiting for Redis (uncertain ones, and any whose own attempt failed); more
+are dropped (and logged): during an outage each may wait out a timeout, and they must not
+pile up without bound."""
+RETRY_PAUSE_S = (0.5, 30.0)
+"""The background thread's pause after a failed retry: first, and most (it doubles)."""
+CLOSE_TIMEOUT_S = 2.0
+"""How long ``close()`` gives the settles still waiting for one last try."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Adjust:
+    """A settle or release to apply: tokens used, and whether request counts are refunded."""
+
+    op: str
+    reservation: Reservation
+    actual: int
+    refund_requests: bool
 
 
 class RedisAdmission(Admission):
@@ -137,13 +160,18 @@ class RedisAdmission(Admission):
         self._adjust_script = client.register_script(_ADJUST)
         self._last_logged = float("-inf")
         self._unlogged = 0
-        # Uncertain settles wait for Redis on their own daemon thread, never on the caller's
-        # (the gateway's settler writes the ledger, which an outage must not hold up).
-        self._later: queue.Queue[Callable[[], None]] = queue.Queue(UNCERTAIN_BACKLOG)
+        # Settles waiting for Redis are retried on their own daemon thread, never on the
+        # caller's (the gateway's settler writes the ledger, which an outage must not hold
+        # up). An Event in the queue is set when the thread reaches it.
+        self._later: queue.Queue[_Adjust | threading.Event] = queue.Queue(SETTLE_BACKLOG)
         self._later_thread: threading.Thread | None = None
         self._later_lock = threading.Lock()
-        self.dropped_uncertain = 0
-        """Uncertain settles dropped because the backlog was full (their charge may stay)."""
+        self._closing = threading.Event()
+        self.failed_retries = 0
+        """Background attempts that Redis refused or timed out (each is tried again)."""
+        self.dropped_settles = 0
+        """Settles dropped because the backlog was full (their charge stays until its
+        windows end)."""
 
     def _store_error(self, op: str, err: Exception, reservation: Reservation | None = None) -> None:
         msg = f"rate-limit store (Redis) unavailable during {op}: {err}"
@@ -151,16 +179,16 @@ class RedisAdmission(Admission):
             if reservation is not None:  # refused: give back what it may have charged
                 self.release(reservation)
             raise LimitStoreUnavailable(msg + "; limits fail closed, retry later") from err
-        # Every request fails the same way during an outage: one line per interval, not
-        # one per request.
+        then = "admitting without limits (fail-open)" if op == "reserve" else "retrying later"
+        self._outage(f"{msg}; {then}")
+
+    def _outage(self, msg: str) -> None:
+        # Every call fails the same way during an outage: one line per interval, not one
+        # per call.
         now = time.monotonic()
         self._unlogged += 1
         if now - self._last_logged >= OUTAGE_LOG_INTERVAL_S:
-            log.warning(
-                "%s; admitting without limits (fail-open); %d such call(s) since the last warning",
-                msg,
-                self._unlogged,
-            )
+            log.warning("%s; %d such call(s) since the last warning", msg, self._unlogged)
             self._last_logged, self._unlogged = now, 0
 
     def reserve(self, scopes: Sequence[Scope], tokens: int) -> Reservation:
@@ -204,69 +232,113 @@ class RedisAdmission(Admission):
     ) -> None:
         if actual < 0:
             raise ValueError(f"actual_tokens must be >= 0, got {actual}")
-        if reservation.uncertain:
-            self._adjust_later(op, reservation, actual, refund_requests)
-        else:
-            self._run_adjust(op, reservation, actual, refund_requests)
-
-    def _adjust_later(
-        self, op: str, reservation: Reservation, actual: int, refund_requests: bool
-    ) -> None:
-        def adjust() -> None:
-            with contextlib.suppress(LimitStoreUnavailable):  # fail-closed: still down
-                self._run_adjust(op, reservation, actual, refund_requests)
-
+        if not reservation.charges:  # no limits applied: nothing charged, no marker set
+            return
+        job = _Adjust(op, reservation, actual, refund_requests)
+        if reservation.uncertain:  # its reserve may still be on its way: not on this thread
+            self._retry(job)
+            return
         try:
-            self._later_queue().put_nowait(adjust)
+            self._run_adjust(job)
+        except redis.RedisError as err:
+            self._retry(job)
+            self._store_error(op, err)
+
+    def _retry(self, job: _Adjust | threading.Event) -> None:
+        """Queue ``job`` for the background thread; drop it (counted, logged) when full."""
+        try:
+            self._later_queue().put_nowait(job)
         except queue.Full:
-            self.dropped_uncertain += 1
+            if isinstance(job, threading.Event):
+                raise
+            self.dropped_settles += 1
             log.warning(
-                "%d uncertain rate-limit settles wait for Redis already; dropped the %s of "
-                "reservation %s (what its reserve may have charged stays until its window ends)",
-                UNCERTAIN_BACKLOG,
-                op,
-                reservation.id,
+                "%d rate-limit settles wait for Redis already; dropped the %s of reservation "
+                "%s (what it charged stays until its windows end)",
+                SETTLE_BACKLOG,
+                job.op,
+                job.reservation.id,
             )
 
-    def _later_queue(self) -> queue.Queue[Callable[[], None]]:
-        """The uncertain settles' queue, its thread started on first use."""
+    def _later_queue(self) -> queue.Queue[_Adjust | threading.Event]:
+        """The waiting settles' queue, its thread started on first use."""
         with self._later_lock:
             if self._later_thread is None:
                 self._later_thread = threading.Thread(
-                    target=self._run_later, name="tandem-limits-uncertain", daemon=True
+                    target=self._run_later, name="tandem-limits-settles", daemon=True
                 )
                 self._later_thread.start()
         return self._later
 
     def _run_later(self) -> None:
-        while True:
-            self._later.get()()
+        pause = RETRY_PAUSE_S[0]
+        while not (self._closing.is_set() and self._later.empty()):
+            try:
+                job = self._later.get(timeout=0.1 if self._closing.is_set() else None)
+            except queue.Empty:
+                continue
+            if isinstance(job, threading.Event):
+                job.set()
+            elif self._attempt(job):
+                pause = RETRY_PAUSE_S[0]
+            elif not self._closing.is_set():
+                self.failed_retries += 1
+                self._retry(job)
+                self._closing.wait(pause)  # Redis is down: do not spin through the queue
+                pause = min(2 * pause, RETRY_PAUSE_S[1])
+
+    def _attempt(self, job: _Adjust) -> bool:
+        """Apply ``job``; False when it should be tried again (Redis still down)."""
+        try:
+            self._run_adjust(job)
+            return True
+        except redis.RedisError as err:
+            if self._clock() >= self._latest_expiry(job.reservation):
+                log.warning(
+                    "gave up the %s of reservation %s: its windows ended while Redis was "
+                    "unavailable (%s)",
+                    job.op,
+                    job.reservation.id,
+                    err,
+                )
+                return True
+            self._outage(f"rate-limit store (Redis) unavailable during a {job.op}: {err}")
+            return False
 
     def settled_later(self, timeout_s: float = 10.0) -> None:
-        """Wait until the uncertain settles queued so far have run (tests)."""
+        """Wait until the background thread has tried every settle queued so far once
+        (tests)."""
         done = threading.Event()
-        self._later_queue().put(done.set)
+        self._retry(done)
         if not done.wait(timeout_s):
-            raise TimeoutError(f"uncertain settles still queued after {timeout_s} s")
+            raise TimeoutError(f"settles still queued after {timeout_s} s")
 
-    def _run_adjust(
-        self, op: str, reservation: Reservation, actual: int, refund_requests: bool
-    ) -> None:
-        keys = [self._marker(reservation)]
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Give the settles still waiting for Redis one last try (within ``timeout_s``),
+        then stop retrying; those still failing are logged, their charges stay."""
+        self._closing.set()
+        thread = self._later_thread
+        if thread is not None:
+            with contextlib.suppress(queue.Full):  # full: the thread is busy, not asleep
+                self._later.put_nowait(threading.Event())  # wakes a thread idle in get()
+            thread.join(timeout_s)
+        if (left := self._later.qsize()) or (thread is not None and thread.is_alive()):
+            log.warning("closing with %d rate-limit settle(s) still waiting for Redis", left)
+
+    def _run_adjust(self, job: _Adjust) -> None:
+        """Apply ``job`` (once, whichever attempt gets there: the marker); raises RedisError."""
+        keys = [self._marker(job.reservation)]
         args: list[int] = []
-        for c in reservation.charges:
+        for c in job.reservation.charges:
             if c.metric == "tokens":
-                delta = actual - c.amount
-            elif refund_requests:
+                delta = job.actual - c.amount
+            elif job.refund_requests:
                 delta = -c.amount
             else:
                 continue
             keys.append(self._prefix + c.key)
             args.append(delta)
-        try:
-            self._adjust_script(keys=keys, args=args)
-        except redis.RedisError as err:
-            self._store_error(op, err)
+        self._adjust_script(keys=keys, args=args)
 
     def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         self._adjust("settle", reservation, actual_tokens, refund_requests=False)

@@ -434,21 +434,132 @@ def test_markers_live_only_while_their_request_runs(rds: redis.Redis, prefix: st
     assert list(rds.scan_iter(match=prefix + "res|*")) == []
 
 
-def test_uncertain_settles_past_the_backlog_are_dropped_not_queued(
+class _Hold(threading.Event):
+    """Queued for the background thread: once reached, keeps it there until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached, self.released = threading.Event(), threading.Event()
+
+    def set(self) -> None:
+        self.reached.set()
+        self.released.wait()
+        super().set()
+
+
+def test_settles_past_the_backlog_are_dropped_not_queued(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("services.gateway.limits_redis.UNCERTAIN_BACKLOG", 2)
+    monkeypatch.setattr("services.gateway.limits_redis.SETTLE_BACKLOG", 2)
     adm = RedisAdmission(_dead_client())
-    taken, stuck = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        taken.set()
-        stuck.wait()
-
+    hold = _Hold()
     adm._later_queue().put(hold)
-    assert taken.wait(5)  # the thread waits in hold(): nothing drains
+    assert hold.reached.wait(5)  # the thread waits in hold.set(): nothing drains
     for _ in range(4):
         adm.settle(adm.reserve([LOST], 10), 1)
-    assert adm.dropped_uncertain == 2
-    stuck.set()
+    assert adm.dropped_settles == 2
+    hold.released.set()
+    adm.close()
+
+
+# --- a settle that cannot reach Redis ----------------------------------------------------
+
+
+def _client(socket_timeout: float) -> redis.Redis:
+    return redis.Redis(
+        host="127.0.0.1", port=6379, socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0)
+    )
+
+
+@pytest.fixture
+def paused(rds: redis.Redis) -> Iterator[Callable[[int], None]]:
+    """Pause Redis's writes (scripts included) for some milliseconds: a real outage, to
+    every client, that keeps the data. Unpaused at the end whatever happens."""
+    yield lambda ms: rds.client_pause(ms, all=False)
+    rds.client_unpause()
+
+
+@pytest.mark.parametrize("on_error", ["fail-open", "fail-closed"])
+def test_a_settle_that_cannot_reach_redis_lands_when_it_is_back(
+    rds: redis.Redis, prefix: str, paused: Callable[[int], None], on_error: str
+) -> None:
+    """Before, the failed settle was logged and dropped: the 260 unused tokens of the
+    estimate stayed charged to the day's budget until midnight."""
+    clock = Clock(T0 - 3600)
+    adm = RedisAdmission(_client(0.3), prefix=prefix, clock=clock, on_store_error=on_error)
+    r = adm.reserve([LOST], 300)
+    day = prefix + key("key:lost", "tokens", DAY, clock.t)
+    paused(1500)
+    if on_error == "fail-closed":
+        with pytest.raises(LimitStoreUnavailable):
+            adm.settle(r, 40)
+    else:
+        adm.settle(r, 40)
+    assert rds.get(day) == b"300"  # reads go on during the pause
+    deadline = time.monotonic() + 20
+    while rds.get(day) != b"40":
+        assert time.monotonic() < deadline, "the settle never landed"
+        time.sleep(0.05)
     adm.settled_later()
+    assert rds.get(day) == b"40"  # applied once, however many attempts it took
+    assert list(rds.scan_iter(match=prefix + "res|*")) == []
+    adm.close()
+
+
+@pytest.fixture
+def refusing(rds: redis.Redis) -> Iterator[tuple[redis.Redis, Callable[[bool], None]]]:
+    """A client of its own Redis user, and a switch that takes its scripts away (NOPERM, a
+    RedisError as an outage raises) or gives them back: an outage that ends exactly when
+    the test says, with no command left pending in the server to land later."""
+    user, password = f"tandem-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+
+    def scripts(allowed: bool) -> None:
+        rds.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"],
+                        commands=["+@all" if allowed else "-@scripting"])  # fmt: skip
+
+    scripts(True)
+    client = redis.Redis(host="127.0.0.1", port=6379, username=user, password=password)
+    yield client, scripts
+    client.close()
+    rds.acl_deluser(user)
+
+
+def test_a_settle_is_given_up_once_its_windows_have_ended(
+    rds: redis.Redis, prefix: str, refusing, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, scripts = refusing
+    clock = Clock(T0 - 3600)
+    adm = RedisAdmission(client, prefix=prefix, clock=clock)
+    r = adm.reserve([LOST], 300)
+    day = prefix + key("key:lost", "tokens", DAY, clock.t)
+    scripts(False)
+    adm.settle(r, 40)  # refused: queued
+    clock.t = T0 + 86400 * 2  # past the day's window and its grace
+    with caplog.at_level(logging.WARNING):
+        adm.settled_later()  # its background attempt is refused too, and given up
+    assert "gave up the settle of reservation" in caplog.text
+    scripts(True)
+    adm.settled_later()
+    assert rds.get(day) == b"300"  # nothing retried it
+    adm.close()
+
+
+def test_close_gives_waiting_settles_one_last_try(
+    rds: redis.Redis, prefix: str, refusing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("services.gateway.limits_redis.RETRY_PAUSE_S", (60.0, 60.0))
+    client, scripts = refusing
+    clock = Clock(T0 - 3600)
+    adm = RedisAdmission(client, prefix=prefix, clock=clock)
+    r = adm.reserve([LOST], 300)
+    day = prefix + key("key:lost", "tokens", DAY, clock.t)
+    scripts(False)
+    adm.settle(r, 40)  # refused; the background thread's try too, then it pauses 60 s
+    deadline = time.monotonic() + 10
+    while adm.failed_retries == 0:
+        assert time.monotonic() < deadline, "the background thread never tried"
+        time.sleep(0.01)
+    scripts(True)
+    assert rds.get(day) == b"300"  # nothing retries during the pause...
+    adm.close()  # ...but closing does, at once
+    assert rds.get(day) == b"40"
