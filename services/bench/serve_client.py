@@ -3,9 +3,9 @@
 Requests are dispatched by one loop that sleeps until the next scheduled time and
 starts the request as a task, so a slow server never delays later sends (a
 closed-loop client would, and would hide the queueing it causes). Each record keeps
-its scheduled time, which is where latencies start; when the client itself falls
-behind, or a request waits for a --max-concurrency slot, that wait is in the
-request's latency and also shows in its ``sent_s``.
+its scheduled time and its send (``sent_s``, where latencies start); when the client
+itself falls behind, or a request waits for a --max-concurrency slot, the gap between
+the two shows it (the report's send delay).
 """
 
 from __future__ import annotations

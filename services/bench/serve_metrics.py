@@ -1,12 +1,13 @@
 """Serving metrics from per-request records, as the field defines them; pure functions.
 
-Every latency starts at the request's *scheduled* send time, not the moment the RPC
-left the client, so time a request spent queued in the client (behind a slow event
-loop or a --max-concurrency slot) counts against the server's latency instead of
-vanishing (coordinated omission). Definitions (vLLM's ``benchmark_serving``):
+Every latency starts when the RPC left the client, as the field measures it (vLLM's
+``benchmark_serving`` starts its timer inside the request, after any wait for a
+--max-concurrency slot): a cap then measures the server at that concurrency, not the
+client's own queue. That queue does not vanish: ``send_delay`` (sent − scheduled) reports
+it, so a client that fell behind its schedule shows (coordinated omission). Definitions:
 
-  TTFT  first token-bearing message − scheduled send time.
-  E2E   last message − scheduled send time.
+  TTFT  first token-bearing message − send.
+  E2E   last message − send.
   TPOT  (E2E − TTFT) / (output tokens − 1), per request, then summarised; requests
         with a single output token have none.
   ITL   every gap between consecutive token-bearing messages, pooled over requests.
@@ -49,9 +50,10 @@ class RequestRecord:
     prompt_len: int
     """Prompt tokens sent."""
     scheduled_s: float
-    """When the schedule said to send it: where every latency starts."""
+    """When the schedule said to send it."""
     sent_s: float | None
-    """When the RPC was issued, after any wait for a concurrency slot (None: never sent)."""
+    """When the RPC was issued, after any wait for a concurrency slot (None: never sent):
+    where every latency starts."""
     token_times_s: tuple[float, ...]
     """Arrival of each message that carried tokens, in order."""
     token_counts: tuple[int, ...]
@@ -74,17 +76,27 @@ class RequestRecord:
         return self.status == OK
 
     @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens: the server's count when it sent one, else the tokens sent."""
+        return self.usage.prompt_tokens if self.usage else self.prompt_len
+
+    @property
     def output_tokens(self) -> int:
         """Tokens generated: the server's count when it sent one, else the tokens received."""
         return self.usage.completion_tokens if self.usage else sum(self.token_counts)
 
     @property
+    def started_s(self) -> float:
+        """Where latencies start: the send (the schedule for one never sent)."""
+        return self.scheduled_s if self.sent_s is None else self.sent_s
+
+    @property
     def ttft_s(self) -> float | None:
-        return self.token_times_s[0] - self.scheduled_s if self.token_times_s else None
+        return self.token_times_s[0] - self.started_s if self.token_times_s else None
 
     @property
     def e2e_s(self) -> float:
-        return self.end_s - self.scheduled_s
+        return self.end_s - self.started_s
 
     @property
     def tpot_s(self) -> float | None:
@@ -199,7 +211,7 @@ def compute_metrics(
     duration = max(r.end_s for r in records) - min(r.scheduled_s for r in records)
     if not duration > 0:
         raise ValueError(f"the records span {duration} s; rates need a positive duration")
-    prompt_tokens = sum(r.usage.prompt_tokens for r in done if r.usage)
+    prompt_tokens = sum(r.prompt_tokens for r in done)
     output_tokens = sum(r.output_tokens for r in done)
     cached = sum(r.usage.cached_tokens for r in done if r.usage)
     sent = [r for r in records if r.sent_s is not None]

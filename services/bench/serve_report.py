@@ -25,8 +25,9 @@ def format_table(result: ServeResult) -> str:
         f"completed          {m.completed} OK, {m.num_requests - m.completed} failed"
         + ("".join(f", {code} {n}" for code, n in m.failures.items()) if m.failures else ""),
         f"duration           {m.duration_s:.2f} s",
-        f"rate               requested {_rate(m.requested_rate)}, "
-        f"achieved {_rate(m.achieved_rate)} (sent)",
+        f"rate               requested {_rate(m.requested_rate)}"
+        # With every request due at once, sends per second only measure the client.
+        + ("" if math.isinf(m.requested_rate) else f", achieved {_rate(m.achieved_rate)} (sent)"),
         f"throughput         {m.request_throughput:.2f} req/s, "
         f"{m.output_token_throughput:.1f} output tok/s, {m.total_token_throughput:.1f} total tok/s",
     ]

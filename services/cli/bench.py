@@ -107,9 +107,10 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         "every request is greedy with EOS ignored and exactly OUTPUT_LEN tokens. Reports "
         "TTFT, TPOT, ITL and E2E latency (mean, p50, p90, p99), request and token "
         "throughput, goodput under --goodput SLOs, failures by status code, requested vs "
-        "achieved rate, per-worker shares and prefix-cache hits. Latencies start at each "
-        "request's scheduled send time, so time it waits in the client (for a "
-        "--max-concurrency slot, or behind a client that fell behind) counts.",
+        "achieved rate, per-worker shares and prefix-cache hits. Latencies start when "
+        "each request is sent (as vLLM's benchmark measures them); time it waited in the "
+        "client first (for a --max-concurrency slot, or behind a client that fell "
+        "behind its schedule) is reported apart, as the send delay.",
     )
     parser.add_argument(
         "--target", required=True, metavar="HOST:PORT", help="the Inference service to load"
@@ -184,8 +185,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         "--max-concurrency",
         type=arg_types.positive_int,
         metavar="C",
-        help="most requests in flight; the rest wait in the client, and that wait counts "
-        "in their latency (default: no cap)",
+        help="most requests in flight; the rest wait in the client, a wait reported as "
+        "the send delay, not in their latency (default: no cap)",
     )
     load.add_argument(
         "--timeout",

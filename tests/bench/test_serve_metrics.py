@@ -54,7 +54,8 @@ def _record(
 
 
 # r0: TTFT 250 ms, E2E 1000, TPOT (1000 - 250) / 2 = 375, ITL 250, 250; prefilled locally.
-# r1: TTFT 500 (counted from the schedule, not the late send), E2E 1000, TPOT 250, ITL 125.
+# r1: sent 125 ms late: TTFT 375 (from the send, not the schedule), E2E 875, TPOT 250,
+#     ITL 125; its send delay is 125.
 # r2: one token: TTFT 500, E2E 1000, no TPOT, no ITL; no serving info.
 # r3, r4: failed. The run spans 0 → 2.5 s.
 RECORDS = [
@@ -77,15 +78,17 @@ def _figures(summary: LatencySummary | None) -> object:
 def test_per_request_latencies() -> None:
     r0, r1, r2, r3, _ = RECORDS
     assert (r0.ttft_s, r0.e2e_s, r0.tpot_s, r0.itls_s) == (0.25, 1.0, 0.375, [0.25, 0.25])
-    assert (r1.ttft_s, r1.e2e_s, r1.tpot_s, r1.itls_s) == (0.5, 1.0, 0.25, [0.125])
+    assert (r1.ttft_s, r1.e2e_s, r1.tpot_s, r1.itls_s) == (0.375, 0.875, 0.25, [0.125])
     assert (r2.ttft_s, r2.tpot_s, r2.itls_s) == (0.5, None, [])
     assert r3.ttft_s is None and not r3.ok
 
 
-def test_output_tokens_come_from_usage_else_from_the_messages() -> None:
+def test_token_counts_come_from_usage_else_from_what_was_sent_and_received() -> None:
     assert RECORDS[1].output_tokens == 3
     without_usage = _record(9, 0.0, 0.0, (0.5, 1.0), 1.0, counts=(2, 3))
     assert without_usage.output_tokens == 5
+    assert (RECORDS[0].prompt_tokens, without_usage.prompt_tokens) == (4, 4)  # usage; sent
+    assert compute_metrics([without_usage], 1.0).prompt_tokens == 4
     assert without_usage.tpot_s == 0.5 / 4
 
 
@@ -105,10 +108,10 @@ def test_run_metrics() -> None:
     assert m.output_token_throughput == pytest.approx(7 / 2.5)
     assert m.total_token_throughput == pytest.approx(19 / 2.5)
     assert (m.requested_rate, m.achieved_rate) == (2.0, 4 / 2.0)
-    assert _figures(m.ttft) == (3, 1250 / 3, 500.0, 500.0, 500.0)
+    assert _figures(m.ttft) == (3, 375.0, 375.0, 475.0, 497.5)
     assert _figures(m.tpot) == (2, 312.5, 312.5, 362.5, 373.75)
     assert _figures(m.itl) == (3, 625 / 3, 250.0, 250.0, 250.0)
-    assert _figures(m.e2e) == (3, 1000.0, 1000.0, 1000.0, 1000.0)
+    assert _figures(m.e2e) == (3, 2875 / 3, 1000.0, 1000.0, 1000.0)
     # Send delay: only r1 waited (125 ms): [0, 125, 0, 0, 0].
     assert _figures(m.send_delay) == (5, 25.0, 0.0, 75.0, 120.0)
     assert m.decode_workers == {"decode-a": 1, "decode-b": 1}
@@ -120,12 +123,14 @@ def test_run_metrics() -> None:
 @pytest.mark.parametrize(
     ("slos", "met"),
     [
-        ({"ttft_ms": 400}, [0]),
+        ({"ttft_ms": 300}, [0]),
+        ({"ttft_ms": 400}, [0, 1]),
         ({"ttft_ms": 500}, [0, 1, 2]),
         # r0's TPOT (375) misses; r2 has no TPOT, so meets it.
         ({"ttft_ms": 600, "tpot_ms": 300}, [1, 2]),
         ({"e2e_ms": 1000}, [0, 1, 2]),
-        ({"e2e_ms": 999}, []),
+        ({"e2e_ms": 999}, [1]),
+        ({"e2e_ms": 874}, []),
     ],
 )
 def test_goodput_counts_ok_requests_within_every_slo(
