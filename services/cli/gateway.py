@@ -16,7 +16,7 @@ from services.cli import arg_types
 from services.cli.drain_args import add_drain_arg
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
-from services.cli.tls_args import add_service_tls_args, gateway_tls
+from services.cli.tls_args import add_service_tls_args, gateway_tls, metrics_client_ca
 
 DEFAULT_STORE = "sqlite:tandem-gateway.db"
 DEFAULT_AUDIENCE = "tandem-gateway"
@@ -105,8 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         metavar="P",
         help="serve Prometheus /metrics (requests, tokens, decisions, limit rejections per "
-        "team and model) on this port (default 0: off); HTTPS with --tls-cert, and a scraper "
-        "certificate signed by --tls-ca required with it (internal figures: not public)",
+        "team and model) on this port (default 0: off); HTTPS with --tls-cert, asking "
+        "scrapers for a certificate signed by --metrics-client-ca, else by --tls-ca when "
+        "given (internal figures: not public)",
     )
     parser.add_argument(
         "--http-port",
@@ -156,6 +157,7 @@ def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         redis_url=args.redis or None,
         limits_on_store_failure=args.limits_on_store_failure,
         metrics_port=args.metrics_port or None,
+        metrics_client_ca=metrics_client_ca(args),
         http_port=args.http_port or None,
         http_host=args.host,
         tls=public_tls,

@@ -12,7 +12,7 @@ from services.cli import arg_types
 from services.cli.drain_args import add_drain_arg
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
-from services.cli.tls_args import add_service_tls_args, service_tls
+from services.cli.tls_args import add_service_tls_args, metrics_client_ca, service_tls
 from services.router.config import DEFAULT_POLICY, RouterConfig
 
 POLICY_NAMES = ("kv-aware", "least-loaded", "round-robin")
@@ -121,8 +121,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=arg_types.port,
         default=0,
         help="serve Prometheus /metrics (TTFT, inter-token latency, retries) on this port "
-        "(default 0: off); HTTPS with the router's --tls-cert, and a scraper certificate "
-        "signed by --tls-ca required with it",
+        "(default 0: off); HTTPS with the router's --tls-cert, asking scrapers for a "
+        "certificate signed by --metrics-client-ca, else by --tls-ca when given",
     )
     add_drain_arg(
         parser,
@@ -161,6 +161,7 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         local_prefill_min_cached=args.local_prefill_min_cached,
         tls=service_tls(args),
+        metrics_client_ca=metrics_client_ca(args),
     )
 
 

@@ -2,20 +2,24 @@
 
 Services (router, workers, gateway): ``--tls-cert`` and ``--tls-key`` are the service's
 identity, served on its port and presented when it dials others; ``--tls-ca`` is the CA that
-signs its peers: with all three the service requires client certificates (mTLS). Clients
+signs its peers: with all three the service requires client certificates (mTLS), on its
+port and on ``/metrics``; ``--metrics-client-ca`` gives ``/metrics`` a CA of its own, the
+scrapers', so that a scraper's certificate opens nothing else. Clients
 (``generate --target``, ``bench serve``): ``--tls-ca`` verifies the server, ``--tls-cert`` and
 ``--tls-key`` are an optional client certificate. Nothing here reads a file: the services
 check them at start (``services.rpc.tls.load``).
 
 A service's three flags default to $TANDEM_TLS_CERT, $TANDEM_TLS_KEY and $TANDEM_TLS_CA, so a
 deployment can turn TLS on with environment and mounts alone (deploy/compose.tls.yaml) and
-the container's health probe (tandem-health) reads the same three.
+the container's health probe (tandem-health) reads the same three; ``--metrics-client-ca``
+defaults to $TANDEM_METRICS_CLIENT_CA.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.engine.errors import InvalidRequestError
@@ -52,6 +56,18 @@ def add_service_tls_args(
         metavar="FILE",
         default=os.environ.get("TANDEM_TLS_CA") or None,
         help=f"{ca_help} (default: $TANDEM_TLS_CA)",
+    )
+    group.add_argument(
+        "--metrics-client-ca",
+        metavar="FILE",
+        default=os.environ.get("TANDEM_METRICS_CLIENT_CA") or None,
+        help="PEM CA bundle that signs the scrapers' (Prometheus's) client certificates: "
+        "/metrics then accepts only certificates it signed (not --tls-ca's) while the other "
+        "ports keep trusting what they trusted, so a scraper's certificate opens /metrics "
+        "and nothing else. Use a CA apart from --tls-ca's (`tandem tls-dev-ca --scraper`). "
+        "Needs --tls-cert/--tls-key; a file replaced in place is used from the next scrape "
+        "on, as theirs are (default: $TANDEM_METRICS_CLIENT_CA, else /metrics asks what the "
+        "service's cluster port asks: a certificate signed by --tls-ca when it is given)",
     )
     return group
 
@@ -91,6 +107,22 @@ def service_tls(args: argparse.Namespace) -> TlsConfig | None:
             "it also requires client certificates)",
         )
     return TlsConfig.from_files(cert, key, ca, require_client_auth=bool(ca))
+
+
+def metrics_client_ca(args: argparse.Namespace) -> Path | None:
+    """The CA /metrics takes scrapers' certificates from (--metrics-client-ca), None when
+    it follows the service's TLS; an InvalidRequestError when there is no certificate to
+    serve HTTPS with."""
+    client_ca = args.metrics_client_ca
+    if not client_ca:
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise InvalidRequestError(
+            "--metrics-client-ca",
+            "asking scrapers for certificates needs HTTPS on /metrics: give --tls-cert and "
+            "--tls-key too, or drop --metrics-client-ca ($TANDEM_METRICS_CLIENT_CA)",
+        )
+    return Path(client_ca)
 
 
 def gateway_tls(args: argparse.Namespace) -> tuple[TlsConfig | None, TlsConfig | None]:

@@ -12,7 +12,7 @@ from services.cli.drain_args import add_drain_arg
 from services.cli.engine_args import add_engine_args, engine_config
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.telemetry_args import configure as configure_tracing
-from services.cli.tls_args import add_service_tls_args, service_tls
+from services.cli.tls_args import add_service_tls_args, metrics_client_ca, service_tls
 from services.rpc import event_loop
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
         type=arg_types.port,
         default=0,
         help="serve Prometheus /metrics on this port (default 0: off); HTTPS with the "
-        "worker's --tls-cert, and a scraper certificate signed by --tls-ca required with it",
+        "worker's --tls-cert, asking scrapers for a certificate signed by "
+        "--metrics-client-ca, else by --tls-ca when given",
     )
     add_drain_arg(
         parser,
@@ -118,6 +119,7 @@ def worker_config(args: argparse.Namespace, **overrides: Any) -> WorkerConfig:
         kv_timeout_s=getattr(args, "kv_timeout_s", 10.0),
         kv_room_wait_s=getattr(args, "kv_room_wait_s", 10.0),
         metrics_port=args.metrics_port,
+        metrics_client_ca=metrics_client_ca(args),
         drain_timeout_s=args.drain_timeout_s,
         engine=engine_config(args),
     )

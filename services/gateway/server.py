@@ -63,7 +63,12 @@ class GatewayConfig:
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` (the metering counters) on this port and ``host``; None
     or 0: off. Over TLS with the gateway's cluster identity (``router_tls``): a scraper
-    needs a certificate from the cluster CA when there is one."""
+    needs a certificate from ``metrics_client_ca``, else from the cluster CA when there is
+    one."""
+    metrics_client_ca: Path | None = None
+    """PEM CA bundle that signs the scrapers' certificates: /metrics requires one it signed
+    and accepts no other (the cluster CA's neither). Needs a certificate (``router_tls`` or
+    ``tls``). None: /metrics asks what the cluster's ports ask."""
     http_port: int | None = None
     """Serve the OpenAI-compatible HTTP API (``/v1/models``, ``/v1/completions``,
     ``/v1/chat/completions``) on this port; None: off, 0: a free port (``Gateway.http_port``)."""
@@ -181,7 +186,11 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
         running = await start_server(servicers, host=config.host, port=config.port, tls=config.tls)
         if config.metrics_port:
             metrics_server = serve_metrics(
-                METRICS.registry, config.metrics_port, config.host, _metrics_tls(config)
+                METRICS.registry,
+                config.metrics_port,
+                config.host,
+                _metrics_tls(config),
+                config.metrics_client_ca,
             )
         if config.http_port is not None:
             host = config.http_host or config.host
@@ -228,7 +237,8 @@ def _admission(config: GatewayConfig) -> tuple[Admission, Any]:
 def _metrics_tls(config: GatewayConfig) -> TlsConfig | None:
     """/metrics (usage per team and model) is for the cluster's scraper, not the public: it
     takes the gateway's cluster identity, so with the cluster CA (--tls-ca) a scraper needs
-    a certificate that CA signed, as on the router and the workers."""
+    a certificate that CA signed, as on the router and the workers (one from
+    ``metrics_client_ca`` instead when that is set: ``serve_metrics``)."""
     internal = config.router_tls
     if internal is None or internal.cert is None:
         return config.tls

@@ -373,7 +373,12 @@ def _ephemeral_floor() -> int:
         return 32768
 
 
-TLS_ENVIRONMENT = ("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA")
+TLS_ENVIRONMENT = (
+    "TANDEM_TLS_CERT",
+    "TANDEM_TLS_KEY",
+    "TANDEM_TLS_CA",
+    "TANDEM_METRICS_CLIENT_CA",
+)
 """Defaults of the services' TLS flags (services/cli/tls_args.py): the launcher passes its
 children's TLS as flags (--tls), so an operator's environment never turns it on half-way."""
 

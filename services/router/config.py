@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S
@@ -56,6 +57,10 @@ class RouterConfig:
     refused, before the rest are cut."""
     metrics_port: int = 0
     """Serve Prometheus /metrics on this port (TTFT, inter-token latency, retries); 0: off."""
+    metrics_client_ca: Path | None = None
+    """PEM CA bundle that signs the scrapers' certificates: /metrics requires one it signed
+    and accepts no other (``tls.ca``'s neither), while the gRPC port keeps trusting
+    ``tls.ca`` alone. Needs ``tls`` with a certificate. None: /metrics follows ``tls``."""
     local_prefill_max_tokens: int = 256
     """Conditional disaggregation (kv-aware policy only): when the part of the prompt the
     chosen decode worker does not hold is at most this many tokens, it prefills locally

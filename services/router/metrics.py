@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -58,9 +59,16 @@ class RouterMetrics:
 
         r.register(PLACEMENTS)  # tandem_router_placements_total{placement=...}
 
-    def serve(self, port: int, host: str = "127.0.0.1", tls: TlsConfig | None = None) -> None:
-        """Serve ``/metrics`` on host:port, over TLS when ``tls`` has a certificate."""
-        serve_metrics(self.registry, port, host, tls)
+    def serve(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        tls: TlsConfig | None = None,
+        client_ca: Path | None = None,
+    ) -> None:
+        """Serve ``/metrics`` on host:port, over TLS when ``tls`` has a certificate, to
+        scrapers ``client_ca`` certified when given (``serve_metrics``)."""
+        serve_metrics(self.registry, port, host, tls, client_ca)
 
     async def observe(
         self, stream: AsyncIterator[pb.GenerateResponse]

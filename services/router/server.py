@@ -96,7 +96,7 @@ async def start_router(
     orchestrator.kv_state = kv_state
     gate = CallGate("the router")
     if config.metrics_port:
-        metrics.serve(config.metrics_port, config.host, config.tls)
+        metrics.serve(config.metrics_port, config.host, config.tls, config.metrics_client_ca)
     server = await start_server(
         [
             Servicer(

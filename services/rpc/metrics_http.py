@@ -2,20 +2,30 @@
 
 The metrics port follows the service's own TLS settings, so turning TLS on leaves no
 plaintext port behind: with a certificate, ``/metrics`` is HTTPS with that certificate
-(TLS 1.2 or newer); when the service requires client certificates (mTLS), so does
-``/metrics``, signed by the same CA: the scraper (Prometheus ``tls_config``: ``ca_file``,
-``cert_file``, ``key_file``) then needs a certificate from the cluster's CA, like any peer.
+(TLS 1.2 or newer). Who may scrape it:
+
+- with a metrics client CA (``--metrics-client-ca``): a scraper presenting a certificate
+  that CA signed, and nobody else: not even a peer of the cluster's CA. The scrapers' CA
+  is a different one from the cluster's, which the gRPC port keeps trusting alone, so a
+  scraper's certificate (Prometheus's, kept on a less guarded machine) cannot call the
+  services, and a service's cannot read another's metrics.
+- without one, when the service requires client certificates (mTLS): a certificate signed
+  by the cluster's CA, like any peer, so the scraper's certificate also opens the gRPC
+  ports. Prometheus ``tls_config``: ``ca_file`` (the cluster's CA, which signs the
+  services), ``cert_file``, ``key_file``.
+
 Without TLS it is plain HTTP, as the services' gRPC ports are.
 """
 
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from services.rpc.tls import TlsConfig, follow_renewals, load
+from services.rpc.tls import TlsConfig, TlsError, follow_renewals, load
 
 
 class MetricsServer:
@@ -36,11 +46,17 @@ class MetricsServer:
 
 
 def serve_metrics(
-    registry: CollectorRegistry, port: int, host: str, tls: TlsConfig | None = None
+    registry: CollectorRegistry,
+    port: int,
+    host: str,
+    tls: TlsConfig | None = None,
+    client_ca: Path | None = None,
 ) -> MetricsServer:
     """Serve ``registry`` on ``http(s)://host:port/metrics``; over TLS when ``tls`` has a
     certificate (renewed files presented from the next handshake on), requiring client
-    certificates when ``tls.require_client_auth``."""
+    certificates signed by ``client_ca`` when given, else by ``tls.ca`` when
+    ``tls.require_client_auth`` (:func:`scrape_tls`)."""
+    tls = scrape_tls(tls, client_ca)
     if tls is None or tls.cert is None:
         server, _thread = start_http_server(port, addr=host, registry=registry)
         return MetricsServer(server, "http")
@@ -55,5 +71,20 @@ def serve_metrics(
         client_auth_required=tls.require_client_auth,
         tls_min_version=ssl.TLSVersion.TLSv1_2,
     )
-    follow_renewals(tls, server.socket.context)  # renewed files: no restart
+    # Renewed files, the client CA's included, are used from the next handshake on.
+    follow_renewals(tls, server.socket.context)
     return MetricsServer(server, "https")
+
+
+def scrape_tls(tls: TlsConfig | None, client_ca: Path | None) -> TlsConfig | None:
+    """The TLS ``/metrics`` serves for a service with ``tls``: the same, or with
+    ``client_ca`` its certificate with client certificates required from ``client_ca``
+    alone. TlsError when ``client_ca`` comes without a certificate to serve HTTPS with."""
+    if client_ca is None:
+        return tls
+    if tls is None or tls.cert is None:
+        raise TlsError(
+            f"the metrics client CA {client_ca} asks scrapers for certificates, which needs "
+            "HTTPS: give the service's certificate and key too (--tls-cert, --tls-key)"
+        )
+    return TlsConfig(tls.cert, tls.key, client_ca, require_client_auth=True)

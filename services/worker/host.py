@@ -12,6 +12,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -62,6 +63,10 @@ class WorkerConfig:
     it below the prefill workers' lease, which pins the KV meanwhile."""
     metrics_port: int = 0
     """Prometheus /metrics port; 0 disables it."""
+    metrics_client_ca: Path | None = None
+    """PEM CA bundle that signs the scrapers' certificates: /metrics requires one it signed
+    and accepts no other (``tls.ca``'s neither), while the gRPC port keeps trusting
+    ``tls.ca`` alone. Needs ``tls`` with a certificate. None: /metrics follows ``tls``."""
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     """On SIGTERM/SIGINT: how long to keep serving the requests already here (and the KV
     reads of prefills held for decode workers) while refusing new ones, before stopping
@@ -108,10 +113,13 @@ class WorkerHost:
     async def start(self, servicers: Callable[[WorkerHost], list[Servicer]]) -> None:
         """Load the model, start the engine thread and the server, then register and
         publish KV events to the router (when one is configured)."""
-        if self.config.tls is not None:
-            from services.rpc.tls import load
+        from services.rpc.metrics_http import scrape_tls
+        from services.rpc.tls import load
 
-            load(self.config.tls)  # a bad certificate file fails now, not after the model loads
+        scrape = scrape_tls(self.config.tls, self.config.metrics_client_ca)
+        for tls in (self.config.tls, scrape):
+            if tls is not None:
+                load(tls)  # a bad certificate file fails now, not after the model loads
         self.engine = await asyncio.to_thread(LLMEngine, self.config.model, self.config.engine)
         self.loop = EngineLoop(self.engine)
         self.loop.on_tick(self._expire_leases)
@@ -121,7 +129,9 @@ class WorkerHost:
             servicers(self), self.config.host, self.config.port, tls=self.config.tls
         )
         if self.config.metrics_port:
-            self.metrics.serve(self.config.metrics_port, self.config.host, self.config.tls)
+            config = self.config
+            client_ca = config.metrics_client_ca
+            self.metrics.serve(config.metrics_port, config.host, config.tls, client_ca)
         if self.config.router:
             self._registration = asyncio.create_task(
                 register_and_heartbeat(

@@ -6,6 +6,8 @@ process without clashing over metric names.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.rpc.metrics_http import serve_metrics
@@ -75,6 +77,13 @@ class WorkerMetrics:
         )
         self.role = role
 
-    def serve(self, port: int, host: str = "127.0.0.1", tls: TlsConfig | None = None) -> None:
-        """Expose /metrics on host:port, over TLS when ``tls`` has a certificate."""
-        serve_metrics(self.registry, port, host, tls)
+    def serve(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        tls: TlsConfig | None = None,
+        client_ca: Path | None = None,
+    ) -> None:
+        """Expose /metrics on host:port, over TLS when ``tls`` has a certificate, to
+        scrapers ``client_ca`` certified when given (``serve_metrics``)."""
+        serve_metrics(self.registry, port, host, tls, client_ca)

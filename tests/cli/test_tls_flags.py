@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.cli.main import build_parser, main
+from services.engine.errors import InvalidRequestError
 from services.rpc.tls import TlsConfig
 
 
@@ -82,6 +83,53 @@ def test_service_flags_default_to_the_tandem_tls_environment(
     assert tls is not None and tls.ca == Path("other.pem")
 
 
+SERVICES = {
+    "router": ("router", "--port", "0"),
+    "prefill": ("prefill",),
+    "decode": ("decode",),
+    "gateway": ("gateway", "--port", "0", "--router", "r:1", "--policy", "p.toml"),
+}
+"""Every command whose service serves /metrics, with the flags it requires."""
+
+
+def _config(argv: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """The config object the command's own flags-to-config function makes."""
+    from services.cli.gateway import gateway_config
+    from services.cli.router import router_config
+    from services.cli.worker import worker_config
+
+    args = _args(*argv)
+    make = {"router": router_config, "gateway": gateway_config}.get(argv[0], worker_config)
+    return make(args)
+
+
+@pytest.mark.parametrize("command", SERVICES)
+def test_the_metrics_client_ca_comes_from_its_flag_or_the_environment(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = ("--tls-cert", "s.pem", "--tls-key", "s-key.pem", "--tls-ca", "ca.pem")
+    argv = (*SERVICES[command], *tls)
+    assert _config(argv).metrics_client_ca is None  # unset: /metrics follows --tls-ca
+    flag = _config((*argv, "--metrics-client-ca", "scrapers.pem"))
+    assert flag.metrics_client_ca == Path("scrapers.pem")
+    monkeypatch.setenv("TANDEM_METRICS_CLIENT_CA", "/tls/scraper-ca.pem")
+    assert _config(argv).metrics_client_ca == Path("/tls/scraper-ca.pem")
+    flag = _config((*argv, "--metrics-client-ca", "scrapers.pem"))  # the flag still wins
+    assert flag.metrics_client_ca == Path("scrapers.pem")
+
+
+@pytest.mark.parametrize("command", SERVICES)
+def test_a_metrics_client_ca_without_a_certificate_is_refused(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The flags-to-config step, not main(): a service that let it through would serve.
+    monkeypatch.setenv("TANDEM_METRICS_CLIENT_CA", "/tls/scraper-ca.pem")
+    with pytest.raises(InvalidRequestError) as refused:
+        _config(SERVICES[command])  # the environment alone, no certificate
+    assert refused.value.field == "--metrics-client-ca"
+    assert refused.value.description.startswith("asking scrapers for certificates needs HTTPS")
+
+
 def test_the_launcher_keeps_the_tls_environment_from_its_children(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -89,7 +137,9 @@ def test_the_launcher_keeps_the_tls_environment_from_its_children(
 
     monkeypatch.setenv("TANDEM_TLS_CERT", "/tls/x.pem")
     monkeypatch.setenv("TANDEM_TLS_CA", "/tls/ca.pem")
+    monkeypatch.setenv("TANDEM_METRICS_CLIENT_CA", "/tls/scraper-ca.pem")
     monkeypatch.setenv("TANDEM_HOME", "/somewhere")
     env = _child_env()
     assert "TANDEM_TLS_CERT" not in env and "TANDEM_TLS_CA" not in env
+    assert "TANDEM_METRICS_CLIENT_CA" not in env  # a plain `tandem up` child would refuse it
     assert env["TANDEM_HOME"] == "/somewhere" and env["PYTHONUNBUFFERED"] == "1"

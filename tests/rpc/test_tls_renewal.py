@@ -1,6 +1,6 @@
 """Certificates renewed in place (as cert-manager does) are used without a restart: by gRPC
-servers, HTTPS servers (/metrics) and long-lived channels; renewed files that fail the
-checks are refused and the ones in use kept."""
+servers, HTTPS servers (/metrics, its scrapers' CA too) and long-lived channels; renewed
+files that fail the checks are refused and the ones in use kept."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from services.rpc import tls as tls_mod
 from services.rpc.metrics_http import serve_metrics
 from services.rpc.server import client_channel, start_server
 from services.rpc.tls import TlsConfig, TlsError, generation, load
-from services.rpc.tls_dev_ca import DevCa
+from services.rpc.tls_dev_ca import SCRAPER_CA, DevCa
 
 
 @pytest.fixture(autouse=True)
@@ -139,6 +139,36 @@ def test_an_https_server_presents_the_renewed_certificate(tmp_path: Path) -> Non
         assert handshake("alpha") and not handshake("beta")
         _install(ca.issue("beta", local_names=False), files)
         assert handshake("beta") and not handshake("alpha")
+    finally:
+        metrics.close()
+
+
+def test_an_https_server_follows_a_renewed_metrics_client_ca(tmp_path: Path) -> None:
+    """The scrapers' CA file replaced in place (a new scrapers' CA): the next scrape needs a
+    certificate of the new CA, and one of the old is refused, without a restart."""
+    ca = DevCa.create(tmp_path / "ca")
+    old, new = (DevCa.create(tmp_path / n, stem=SCRAPER_CA) for n in ("old", "new"))
+    client_ca = tmp_path / "scrapers.pem"
+    shutil.copyfile(old.cert, client_ca)
+    metrics = serve_metrics(CollectorRegistry(), 0, "127.0.0.1", ca.issue("server"), client_ca)
+
+    def scrapes(scrapers: DevCa) -> bool:
+        leaf = scrapers.issue_client("prometheus")
+        assert leaf.cert and leaf.key and ca.cert
+        client = ssl.create_default_context(cafile=ca.cert)
+        client.load_cert_chain(leaf.cert, leaf.key)
+        with socket.create_connection(("127.0.0.1", metrics.port), timeout=5) as raw:
+            try:
+                with client.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    return tls.makefile("rb").readline().split()[1:2] == [b"200"]
+            except (ssl.SSLError, ConnectionError):
+                return False
+
+    try:
+        assert scrapes(old) and not scrapes(new)
+        shutil.copyfile(new.cert, client_ca)
+        assert scrapes(new) and not scrapes(old)
     finally:
         metrics.close()
 
