@@ -132,6 +132,8 @@ class Gateway(RunningServer):
         grace = self._drain_timeout_s if grace is None else grace
         await asyncio.gather(self._drain_grpc(grace), http_stopped)
         await self.service.pipeline.close()  # writes the settles still queued
+        # Then the limiter: Redis settles still waiting get one last try.
+        await asyncio.to_thread(self.service.pipeline.admission.close)
         await self._channel.close()
         _close_extras(self._verifier, self._metrics_server, self._redis)
         self.store.close()
