@@ -210,7 +210,11 @@ class Orchestrator:
         try:
             if first is not None:  # in the try: a client gone at this yield frees the KV too
                 yield progress.chunk([first.first_token_id], first.first_text)
-            if decoder is None or decoder.gone.is_set():
+            # After a prefill, pick again: the early pick only chose the placement. Held
+            # through the prefill, uncounted as load until Decode is sent, it sent every
+            # request arriving within one prefill time to the same decode worker, and to
+            # one that began draining meanwhile.
+            if first is not None or decoder is None or decoder.gone.is_set() or decoder.draining:
                 decoder = self._pick(
                     await self._decoders(progress, failed, deadline), routing, DECODE
                 )

@@ -40,9 +40,12 @@ class RoutingRequest:
     """Tokens per block of the model's workers (0: unknown, then nothing is cached)."""
 
     def cached_tokens(self, worker_id: str) -> int:
-        """Prompt tokens ``worker_id`` holds as a cached prefix (never above the prompt)."""
-        held = self.cached_blocks.get(worker_id, 0) * self.block_size
-        return min(held, len(self.prompt_token_ids))
+        """Prompt tokens ``worker_id`` can take from its cache: the blocks it holds, up to
+        the last full block before the prompt's last token, which the engine always
+        computes (it needs that token's logits). Counting that block too, a prompt of whole
+        blocks cost nothing on its holder, and a burst of it all went there."""
+        usable = (len(self.prompt_token_ids) - 1) // self.block_size if self.block_size else 0
+        return min(self.cached_blocks.get(worker_id, 0), max(usable, 0)) * self.block_size
 
     def uncached_tokens(self, worker_id: str) -> int:
         """Prompt tokens ``worker_id`` would have to compute: the prompt after its prefix."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
+
 from services.engine.block_hash import hash_prefix_blocks
 from services.engine.kv_events import BlockStored
 from services.router.config import RouterConfig
@@ -78,10 +80,19 @@ def test_prefill_prefers_the_longest_prefix_unless_its_queue_costs_more() -> Non
     assert policy.pick([a, b, c], request) is c
 
 
-def test_a_prefix_longer_than_the_prompt_counts_as_the_whole_prompt() -> None:
-    request = routing(PREFILL, {"a": 1}, prompt_len=10)  # one 16-token block, 10 tokens
-    assert KVAware().prefill_cost(worker("a"), request) == 0
-    assert request.cached_fraction("a") == 1.0
+def test_a_held_prefix_counts_up_to_the_block_before_the_last_token() -> None:
+    """The engine always computes the prompt's last token (it needs its logits), so a block
+    holding it is computed again: a prompt of whole blocks is never free on its holder."""
+    cases = {  # (prompt tokens, blocks held) -> tokens to compute
+        (10, 1): 10,  # a block longer than the prompt: nothing usable
+        (64, 4): 16,  # four whole blocks held: the fourth is computed again
+        (64, 3): 16,
+        (65, 5): 1,  # the last token starts a block of its own
+    }
+    for (prompt_len, held), uncached in cases.items():
+        request = routing(PREFILL, {"a": held}, prompt_len=prompt_len)
+        assert KVAware().prefill_cost(worker("a"), request) == uncached, (prompt_len, held)
+    assert routing(PREFILL, {"a": 4}, prompt_len=64).cached_fraction("a") == 0.75
 
 
 def test_equal_costs_are_shared_at_random_reproducibly() -> None:
@@ -129,10 +140,12 @@ class _KVState:
         return self._index if model == MODEL else None
 
 
-def test_in_flight_prefill_tokens_spread_a_burst_before_any_heartbeat() -> None:
-    """p1 holds 3 of the prompt's 4 blocks; 8 requests arrive while every prefill hangs.
-    Costs before each pick: p1 = 16 + 16 × (its in-flight requests), p2 = 64 + 64 × its.
-    So p1 takes the first three (16, 32, 48 < 64), then p2 must get some."""
+@pytest.mark.parametrize("held_blocks", [3, 4])
+def test_in_flight_prefill_tokens_spread_a_burst_before_any_heartbeat(held_blocks: int) -> None:
+    """p1 holds 3 (or all 4: the last is computed again) of the prompt's 4 blocks; 8
+    requests arrive while every prefill hangs. Costs before each pick: p1 = 16 + 16 × (its
+    in-flight requests), p2 = 64 + 64 × its. So p1 takes the first three (16, 32, 48 < 64),
+    then p2 must get some. Holding all 4 once cost p1 nothing: all 8 went there."""
     prompt = list(range(1, 65))
     config = RouterConfig(
         heartbeat_interval_s=5.0, prefill_timeout_s=10.0, local_prefill_max_tokens=0
@@ -140,7 +153,8 @@ def test_in_flight_prefill_tokens_spread_a_burst_before_any_heartbeat() -> None:
 
     async def body() -> None:
         async with cluster(config) as c:
-            c.router.orchestrator.kv_state = _KVState(_index_holding("p1", prompt[:48]))
+            held = prompt[: 16 * held_blocks]
+            c.router.orchestrator.kv_state = _KVState(_index_holding("p1", held))
             p1 = await c.add("p1", PREFILL, Behaviour(hang_after=0), heartbeat=False)
             p2 = await c.add("p2", PREFILL, Behaviour(hang_after=0), heartbeat=False)
             await c.add("d1", DECODE, heartbeat=False)
