@@ -6,6 +6,7 @@ errors to statuses. Prompt text never reaches a log line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import aclosing
@@ -17,7 +18,7 @@ from services.router.errors import RouteError
 from services.router.kv_state import NeedsSnapshot, RouterKVState
 from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
-from services.router.registry import WorkerRegistry
+from services.router.registry import WorkerRegistry, WorkerState
 from services.rpc.drain import CallGate
 from services.rpc.status import abort_with
 from services.stubs.tandem.v1 import (
@@ -112,51 +113,97 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
     ) -> worker_pb2.KVEventsAck:
         """Apply one worker's snapshot and events; FAILED_PRECONDITION asks it to resync.
 
-        The stream is bound to the registry entry live when it opened: once that
-        entry is removed (expired, or replaced by a re-registration, whose
-        listener already dropped the worker's index entries), a further message
-        ends the stream, so an old stream can never re-add stale blocks.
+        The stream is bound to the registry entry live when it opened. Once that entry is
+        removed (expired, or replaced by a re-registration, whose listener already dropped
+        the worker's index entries) the stream ends at once, whether or not a message
+        arrives: an old stream can never re-add stale blocks, and the worker resyncs with
+        a snapshot now rather than at its next event (an idle worker holding a hot prefix
+        was left out of the index until then).
         """
         if self._kv_state is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this router keeps no KV index")
-        worker = None
-        async for batch in request_iterator:
-            if worker is None:
-                worker = self._registry.get(batch.worker_id)
-                if worker is None:
-                    await context.abort(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"worker {batch.worker_id!r} is not registered; register, then "
-                        "reconnect starting with a snapshot",
-                    )
-                if not batch.HasField("snapshot"):
-                    await context.abort(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        "the first KVEventBatch of a stream must carry a snapshot",
-                    )
-            elif worker.gone.is_set():
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"worker {worker.worker_id!r} was removed or re-registered since this "
-                    "stream opened; reconnect starting with a snapshot",
-                )
-            elif batch.worker_id not in ("", worker.worker_id):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"this stream publishes for worker {worker.worker_id!r}, "
-                    f"not {batch.worker_id!r}",
-                )
-            elif batch.HasField("snapshot"):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "only the first KVEventBatch of a stream may carry a snapshot",
-                )
-            try:
-                self._kv_state.apply(worker, batch)
-            except NeedsSnapshot as error:
-                log.info("%s; ending its KV event stream", error)
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-            except ValueError as error:
-                log.warning("bad KV events from worker %r: %s", worker.worker_id, error)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None:
+            return worker_pb2.KVEventsAck()
+        worker = await self._bind_kv_stream(first, context)
+        await self._apply_kv(worker, first, context)
+        removed = asyncio.ensure_future(worker.gone.wait())
+        try:
+            while (
+                batch := await self._next_kv_batch(messages, removed, worker, context)
+            ) is not None:
+                await self._check_kv_batch(worker, batch, context)
+                await self._apply_kv(worker, batch, context)
+        finally:
+            removed.cancel()
         return worker_pb2.KVEventsAck()
+
+    async def _bind_kv_stream(
+        self, first: worker_pb2.KVEventBatch, context: grpc.aio.ServicerContext
+    ) -> WorkerState:
+        worker = self._registry.get(first.worker_id)
+        if worker is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {first.worker_id!r} is not registered; register, then "
+                "reconnect starting with a snapshot",
+            )
+        if not first.HasField("snapshot"):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the first KVEventBatch of a stream must carry a snapshot",
+            )
+        return worker
+
+    @staticmethod
+    async def _next_kv_batch(
+        messages: AsyncIterator[worker_pb2.KVEventBatch],
+        removed: asyncio.Future[object],
+        worker: WorkerState,
+        context: grpc.aio.ServicerContext,
+    ) -> worker_pb2.KVEventBatch | None:
+        """The next batch, None at the end of the stream; aborts once ``worker`` is removed."""
+        if not removed.done():
+            arrived = asyncio.ensure_future(anext(messages, None))
+            await asyncio.wait((arrived, removed), return_when=asyncio.FIRST_COMPLETED)
+            if arrived.done():
+                return arrived.result()
+            arrived.cancel()
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"worker {worker.worker_id!r} was removed or re-registered since this "
+            "stream opened; reconnect starting with a snapshot",
+        )
+        return None  # not reached: abort raises
+
+    @staticmethod
+    async def _check_kv_batch(
+        worker: WorkerState, batch: worker_pb2.KVEventBatch, context: grpc.aio.ServicerContext
+    ) -> None:
+        if batch.worker_id not in ("", worker.worker_id):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"this stream publishes for worker {worker.worker_id!r}, not {batch.worker_id!r}",
+            )
+        if batch.HasField("snapshot"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "only the first KVEventBatch of a stream may carry a snapshot",
+            )
+
+    async def _apply_kv(
+        self,
+        worker: WorkerState,
+        batch: worker_pb2.KVEventBatch,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        assert self._kv_state is not None
+        try:
+            self._kv_state.apply(worker, batch)
+        except NeedsSnapshot as error:
+            log.info("%s; ending its KV event stream", error)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except ValueError as error:
+            log.warning("bad KV events from worker %r: %s", worker.worker_id, error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))

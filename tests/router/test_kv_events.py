@@ -209,12 +209,11 @@ def test_re_registration_drops_the_workers_blocks_at_once() -> None:
                 assert prefix(router, hashes) == {"p1": 2}  # no wait for any event
                 assert gauge(router, "p0") is None and gauge(router, "p1") == 2
 
-                # The dead process's stream cannot bring the stale blocks back.
-                await old.write(stored("p0", 0, chain(3, 2)))
+                # The dead process's stream ends at once, with nothing sent on it: it
+                # cannot bring stale blocks back.
                 code, details = await ended_with(old)
                 assert code == grpc.StatusCode.FAILED_PRECONDITION
                 assert "re-registered" in details
-                assert prefix(router, chain(3, 2)) == {}
 
                 fresh = stub.PublishKVEvents()
                 await fresh.write(snapshot("p0", [], next_seq=0))
@@ -317,6 +316,37 @@ def test_the_publisher_registers_late_resyncs_after_a_gap_and_stops() -> None:
             await until(lambda: prefix(router, chain(3, 1)) == {"p0": 1})
             assert prefix(router, chain(4, 1)) == {"p0": 1}
             assert router.kv_state.indexed_blocks("p0") == 6
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 5.0)
+            await router.stop(grace=0)
+
+    run(body())
+
+
+def test_an_idle_worker_back_from_a_missed_heartbeat_is_indexed_again_at_once() -> None:
+    """Expired by one missed heartbeat, a live worker re-registers with its cache intact.
+    The router drops its blocks; its old stream must end at once so the publisher resyncs,
+    not at the worker's next KV event (idle, it had none: the index said {} for good)."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        router = await start_router(CONFIG, clock=clock)
+        engine = FakeEngine(cached=chain(1, 4))
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            publish_kv_events(router.address, "p0", InlineLoop(engine), stop, interval_s=0.01)
+        )
+        try:
+            async with client_channel(router.address) as channel:
+                stub = worker_pb2_grpc.RegistryStub(channel)
+                await stub.Register(registration("p0"))
+                await until(lambda: prefix(router, chain(1, 4)) == {"p0": 4})
+                clock.now += CONFIG.heartbeat_timeout_s + 0.5  # a heartbeat missed
+                router.registry.sweep()
+                assert prefix(router, chain(1, 4)) == {}
+                await stub.Register(registration("p0"))  # what registration.py does next
+            await until(lambda: prefix(router, chain(1, 4)) == {"p0": 4})  # no new event
         finally:
             stop.set()
             await asyncio.wait_for(task, 5.0)
