@@ -86,7 +86,26 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        self._note_cached(seq)
         self.waiting.append(seq)
+
+    def queued_prefill(self) -> int:
+        """Prompt tokens still to compute: the rest of the running prefills, and each
+        waiting prompt after the prefix the cache held when it was queued (a load figure:
+        reporting whole prompts, a worker holding a hot prefix looked several times busier
+        than it was, and a prefix-aware router sent that prefix's requests elsewhere)."""
+        queued = sum(
+            s.num_uncomputed_tokens
+            for s in self.running
+            if s.num_computed_tokens < s.num_prompt_tokens
+        )
+        return queued + sum(
+            s.num_uncomputed_tokens - s.num_cached_when_queued for s in self.waiting
+        )
+
+    def _note_cached(self, seq: Sequence) -> None:
+        # Once per queueing, not per report: a lookup per block of the prompt.
+        seq.num_cached_when_queued = len(self._cached_prefix(seq)) * self.block_size
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -255,6 +274,7 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.reset_for_recompute()
+        self._note_cached(seq)  # its full blocks stay cached, free, until evicted
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

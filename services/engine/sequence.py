@@ -44,6 +44,9 @@ class Sequence:
     num_cached_tokens: int | None = None
     """Prompt tokens served from the prefix cache at first admission (for usage)."""
     num_preemptions: int = 0
+    num_cached_when_queued: int = 0
+    """Leading tokens the prefix cache held when it joined the queue: work it will likely
+    skip, left out of the queued prefill a worker reports (``Scheduler.queued_prefill``)."""
     _block_hashes: list[BlockHash] = field(default_factory=list)
 
     def __post_init__(self) -> None:

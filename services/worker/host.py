@@ -271,18 +271,12 @@ class WorkerHost:
 
 def _engine_load(engine: LLMEngine) -> wpb.WorkerLoad:
     sched = engine.scheduler
-    queued = sum(s.num_uncomputed_tokens for s in sched.waiting)
-    queued += sum(
-        s.num_uncomputed_tokens
-        for s in sched.running
-        if s.num_computed_tokens < s.num_prompt_tokens
-    )
     return wpb.WorkerLoad(
         running=len(sched.running),
         waiting=len(sched.waiting) + len(sched.awaiting_room),
         free_blocks=engine.pool.num_free_blocks,
         total_blocks=engine.pool.num_blocks,
-        queued_prefill_tokens=queued,
+        queued_prefill_tokens=sched.queued_prefill(),
     )
 
 

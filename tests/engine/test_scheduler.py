@@ -176,6 +176,25 @@ def test_prefix_hit_never_covers_the_whole_prompt() -> None:
     assert h.pool.lru_order() == []
 
 
+def test_queued_prefill_leaves_out_what_the_cache_held_when_queued() -> None:
+    """The load a worker reports: waiting prompts count without their cached prefix (the
+    cache lookup the scheduler makes when it admits them), running prefills their rest."""
+    h = Harness(max_num_batched_tokens=6)
+    shared = list(range(100, 108))  # 2 full blocks
+    h.add("first", [*shared, 1])
+    assert h.sched.queued_prefill() == 9  # nothing cached yet
+    assert h.step() == [("first", 6)]
+    assert h.sched.queued_prefill() == 3  # its rest
+    assert h.step() == [("first", 3)]  # computed (and cached) whole; decoding now
+    assert h.sched.queued_prefill() == 0
+    for i in range(4):
+        h.add(f"r{i}", [*shared, 2, 3, 4, 5, i])  # 13 tokens, the first 8 cached
+    assert [s.num_cached_when_queued for s in h.sched.waiting] == [8, 8, 8, 8]
+    assert h.sched.queued_prefill() == 4 * 5  # was 4 * 13
+    assert h.step() == [("first", 1), ("r0", 5)]
+    assert h.sched.queued_prefill() == 3 * 5
+
+
 def test_prefix_hit_stops_at_the_first_different_block() -> None:
     h = Harness(max_num_batched_tokens=100)
     a = h.add("a", list(range(12)))
@@ -247,6 +266,9 @@ def test_a_preempted_sequence_goes_to_the_front_and_is_recomputed() -> None:
     h.add("c", 2)
     assert h.step() == [("a", 1)]  # b preempted; c queues behind it
     assert h.waiting() == ["b", "c"]
+    # Queued again, both its full blocks were still cached: the load it reports leaves
+    # them out (an estimate: one is evicted before b runs again, below).
+    assert b.num_cached_when_queued == 8
     b_tokens = list(b.token_ids)
     assert len(b_tokens) == 9  # 7 prompt + 2 generated: all of it is prefilled again
     h.finish(a)
