@@ -65,8 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_LOCAL_PREFILL_MAX_TOKENS,
         metavar="N",
         help="kv-aware: the decode worker prefills locally (no prefill worker) when the part "
-        "of the prompt it does not hold is at most N tokens "
-        f"(default {DEFAULT_LOCAL_PREFILL_MAX_TOKENS})",
+        "of the prompt it does not hold is at most N tokens, unless the prefill already "
+        "queued on it would delay the first token by more than N tokens' worth beyond the "
+        f"least busy prefill worker (default {DEFAULT_LOCAL_PREFILL_MAX_TOKENS})",
     )
     parser.add_argument(
         "--local-prefill-min-cached",

@@ -65,7 +65,10 @@ class RouterConfig:
     """Conditional disaggregation (kv-aware policy only): when the part of the prompt the
     chosen decode worker does not hold is at most this many tokens, it prefills locally
     and the prefill pool is skipped (a KV handoff costs more than so short a prefill).
-    ServingInfo.placement says "local-short-prompt". 0: only a fully held prompt."""
+    ServingInfo.placement says "local-short-prompt". 0: only a fully held prompt. Also the
+    slack for either local placement: not when the prefill queued on the decode worker
+    would delay the first token by more than this many tokens beyond the least busy
+    prefill worker."""
     local_prefill_min_cached: float = 0.9
     """Conditional disaggregation (kv-aware policy only): when the chosen decode worker
     already holds at least this share of the prompt (its cached prefix, per the router's

@@ -18,8 +18,11 @@ One call of ``generate()`` runs attempts until one ends the request:
   (kv-aware), when the prompt is cheap to prefill on the chosen D: the part of
   it D does not hold is at most ``local_prefill_max_tokens``
   ("local-short-prompt"), or D holds at least ``local_prefill_min_cached`` of
-  it ("local-cached-prefix"). Under such a policy D is picked first, so the
-  decision is made on the worker that will decode.
+  it ("local-cached-prefix"); and not when the prefill D has queued would make
+  the first token later than on the least busy prefill worker by more than
+  ``local_prefill_max_tokens``. Under such a policy D is looked at first, so the
+  decision is made on a worker that could decode it; after a prefill the decode
+  worker is picked again, from the pool as it is then.
 
 Placement. The prompt's block hashes are computed once at admission (and again
 on a resume, over prompt + sent tokens); each attempt looks them up once in the
@@ -65,7 +68,7 @@ from services.router.channels import WorkerChannels
 from services.router.config import RouterConfig
 from services.router.errors import RouteError, WorkerLost
 from services.router.placement_metrics import PLACEMENTS
-from services.router.policies import Policy, RoutingRequest
+from services.router.policies import Policy, RoutingRequest, prefill_work
 from services.router.progress import Progress
 from services.router.registry import DECODE, PREFILL, ROLE_NAMES, WorkerRegistry, WorkerState
 from services.stubs.tandem.v1 import inference_pb2, worker_pb2
@@ -185,7 +188,8 @@ class Orchestrator:
             )
         elif self.policy.prefix_aware:
             decoder = self._pick(self._candidates(progress, failed, DECODE), routing, DECODE)
-            progress.placement = self._local_reason(routing, decoder) or placements.DISAGGREGATED
+            local = self._local_reason(routing, decoder, prefillers)
+            progress.placement = local or placements.DISAGGREGATED
         else:
             progress.placement = placements.DISAGGREGATED
         PLACEMENTS.labels(progress.placement).inc()
@@ -254,13 +258,24 @@ class Orchestrator:
         )
         return progress.attempt_request(request.request_id)
 
-    def _local_reason(self, routing: RoutingRequest, decoder: WorkerState) -> str:
-        """Why ``decoder`` should prefill this prompt itself, or "" to disaggregate."""
-        if routing.uncached_tokens(decoder.worker_id) <= self.config.local_prefill_max_tokens:
-            return placements.LOCAL_SHORT_PROMPT
-        if routing.cached_fraction(decoder.worker_id) >= self.config.local_prefill_min_cached:
-            return placements.LOCAL_CACHED_PREFIX
-        return ""
+    def _local_reason(
+        self, routing: RoutingRequest, decoder: WorkerState, prefillers: list[WorkerState]
+    ) -> str:
+        """Why ``decoder`` should prefill this prompt itself, or "" to disaggregate.
+
+        Never when the prefill already queued on it would make the first token later than
+        on the least busy prefill worker by more than a short prompt's worth (what a KV
+        handoff costs): a short prompt sent to a decode worker with 20,000 tokens of
+        prefill queued waited behind them all while the prefill pool idled."""
+        slack = self.config.local_prefill_max_tokens
+        if routing.uncached_tokens(decoder.worker_id) <= slack:
+            reason = placements.LOCAL_SHORT_PROMPT
+        elif routing.cached_fraction(decoder.worker_id) >= self.config.local_prefill_min_cached:
+            reason = placements.LOCAL_CACHED_PREFIX
+        else:
+            return ""
+        pool = min(prefill_work(p, routing) for p in prefillers)
+        return reason if prefill_work(decoder, routing) <= pool + slack else ""
 
     async def _prefill(
         self, worker: WorkerState, request: inference_pb2.GenerateRequest, deadline: float | None

@@ -57,6 +57,16 @@ class RoutingRequest:
         return self.cached_tokens(worker_id) / n if n else 0.0
 
 
+def prefill_work(worker: WorkerState, request: RoutingRequest) -> int:
+    """Prompt tokens ``worker`` computes before ``request``'s first token: its uncached part,
+    the prefill the worker reports queued, and the router's prefills in flight to it."""
+    return (
+        request.uncached_tokens(worker.worker_id)
+        + worker.load.queued_prefill_tokens
+        + worker.in_flight_prefill_tokens
+    )
+
+
 class Policy(ABC):
     """Picks one worker from a non-empty list of candidates."""
 
@@ -183,11 +193,7 @@ class KVAware(Policy):
 
     def prefill_cost(self, worker: WorkerState, request: RoutingRequest) -> float:
         """Prompt tokens of work ahead of the request's first token on ``worker``."""
-        return (
-            request.uncached_tokens(worker.worker_id)
-            + worker.load.queued_prefill_tokens
-            + worker.in_flight_prefill_tokens
-        )
+        return prefill_work(worker, request)
 
     def decode_cost(self, worker: WorkerState, request: RoutingRequest) -> float:
         """Load in running sequences, plus fullness, minus credit for the held prefix."""

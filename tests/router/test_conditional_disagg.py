@@ -41,6 +41,31 @@ def test_a_short_prompt_is_prefilled_by_the_decode_worker() -> None:
     run(body())
 
 
+def test_a_decode_worker_with_a_long_prefill_queue_sends_even_a_short_prompt_to_the_pool() -> None:
+    """Local only while the decode worker's queued prefill keeps the first token within a
+    short prompt's worth (256 tokens) of the least busy prefill worker's."""
+
+    async def body() -> None:
+        async with cluster(RouterConfig(**QUICK)) as c:
+            prefill = await c.add("p1", PREFILL, heartbeat=False)
+            decode = await c.add("d1", DECODE, heartbeat=False)
+            d1 = c.router.registry.get("d1")
+            placements = []
+            for queued in (0, 256, 257, 20_000):
+                d1.load.queued_prefill_tokens = queued
+                result = await c.generate(prompt_token_ids=SHORT, max_tokens=2)
+                placements.append(result.final.serving.placement)
+            assert placements == [
+                "local-short-prompt",
+                "local-short-prompt",  # 256 + 5 here <= 5 on the idle p1 + 256
+                "disaggregated",
+                "disaggregated",
+            ]
+            assert (len(prefill.calls), len(decode.calls)) == (2, 4)
+
+    run(body())
+
+
 def _long_prompt_config() -> RouterConfig:
     return RouterConfig(**QUICK, local_prefill_max_tokens=8)
 
