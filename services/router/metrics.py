@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.rpc.metrics_http import serve_metrics
-from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import inference_pb2 as pb
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -58,17 +55,6 @@ class RouterMetrics:
         from services.router.placement_metrics import PLACEMENTS  # process-wide counter
 
         r.register(PLACEMENTS)  # tandem_router_placements_total{placement=...}
-
-    def serve(
-        self,
-        port: int,
-        host: str = "127.0.0.1",
-        tls: TlsConfig | None = None,
-        client_ca: Path | None = None,
-    ) -> None:
-        """Serve ``/metrics`` on host:port, over TLS when ``tls`` has a certificate, to
-        scrapers ``client_ca`` certified when given (``serve_metrics``)."""
-        serve_metrics(self.registry, port, host, tls, client_ca)
 
     async def observe(
         self, stream: AsyncIterator[pb.GenerateResponse]

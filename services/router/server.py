@@ -17,6 +17,7 @@ from services.router.policies import make_policy
 from services.router.registry import WorkerRegistry
 from services.router.service import InferenceService, RegistryService
 from services.rpc.drain import CallGate, drain_server
+from services.rpc.metrics_http import serve_metrics
 from services.rpc.server import RunningServer, Servicer, start_server
 from services.rpc.shutdown import shutdown_signals
 from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2_grpc
@@ -96,7 +97,9 @@ async def start_router(
     orchestrator.kv_state = kv_state
     gate = CallGate("the router")
     if config.metrics_port:
-        metrics.serve(config.metrics_port, config.host, config.tls, config.metrics_client_ca)
+        serve_metrics(
+            metrics.registry, config.metrics_port, config.host, config.tls, config.metrics_client_ca
+        )
     server = await start_server(
         [
             Servicer(

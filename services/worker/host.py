@@ -113,7 +113,7 @@ class WorkerHost:
     async def start(self, servicers: Callable[[WorkerHost], list[Servicer]]) -> None:
         """Load the model, start the engine thread and the server, then register and
         publish KV events to the router (when one is configured)."""
-        from services.rpc.metrics_http import scrape_tls
+        from services.rpc.metrics_http import scrape_tls, serve_metrics
         from services.rpc.tls import load
 
         scrape = scrape_tls(self.config.tls, self.config.metrics_client_ca)
@@ -129,9 +129,8 @@ class WorkerHost:
             servicers(self), self.config.host, self.config.port, tls=self.config.tls
         )
         if self.config.metrics_port:
-            config = self.config
-            client_ca = config.metrics_client_ca
-            self.metrics.serve(config.metrics_port, config.host, config.tls, client_ca)
+            c = self.config
+            serve_metrics(self.metrics.registry, c.metrics_port, c.host, c.tls, c.metrics_client_ca)
         if self.config.router:
             self._registration = asyncio.create_task(
                 register_and_heartbeat(

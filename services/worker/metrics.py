@@ -6,12 +6,7 @@ process without clashing over metric names.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-from services.rpc.metrics_http import serve_metrics
-from services.rpc.tls import TlsConfig
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -76,14 +71,3 @@ class WorkerMetrics:
             registry=r,
         )
         self.role = role
-
-    def serve(
-        self,
-        port: int,
-        host: str = "127.0.0.1",
-        tls: TlsConfig | None = None,
-        client_ca: Path | None = None,
-    ) -> None:
-        """Expose /metrics on host:port, over TLS when ``tls`` has a certificate, to
-        scrapers ``client_ca`` certified when given (``serve_metrics``)."""
-        serve_metrics(self.registry, port, host, tls, client_ca)
