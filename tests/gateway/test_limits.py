@@ -526,16 +526,26 @@ def refusing(rds: redis.Redis) -> Iterator[tuple[redis.Redis, Callable[[bool], N
     rds.acl_deluser(user)
 
 
-def test_a_settle_is_given_up_once_its_windows_have_ended(
-    rds: redis.Redis, prefix: str, refusing, caplog: pytest.LogCaptureFixture
-) -> None:
+def _settle_refused(
+    refusing: tuple[redis.Redis, Callable[[bool], None]], prefix: str
+) -> tuple[RedisAdmission, Clock, str]:
+    """Reserve 300 tokens of a day's budget, take Redis's scripts away, settle 40 (refused,
+    so queued for the background thread). Returns the admission, its clock and the day's
+    counter key."""
     client, scripts = refusing
     clock = Clock(T0 - 3600)
     adm = RedisAdmission(client, prefix=prefix, clock=clock)
     r = adm.reserve([LOST], 300)
-    day = prefix + key("key:lost", "tokens", DAY, clock.t)
     scripts(False)
-    adm.settle(r, 40)  # refused: queued
+    adm.settle(r, 40)
+    return adm, clock, prefix + key("key:lost", "tokens", DAY, clock.t)
+
+
+def test_a_settle_is_given_up_once_its_windows_have_ended(
+    rds: redis.Redis, prefix: str, refusing, caplog: pytest.LogCaptureFixture
+) -> None:
+    adm, clock, day = _settle_refused(refusing, prefix)
+    scripts = refusing[1]
     clock.t = T0 + 86400 * 2  # past the day's window and its grace
     with caplog.at_level(logging.WARNING):
         adm.settled_later()  # its background attempt is refused too, and given up
@@ -550,13 +560,9 @@ def test_close_gives_waiting_settles_one_last_try(
     rds: redis.Redis, prefix: str, refusing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("services.gateway.limits_redis.RETRY_PAUSE_S", (60.0, 60.0))
-    client, scripts = refusing
-    clock = Clock(T0 - 3600)
-    adm = RedisAdmission(client, prefix=prefix, clock=clock)
-    r = adm.reserve([LOST], 300)
-    day = prefix + key("key:lost", "tokens", DAY, clock.t)
-    scripts(False)
-    adm.settle(r, 40)  # refused; the background thread's try too, then it pauses 60 s
+    adm, _, day = _settle_refused(refusing, prefix)
+    scripts = refusing[1]
+    # The background thread's try is refused too, then it pauses 60 s.
     deadline = time.monotonic() + 10
     while adm.failed_retries == 0:
         assert time.monotonic() < deadline, "the background thread never tried"
