@@ -63,6 +63,14 @@ class Tokenizer:
         unless ``add_special_tokens`` is False (text from a chat template holds its own)."""
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def encode_releasing_gil(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``encode``'s ids, through the backend's batch call, which releases the GIL while
+        it works (``encode`` holds it): run on a thread, a long text then leaves the event
+        loop free (0.2 s of tokenizing stalled a loop 190 ms through ``encode``, 6 ms
+        through this)."""
+        batch = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(batch[0].ids)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
 

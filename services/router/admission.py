@@ -143,20 +143,21 @@ async def admit(
             f"model {request.model!r} is not served here; served models: {served}",
         )
     if has_text or has_chat:
+        _check_text_size(request, info.max_context_length)
         prompt, field = await _encode(request, tokenizers)
     else:
         prompt = tuple(request.prompt_token_ids)
         field = "prompt_token_ids"
-    bad = next((t for t in prompt if t >= info.vocab_size), None)
-    if bad is not None:
-        raise InvalidRequestError(
-            "prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {info.vocab_size})"
-        )
-    if len(prompt) >= info.max_context_length:
+    if len(prompt) >= info.max_context_length:  # before the scan below: it is O(prompt)
         raise InvalidRequestError(
             field,
             f"has {len(prompt)} tokens; the model's context holds {info.max_context_length}, "
             f"so a prompt may have at most {info.max_context_length - 1}",
+        )
+    bad = next((t for t in prompt if t >= info.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            "prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {info.vocab_size})"
         )
     template = inference_pb2.GenerateRequest()
     template.CopyFrom(request)
@@ -178,19 +179,50 @@ async def admit(
     )
 
 
+MAX_BYTES_PER_TOKEN = 64
+"""Text longer than the context times this many UTF-8 bytes cannot fit and is refused
+before it is tokenized: natural text averages about 4 bytes a token, and even a prompt made
+of a tokenizer's longest whitespace or code tokens stays well below 64."""
+
+
+def _check_text_size(request: inference_pb2.GenerateRequest, max_context_length: int) -> None:
+    """Refuse a text or chat prompt that certainly exceeds the context, without tokenizing
+    it: 15 MiB of text took the tokenizer 15 s."""
+    limit = max_context_length * MAX_BYTES_PER_TOKEN
+    if request.messages:
+        size, field = sum(len(m.content.encode()) for m in request.messages), "messages"
+    else:
+        size, field = len(request.prompt.encode()), "prompt"
+    if size > limit:
+        raise InvalidRequestError(
+            field,
+            f"has {size} bytes of text: more than the model's {max_context_length}-token "
+            f"context can hold (at most {limit} bytes are tokenized)",
+        )
+
+
 async def _encode(
     request: inference_pb2.GenerateRequest, tokenizers: TokenizerCache
 ) -> tuple[tuple[int, ...], str]:
-    """The token ids of a text or chat prompt, and the field they came from."""
+    """The token ids of a text or chat prompt, and the field they came from.
+
+    Rendering and tokenizing run on a thread: on the event loop a long prompt held up
+    every other call, and the router missed its workers' heartbeats and dropped them."""
     tokenizer = await tokenizers.get(request.model)
     if not request.messages:
-        prompt = tuple(tokenizer.encode(request.prompt))
+        prompt = tuple(await asyncio.to_thread(tokenizer.encode_releasing_gil, request.prompt))
         if not prompt:
             raise InvalidRequestError("prompt", "encodes to no tokens")
         return prompt, "prompt"
     chat = await tokenizers.chat_template(request.model)
-    text = chat.render([(m.role, m.content) for m in request.messages])
-    prompt = tuple(tokenizer.encode(text, add_special_tokens=chat.add_special_tokens))
+    turns = [(m.role, m.content) for m in request.messages]
+
+    def render_and_encode() -> tuple[int, ...]:
+        text = chat.render(turns)
+        special = chat.add_special_tokens
+        return tuple(tokenizer.encode_releasing_gil(text, add_special_tokens=special))
+
+    prompt = await asyncio.to_thread(render_and_encode)
     if not prompt:
         raise InvalidRequestError("messages", "render to a prompt of no tokens")
     return prompt, "messages"

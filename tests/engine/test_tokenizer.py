@@ -71,6 +71,13 @@ def _byte_token(tok: Tokenizer, byte: int) -> int:
 # --- loading and special ids -------------------------------------------------------
 
 
+@pytest.mark.parametrize("special", [True, False])
+def test_encoding_off_the_gil_gives_the_same_ids(tok: Tokenizer, special: bool) -> None:
+    for text in ("The quick brown fox", "  spaces\n\ttabs ", "héllo wörld ✓", "x" * 5000):
+        expected = tok.encode(text, add_special_tokens=special)
+        assert tok.encode_releasing_gil(text, add_special_tokens=special) == expected
+
+
 def test_ids_fall_back_to_tokenizer_config_strings(tok: Tokenizer) -> None:
     # Only tokenizer_config.json names the tokens here: "<s>" is 0, "</s>" is 1.
     assert tok.bos_token_id == 0

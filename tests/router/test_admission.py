@@ -108,6 +108,32 @@ def test_text_prompts_are_tokenized_with_the_models_tokenizer(tiny_model_dir: Pa
     run(body())
 
 
+def test_text_the_context_cannot_hold_is_refused_before_it_is_tokenized() -> None:
+    """64 bytes a token at most: a longer text cannot fit, and tokenizing megabytes took
+    seconds. The router never even loads a tokenizer for these."""
+
+    def no_tokenizer(name: str) -> Path:
+        raise AssertionError("the router tried to tokenize it")
+
+    too_long = "a" * (CONTEXT * 64 + 1)
+    chat = [inference_pb2.ChatMessage(role="user", content=too_long[:-2]) for _ in range(2)]
+
+    async def body() -> None:
+        async with cluster(FAST, TokenizerCache(locate=no_tokenizer)) as c:
+            await c.add("p1", PREFILL)
+            await c.add("d1", DECODE)
+            cases = (
+                ({"prompt": too_long}, "prompt", CONTEXT * 64 + 1),
+                ({"messages": chat}, "messages", 2 * (CONTEXT * 64 - 1)),
+            )
+            for fields, field, size in cases:
+                result = await c.generate(max_tokens=2, **fields)
+                assert result.code == grpc.StatusCode.INVALID_ARGUMENT, field
+                assert result.details.startswith(f"{field}: has {size} bytes of text"), field
+
+    run(body())
+
+
 def test_a_model_the_router_cannot_load_a_tokenizer_for_fails_clearly() -> None:
     async def body() -> None:
         async with cluster() as c:  # default locate: "fake-model" is no directory
