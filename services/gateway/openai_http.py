@@ -39,6 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from services.gateway import openai_responses as shapes
+from services.gateway.model_cards import CARDS_TIMEOUT_S, ModelCards
 from services.gateway.openai_errors import error_body, error_response, gateway_error
 from services.gateway.openai_requests import (
     BadRequest,
@@ -67,6 +68,7 @@ class OpenAIApi:
     def __init__(self, pipeline: Pipeline, owned_by: str = "tandem") -> None:
         self._pipeline = pipeline
         self._owned_by = owned_by
+        self._cards = ModelCards(pipeline.router)
 
     def app(self) -> web.Application:
         middlewares = [*http_middlewares(), _openai_errors]  # the span sees the final status
@@ -125,6 +127,8 @@ class OpenAIApi:
             return error_response(
                 400, str(error), "invalid_request_error", error.param, None, headers
             )
+        if chat and not parsed.generate.HasField("max_tokens"):
+            await self._up_to_the_context(parsed.generate, call)
         shape = shapes.Shape(chat, call.request_id, parsed.generate.model)
         async with aclosing(self._pipeline.generate(who, parsed.generate, call)) as stream:
             try:
@@ -134,6 +138,18 @@ class OpenAIApi:
             if parsed.stream:
                 return await _stream(request, parsed, shape, first, stream, headers)
             return await _complete(parsed, shape, first, stream, headers)
+
+    async def _up_to_the_context(
+        self, generate: inference_pb2.GenerateRequest, call: CallInfo
+    ) -> None:
+        """OpenAI's chat default: no ``max_tokens`` lets the reply run to the end of the
+        context, not the proto's 16 (chat front-ends rarely send one, and got 16-token
+        replies). The engine stops at the context, so its length is the bound."""
+        remaining = call.time_remaining()
+        timeout = CARDS_TIMEOUT_S if remaining is None else min(remaining, CARDS_TIMEOUT_S)
+        context = await self._cards.context_length(generate.model, timeout)
+        if context:
+            generate.max_tokens = min(context, 2**31 - 1)
 
 
 async def _complete(

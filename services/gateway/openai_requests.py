@@ -3,12 +3,14 @@
 Mapped fields: ``model``; ``prompt`` (a string, a list of token ids, or a one-element list
 of either) or ``messages`` (``content`` a string or a list of ``{"type": "text"}`` parts;
 role ``developer`` is sent as ``system``); ``max_completion_tokens`` or ``max_tokens``
-(unset: the proto's default, 16 — unlike OpenAI's chat default of "up to the context", so
-set it); ``temperature``, ``top_p``, ``seed``, ``stop`` (a string or a list); ``n`` (only 1);
-``user`` (accepted and not forwarded: the ledger charges the authenticated caller);
-``stream`` and ``stream_options.include_usage``. vLLM's extensions ``top_k``,
-``min_tokens`` and ``ignore_eos`` are mapped too. Range checks (temperature ≥ 0, top_p in
-(0, 1], …) are the router's, as for gRPC callers.
+(unset: a chat may run to the end of the context, as OpenAI's chat API lets it — the HTTP
+API sets the model's context length from the router's model list, and the limiter reserves
+it; a legacy completion stops at 16, OpenAI's default and the proto's); ``temperature``,
+``top_p``, ``seed``, ``stop`` (a string or a list); ``n`` (only 1); ``user`` (accepted and
+not forwarded: the ledger charges the authenticated caller); ``stream`` and
+``stream_options.include_usage``. vLLM's extensions ``top_k``, ``min_tokens`` and
+``ignore_eos`` are mapped too. Range checks (temperature ≥ 0, top_p in (0, 1], …) are the
+router's, as for gRPC callers.
 
 Features Tandem lacks (logprobs, echo, best_of, suffix, penalties, logit_bias, tools,
 response_format other than text) are refused when set to anything but their default, so a

@@ -28,7 +28,7 @@ from services.rpc.server import client_channel
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
 from tests.gateway.harness import gateway_id
 from tests.gateway.issuer import Issuer
-from tests.router.fakes import MODEL, Behaviour, expected_completion, token_text
+from tests.router.fakes import CONTEXT, MODEL, Behaviour, expected_completion, token_text
 from tests.router.harness import DECODE, FAST, PREFILL, Cluster, cluster, run
 
 PROMPT = [5, 6, 7, 8, 9]
@@ -224,6 +224,30 @@ def test_chat_completion_renders_the_template_and_meters_once(
             assert (row.principal, row.team) == ("ann", "ml")
             assert (row.prompt_tokens, row.completion_tokens) == (len(prompt), 3)
             assert (event.prompt_tokens, event.completion_tokens) == (len(prompt), 3)
+
+    run(body())
+
+
+def test_a_chat_without_max_tokens_may_run_to_the_context_a_completion_stops_at_16(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    """OpenAI's defaults: a chat reply runs to the end of the context (front-ends rarely
+    send a limit, and got 16-token replies), a legacy completion stops at 16."""
+
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            client = s.client(s.key())
+            chat = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}]
+            )
+            completion = await client.completions.create(model=MODEL, prompt=PROMPT)
+            sent = [call.request for call in s.cluster.workers["p1"].calls]
+            assert [r.max_tokens if r.HasField("max_tokens") else None for r in sent] == [
+                CONTEXT,  # the router's ListModels says 512; the engine stops at the context
+                None,
+            ]
+            assert chat.usage is not None and chat.usage.completion_tokens == CONTEXT  # a fake
+            assert completion.usage is not None and completion.usage.completion_tokens == 16
 
     run(body())
 

@@ -1,0 +1,65 @@
+"""The served models' facts (context length), from the router's ListModels, briefly cached.
+
+The OpenAI chat API lets a reply run to the end of the context when ``max_tokens`` is
+unset; the gateway turns that into an explicit ``max_tokens`` of the model's context
+length (the engine stops at the context anyway), and reserves it. Asking the router per
+request would add a round trip to every such call, so the cards are kept for ``ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CARDS_TTL_S = 10.0
+"""How long the router's model list is reused: models come and go with workers."""
+CARDS_TIMEOUT_S = 5.0
+"""Longest wait for the router's model list (a router that does not answer fails the call
+soon after anyway)."""
+MISS_REFRESH_S = 1.0
+"""A model not in the list is looked for again after this long at the soonest: a newly
+served one is found quickly, and a caller naming unknown models cannot make every one of
+its requests a ListModels."""
+
+
+class ModelCards:
+    """Context lengths of the models the router serves, refreshed at most every ``ttl_s``."""
+
+    def __init__(self, router: inference_pb2_grpc.InferenceStub, ttl_s: float = CARDS_TTL_S):
+        self._router = router
+        self._ttl_s = ttl_s
+        self._contexts: dict[str, int] = {}
+        self._fetched = float("-inf")
+        self._lock = asyncio.Lock()  # one ListModels at a time, whoever asks
+
+    async def context_length(self, model: str, timeout_s: float | None) -> int | None:
+        """``model``'s context length; None when the router does not serve it or cannot be
+        asked (the request then goes on, and the router says what is wrong)."""
+        if self._stale(model):
+            async with self._lock:
+                if self._stale(model):  # not refreshed while this call waited
+                    await self._refresh(timeout_s)
+        return self._contexts.get(model)
+
+    def _stale(self, model: str) -> bool:
+        age = time.monotonic() - self._fetched
+        return age > self._ttl_s or (model not in self._contexts and age > MISS_REFRESH_S)
+
+    async def _refresh(self, timeout_s: float | None) -> None:
+        try:
+            served = await self._router.ListModels(
+                inference_pb2.ListModelsRequest(), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("could not list the router's models: %s", error.details())
+            self._fetched = time.monotonic() - self._ttl_s + MISS_REFRESH_S  # retry in 1 s
+            return
+        self._contexts = {m.id: m.max_context_length for m in served.models}
+        self._fetched = time.monotonic()
