@@ -284,7 +284,7 @@ async def _read_json(request: web.Request) -> Any:
     """The parsed body; BadRequest saying why it cannot be read."""
     try:
         return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int over 4,300 digits
         raise BadRequest(None, f"the request body is not valid JSON ({exc})") from exc
     except RecursionError as exc:
         raise BadRequest(None, "the request body nests JSON too deeply") from exc
@@ -292,7 +292,8 @@ async def _read_json(request: web.Request) -> Any:
 
 @web.middleware
 async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own errors (unknown route, wrong method, body too large) in OpenAI's shape."""
+    """aiohttp's own errors (unknown route, wrong method, body too large), and anything
+    unforeseen, in OpenAI's shape; a 405 keeps its Allow header."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -301,7 +302,13 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         message = f"{exc.reason}: {request.method} {request.path}"
         if exc.status == 404:
             message = f"Invalid URL ({request.method} {request.path})"
-        return error_response(exc.status, message, "invalid_request_error")
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, message, "invalid_request_error", headers=allow)
+    except Exception:
+        # A client gets OpenAI's shape, never aiohttp's plain-text page; the details stay
+        # in the log.
+        log.exception("the HTTP API failed on %s %s", request.method, request.path)
+        return error_response(500, "the server failed on this request", "server_error")
 
 
 @dataclass

@@ -444,9 +444,11 @@ def test_bad_input_is_400_naming_the_parameter_and_unknowns_are_404(
 
             headers = {"Authorization": f"Bearer {key}"}
             async with aiohttp.ClientSession(headers=headers) as http:
-                async with http.post(f"{s.base_url}/completions", data=b"{nope") as r:
-                    assert r.status == 400
-                    assert "not valid JSON" in (await r.json())["error"]["message"]
+                huge = b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"
+                for bad in (b"{nope", huge):  # Python refuses ints over 4,300 digits
+                    async with http.post(f"{s.base_url}/completions", data=bad) as r:
+                        assert r.status == 400, bad[:20]  # the big int was a plain-text 500
+                        assert "not valid JSON" in (await r.json())["error"]["message"]
                 async with http.post(f"{s.base_url}/embeddings", json={}) as r:
                     assert r.status == 404
                     assert (await r.json())["error"][
@@ -635,6 +637,7 @@ def test_no_worker_left_is_503_and_wrong_methods_are_405(
             assert (row.outcome, row.prompt_tokens, row.completion_tokens) == ("error", 5, 1)
             async with aiohttp.ClientSession() as http, http.get(f"{s.base_url}/completions") as r:
                 assert r.status == 405
+                assert r.headers["Allow"] == "POST"  # RFC 9110: a 405 says what is allowed
                 assert (await r.json())["error"]["type"] == "invalid_request_error"
 
     run(body())
