@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=arg_types.port,
         default=50051,
         help="port clients connect to: the gateway's (the router's with --no-gateway); "
-        "default 50051",
+        "0 picks a free one (the start line says which); default 50051",
     )
     parser.add_argument(
         "--http-port",
@@ -214,14 +214,14 @@ def cluster_config(
     tls_dir: Path | None = None,
 ) -> ClusterConfig:
     """The local cluster ``tandem up``'s flags describe."""
-    from services.launcher.local import ClusterConfig
+    from services.launcher.local import ClusterConfig, free_port
 
     worker_args = ("--kv-cache-gib", str(args.kv_cache_gib)) if args.kv_cache_gib else ()
     return ClusterConfig(
         model=args.model,
         prefill=args.prefill,
         decode=args.decode,
-        port=args.port,
+        port=args.port or free_port(),  # the launcher waits on this port: never 0
         policy=args.policy,
         kv_transport=args.kv_transport,
         worker_args=worker_args,

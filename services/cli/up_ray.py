@@ -40,6 +40,7 @@ def add_ray_arg(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RayClusterConfig:
     """The RayClusterConfig that ``tandem up``'s flags describe."""
+    from services.launcher.local import free_port
     from services.launcher.ray_cluster import RayClusterConfig
 
     worker_args: tuple[str, ...] = ()
@@ -56,7 +57,7 @@ def config_from_args(args: argparse.Namespace) -> RayClusterConfig:
         model=args.model,
         prefill=args.prefill,
         decode=args.decode,
-        port=args.port,
+        port=args.port or free_port(),  # the launcher waits on this port: never 0
         # the router's placement policy: `tandem up --routing-policy` stores it as
         # args.policy (--policy, the gateway's policy file, is args.policy_file)
         policy=getattr(args, "policy", None) or "kv-aware",

@@ -29,6 +29,15 @@ def test_drain_timeout_reaches_both_launchers(
     assert config_from_args(ray_args).drain_timeout_s == drain_s
 
 
+def test_port_0_picks_a_free_port_for_both_launchers(tmp_path: Path) -> None:
+    """The launcher waits for the service on the port it was given: 0 waited 180 s and
+    failed while the gateway served on the port it had picked."""
+    local = cluster_config(build_parser().parse_args(["up", "--port", "0"]), tmp_path).port
+    ray = config_from_args(build_parser().parse_args(["up", "--ray", "--port", "0"])).port
+    assert 0 < local <= 65535 and 0 < ray <= 65535
+    assert cluster_config(build_parser().parse_args(["up"]), tmp_path).port == 50051
+
+
 def test_up_drains_faster_than_a_standalone_service() -> None:
     # Ctrl-C on a development cluster should not wait out a production drain.
     assert UP_DRAIN_TIMEOUT_S < DEFAULT_DRAIN_TIMEOUT_S
