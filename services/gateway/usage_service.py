@@ -99,6 +99,20 @@ def group_columns(request: admin_pb2.GetUsageRequest) -> tuple[str, ...]:
     return tuple(columns)
 
 
+FILTER_MAX = 256
+"""Longest team, principal or model filter: each is echoed in refusals and audit records."""
+
+
+def check_filters(request: admin_pb2.GetUsageRequest) -> None:
+    """BadRequest unless every filter is printable and at most FILTER_MAX characters: they
+    go into the append-only audit log, which a caller could otherwise fill with
+    megabyte-sized records (and a refusal's status would outgrow its metadata)."""
+    for name in ("team", "principal", "model"):
+        value = getattr(request, name)
+        if len(value) > FILTER_MAX or not value.isprintable():
+            raise BadRequest(name, f"must be printable and at most {FILTER_MAX} characters")
+
+
 def usage_row(total: UsageTotal) -> admin_pb2.UsageRow:
     groups = {name: value or "" for name, value in total.group}
     return admin_pb2.UsageRow(
@@ -158,6 +172,7 @@ class UsageService(admin_pb2_grpc.UsageServiceServicer):
     ) -> admin_pb2.GetUsageResponse:
         who = await self._guard.authenticate(context, "GetUsage")
         try:
+            check_filters(request)
             start, end = period(request)
             columns = group_columns(request)
         except BadRequest as exc:

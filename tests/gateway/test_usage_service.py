@@ -144,6 +144,10 @@ def test_bad_periods_and_groupings_are_invalid_argument(tmp_path: Path, store_ur
                 (admin_pb2.GetUsageRequest(day="9999-12-31"), "day"),
                 (admin_pb2.GetUsageRequest(month="9999-12"), "month"),
                 (past_the_calendar, "range"),
+                # filters land in the append-only audit log: an 8 MB one made an 8 MB record
+                (admin_pb2.GetUsageRequest(day="2025-01-01", model="m" * 257), "model"),
+                (admin_pb2.GetUsageRequest(day="2025-01-01", team="t" * 8_000_000), "team"),
+                (admin_pb2.GetUsageRequest(day="2025-01-01", principal="a\x00b"), "principal"),
             ]
             for request, field in cases:
                 before = len(m.audit())
