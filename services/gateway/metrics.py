@@ -163,8 +163,11 @@ class GatewayMetrics:
     def decided(self, event: AuditEvent) -> None:
         """Count an audit record that was appended."""
         cls = reason_class(event.decision, event.reason)
-        # an unauthenticated caller chose the model name freely: never make it a label
-        model = "-" if cls == "unauthenticated" else event.model
+        # Only a model the policy let the caller use becomes a label (allowed, or refused
+        # later by a limit): otherwise the caller chose the name freely, and a thousand
+        # made-up names took every model slot, so real models were counted as _other.
+        authorized = event.decision == "allow" or cls in ("limit_exceeded", "admission_failed")
+        model = event.model if authorized else "-"
         team, model = self._labels(event.team, model)
         self.decisions.labels(team, model, event.decision, cls).inc()
         if cls == "limit_exceeded":

@@ -99,10 +99,24 @@ def test_reason_classes_and_limit_names() -> None:
 def test_label_values_are_bounded() -> None:
     m = GatewayMetrics(max_label_values=2)
     for model in ("a", "b", "c", "d"):
-        m.decided(AuditEvent("ann", "deny", "model not allowed", team="ml", model=model))
+        m.decided(AuditEvent("ann", "allow", "ok", team="ml", model=model))
     d = "tandem_gateway_decisions_total"
-    kw = {"team": "ml", "decision": "deny", "reason": "model_not_allowed"}
+    kw = {"team": "ml", "decision": "allow", "reason": "ok"}
     assert [m.value(d, model=x, **kw) for x in ("a", "b", "c", OVERFLOW)] == [1, 1, 0, 2]
+
+
+def test_a_model_the_caller_may_not_use_is_never_a_label() -> None:
+    """A thousand made-up model names, each refused, once took every model slot: the next
+    real model was metered as _other, and the counters no longer matched the ledger."""
+    m = GatewayMetrics(max_label_values=2)
+    for model in ("made-up-1", "made-up-2", "made-up-3"):
+        m.decided(AuditEvent("eve", "deny", "model not allowed", team="ml", model=model))
+        m.decided(AuditEvent("eve", "deny", "invalid argument (max_tokens)", "ml", model))
+    m.settled(_rec("r1", model="real"))
+    d = "tandem_gateway_decisions_total"
+    assert m.value(d, team="ml", model="-", decision="deny", reason="model_not_allowed") == 3
+    assert m.value(d, team="ml", model="-", decision="deny", reason="other") == 3
+    assert m.value("tandem_gateway_requests_total", team="ml", model="real", outcome="ok") == 1
 
 
 def test_metrics_are_served_over_http() -> None:
@@ -173,7 +187,8 @@ def test_counter_values_after_real_requests(tmp_path: Path, issuer: Issuer) -> N
         assert METRICS.value(d, **tm, decision="allow", reason="ok") == 2
         assert METRICS.value(d, **tm, decision="allow", reason="cancelled") == 1
         assert METRICS.value(d, **tm, decision="deny", reason="limit_exceeded") == 1
-        assert METRICS.value(d, **tm, decision="deny", reason="model_not_allowed") == 1
+        refused = {"team": team, "model": "-"}  # the model it was refused is not a label
+        assert METRICS.value(d, **refused, decision="deny", reason="model_not_allowed") == 1
         rejected = {**tm, "scope": "team", "limit": "requests_per_minute"}
         assert METRICS.value("tandem_gateway_limit_rejections_total", **rejected) == 1
         assert METRICS.value(d, **anonymous) - unauthenticated_before == 2
