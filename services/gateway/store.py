@@ -117,6 +117,20 @@ MIGRATIONS: tuple[Migration, ...] = (
 _BINARY_TYPE = {"sqlite": "BLOB", "postgresql": "BYTEA"}
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _PG_MIGRATION_LOCK = 0x54616E64  # "Tand": serializes concurrent opens across replicas
+PG_CONNECT_OPTIONS: dict[str, int] = {
+    "connect_timeout": 10,
+    # A stalled network (no RST) held a query, and every store call queued behind its
+    # lock, forever: TCP keepalives and a user timeout end the connection in ~30 s.
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+"""libpq options of every PostgreSQL connection (a URL's own settings of these lose)."""
+PG_STATEMENT_TIMEOUT_MS = 30_000
+"""Longest statement: a usage query over a huge ledger ends UNAVAILABLE, not holding the
+store (API-key checks and settles share its connection) for minutes."""
 
 
 def now_us() -> int:
@@ -175,6 +189,15 @@ class Store(ABC):
         """Apply the migrations this database lacks (idempotent)."""
         with self.transaction(exclusive="schema_migrations") as tx:
             applied = {row[0] for row in tx.fetchall("SELECT version FROM schema_migrations")}
+            known = max(m.version for m in MIGRATIONS)
+            if applied and max(applied) > known:
+                # A newer gateway migrated it: this code would write rows that schema may
+                # refuse (a column it added NOT NULL) or misread. Refuse to start instead.
+                raise StoreError(
+                    f"the store's schema is at version {max(applied)}, newer than this "
+                    f"gateway knows ({known}): run the newer gateway, or restore a backup "
+                    "from before the upgrade"
+                )
             for migration in MIGRATIONS:
                 if migration.version in applied:
                     continue
@@ -280,13 +303,16 @@ class PostgresStore(Store):
         from psycopg import sql
 
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-            if self.schema is not None:
-                ident = sql.Identifier(self.schema)
-                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
-                conn.execute(sql.SQL("SET search_path TO {}").format(ident))
+            conn = psycopg.connect(self.url, autocommit=True, **PG_CONNECT_OPTIONS)
+            conn.execute(f"SET statement_timeout = {PG_STATEMENT_TIMEOUT_MS}")
             with conn.transaction():
+                # One lock for the schema and the migrations table: replicas starting at
+                # once raced on CREATE SCHEMA IF NOT EXISTS (a duplicate-key error).
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_MIGRATION_LOCK,))
+                if self.schema is not None:
+                    ident = sql.Identifier(self.schema)
+                    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+                    conn.execute(sql.SQL("SET search_path TO {}").format(ident))
                 conn.execute(_MIGRATIONS_TABLE)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open PostgreSQL store: {_redact(str(exc))}") from exc
@@ -311,7 +337,7 @@ class PostgresStore(Store):
                             )
                         )
                     yield Tx(cursor, self.dialect)
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:  # not only lost connections: UNAVAILABLE, named
                 raise StoreError(f"PostgreSQL store: {_redact(str(exc))}") from exc
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from services.engine.errors import InvalidRequestError
 from services.gateway import store as store_module
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.store import Store
-from tests.gateway.conftest import StoreFactory
+from tests.gateway.conftest import POSTGRES_URL, StoreFactory, _postgres_unreachable
 
 T0 = 1_700_000_000.0
 
@@ -165,3 +165,30 @@ def test_migration_3_keeps_rows_written_before_it(
     assert (row.prompt_tokens, row.completion_tokens, row.time) == (3, 4, T0)
     assert ledger.record(_rec(5, client_request_id="abc")) is True
     assert ledger.find("user-2", "abc") == (_rec(5, client_request_id="abc"),)
+
+
+def test_a_store_a_newer_gateway_migrated_is_refused(open_same: StoreFactory) -> None:
+    """Before, it opened without complaint and the first write failed on a column the newer
+    schema had added (a raw driver error, gRPC UNKNOWN)."""
+    store = open_same()
+    newer = max(m.version for m in store_module.MIGRATIONS) + 1
+    with store.transaction() as tx:
+        tx.execute(
+            "INSERT INTO schema_migrations (version, description, applied_us) VALUES (?, ?, ?)",
+            (newer, "from a newer gateway", 0),
+        )
+    with pytest.raises(store_module.StoreError, match=f"schema is at version {newer}, newer"):
+        open_same()
+
+
+def test_postgresql_connections_give_up_on_a_stalled_network() -> None:
+    """A network that stalls without a reset held a query, and every store call queued
+    behind it, forever: keepalives, a TCP user timeout and a statement timeout bound it."""
+    if reason := _postgres_unreachable():
+        pytest.skip(reason)
+    with store_module.open_store(POSTGRES_URL) as store:
+        with store.transaction() as tx:
+            assert tx.fetchone("SHOW statement_timeout") == ("30s",)
+        parameters = store._conn.info.get_parameters()  # type: ignore[attr-defined]
+    for name, value in store_module.PG_CONNECT_OPTIONS.items():
+        assert parameters[name] == str(value), name
