@@ -149,7 +149,7 @@ class Ledger:
         if columns:
             order = ", ".join(columns)
             sql += f" GROUP BY {order} ORDER BY {order}"
-        with self._store.transaction() as tx:
+        with self._store.reporting().transaction() as tx:  # never behind the calls' writes
             rows = tx.fetchall(sql, params)
         return tuple(_total(columns, row) for row in rows if row[len(columns)])
 
