@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from services.cli import arg_types, up_ray
 from services.cli.drain_args import add_drain_arg
 from services.cli.telemetry_args import add_tracing_arg
+from services.cli.up_preflight import check_port_free, lock_state_dir, start_failed
 from services.launcher.supervise import interrupt_on_sigterm, supervise
 
 if TYPE_CHECKING:
@@ -166,8 +167,12 @@ def _up(args: argparse.Namespace) -> int:
     # SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
     interrupt_on_sigterm()
     policy = None if args.no_gateway else _policy_file(args)  # fail before building anything
+    check_port_free(args.port, "--port")
+    if policy is not None:
+        check_port_free(args.http_port, "--http-port")
     resolve_model(args.model)  # build tandem-tiny once here, not in every worker at once
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-up-"))
+    state_lock = lock_state_dir(log_dir)  # noqa: F841 - held open until this process ends
     tls_dir = _dev_ca(log_dir) if args.tls else None
     gateway, secret = (
         (None, None) if policy is None else _gateway(policy, log_dir, args.model, args.http_port)
@@ -179,7 +184,10 @@ def _up(args: argparse.Namespace) -> int:
         f"(state and logs in {log_dir}) ...",
         file=sys.stderr,
     )
-    cluster.start()
+    try:
+        cluster.start()
+    except RuntimeError as exc:  # a child exited while starting: say which, and why
+        raise start_failed(exc) from exc
     print(_where_to_connect(args, cluster.address, secret, tls_dir), flush=True)
     if args.metrics:
         print(_metrics_endpoints(cluster.children, tls_dir is not None), flush=True)

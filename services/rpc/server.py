@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from services.engine.errors import TandemError
 from services.rpc.channel_options import RECONNECT_OPTIONS
 from services.rpc.renewing_channel import RenewingChannel
 from services.rpc.tls import TlsConfig, channel_credentials, server_credentials
@@ -69,6 +70,12 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+class ListenError(TandemError, OSError):
+    """A server could not bind its address: a message for the operator, no traceback."""
+
+    grpc_code = "UNAVAILABLE"
+
+
 async def start_server(
     servicers: Sequence[Servicer],
     host: str = "127.0.0.1",
@@ -92,12 +99,18 @@ async def start_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    if credentials is None:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    else:
-        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+    except RuntimeError:  # grpcio raises where it used to return 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}: the port is taken or not allowed")
+        raise ListenError(
+            f"cannot listen on {host}:{port}: the port is taken, or {host} is not an address "
+            "of this machine; pick another --port (or --host)"
+        )
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
