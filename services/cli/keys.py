@@ -72,7 +72,11 @@ def _register_keys(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_audit(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "audit", help="check the gateway's hash-chained audit log", description=__doc__
+        "audit",
+        help="check the gateway's hash-chained audit log",
+        description="The gateway appends one record per decision to an audit log in its "
+        "store, each carrying the hash of the one before, so an edit, an insertion or a "
+        "deletion inside the log is detectable; `tandem audit verify` walks and checks it.",
     )
     sub = parser.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     verify = sub.add_parser(
@@ -86,6 +90,24 @@ def _register_audit(subparsers: argparse._SubParsersAction) -> None:
     )
     verify.add_argument("--store", required=True, metavar="URL", help=STORE_HELP)
     verify.set_defaults(handler=run_verify)
+
+
+def existing(store_url: str) -> str:
+    """``store_url``, unless it names a SQLite file that does not exist: opening would create
+    an empty store, and a mistyped path then "verified 0 audit records" or listed no keys."""
+    from pathlib import Path
+
+    from services.engine.errors import InvalidRequestError
+
+    path = store_url.removeprefix("sqlite:")
+    path = path[2:] if path.startswith("///") else path
+    if store_url.startswith("sqlite:") and path != ":memory:" and not Path(path).is_file():
+        raise InvalidRequestError(
+            "--store",
+            f"no store at {path}: check the path (`tandem up` prints its store at start as "
+            "sqlite:<state dir>/gateway.db)",
+        )
+    return store_url
 
 
 def operator() -> str:
@@ -133,7 +155,7 @@ def run_list(args: argparse.Namespace) -> int:
     from services.gateway.api_keys import ApiKeys
     from services.gateway.store import open_store
 
-    with open_store(args.store) as store:
+    with open_store(existing(args.store)) as store:
         keys = ApiKeys(store).list(args.team)
     print("KEY_ID            TEAM  MODELS  ADMIN  CREATED  REVOKED  DESCRIPTION")
     for k in keys:
@@ -149,7 +171,7 @@ def run_revoke(args: argparse.Namespace) -> int:
     from services.gateway.api_keys import ApiKeys, KeyNotFoundError
     from services.gateway.store import open_store
 
-    with open_store(args.store) as store:
+    with open_store(existing(args.store)) as store:
         try:
             key = ApiKeys(store).revoke(args.key_id)
         except KeyNotFoundError as exc:
@@ -164,7 +186,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from services.gateway.audit import AuditLog
     from services.gateway.store import open_store
 
-    with open_store(args.store) as store:
+    with open_store(existing(args.store)) as store:
         check = AuditLog(store).check_chain()
     head_id, head_hash = check.head
     broken = check.broken_at

@@ -86,6 +86,19 @@ def test_bad_store_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> N
     assert "expected sqlite:PATH or postgresql://" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command", [["keys", "list"], ["keys", "revoke", "abc"], ["audit", "verify"]]
+)
+def test_a_store_path_that_does_not_exist_is_refused_not_created(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped path "verified 0 audit records" (exit 0) and left an empty store there."""
+    typo = tmp_path / "gatway.db"
+    assert main([*command, "--store", f"sqlite:{typo}"]) == 2
+    assert f"error: --store: no store at {typo}" in capsys.readouterr().err
+    assert not typo.exists()
+
+
 def test_gateway_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["gateway", "--help"]) == 0
     out = capsys.readouterr().out
