@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--port",
-        type=arg_types.non_negative_int,
+        type=arg_types.port,
         required=True,
         metavar="P",
         help="port to listen on (0 picks a free one and logs it)",

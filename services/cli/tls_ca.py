@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -123,11 +124,23 @@ def _mint(
     return ca
 
 
+_HOST_NAME = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+"""A DNS host name (what a service certificate names); also safe as a file name."""
+
+
 def _check_names(names: list[str], scrapers: list[str]) -> None:
     """Refuse, before anything is written, names whose files would overwrite others'."""
     if not (names or scrapers):
         raise InvalidRequestError("NAME", "give at least one service NAME or --scraper NAME")
     for name in (*names, *scrapers):
+        if not _HOST_NAME.fullmatch(name):
+            raise InvalidRequestError(
+                "NAME",
+                f"{name!r} is not a host name (letters, digits, '-' and '.'; a certificate "
+                "names a host, and the name is also the file's): it could write outside --dir",
+            )
         if name in RESERVED:
             raise InvalidRequestError(
                 "NAME", f"{name!r} would overwrite the CA's {name}.pem: choose another name"

@@ -83,3 +83,12 @@ def test_up_flags_not_yet_on_ray_are_refused(capsys: pytest.CaptureFixture[str],
     """Refused before anything starts (no Ray needed), naming the flag."""
     err = _fails(capsys, ["up", "--ray", "127.0.0.1:1", flag])
     assert f"{flag}: is not supported with --ray yet" in err
+
+
+@pytest.mark.parametrize("command", ["router", "gateway"])
+def test_a_port_out_of_range_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """It passed argparse and failed later, naming a config field instead of the flag."""
+    assert main([command, "--port", "70000"]) == 2
+    assert "--port: must be a TCP port in [0, 65535], got 70000" in capsys.readouterr().err

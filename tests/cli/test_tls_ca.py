@@ -128,6 +128,9 @@ def test_a_leaf_of_another_ca_is_issued_again_by_the_one_now_asked_for(
         (["ca"], "'ca' would overwrite the CA's ca.pem"),
         (["--scraper", "scraper-ca"], "'scraper-ca' would overwrite the CA's scraper-ca.pem"),
         (["router", "--owner", "prom=1", "--scraper", "prometheus"], "'prom' is not one of"),
+        # wrote d/../evil.pem, outside --dir
+        (["../evil"], "'../evil' is not a host name"),
+        (["--scraper", "bad name/x"], "'bad name/x' is not a host name"),
     ],
 )
 def test_names_that_clash_are_refused_before_anything_is_written(
