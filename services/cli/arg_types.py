@@ -59,6 +59,19 @@ def port(text: str) -> int:
     return value
 
 
+def host_port(text: str) -> str:
+    """``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address), returned as given. Without a port
+    gRPC dials 443, and a worker retried an address like that forever."""
+    host, sep, number = text.rpartition(":")
+    if not sep or not host or host in ("[", "[]") or not number.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT, such as 127.0.0.1:50051 or [::1]:50051, got {text!r}"
+        )
+    if not 1 <= int(number) <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in [1, 65535], got {number} in {text!r}")
+    return text
+
+
 def device(text: str) -> str:
     if not _DEVICE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")

@@ -113,7 +113,11 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         "behind its schedule) is reported apart, as the send delay.",
     )
     parser.add_argument(
-        "--target", required=True, metavar="HOST:PORT", help="the Inference service to load"
+        "--target",
+        required=True,
+        type=arg_types.host_port,
+        metavar="HOST:PORT",
+        help="the Inference service to load",
     )
     parser.add_argument(
         "--model",

@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--router",
         required=True,
+        type=arg_types.host_port,
         metavar="HOST:PORT",
         help="the router requests are forwarded to",
     )

@@ -73,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     remote = parser.add_argument_group("remote")
     remote.add_argument(
         "--target",
+        type=arg_types.host_port,
         metavar="HOST:PORT",
         help="send the request to the tandem.v1.Inference service at HOST:PORT instead of "
         "running an engine here (the engine flags then do not apply)",

@@ -51,7 +51,10 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
         "--port", type=arg_types.port, default=0, help="gRPC port (default 0: pick a free one)"
     )
     parser.add_argument(
-        "--router", metavar="HOST:PORT", help="router to register with and heartbeat to"
+        "--router",
+        type=arg_types.host_port,
+        metavar="HOST:PORT",
+        help="router to register with and heartbeat to",
     )
     parser.add_argument("--worker-id", help="stable worker id (default: host name + random)")
     parser.add_argument(

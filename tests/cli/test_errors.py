@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from services.cli import arg_types
 from services.cli.main import main
 
 
@@ -92,3 +93,25 @@ def test_a_port_out_of_range_is_a_usage_error(
     """It passed argparse and failed later, naming a config field instead of the flag."""
     assert main([command, "--port", "70000"]) == 2
     assert "--port: must be a TCP port in [0, 65535], got 70000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--target", "localhost", "--prompt", "hi"],  # dialed :443
+        ["decode", "--router", "notahostport"],  # retried it forever
+        ["gateway", "--port", "0", "--router", "router:0"],
+        ["bench", "serve", "--target", "[::1]", "--num-prompts", "1", "--request-rate", "1"],
+    ],
+)
+def test_an_address_without_a_port_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "expected HOST:PORT" in err or "port must be in [1, 65535]" in err
+
+
+def test_host_port_takes_names_addresses_and_ipv6() -> None:
+    for good in ("127.0.0.1:50051", "router:50051", "[::1]:50051", "dns:///router:50051"):
+        assert arg_types.host_port(good) == good
