@@ -7,7 +7,10 @@ and exit status 2, so a bad flag never reaches the engine and never shows a trac
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
@@ -70,6 +73,25 @@ def host_port(text: str) -> str:
     if not 1 <= int(number) <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in [1, 65535], got {number} in {text!r}")
     return text
+
+
+def output_file(suffix: str = "") -> Callable[[str], Path]:
+    """A converter for a file a command writes when it is done: its directory must exist and
+    be writable now, and its name end with ``suffix`` (when given), so a long run never ends
+    in a traceback over its output path (or matplotlib writing DIR.png for ``--plot DIR``)."""
+
+    def convert(text: str) -> Path:
+        path = Path(text)
+        if suffix and path.suffix.lower() != suffix:
+            raise argparse.ArgumentTypeError(f"must be a {suffix} file name, got {text!r}")
+        folder = path.parent
+        if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise argparse.ArgumentTypeError(
+                f"cannot write {text!r}: {folder} must be an existing, writable directory"
+            )
+        return path
+
+    return convert
 
 
 def device(text: str) -> str:

@@ -10,7 +10,6 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from services.cli import arg_types
 from services.cli.engine_args import add_engine_args, add_model_arg, engine_config
@@ -76,19 +75,19 @@ def _register_throughput(subparsers: argparse._SubParsersAction) -> None:
     )
     output.add_argument(
         "--json",
-        type=Path,
+        type=arg_types.output_file(),
         metavar="FILE",
         help="write every figure, the configuration and the environment to FILE as JSON",
     )
     output.add_argument(
         "--plot",
-        type=Path,
+        type=arg_types.output_file(".png"),
         metavar="FILE.png",
         help="write a bar chart of output tokens/s (tandem vs the baseline) to FILE.png",
     )
     output.add_argument(
         "--profile",
-        type=Path,
+        type=arg_types.output_file(),
         metavar="FILE",
         help="run the timed engine pass under torch.profiler (CPU) and write the top 25 "
         "operators by self CPU time to FILE; the profiler slows the pass it measures",
@@ -217,14 +216,14 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     output.add_argument(
         "--json",
-        type=Path,
+        type=arg_types.output_file(),
         metavar="FILE",
         help="write the configuration, environment, every figure and every request's "
         "raw timings to FILE as JSON",
     )
     output.add_argument(
         "--plot",
-        type=Path,
+        type=arg_types.output_file(".png"),
         metavar="FILE.png",
         help="write CDFs of TTFT and inter-token latency to FILE.png",
     )
@@ -271,7 +270,7 @@ def run_throughput(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from services.bench.serve import ServeBenchError, ServeConfig, measure_serving
     from services.bench.serve_report import format_table, result_dict
-    from services.cli.generate import api_key_from
+    from services.cli.generate import API_KEY_HINT, api_key_from
     from services.cli.tls_args import client_tls
 
     config = ServeConfig(
@@ -295,6 +294,8 @@ def run_serve(args: argparse.Namespace) -> int:
         result = measure_serving(config)
     except ServeBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if "UNAUTHENTICATED" in str(exc) and config.api_key is None:
+            print(f"hint: {API_KEY_HINT}", file=sys.stderr)
         return 1
     print(format_table(result))
     if args.json:

@@ -205,15 +205,18 @@ def run_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+API_KEY_HINT = (
+    "the target is a gateway; pass --api-key KEY or set TANDEM_API_KEY (tandem up prints one)"
+)
+"""What to do when a gateway refuses a call that carried no credential."""
+
+
 def _hint(exc: grpc.aio.AioRpcError, args: argparse.Namespace) -> str | None:
     """What to do about a failed call, where the status says it clearly."""
     import grpc
 
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not api_key_from(args):
-        return (
-            "the target is a gateway; pass --api-key KEY or set TANDEM_API_KEY "
-            "(tandem up prints one)"
-        )
+        return API_KEY_HINT
     if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (exc.details() or ""):
         return (
             f"nothing answered at {args.target}: start Tandem there (tandem up prints the "

@@ -176,6 +176,9 @@ def test_failed_warm_up_stops_the_run(capsys: pytest.CaptureFixture[str]) -> Non
             ["--request-rate", "0"],
             "argument --request-rate: expected requests/s above 0, or inf; got '0'",
         ),
+        # checked before the run, not in a traceback after it
+        (["--json", "/nonexistent/x.json"], "/nonexistent must be an existing, writable"),
+        (["--plot", "cdf.txt"], "argument --plot: must be a .png file name, got 'cdf.txt'"),
     ],
 )
 def test_bad_requests_exit_2(
