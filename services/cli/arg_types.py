@@ -76,18 +76,23 @@ def host_port(text: str) -> str:
 
 
 def output_file(suffix: str = "") -> Callable[[str], Path]:
-    """A converter for a file a command writes when it is done: its directory must exist and
-    be writable now, and its name end with ``suffix`` (when given), so a long run never ends
-    in a traceback over its output path (or matplotlib writing DIR.png for ``--plot DIR``)."""
+    """A converter for a file a command writes when it is done: checked now, so a long run
+    never ends in a traceback over its output path: its name ends with ``suffix`` (when
+    given; matplotlib wrote DIR.png for ``--plot DIR``), it is not a directory, and the
+    nearest existing directory above it is writable (missing ones are made)."""
 
     def convert(text: str) -> Path:
         path = Path(text)
         if suffix and path.suffix.lower() != suffix:
             raise argparse.ArgumentTypeError(f"must be a {suffix} file name, got {text!r}")
-        folder = path.parent
-        if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        # Missing directories are made when the file is written: the nearest one that
+        # exists must be a directory this user may write in.
+        existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+        if existing == path.absolute() and path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a directory: name a file in it")
+        if existing != path.absolute() and not (existing.is_dir() and os.access(existing, os.W_OK)):
             raise argparse.ArgumentTypeError(
-                f"cannot write {text!r}: {folder} must be an existing, writable directory"
+                f"cannot write {text!r}: {existing} is not a directory this user may write in"
             )
         return path
 

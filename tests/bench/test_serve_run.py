@@ -177,7 +177,8 @@ def test_failed_warm_up_stops_the_run(capsys: pytest.CaptureFixture[str]) -> Non
             "argument --request-rate: expected requests/s above 0, or inf; got '0'",
         ),
         # checked before the run, not in a traceback after it
-        (["--json", "/nonexistent/x.json"], "/nonexistent must be an existing, writable"),
+        (["--json", "pyproject.toml/x.json"], "pyproject.toml is not a directory this user"),
+        (["--json", "tests"], "'tests' is a directory: name a file in it"),
         (["--plot", "cdf.txt"], "argument --plot: must be a .png file name, got 'cdf.txt'"),
     ],
 )
