@@ -204,7 +204,7 @@ class Scheduler:
         """Stop waiting for room to receive ``seq``'s KV: queue it to be prefilled here."""
         self._drop_awaiting(seq)
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        self.add(seq)
 
     def _drop_awaiting(self, seq: Sequence) -> None:
         self.awaiting_room = deque(e for e in self.awaiting_room if e[0] is not seq)
@@ -251,7 +251,7 @@ class Scheduler:
             seq.num_computed_tokens = 0
             seq.num_committed_blocks = 0
             seq.status = SeqStatus.WAITING
-            self.waiting.append(seq)
+            self.add(seq)
 
     # ---------------------------------------------------------------- internals
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
