@@ -190,8 +190,16 @@ class WorkerActor:
     def registered(self) -> bool:
         """Whether the router knows this worker now: one real heartbeat (the worker's own
         load figures, as the heartbeat loop sends), which the router answers NOT_FOUND
-        for a worker it has not registered."""
-        future = asyncio.run_coroutine_threadsafe(self._heartbeat(), self._loop)
+        for a worker it has not registered. False once stopped: a call that reaches an
+        actor being replaced (``ray.kill`` with a restart) finds its loop closed."""
+        if self._loop.is_closed():
+            return False
+        coroutine = self._heartbeat()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        except RuntimeError:  # closed between the check and the call
+            coroutine.close()
+            return False
         return future.result(timeout=10)
 
     async def _heartbeat(self) -> bool:
