@@ -98,10 +98,10 @@ def existing(store_url: str) -> str:
     from pathlib import Path
 
     from services.engine.errors import InvalidRequestError
+    from services.gateway.store import sqlite_path
 
-    path = store_url.removeprefix("sqlite:")
-    path = path[2:] if path.startswith("///") else path
-    if store_url.startswith("sqlite:") and path != ":memory:" and not Path(path).is_file():
+    path = sqlite_path(store_url)
+    if path is not None and path != ":memory:" and not Path(path).is_file():
         raise InvalidRequestError(
             "--store",
             f"no store at {path}: check the path (`tandem up` prints its store at start as "

@@ -383,15 +383,20 @@ def _redact(message: str) -> str:
     return re.sub(r"(password=)\S+", r"\1***", message)
 
 
+def sqlite_path(target: str) -> str | None:
+    """The file of a ``sqlite:PATH`` (or ``sqlite:///abs/path``) store URL; None for others."""
+    if not target.startswith("sqlite:"):
+        return None
+    path = target.removeprefix("sqlite:")
+    return path[2:] if path.startswith("///") else path  # URL style keeps one slash
+
+
 def open_store(target: str, *, schema: str | None = None) -> Store:
     """Open (and migrate) the store named by ``sqlite:PATH`` or ``postgresql://…``.
 
     ``schema`` (PostgreSQL only) keeps the tables in that schema, created if missing.
     """
-    if target.startswith("sqlite:"):
-        path = target.removeprefix("sqlite:")
-        if path.startswith("///"):  # sqlite:///abs/path, URL style
-            path = path[2:]
+    if (path := sqlite_path(target)) is not None:
         if not path:
             raise InvalidRequestError("store", "sqlite: needs a path, e.g. sqlite:gateway.db")
         store: Store = SqliteStore(path)
