@@ -28,9 +28,12 @@ Placement. The prompt's block hashes are computed once at admission (and again
 on a resume, over prompt + sent tokens); each attempt looks them up once in the
 prefix index (``kv_state.index(model)``, set by the server's wiring; none: no
 worker holds anything) and gives every policy call the per-worker cached
-prefix. The router counts the uncached prompt tokens of each Prefill in flight
+prefix. The router counts the uncached prompt tokens of each prefill in flight
 per worker (``WorkerState.in_flight_prefill_tokens``), because KV events and
-heartbeats lag. The final message's ServingInfo carries the placement and the
+heartbeats lag: a Prefill call until it is answered, and a local prefill (Decode
+without KV) on its decode worker until the stream's first token (or its end, on
+any path), so a burst arriving within one heartbeat does not all go local to one
+decode worker. The final message's ServingInfo carries the placement and the
 policy; ``placement_metrics.PLACEMENTS`` counts placements by reason.
 
 An attempt that fails in a way another worker can make good (WorkerLost:
@@ -57,8 +60,8 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import aclosing, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 
 import grpc
 
@@ -70,7 +73,14 @@ from services.router.errors import RouteError, WorkerLost
 from services.router.placement_metrics import PLACEMENTS
 from services.router.policies import Policy, RoutingRequest, prefill_work
 from services.router.progress import Progress
-from services.router.registry import DECODE, PREFILL, ROLE_NAMES, WorkerRegistry, WorkerState
+from services.router.registry import (
+    DECODE,
+    PREFILL,
+    ROLE_NAMES,
+    InFlightPrefill,
+    WorkerRegistry,
+    WorkerState,
+)
 from services.stubs.tandem.v1 import inference_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -196,7 +206,7 @@ class Orchestrator:
         if progress.placement == placements.DISAGGREGATED:
             prefill_worker = self._pick(prefillers, routing, PREFILL)
             progress.prefill_worker = prefill_worker.worker_id
-            with _prefill_tokens(prefill_worker, routing.uncached_tokens(prefill_worker.worker_id)):
+            with InFlightPrefill(prefill_worker, routing.uncached_tokens(prefill_worker.worker_id)):
                 first = await self._prefill(prefill_worker, request, deadline)
             answered = time.monotonic()
             if fresh:
@@ -231,8 +241,9 @@ class Orchestrator:
                     released = True
                     request = self._expired_handoff(progress, prefill_worker, request)
                     fresh = False  # the prefill's cache hits are recorded; keep them
+            local = 0 if handoff is not None else _local_prefill_tokens(progress, routing, decoder)
             async with aclosing(
-                self._decode(progress, decoder, request, handoff, fresh, deadline)
+                self._decode(progress, decoder, request, handoff, fresh, deadline, local)
             ) as messages:
                 async for message in messages:
                     yield message
@@ -309,8 +320,15 @@ class Orchestrator:
         first: worker_pb2.PrefillResponse | None,
         fresh: bool,
         deadline: float | None,
+        local_tokens: int = 0,
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """Relay one Decode stream; returns after relaying its final STOP/LENGTH message."""
+        """Relay one Decode stream; returns after relaying its final STOP/LENGTH message.
+
+        ``local_tokens``: the prompt tokens ``worker`` prefills itself (no KV handle), counted
+        in its in-flight prefill from here (no await since the placement) until its first
+        token or final message arrives, or the stream ends any other way. Not until the
+        stream's end: a decoding request is no prefill work, and counting it so made a
+        decode worker with long generations look busy for as long as they ran."""
         decode_request = worker_pb2.DecodeRequest(
             request=request, kv_timeout_ms=self.config.kv_timeout_ms
         )
@@ -319,7 +337,7 @@ class Orchestrator:
             decode_request.kv.CopyFrom(first.kv)
         timeout, _ = self._timeout(deadline, None)
         error_reported = False
-        with worker.dispatched():
+        with worker.dispatched(), InFlightPrefill(worker, local_tokens) as prefilling:
             call = self.channels.decode(worker).Decode(decode_request, timeout=timeout)
             try:
                 while True:
@@ -328,6 +346,8 @@ class Orchestrator:
                         break
                     reason = message.finish_reason
                     tokens = list(message.token_ids)
+                    if tokens or reason:  # prefilled (or failed): before a yield that may wait
+                        prefilling.done()
                     if reason in _FINISHED:
                         if fresh and first is None:
                             progress.record_cached(message.usage.cached_tokens)
@@ -513,14 +533,10 @@ class Orchestrator:
         task.add_done_callback(self._background.discard)
 
 
-@contextmanager
-def _prefill_tokens(worker: WorkerState, tokens: int) -> Iterator[None]:
-    """Count ``tokens`` of prefill work as in flight on ``worker`` while the block runs."""
-    worker.in_flight_prefill_tokens += tokens
-    try:
-        yield
-    finally:
-        worker.in_flight_prefill_tokens -= tokens
+def _local_prefill_tokens(progress: Progress, routing: RoutingRequest, decoder: WorkerState) -> int:
+    """The prompt tokens ``decoder`` computes when it prefills this attempt itself: the
+    attempt's prompt (with the first token, after an expired handoff) after its prefix."""
+    return len(progress.tokens_to_prefill()) - routing.cached_tokens(decoder.worker_id)
 
 
 def _lease_left(

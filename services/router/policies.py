@@ -59,7 +59,8 @@ class RoutingRequest:
 
 def prefill_work(worker: WorkerState, request: RoutingRequest) -> int:
     """Prompt tokens ``worker`` computes before ``request``'s first token: its uncached part,
-    the prefill the worker reports queued, and the router's prefills in flight to it."""
+    the prefill the worker reports queued, and the router's prefills in flight to it (on a
+    decode worker: its local prefills whose first token has not arrived)."""
     return (
         request.uncached_tokens(worker.worker_id)
         + worker.load.queued_prefill_tokens
@@ -151,6 +152,21 @@ def load_of(worker: WorkerState) -> int:
 #     twice (queued and in flight) until it is answered; as in least-loaded, that
 #     errs towards spreading. A cached prefix wins exactly when the tokens it saves
 #     exceed the extra queue in front of it.
+#   The same sum (policies.prefill_work) is a decode worker's prefill work ahead, which
+#   the orchestrator's local-prefill rule compares with the least busy prefill worker's.
+#   There, queued is the engine's uncomputed prompt tokens: waiting prompts past their
+#   cached prefix and the rest of running prefills, so local prefills only (KV read from
+#   a prefill worker is not computed; a failed read's fallback prefill shows only here).
+#   in_flight_tokens is the uncached tokens of the Decode calls the router sent without
+#   KV, from the placement until the stream's first token (or its end on any other path:
+#   error, cancel, retry elsewhere). The two overlap only while a local prefill is both
+#   unfinished and already in a heartbeat: the router's part ends at the first token, the
+#   worker's at its next heartbeat after the prefill, so neither outlives the prefill by
+#   more than one interval, and both pools double count alike, keeping the comparison
+#   fair. Counting the router's part until the stream ended instead would have charged
+#   every decoding request as prefill and kept a decode worker with long generations
+#   looking busy for as long as they ran; counting only the heartbeat let a burst within
+#   one interval all go local to one decode worker.
 #   Decode pool, in running sequences:
 #       decode_cost = in_flight + running + waiting        as least-loaded counts them
 #                   + occupancy_weight × (1 − free_blocks / total_blocks)

@@ -66,8 +66,10 @@ class WorkerState:
     in_flight: int = 0
     """Calls the router has dispatched here and not yet seen end."""
     in_flight_prefill_tokens: int = 0
-    """Prompt tokens (beyond the worker's cached prefix) of the Prefill calls the router
-    has dispatched here and not yet seen answered: queued work no heartbeat shows yet."""
+    """Prompt tokens (beyond the worker's cached prefix) the router has sent here to prefill
+    and not yet seen prefilled: Prefill calls not yet answered, and on a decode worker the
+    local prefills (Decode without KV) whose first token has not arrived. Queued work no
+    heartbeat shows yet; counted by ``InFlightPrefill``."""
     draining: bool = False
     """The worker is shutting down gracefully: finishing its calls, taking no new ones."""
     gone: asyncio.Event = field(default_factory=asyncio.Event)
@@ -85,6 +87,28 @@ class WorkerState:
             yield
         finally:
             self.in_flight -= 1
+
+
+class InFlightPrefill:
+    """Counts ``tokens`` in ``worker.in_flight_prefill_tokens`` from creation until ``done()``
+    or the end of its ``with`` block, whichever comes first: exactly once, so no exit path
+    (answer, error, cancel, retry elsewhere) can leave the count drifting."""
+
+    def __init__(self, worker: WorkerState, tokens: int) -> None:
+        self.worker = worker
+        self.tokens = tokens
+        worker.in_flight_prefill_tokens += tokens
+
+    def done(self) -> None:
+        """The prefill is over (or will never run): stop counting it. Idempotent."""
+        self.worker.in_flight_prefill_tokens -= self.tokens
+        self.tokens = 0
+
+    def __enter__(self) -> InFlightPrefill:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.done()
 
 
 @dataclass(frozen=True)
