@@ -8,7 +8,9 @@ would otherwise be served without a row. The client's id is kept in ``client_req
 for correlation only; :meth:`Ledger.find` looks rows up by it. The metering counters
 (:mod:`services.gateway.metrics`) are incremented only when a row is new, after the commit,
 so they match the ledger's sums exactly. Usage queries sum rows over a
-half-open time range ``[start, end)``, grouped by any of team, model, principal and key id.
+half-open time range ``[start, end)``, grouped by any of team, model, principal and key id,
+a page at a time when asked (``after`` and ``limit``: keyset pagination on the grouping
+columns, so pages neither skip nor repeat a group however rows are added between them).
 """
 
 from __future__ import annotations
@@ -136,19 +138,42 @@ class Ledger:
         team: str | None = None,
         principal: str | None = None,
         model: str | None = None,
+        after: Sequence[str] | None = None,
+        limit: int | None = None,
     ) -> tuple[UsageTotal, ...]:
-        """Sums over ``[start, end)`` (epoch seconds), grouped by ``group_by``, filtered."""
+        """Sums over ``[start, end)`` (epoch seconds), grouped by ``group_by``, filtered,
+        in order of the grouping columns.
+
+        A page: ``after`` (the grouping values of the last group already read) keeps only
+        the groups after it, ``limit`` the first that many. Paging needs grouping columns
+        that are never NULL (not ``key_id``), which order totally.
+        """
         columns = _check_group_by(group_by)
         where, params = ["time_us >= ?", "time_us < ?"], [round(start * 1e6), round(end * 1e6)]
         for name, value in (("team", team), ("principal", principal), ("model", model)):
             if value is not None:
                 where.append(f"{name} = ?")
                 params.append(value)
+        if after is not None:
+            if not columns or "key_id" in columns or len(after) != len(columns):
+                raise InvalidRequestError(
+                    "after", f"needs one value per grouping column of {columns}, none key_id"
+                )
+            # Groups are rows' column values: a row-value comparison on the rows keeps
+            # exactly the groups ordered after ``after`` (the same collation as ORDER BY).
+            names = ", ".join(columns)
+            where.append(f"({names}) > ({', '.join(['?'] * len(columns))})")
+            params.extend(str(v) for v in after)
         select = ", ".join([*columns, "COUNT(*)", *(f"SUM({c})" for c in _SUMMED)])
         sql = f"SELECT {select} FROM usage_ledger WHERE {' AND '.join(where)}"
         if columns:
             order = ", ".join(columns)
             sql += f" GROUP BY {order} ORDER BY {order}"
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise InvalidRequestError("limit", f"must be an integer >= 1, got {limit!r}")
+            sql += " LIMIT ?"
+            params.append(limit)
         with self._store.reporting().transaction() as tx:  # never behind the calls' writes
             rows = tx.fetchall(sql, params)
         return tuple(_total(columns, row) for row in rows if row[len(columns)])

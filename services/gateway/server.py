@@ -24,7 +24,7 @@ from services.gateway.openai_http import HttpServer, start_http
 from services.gateway.policy import load_policy
 from services.gateway.service import GatewayService
 from services.gateway.store import Store, open_store
-from services.gateway.usage_service import UsageService
+from services.gateway.usage_service import MAX_PERIOD_DAYS, UsageService
 from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S, drain_server
 from services.rpc.metrics_http import MetricsServer, serve_metrics
 from services.rpc.server import RunningServer, Servicer, client_channel, start_server
@@ -84,6 +84,9 @@ class GatewayConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     """On SIGINT/SIGTERM: how long the calls in flight (gRPC and HTTP streams) get to finish
     while new ones are refused; what is cut after it is metered for what was sent."""
+    usage_max_period_days: int = MAX_PERIOD_DAYS
+    """The longest period one ``UsageService.GetUsage`` request may cover, in days: each page
+    of a report sums every ledger row of its period (longer is INVALID_ARGUMENT)."""
 
 
 class Gateway(RunningServer):
@@ -176,7 +179,13 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
             "tandem.v1.Admin",
         ),
         Servicer(
-            UsageService(guard, policy, Ledger(store), service.pipeline.settled),
+            UsageService(
+                guard,
+                policy,
+                Ledger(store),
+                service.pipeline.settled,
+                max_period_days=config.usage_max_period_days,
+            ),
             admin_pb2_grpc.add_UsageServiceServicer_to_server,
             "tandem.v1.UsageService",
         ),

@@ -112,6 +112,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             " ON usage_ledger (principal, client_request_id)",
         ),
     ),
+    Migration(
+        version=4,
+        description="usage_ledger (principal, time_us) index, for callers' own usage reports",
+        statements=(
+            # A caller without the admin role reads only its own rows: on usage_ledger_time
+            # alone its report over a period scanned every principal's rows of it.
+            "CREATE INDEX IF NOT EXISTS usage_ledger_principal_time"
+            " ON usage_ledger (principal, time_us)",
+        ),
+    ),
 )
 
 _BINARY_TYPE = {"sqlite": "BLOB", "postgresql": "BYTEA"}

@@ -9,15 +9,31 @@ or on a team it is not in, is told PERMISSION_DENIED (not an empty answer, which
 as "no usage").
 
 The period is a UTC ``day`` ("YYYY-MM-DD"), a UTC ``month`` ("YYYY-MM") or a ``range``
-[start, end); exactly one is required. Rows group by team, principal and model unless
-``group_by`` says otherwise. Every answered or refused query leaves one audit record.
+[start, end); exactly one is required, and it covers at most ``max_period_days`` (366 by
+default: GatewayConfig.usage_max_period_days), because each page of a report sums every
+ledger row of its period. Rows group by team, principal and model unless ``group_by`` says
+otherwise. Every answered or refused query (each page) leaves one audit record.
+
+Pages (AIP-158): at most ``page_size`` rows (0 → PAGE_SIZE_MAX, more → PAGE_SIZE_MAX,
+negative → INVALID_ARGUMENT), and ``next_page_token`` while more follow. A token holds the
+grouping values of the page's last row (the next page is the groups ordered after it: keyset
+pagination, no offsets, so nothing is skipped or repeated) and a digest binding it to the
+request (filters, resolved period, grouping) and the caller; a token presented with anything
+else, or altered, is INVALID_ARGUMENT naming ``page_token``. The digest is not a secret MAC
+(replicas share no key): it refuses mistakes and edits, not a deliberate forgery. A forged
+token can only start a page elsewhere in the caller's own report, since who sees what is
+checked on every page regardless of the token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import calendar
 import datetime as dt
+import hashlib
+import json
 from collections.abc import Awaitable, Callable
 
 import grpc.aio
@@ -71,9 +87,30 @@ def period(request: admin_pb2.GetUsageRequest) -> tuple[float, float]:
         except ValueError as exc:  # protobuf refuses a Timestamp past year 9999
             raise BadRequest("range", f"not a valid timestamp ({exc})") from None
         if not start < end:
-            raise BadRequest("range", "start must be before end")
+            if start == end:
+                raise BadRequest("range", "start equals end: the range [start, end) is empty")
+            end_s, start_s = request.range.end.ToJsonString(), request.range.start.ToJsonString()
+            raise BadRequest("range", f"end ({end_s}) is before start ({start_s}): swap them")
         return start, end
     raise BadRequest("period", "set exactly one of range, day (YYYY-MM-DD) or month (YYYY-MM)")
+
+
+MAX_PERIOD_DAYS = 366
+"""Default of the longest period one GetUsage request may cover (a leap year)."""
+
+
+def check_period_length(
+    request: admin_pb2.GetUsageRequest, start: float, end: float, max_days: int
+) -> None:
+    """BadRequest, naming the period's field, when [start, end) is longer than ``max_days``:
+    every page of a report sums all of its period's ledger rows."""
+    if end - start > max_days * 86400:
+        field = request.WhichOneof("period") or "period"
+        raise BadRequest(
+            field,
+            f"covers {(end - start) / 86400:.6g} days, more than the {max_days} one request "
+            "may cover: split the period into several requests",
+        )
 
 
 def _span(start: dt.datetime, length: dt.timedelta, field: str) -> tuple[float, float]:
@@ -113,6 +150,102 @@ def check_filters(request: admin_pb2.GetUsageRequest) -> None:
             raise BadRequest(name, f"must be printable and at most {FILTER_MAX} characters")
 
 
+PAGE_SIZE_MAX = 1000
+"""Most rows in one response; also the size of a page that asks for none (page_size 0)."""
+
+
+def page_size(request: admin_pb2.GetUsageRequest) -> int:
+    """The rows to return: 0 → PAGE_SIZE_MAX, larger → PAGE_SIZE_MAX (AIP-158 coerces)."""
+    if request.page_size < 0:
+        raise BadRequest("page_size", f"must be >= 0, got {request.page_size}")
+    return min(request.page_size or PAGE_SIZE_MAX, PAGE_SIZE_MAX)
+
+
+PAGE_TOKEN_MAX = 65536
+"""Longest page token accepted: three grouping values (a principal is a token's subject, as
+long as the identity provider makes it), JSON in base64."""
+_TOKEN_VERSION = 1
+
+
+def _query_digest(
+    caller: str,
+    request: admin_pb2.GetUsageRequest,
+    start: float,
+    end: float,
+    columns: tuple[str, ...],
+    after: list[str],
+) -> str:
+    """What a page token is bound to: the caller, the request's filters, its resolved period
+    and grouping (not page_size, which may change between pages), and the position."""
+    query = [
+        _TOKEN_VERSION,
+        caller,
+        request.team,
+        request.principal,
+        request.model,
+        round(start * 1e6),
+        round(end * 1e6),
+        list(columns),
+        after,
+    ]
+    canonical = json.dumps(query, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(b"tandem.v1.GetUsage page\0" + canonical.encode()).hexdigest()[:32]
+
+
+def encode_page_token(
+    caller: str,
+    request: admin_pb2.GetUsageRequest,
+    start: float,
+    end: float,
+    columns: tuple[str, ...],
+    last: UsageTotal,
+) -> str:
+    """The token of the page that follows ``last`` (the page's last row)."""
+    after = [value or "" for _, value in last.group]
+    digest = _query_digest(caller, request, start, end, columns, after)
+    body = {"v": _TOKEN_VERSION, "after": after, "q": digest}
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_page_token(
+    caller: str,
+    request: admin_pb2.GetUsageRequest,
+    start: float,
+    end: float,
+    columns: tuple[str, ...],
+) -> list[str] | None:
+    """The grouping values to page after, None for a first page; BadRequest naming
+    ``page_token`` for a token that is malformed, altered or issued for another request or
+    caller."""
+    token = request.page_token
+    if not token:
+        return None
+    foreign = BadRequest(
+        "page_token",
+        "is not a next_page_token of this request (same filters, period and grouping) "
+        "and caller: send the first page's request again without it",
+    )
+    if len(token) > PAGE_TOKEN_MAX:
+        raise foreign
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        body = json.loads(raw.decode())
+    except (binascii.Error, ValueError):  # UnicodeDecodeError and JSONDecodeError included
+        raise foreign from None
+    if not isinstance(body, dict) or body.get("v") != _TOKEN_VERSION:
+        raise foreign
+    after = body.get("after")
+    if (
+        not isinstance(after, list)
+        or len(after) != len(columns)
+        or not all(isinstance(v, str) for v in after)
+        or body.get("q") != _query_digest(caller, request, start, end, columns, after)
+    ):
+        raise foreign
+    return after
+
+
 def usage_row(total: UsageTotal) -> admin_pb2.UsageRow:
     groups = {name: value or "" for name, value in total.group}
     return admin_pb2.UsageRow(
@@ -133,10 +266,14 @@ class UsageService(admin_pb2_grpc.UsageServiceServicer):
         policy: Policy,
         ledger: Ledger,
         settled: Callable[[], Awaitable[None]] | None = None,
+        max_period_days: int = MAX_PERIOD_DAYS,
     ) -> None:
+        if max_period_days < 1:
+            raise ValueError(f"max_period_days must be >= 1, got {max_period_days}")
         self._guard = guard
         self._policy = policy
         self._ledger = ledger
+        self._max_period_days = max_period_days
         self._settled = settled
         """Waits for this replica's calls still being settled (the ledger is written after
         a call ends: services/gateway/settler.py), so a caller reads its own usage."""
@@ -174,7 +311,10 @@ class UsageService(admin_pb2_grpc.UsageServiceServicer):
         try:
             check_filters(request)
             start, end = period(request)
+            check_period_length(request, start, end, self._max_period_days)
             columns = group_columns(request)
+            size = page_size(request)
+            after = decode_page_token(who.principal, request, start, end, columns)
         except BadRequest as exc:
             violations = [(exc.field, exc.description)]
             message = f"invalid GetUsageRequest: {exc}"
@@ -191,15 +331,23 @@ class UsageService(admin_pb2_grpc.UsageServiceServicer):
                 team=request.team or None,
                 principal=principal,
                 model=request.model or None,
+                after=after,
+                limit=size + 1,  # one more than the page: is there a next one?
             )
         except TandemError as exc:
             await abort_error(context, exc)
         reason = (
             f"GetUsage: [{int(start)}, {int(end)}) team={request.team or '*'} "
             f"principal={principal or '*'} model={request.model or '*'}"
+            + (" (a next page)" if after is not None else "")
         )
         await self._guard.record(context, self._guard.event(context, who, "allow", reason))
-        response = admin_pb2.GetUsageResponse(rows=[usage_row(t) for t in totals])
+        page = totals[:size]
+        response = admin_pb2.GetUsageResponse(rows=[usage_row(t) for t in page])
+        if len(totals) > size:
+            response.next_page_token = encode_page_token(
+                who.principal, request, start, end, columns, page[-1]
+            )
         response.range.start.FromMicroseconds(round(start * 1e6))
         response.range.end.FromMicroseconds(round(end * 1e6))
         return response

@@ -159,7 +159,7 @@ def test_migration_3_keeps_rows_written_before_it(
                 " VALUES ('old', 'ann', 'ml', NULL, 'm', 3, 4, 0, 1.5, 'ok', 1700000000000000)"
             )
     new = open_same()
-    assert new.schema_version() == 3
+    assert new.schema_version() == store_module.MIGRATIONS[-1].version
     ledger = Ledger(new)
     row = ledger.get("old")
     assert row is not None and row.client_request_id == ""
@@ -215,3 +215,79 @@ def _in_thread(work: Callable[[], object], timeout_s: float = 10.0) -> object:
     thread.join(timeout_s)
     assert results, "it waited for the lock held by the other side"
     return results[0]
+
+
+def test_usage_pages_follow_the_grouping_order(store: Store) -> None:
+    """``after`` and ``limit`` read the report a page at a time: keyset on the grouping
+    columns, so the pages joined are the unpaged report, whatever the collation."""
+    ledger = Ledger(store)
+    names = ["a", "A", "ä", "a b", "b", "_"]
+    with store.transaction() as tx:
+        for i in range(300):
+            ledger.insert(tx, _rec(i, team=names[i % 6], model=f"{names[i // 6 % 6]}{i % 11}"))
+    columns = ("team", "model", "principal")
+    whole = ledger.usage(T0, T0 + 300, columns)
+    assert len(whole) > 100
+    paged: list[object] = []
+    after = None
+    while page := ledger.usage(T0, T0 + 300, columns, after=after, limit=7):
+        paged.extend(page)
+        after = [v or "" for _, v in page[-1].group]
+    assert paged == list(whole)
+    assert (
+        ledger.usage(T0, T0 + 300, ("team",), limit=2) == ledger.usage(T0, T0 + 300, ("team",))[:2]
+    )
+    for bad in (
+        dict(after=["a"]),  # one value per column
+        dict(after=[]),
+    ):
+        with pytest.raises(InvalidRequestError, match="after"):
+            ledger.usage(T0, T0 + 300, columns, **bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="after"):
+        ledger.usage(T0, T0 + 300, ("key_id",), after=["k"])  # NULLs do not order
+    with pytest.raises(InvalidRequestError, match="limit"):
+        ledger.usage(T0, T0 + 300, columns, limit=0)
+
+
+def _indexes(store: Store) -> set[str]:
+    with store.transaction() as tx:
+        if store.dialect == "sqlite":
+            rows = tx.fetchall("SELECT name FROM sqlite_master WHERE type = 'index'")
+        else:
+            rows = tx.fetchall(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+            )
+    return {str(r[0]) for r in rows}
+
+
+def test_migration_4_indexes_a_callers_report_by_principal_and_time(
+    open_same: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller without the admin role reads only its own rows over a period: on the time
+    index alone that scanned every principal's rows of the period."""
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:3])
+        old = open_same()
+        assert old.schema_version() == 3
+        Ledger(old).record(_rec(1))
+        assert "usage_ledger_principal_time" not in _indexes(old)
+    new = open_same()
+    assert new.schema_version() >= 4
+    assert {"usage_ledger_time", "usage_ledger_principal_time"} <= _indexes(new)
+    ledger = Ledger(new)
+    with new.transaction() as tx:
+        for i in range(2, 3000):  # 30 principals over 125 days; the report: one day
+            ledger.insert(tx, _rec(i, principal=f"user-{i % 30}", time=T0 + i * 3600.0))
+    query = (
+        "SELECT team, model, COUNT(*) FROM usage_ledger WHERE time_us >= ? AND time_us < ?"
+        " AND principal = ? GROUP BY team, model ORDER BY team, model"
+    )
+    params = (round(T0 * 1e6), round((T0 + 86400) * 1e6), "user-7")
+    with new.transaction() as tx:
+        if new.dialect == "sqlite":
+            tx.execute("ANALYZE")
+            plan = " ".join(str(r) for r in tx.fetchall(f"EXPLAIN QUERY PLAN {query}", params))
+        else:
+            tx.execute("ANALYZE usage_ledger")
+            plan = " ".join(str(r) for r in tx.fetchall(f"EXPLAIN {query}", params))
+    assert "usage_ledger_principal_time" in plan, plan

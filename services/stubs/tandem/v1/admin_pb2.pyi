@@ -110,7 +110,7 @@ class TimeRange(_message.Message):
     def __init__(self, start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
-    __slots__ = ("team", "principal", "model", "range", "day", "month", "group_by")
+    __slots__ = ("team", "principal", "model", "range", "day", "month", "group_by", "page_size", "page_token")
     TEAM_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,8 @@ class GetUsageRequest(_message.Message):
     DAY_FIELD_NUMBER: _ClassVar[int]
     MONTH_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     team: str
     principal: str
     model: str
@@ -125,7 +127,9 @@ class GetUsageRequest(_message.Message):
     day: str
     month: str
     group_by: _containers.RepeatedScalarFieldContainer[UsageGroupBy]
-    def __init__(self, team: _Optional[str] = ..., principal: _Optional[str] = ..., model: _Optional[str] = ..., range: _Optional[_Union[TimeRange, _Mapping]] = ..., day: _Optional[str] = ..., month: _Optional[str] = ..., group_by: _Optional[_Iterable[_Union[UsageGroupBy, str]]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, team: _Optional[str] = ..., principal: _Optional[str] = ..., model: _Optional[str] = ..., range: _Optional[_Union[TimeRange, _Mapping]] = ..., day: _Optional[str] = ..., month: _Optional[str] = ..., group_by: _Optional[_Iterable[_Union[UsageGroupBy, str]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
     __slots__ = ("team", "principal", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens")
@@ -146,9 +150,11 @@ class UsageRow(_message.Message):
     def __init__(self, team: _Optional[str] = ..., principal: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
-    __slots__ = ("range", "rows")
+    __slots__ = ("range", "rows", "next_page_token")
     RANGE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     range: TimeRange
     rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
-    def __init__(self, range: _Optional[_Union[TimeRange, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, range: _Optional[_Union[TimeRange, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -208,6 +208,20 @@ class UsageServiceStub:
     question. A non-admin that filters on another principal, or on a team that
     is not its own, gets PERMISSION_DENIED.
 
+    Pages (AIP-158): a response holds at most `page_size` rows; when more
+    follow, `next_page_token` is set and the same request with `page_token` set
+    to it returns the next page. Pages are read in order of the grouping
+    columns and positioned after the last row returned, so they never skip or
+    repeat a group. A period still in progress may gain usage between pages:
+    each page's sums are those of the moment it was read. A token answers only
+    the request (filters, period, grouping) and the caller it was issued for;
+    any other use is INVALID_ARGUMENT naming `page_token`. Who may see what is
+    checked again on every page.
+
+    A single request covers at most 366 days (the gateway's
+    `usage_max_period_days`); a longer period is INVALID_ARGUMENT naming the
+    period's field: ask for it in several requests.
+
     (Named UsageService because tandem.v1.Usage is the per-request token
     accounting message of inference.proto.)
     """
@@ -235,6 +249,20 @@ class UsageServiceServicer:
     colleague's usage; a team's totals are an admin's (or a team admin key's)
     question. A non-admin that filters on another principal, or on a team that
     is not its own, gets PERMISSION_DENIED.
+
+    Pages (AIP-158): a response holds at most `page_size` rows; when more
+    follow, `next_page_token` is set and the same request with `page_token` set
+    to it returns the next page. Pages are read in order of the grouping
+    columns and positioned after the last row returned, so they never skip or
+    repeat a group. A period still in progress may gain usage between pages:
+    each page's sums are those of the moment it was read. A token answers only
+    the request (filters, period, grouping) and the caller it was issued for;
+    any other use is INVALID_ARGUMENT naming `page_token`. Who may see what is
+    checked again on every page.
+
+    A single request covers at most 366 days (the gateway's
+    `usage_max_period_days`); a longer period is INVALID_ARGUMENT naming the
+    period's field: ask for it in several requests.
 
     (Named UsageService because tandem.v1.Usage is the per-request token
     accounting message of inference.proto.)
@@ -272,6 +300,20 @@ class UsageService:
     colleague's usage; a team's totals are an admin's (or a team admin key's)
     question. A non-admin that filters on another principal, or on a team that
     is not its own, gets PERMISSION_DENIED.
+
+    Pages (AIP-158): a response holds at most `page_size` rows; when more
+    follow, `next_page_token` is set and the same request with `page_token` set
+    to it returns the next page. Pages are read in order of the grouping
+    columns and positioned after the last row returned, so they never skip or
+    repeat a group. A period still in progress may gain usage between pages:
+    each page's sums are those of the moment it was read. A token answers only
+    the request (filters, period, grouping) and the caller it was issued for;
+    any other use is INVALID_ARGUMENT naming `page_token`. Who may see what is
+    checked again on every page.
+
+    A single request covers at most 366 days (the gateway's
+    `usage_max_period_days`); a longer period is INVALID_ARGUMENT naming the
+    period's field: ask for it in several requests.
 
     (Named UsageService because tandem.v1.Usage is the per-request token
     accounting message of inference.proto.)
