@@ -119,6 +119,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/v1/chat/completions) on this port, same credentials and policy as gRPC "
         "(default 0: off)",
     )
+    parser.add_argument(
+        "--usage-max-period-days",
+        type=arg_types.positive_int,
+        metavar="DAYS",
+        help="the longest period one UsageService/GetUsage request may cover (default 366): "
+        "each page of a report sums every ledger row of its period, so this bounds what one "
+        "request costs the store; a longer one is INVALID_ARGUMENT",
+    )
     add_drain_arg(
         parser,
         "new calls are refused (NOT_SERVING to health checks; the HTTP API stops "
@@ -164,7 +172,13 @@ def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         tls=public_tls,
         router_tls=router_tls,
         drain_timeout_s=args.drain_timeout_s,
+        **_optional(usage_max_period_days=args.usage_max_period_days),
     )
+
+
+def _optional(**fields: object) -> dict[str, object]:
+    """The fields given on the command line; the others keep GatewayConfig's defaults."""
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def run(args: argparse.Namespace) -> int:

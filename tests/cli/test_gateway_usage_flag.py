@@ -1,0 +1,26 @@
+"""`tandem gateway --usage-max-period-days`: the GetUsage period cap an operator sets."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.cli.gateway import gateway_config
+from services.cli.main import build_parser, main
+from services.gateway.usage_service import MAX_PERIOD_DAYS
+
+REQUIRED = ("gateway", "--port", "0", "--router", "r:1", "--policy", "p.toml")
+
+
+def test_the_cap_comes_from_its_flag_and_defaults_to_the_services() -> None:
+    parser = build_parser()
+    assert gateway_config(parser.parse_args(REQUIRED)).usage_max_period_days == MAX_PERIOD_DAYS
+    flagged = parser.parse_args((*REQUIRED, "--usage-max-period-days", "31"))
+    assert gateway_config(flagged).usage_max_period_days == 31
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "a year"])
+def test_a_cap_that_is_not_a_positive_number_of_days_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*REQUIRED, "--usage-max-period-days", value]) == 2
+    assert "--usage-max-period-days" in capsys.readouterr().err
