@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from services.cli import arg_types
 from services.cli.engine_args import add_engine_args, add_model_arg, engine_config
-from services.cli.tls_args import add_client_tls_args
+from services.cli.tls_args import add_client_tls_args, client_tls
+
+if TYPE_CHECKING:
+    from services.rpc.tls import TlsConfig
+
+ANSWER_PROBE_S = 2.0
+"""After a failed start: how long the target gets to accept a connection, for the hint."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -270,8 +278,7 @@ def run_throughput(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from services.bench.serve import ServeBenchError, ServeConfig, measure_serving
     from services.bench.serve_report import format_table, result_dict
-    from services.cli.generate import API_KEY_HINT, api_key_from
-    from services.cli.tls_args import client_tls
+    from services.cli.generate import api_key_from
 
     config = ServeConfig(
         target=args.target,
@@ -294,8 +301,8 @@ def run_serve(args: argparse.Namespace) -> int:
         result = measure_serving(config)
     except ServeBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if "UNAUTHENTICATED" in str(exc) and config.api_key is None:
-            print(f"hint: {API_KEY_HINT}", file=sys.stderr)
+        if (hint := _serve_hint(args, str(exc))) is not None:
+            print(f"hint: {hint}", file=sys.stderr)
         return 1
     print(format_table(result))
     if args.json:
@@ -312,6 +319,37 @@ def run_serve(args: argparse.Namespace) -> int:
         plot_latency_cdfs(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _serve_hint(args: argparse.Namespace, message: str) -> str | None:
+    """``tandem generate``'s hint for a ServeBenchError's "...: CODE: details"."""
+    from services.cli.generate import CallFailure
+
+    status = re.search(r": ([A-Z_]{4,}): (.*)", message, re.DOTALL)
+    if status is None:
+        return None
+    failure = CallFailure.of(args, status.group(1), status.group(2))
+    # The error is all that is left of the call here: ask the target whether it answers.
+    return failure.hint(lambda: _answers(args.target, client_tls(args)))
+
+
+def _answers(target: str, tls: TlsConfig | None) -> bool:
+    """Whether a channel to ``target`` connects (TLS included) within a couple of seconds."""
+    import grpc
+
+    from services.rpc.tls import channel_credentials
+
+    channel = (
+        grpc.insecure_channel(target)
+        if tls is None
+        else grpc.secure_channel(target, channel_credentials(tls))
+    )
+    with channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=ANSWER_PROBE_S)
+        except grpc.FutureTimeoutError:
+            return False
+    return True
 
 
 def redact_api_key(argv: list[str], secret: str | None) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,8 +27,6 @@ from services.engine.outputs import FinishReason, RequestOutput
 from services.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    import grpc
-
     from services.engine.engine import LLMEngine
     from services.rpc.tls import TlsConfig
     from services.stubs.tandem.v1 import inference_pb2
@@ -193,7 +192,8 @@ def run_remote(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         _print_partial(completion, args.json)
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        if (hint := _hint(exc, args)) is not None:
+        failure = CallFailure.of(args, exc.code().name, exc.details() or "")
+        if (hint := failure.hint(lambda: completion.target_answered)) is not None:
             print(f"hint: {hint}", file=sys.stderr)
         bad_request = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         return EXIT_BAD_REQUEST if bad_request else EXIT_FAILED
@@ -209,20 +209,136 @@ API_KEY_HINT = (
     "the target is a gateway; pass --api-key KEY or set TANDEM_API_KEY (tandem up prints one)"
 )
 """What to do when a gateway refuses a call that carried no credential."""
+CONNECT_FAILED = "failed to connect to all addresses"
+"""gRPC's details when a channel found no peer: the client's own, or relayed by the target
+(a gateway whose router is down passes the router's status on as it is)."""
+DNS_FAILED = ("errors resolving", "DNS resolution failed")
+"""How gRPC's two resolvers (native, c-ares) begin a failed host lookup."""
+TLS_PROBE_TIMEOUT_S = 2.0
 
 
-def _hint(exc: grpc.aio.AioRpcError, args: argparse.Namespace) -> str | None:
-    """What to do about a failed call, where the status says it clearly."""
-    import grpc
+@dataclass(frozen=True)
+class CallFailure:
+    """A failed call to ``--target``, as much as the hints need of it."""
 
-    if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not api_key_from(args):
-        return API_KEY_HINT
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (exc.details() or ""):
+    code: str
+    """The status code's name (UNAVAILABLE, ...)."""
+    details: str
+    target: str
+    tls: bool
+    """The client spoke TLS (--tls or --tls-ca)."""
+    key_from: str | None
+    """Where the API key came from (--api-key, TANDEM_API_KEY); None: no key was sent."""
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, code: str, details: str) -> CallFailure:
+        """The failure of a call made with ``tandem generate``/``bench serve``'s flags."""
+        tls = bool(args.tls or args.tls_ca or args.tls_cert)
+        return cls(code, details, args.target, tls, api_key_source(args))
+
+    def hint(self, answered: Callable[[], bool]) -> str | None:
+        """What to do about it, where the status says clearly; None otherwise.
+
+        ``answered()``: whether the target itself accepted the connection, asked only for
+        a connection failure: from there a gateway relays its router's failure word for
+        word, and only the client's side can tell the two apart."""
+        if self.code == "UNAUTHENTICATED":
+            return self._key_hint()
+        if self.code not in ("UNAVAILABLE", "UNKNOWN"):
+            return None
+        dns = self.details.startswith(DNS_FAILED)
+        if not (dns or CONNECT_FAILED in self.details):
+            return None  # the target's own answer (a router with no worker, ...)
+        if dns and self.target in self.details:  # (not the gateway's --router)
+            host = self.target.rsplit(":", 1)[0]
+            return f"cannot resolve host {host}: check the host name in --target {self.target}"
+        if answered():
+            return self._behind_hint()
+        if dns:
+            return None
+        if "handshake failed" in self.details.lower():
+            return self._tls_hint()
+        if not self.tls and speaks_tls(self.target):
+            return (
+                f"{self.target} speaks TLS: pass --tls-ca CA.pem (tandem up --tls prints "
+                "its CA), or --tls for a certificate the system trusts"
+            )
         return (
-            f"nothing answered at {args.target}: start Tandem there (tandem up prints the "
+            f"nothing answered at {self.target}: start Tandem there (tandem up prints the "
             "address to use) or fix --target"
         )
-    return None
+
+    def _key_hint(self) -> str:
+        if self.key_from is None:
+            return API_KEY_HINT
+        return (
+            f"the gateway refused the API key from {self.key_from} (unknown, revoked or "
+            "mistyped): check --api-key / TANDEM_API_KEY, or mint another (tandem keys "
+            "create; each tandem up prints a new admin key and revokes the last run's)"
+        )
+
+    def _behind_hint(self) -> str:
+        relayed = re.search(r"ipv[46]:(\S+?): ", self.details)
+        where = f" at {relayed.group(1)}" if relayed else ""
+        return (
+            f"{self.target} answered, but the service behind it{where} did not: a gateway "
+            "whose router is down or unreachable; start the router or fix the gateway's "
+            "--router (tandem up: see router.log in its state directory)"
+        )
+
+    def _tls_hint(self) -> str:
+        details = self.details
+        if "WRONG_VERSION_NUMBER" in details:
+            return (
+                f"{self.target} does not speak TLS: drop --tls/--tls-ca, or serve TLS there "
+                "(tandem up --tls)"
+            )
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return (
+                f"{self.target}'s certificate is not signed by a CA this client trusts: pass "
+                "--tls-ca with the CA that issued it (tandem up --tls: <state dir>/tls/ca.pem)"
+            )
+        if "not in peer certificate" in details:
+            host = self.target.rsplit(":", 1)[0]
+            return (
+                f"{self.target}'s certificate does not name {host}: connect by a name it "
+                "holds (tandem's development CA: localhost, 127.0.0.1 and the service's name)"
+            )
+        return (
+            f"the TLS handshake with {self.target} failed: check --tls-ca, and --tls-cert/"
+            "--tls-key for a server that asks for a client certificate"
+        )
+
+
+def speaks_tls(target: str, timeout_s: float = TLS_PROBE_TIMEOUT_S) -> bool:
+    """Whether ``target`` completes a TLS handshake (its certificate unchecked: this only
+    tells a plaintext client that it knocked on a TLS door, which closes on it silently)."""
+    import socket
+    import ssl
+
+    host, port = target.rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    host = host.strip("[]")
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return False
+
+
+def api_key_source(args: argparse.Namespace) -> str | None:
+    """Which of --api-key and $TANDEM_API_KEY gave the key ``api_key_from`` returns."""
+    import os
+
+    if args.api_key:
+        return "--api-key"
+    return "TANDEM_API_KEY" if os.environ.get("TANDEM_API_KEY") else None
 
 
 def api_key_from(args: argparse.Namespace) -> str | None:
@@ -270,6 +386,9 @@ class RemoteCompletion:
     pieces: list[str] = field(default_factory=list)
     final: inference_pb2.GenerateResponse | None = None
     """The message with a finish reason, usage and serving info, once it arrives."""
+    target_answered: bool = False
+    """After a failed call: whether the channel to the target was connected (READY), so
+    the failure came from the target, not from reaching it."""
 
     def add(self, message: inference_pb2.GenerateResponse) -> None:
         self.token_ids += message.token_ids
@@ -305,15 +424,20 @@ async def stream_remote(
 
     ``api_key`` goes out as ``authorization: Bearer …`` metadata (never printed); ``tls``
     verifies the server (and presents a client certificate, if it has one)."""
+    import grpc
+
     from services.rpc.server import client_channel
     from services.stubs.tandem.v1 import inference_pb2_grpc
 
     async with client_channel(target, api_key, tls) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        async for message in stub.Generate(request, timeout=timeout_s):
-            completion.add(message)
-            if on_text and message.text:
-                on_text(message.text)
+        try:
+            async for message in stub.Generate(request, timeout=timeout_s):
+                completion.add(message)
+                if on_text and message.text:
+                    on_text(message.text)
+        finally:  # read before the channel closes: the hints tell relayed failures by it
+            completion.target_answered = channel.get_state() == grpc.ChannelConnectivity.READY
 
 
 def _print_partial(completion: RemoteCompletion, as_json: bool) -> None:

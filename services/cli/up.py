@@ -163,6 +163,7 @@ def _up(args: argparse.Namespace) -> int:
         return up_ray.run(args)
     from services.engine.model_source import resolve_model
     from services.launcher.local import LocalCluster
+    from services.launcher.progress import StartProgress
 
     # SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
     interrupt_on_sigterm()
@@ -177,7 +178,9 @@ def _up(args: argparse.Namespace) -> int:
     gateway, secret = (
         (None, None) if policy is None else _gateway(policy, log_dir, args.model, args.http_port)
     )
-    cluster = LocalCluster(cluster_config(args, log_dir, gateway, tls_dir))
+    # Loading a model can take minutes: say what is awaited (a bar on a terminal).
+    progress = StartProgress(sys.stderr)
+    cluster = LocalCluster(cluster_config(args, log_dir, gateway, tls_dir), progress=progress)
     front = "" if gateway is None else "a gateway, "
     print(
         f"starting {front}{args.prefill} prefill + {args.decode} decode workers "

@@ -29,6 +29,7 @@ from pathlib import Path
 import grpc
 
 from services.launcher.launched import LAUNCHER_PID
+from services.launcher.progress import StartProgress
 from services.rpc.channel_options import RECONNECT_OPTIONS
 from services.rpc.health_wait import wait_serving
 from services.rpc.tls import TlsConfig, channel_credentials
@@ -130,6 +131,8 @@ class LocalCluster:
     tls: TlsConfig | None = None
     """With ``config.tls_dir``: the launcher's own certificate, signed by the dev CA, which
     every child accepts (mTLS), the router included; None without TLS."""
+    progress: StartProgress = field(default_factory=lambda: StartProgress(None))
+    """Where ``start`` says what it waits on and what became ready (silent by default)."""
 
     @property
     def address(self) -> str:
@@ -165,12 +168,16 @@ class LocalCluster:
             if cfg.gateway is not None:
                 self._spawn_gateway(cfg.gateway)
             deadline = time.monotonic() + cfg.startup_timeout_s
+            names = [c.name for c in self.children]
+            self.progress.started(names, len(names) + 1)  # each serving, then registration
             for child in self.children:
                 self._wait_serving(child, deadline)
             self._wait_model_listed(deadline)
         except BaseException:
+            self.progress.close()  # before the error is printed, or the stop's lines
             self.stop()
             raise
+        self.progress.close()
 
     def stop(self, grace_s: float | None = None) -> None:
         """SIGTERM every child (the gateway first, the router last), SIGKILL those still
@@ -310,18 +317,28 @@ class LocalCluster:
         )
 
     def _wait_serving(self, child: Child, deadline: float) -> None:
+        def alive() -> None:
+            self._check_alive(child)
+            self.progress.tick()
+
+        self.progress.waiting(f"{child.name} to serve")
         with self._channel(child.address) as channel:
-            wait_serving(channel, child.name, deadline, lambda: self._check_alive(child))
+            wait_serving(channel, child.name, deadline, alive)
+        self.progress.ready(child.name)
 
     def _wait_model_listed(self, deadline: float) -> None:
+        model = self.config.model
+        self.progress.waiting(f"a worker to register {model} with the router")
         # Asks the router itself: the gateway in front would want a credential.
         with self._channel(self.router_address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             while time.monotonic() < deadline:
                 for child in self.children:
                     self._check_alive(child)
+                self.progress.tick()
                 models = stub.ListModels(pb.ListModelsRequest(), timeout=2.0).models
-                if any(m.id == self.config.model for m in models):
+                if any(m.id == model for m in models):
+                    self.progress.ready(model, "registered with the router")
                     return
                 time.sleep(0.2)
         raise TimeoutError(f"no worker registered {self.config.model} with the router in time")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,14 +23,25 @@ from tests.e2e.client import UP_KEY, wait_up
 
 def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_home: Path) -> None:
     port, http_port, state = free_port(), free_port(), tmp_path / "state"
-    up = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "up", "--prefill", "0", "--decode", "1",
-         "--port", str(port), "--state-dir", str(state), "--kv-cache-gib", "0.25",
-         "--http-port", str(http_port), "--metrics"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    stderr = tmp_path / "up.err"
+    with stderr.open("w") as err:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "up", "--prefill", "0", "--decode",
+             "1", "--port", str(port), "--state-dir", str(state), "--kv-cache-gib", "0.25",
+             "--http-port", str(http_port), "--metrics"],
+            stdout=subprocess.PIPE, stderr=err, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
     try:
         line = wait_up(up)
+        # the start's progress, all said before the line above
+        assert ready_lines(stderr.read_text()) == [
+            "started router, decode-0, gateway",
+            "router ready",
+            "decode-0 ready",
+            "gateway ready",
+            "tandem-tiny registered with the router",
+        ]
         found = UP_KEY.search(line)
         assert found, line
         secret, target = found.group(1), f"127.0.0.1:{port}"
@@ -95,6 +107,16 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
     logs = list(state.glob("*.log"))
     assert {p.name for p in logs} >= {"gateway.log", "router.log", "decode-0.log"}
     assert all(secret not in p.read_text(errors="replace") for p in logs)
+
+
+def ready_lines(stderr: str) -> list[str]:
+    """`tandem up`'s progress lines up to "Tandem is up", times and waits left out."""
+    progress = (line.strip() for line in stderr.splitlines() if line.startswith("  "))
+    return [
+        re.sub(r" \(\d+\.\d s\)$", "", line)
+        for line in progress
+        if not line.startswith(("waiting for", "still waiting for"))
+    ]
 
 
 def metrics_endpoints(up: subprocess.Popen) -> dict[str, str]:
