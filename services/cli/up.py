@@ -124,6 +124,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "connect (default: off); over https with --tls",
     )
     parser.add_argument(
+        "--startup-timeout",
+        type=arg_types.positive_float,
+        default=180.0,
+        metavar="S",
+        help="seconds every service gets to start serving and a worker to register the "
+        "model (default %(default)s); raise it for a large model loading from a slow disk",
+    )
+    parser.add_argument(
         "--worker-restarts",
         type=arg_types.non_negative_int,
         default=3,
@@ -189,7 +197,7 @@ def _up(args: argparse.Namespace) -> int:
     )
     try:
         cluster.start()
-    except RuntimeError as exc:  # a child exited while starting: say which, and why
+    except RuntimeError as exc:  # a child exited or timed out starting: say which, and why
         raise start_failed(exc) from exc
     print(_where_to_connect(args, cluster.address, secret, tls_dir), flush=True)
     if args.metrics:
@@ -243,6 +251,7 @@ def cluster_config(
         metrics=args.metrics,
         worker_restarts=args.worker_restarts,
         drain_timeout_s=args.drain_timeout_s,
+        startup_timeout_s=args.startup_timeout,
     )
 
 

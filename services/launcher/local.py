@@ -232,9 +232,8 @@ class LocalCluster:
                 child.name, child.port, child.args, child.metrics_port, again=True
             )
             self.children[i].restarts.extend([*recent, now])
-            where = f"; its output is in {child.log_path}" if child.log_path else ""
             said.append(
-                f"{child.name} exited with status {code}{where}; started it again "
+                f"{child.name} exited with status {code}{_output_in(child)}; started it again "
                 f"({len(recent) + 1} of {self.config.worker_restarts} within "
                 f"{RESTART_WINDOW_S:g} s)"
             )
@@ -323,7 +322,14 @@ class LocalCluster:
 
         self.progress.waiting(f"{child.name} to serve")
         with self._channel(child.address) as channel:
-            wait_serving(channel, child.name, deadline, alive)
+            try:
+                wait_serving(channel, child.name, deadline, alive)
+            except TimeoutError:
+                raise StartTimeout(
+                    f"{child.name} did not start serving within "
+                    f"{self.config.startup_timeout_s:g} s (tandem up --startup-timeout)"
+                    + _output_in(child)
+                ) from None
         self.progress.ready(child.name)
 
     def _wait_model_listed(self, deadline: float) -> None:
@@ -341,13 +347,27 @@ class LocalCluster:
                     self.progress.ready(model, "registered with the router")
                     return
                 time.sleep(0.2)
-        raise TimeoutError(f"no worker registered {self.config.model} with the router in time")
+        where = f"; the workers' output is in {self.config.log_dir}" if self.config.log_dir else ""
+        raise StartTimeout(
+            f"no worker registered {model} with the router within "
+            f"{self.config.startup_timeout_s:g} s (tandem up --startup-timeout){where}"
+        )
 
     def _check_alive(self, child: Child) -> None:
         code = child.process.poll()
         if code is not None:
-            where = f"; its output is in {child.log_path}" if child.log_path else ""
-            raise RuntimeError(f"{child.name} exited with status {code} while starting{where}")
+            raise RuntimeError(
+                f"{child.name} exited with status {code} while starting{_output_in(child)}"
+            )
+
+
+class StartTimeout(RuntimeError):
+    """A service did not become ready before the start's deadline (still running)."""
+
+
+def _output_in(child: Child) -> str:
+    """"; its output is in LOG" (what ``up_preflight.start_failed`` reads the reason from)."""
+    return f"; its output is in {child.log_path}" if child.log_path else ""
 
 
 KILL_AFTER_DRAIN_S = 5.0
