@@ -31,8 +31,12 @@ COMMANDS: tuple[Register, ...] = (
     tls_ca.register,
 )
 
+EXIT_FAILED = 1
+"""Something went wrong while running (a store down, a service that would not start, a
+transfer that failed): the command was right, trying again later may work."""
 EXIT_USAGE = 2
-"""Bad flags or a bad request: argparse's convention, kept for errors found later too."""
+"""Bad flags or a bad request: argparse's convention, kept for errors found later too (a
+TandemError that is a ValueError or LookupError: a value given was wrong or names nothing)."""
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, what a shell reports for Ctrl-C."""
 EXIT_BROKEN_PIPE = 141
@@ -48,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     for register in COMMANDS:
         register(subparsers)
     return parser
+
+
+def exit_status(error: TandemError) -> int:
+    """EXIT_USAGE when what was given is wrong (fix the command), EXIT_FAILED when running
+    it failed (scripts retry the one, not the other)."""
+    return EXIT_USAGE if isinstance(error, (ValueError, LookupError)) else EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except TandemError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_status(exc)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,4 +1,5 @@
-"""Bad input exits 2 with `error: ...` naming the problem, and never a traceback."""
+"""Bad input exits 2 with `error: ...` naming the problem (a failure while running: 1), and never
+a traceback."""
 
 from __future__ import annotations
 
@@ -115,3 +116,13 @@ def test_an_address_without_a_port_is_a_usage_error(
 def test_host_port_takes_names_addresses_and_ipv6() -> None:
     for good in ("127.0.0.1:50051", "router:50051", "[::1]:50051", "dns:///router:50051"):
         assert arg_types.host_port(good) == good
+
+
+def test_a_failure_while_running_exits_1_not_as_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The command is right; the store is not there (a StoreError): retrying later may work.
+    argv = ["keys", "list", "--store", "postgresql://127.0.0.1:1/tandem?connect_timeout=2"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "Traceback" not in captured.err
