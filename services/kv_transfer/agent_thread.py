@@ -78,6 +78,9 @@ class AgentThread:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._watched: list[tuple[Any, Transfer]] = []  # only touched on the thread
         self._stopped = False
+        self._queue_lock = threading.Lock()
+        """Makes "not stopped yet, so queue it" one step: a job queued after the stop
+        sentinel would never run, and a caller waiting on it without a deadline hangs."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         # A worker that exits without close(): stop calling the agent before the
@@ -86,10 +89,11 @@ class AgentThread:
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` on the thread, after the calls submitted before it."""
-        if self._stopped:
-            raise RuntimeError("the NIXL agent thread has stopped")
         future: Future[T] = Future()
-        self._jobs.put((future, fn, args))
+        with self._queue_lock:
+            if self._stopped:
+                raise RuntimeError("the NIXL agent thread has stopped")
+            self._jobs.put((future, fn, args))
         return future
 
     def transfer(self, make_handle: Callable[[], Any]) -> Transfer:
@@ -110,9 +114,10 @@ class AgentThread:
         """Finish the calls already submitted, then end the thread (waits up to
         ``timeout_s``). Idempotent."""
         atexit.unregister(self.stop)
-        if not self._stopped:
-            self._stopped = True
-            self._jobs.put(None)
+        with self._queue_lock:
+            if not self._stopped:
+                self._stopped = True
+                self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 

@@ -106,8 +106,29 @@ class KVReader:
         about ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
+        try:
+            # One bound for all of it: waiting for another pull's handshake with the same
+            # peer (the lock in ``peer``) counts too, else N concurrent pulls from a peer
+            # that never answers took N times their timeout.
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                return await self._pull(
+                    address, remote_block_ids, local_block_ids, request_id, deadline
+                )
+        except TimeoutError:
+            raise KVTransferError(
+                f"pull of {request_id!r} from {address} did not finish within {timeout_s:.3g} s"
+            ) from None
+
+    async def _pull(
+        self,
+        address: str,
+        remote_block_ids: Sequence[int],
+        local_block_ids: Sequence[int],
+        request_id: str,
+        deadline: float,
+    ) -> int:
         fresh = address not in self._peers
-        peer = await self.peer(address, timeout_s)
+        peer = await self.peer(address, _left(deadline))
         try:
             return await self.transport.pull(
                 peer, remote_block_ids, local_block_ids, request_id, _left(deadline)

@@ -55,6 +55,10 @@ PinnedCallback = Callable[[str, list[int]], PinCheck | Awaitable[PinCheck]]
 that runs out during a read fails the read instead of sending reused blocks. May be async
 (e.g. when the answer comes from the engine thread)."""
 
+ServedCallback = Callable[[int], None]
+"""``served(nbytes)``: called once per ReadBlocks that sent every block it was asked for
+while they stayed pinned (e.g. a Prometheus counter's ``inc``)."""
+
 
 class KVTransferService(worker_pb2_grpc.KVTransferServicer):
     def __init__(
@@ -63,14 +67,17 @@ class KVTransferService(worker_pb2_grpc.KVTransferServicer):
         transport: KVTransport,
         pinned: PinnedCallback,
         worker_id: str,
+        served: ServedCallback | None = None,
     ) -> None:
         """``layout``: this worker's (layout.describe, with its model id); ``transport``: the
-        one this worker reads with (its pool is what ReadBlocks serves)."""
+        one this worker reads with (its pool is what ReadBlocks serves); ``served``: told the
+        bytes of each read served in full."""
         kv_layout.check_same_geometry(layout, transport.layout)
         self.layout = layout
         self.worker_id = worker_id
         self.transport = transport
         self._pinned = pinned
+        self._served = served
 
     async def Handshake(
         self, request: worker_pb2.HandshakeRequest, context: grpc.aio.ServicerContext
@@ -101,14 +108,20 @@ class KVTransferService(worker_pb2_grpc.KVTransferServicer):
             kv_layout.check_block_ids(self.layout, block_ids, "block_ids")
         except TandemError as e:
             await abort_with(context, e)
+        sent = 0
         for data in iter_block_bytes(self.transport.kv, block_ids):
             yield worker_pb2.KVChunk(data=data)
+            sent += len(data)
         try:
             await self._check_pinned(request.request_id, block_ids)
         except TandemError as e:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"the blocks were unpinned while being read: {e}"
             )
+        # Counted only now: a read the reader must discard (unpinned under it, or cut off
+        # by its deadline before here) served nothing it can use.
+        if self._served is not None:
+            self._served(sent)
 
     async def _check_pinned(self, request_id: str, block_ids: list[int]) -> None:
         check = self._pinned(request_id, block_ids)
@@ -127,11 +140,15 @@ class KVTransferService(worker_pb2_grpc.KVTransferServicer):
 
 
 def servicer(
-    layout: worker_pb2.KVLayout, transport: KVTransport, pinned: PinnedCallback, worker_id: str
+    layout: worker_pb2.KVLayout,
+    transport: KVTransport,
+    pinned: PinnedCallback,
+    worker_id: str,
+    served: ServedCallback | None = None,
 ) -> Servicer:
     """KVTransfer ready to mount with services.rpc.server.start_server."""
     return Servicer(
-        impl=KVTransferService(layout, transport, pinned, worker_id),
+        impl=KVTransferService(layout, transport, pinned, worker_id, served),
         add_to_server=worker_pb2_grpc.add_KVTransferServicer_to_server,
         service_name=worker_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name,
     )

@@ -41,5 +41,11 @@ def _servicers(host: WorkerHost) -> list[Servicer]:
         Servicer(
             prefill, worker_pb2_grpc.add_PrefillWorkerServicer_to_server, "tandem.v1.PrefillWorker"
         ),
-        servicer(describe(kv, engine.model_id), host.transport, pinned, host.worker_id),
+        servicer(
+            describe(kv, engine.model_id),
+            host.transport,
+            pinned,
+            host.worker_id,
+            served=host.metrics.kv_bytes_served.inc,  # ReadBlocks only: NIXL READs are one-sided
+        ),
     ]

@@ -183,3 +183,36 @@ def test_the_thread_waits_with_a_tight_timer_slack() -> None:
     thread.stop()
     assert on_thread == TIMER_SLACK_NS
     assert libc.prctl(pr_get_timerslack, 0, 0, 0, 0) != TIMER_SLACK_NS  # this thread's own
+
+
+class _StopDuringPut:
+    """The thread's job queue, with ``stop()`` called from another thread between
+    ``submit``'s check that the thread still runs and its put: the interleaving that
+    queued a job behind the stop sentinel, where it never ran."""
+
+    def __init__(self, jobs: object, thread: AgentThread) -> None:
+        self._jobs = jobs
+        self._thread = thread
+
+    def put(self, item: object) -> None:
+        if item is not None:
+            stopper = threading.Thread(target=self._thread.stop)
+            stopper.start()
+            stopper.join(0.2)  # with the fix it waits for this put to finish
+        self._jobs.put(item)
+
+    def get(self, timeout: float | None = None) -> object:
+        return self._jobs.get(timeout=timeout)
+
+
+def test_a_job_submitted_as_the_thread_stops_runs_or_is_refused() -> None:
+    """Never queued behind the stop and left unresolved: its caller (e.g. a connect, which
+    waits without a deadline) would wait for ever."""
+    thread = AgentThread(FakeAgent(), "nixl-race")
+    thread._jobs = _StopDuringPut(thread._jobs, thread)  # type: ignore[assignment]
+    try:
+        future = thread.submit(lambda: "ran")
+    except RuntimeError:  # refused: as good, the caller knows at once
+        return
+    assert future.result(timeout=2) == "ran"
+    thread.stop()

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import pytest
 
+from services.kv_transfer import layout as kv_layout
 from services.kv_transfer.client import KVReader, handshake
 from services.kv_transfer.errors import IncompatiblePeerError, KVTransferError
 from services.kv_transfer.factory import make_transport
@@ -203,5 +204,45 @@ def test_restarted_caller_replaces_its_stale_agent() -> None:
             await transport.close()
         await server.stop(0)
         await prefill.close()
+
+    run(body)
+
+
+def test_served_bytes_are_counted_once_per_read_served_in_full() -> None:
+    """Told the bytes of a read that ended with its blocks still pinned; not told of one
+    refused up front, nor of one whose blocks were unpinned while it was read."""
+    served: list[int] = []
+    checks = []
+
+    def pins(request_id: str, block_ids: list[int]) -> PinCheck:
+        checks.append(request_id)
+        if request_id == "expiring" and len(checks) > 1:
+            return PinCheck.of(None, block_ids)  # the lease ran out during the read
+        return PinCheck.of([3, 4, 5, 9], block_ids)
+
+    async def body() -> None:
+        kv = make_kv(64)
+        layout = layout_of(kv)
+        server = await start_server(
+            [servicer(layout, GrpcTransport(kv), pins, "prefill-0", served=served.append)]
+        )
+        async with client_channel(server.address) as channel:
+            stub = worker_pb2_grpc.KVTransferStub(channel)
+
+            async def read(request_id: str, ids: list[int]) -> grpc.StatusCode:
+                request = worker_pb2.ReadBlocksRequest(request_id=request_id, block_ids=ids)
+                try:
+                    async for _ in stub.ReadBlocks(request, timeout=5):
+                        pass
+                except grpc.aio.AioRpcError as e:
+                    return e.code()
+                return grpc.StatusCode.OK
+
+            assert await read("req-1", [3, 4, 9]) == grpc.StatusCode.OK
+            assert await read("req-1", [3, 7]) == grpc.StatusCode.INVALID_ARGUMENT
+            checks.clear()
+            assert await read("expiring", [3]) == grpc.StatusCode.NOT_FOUND
+        await server.stop(0)
+        assert served == [3 * kv_layout.block_bytes(layout)]
 
     run(body)
