@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 
 import grpc
@@ -64,7 +64,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.kv_room_wait_s = kv_room_wait_s
         self.metrics = metrics
         self.rooms = RoomWaiter(loop)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[grpc.StatusCode]] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def Decode(
@@ -173,9 +173,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                         timeout,
                     )
                     released = True
-                    await self._check_still_pinned(kv)
+                    # Counted as they arrive: they crossed the wire (and the prefill side
+                    # counted them served) even if the check below throws them away.
+                    self.metrics.kv_bytes_received.inc(transfer.bytes)
+                    await self._check_still_pinned(kv, start + timeout)
                 transfer.ok = True
-                self.metrics.kv_bytes_received.inc(transfer.bytes)
                 self.metrics.kv_transfer_seconds.observe(time.monotonic() - start)
                 span.set_attribute("tandem.kv.bytes", transfer.bytes)
             except (TandemError, TimeoutError, grpc.aio.AioRpcError, OSError) as e:
@@ -189,12 +191,26 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         ok = transfer.ok  # False: the blocks read are freed uncached, and the prompt prefilled
         await self.loop.call(lambda engine: engine.transfer_done(rid, ok))
 
-    async def _check_still_pinned(self, kv: wpb.KVHandle) -> None:
+    async def _check_still_pinned(self, kv: wpb.KVHandle, deadline: float) -> None:
         """Release the prefill side after a read, and raise KVTransferError when it no longer
         held the blocks: its lease ran out, so they may have held another prompt's KV while
         they were read (a one-sided NIXL READ cannot tell). A release that fails otherwise
-        (the peer unreachable) proves nothing either way; the read stands."""
-        code = await _release(self._channel(kv.address), kv)
+        (the peer unreachable) proves nothing either way; the read stands.
+
+        The answer is awaited until the read's ``deadline`` (time.monotonic) at most: a
+        prefill worker busy with a long step answers late, and the request must not wait
+        past its KV timeout for it (it waited the release's own 5 s). No answer by then is
+        a failed read (KVTransferError: prefilled here), not one that stands: a late answer
+        may yet be NOT_FOUND, and reused blocks would decode wrong tokens without a word.
+        The release goes on in the background, so the blocks are unpinned all the same."""
+        release = self._background_task(_release(self._channel(kv.address), kv))
+        done, _ = await asyncio.wait({release}, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise KVTransferError(
+                f"{kv.worker_id} did not answer the release of {kv.request_id!r} by the KV "
+                "deadline, so whether it still held the blocks read is unknown"
+            )
+        code = release.result()
         if code == grpc.StatusCode.NOT_FOUND:
             raise KVTransferError(
                 f"{kv.worker_id} no longer held the blocks of {kv.request_id!r} after the read "
@@ -216,9 +232,14 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def _release_remote(self, kv: wpb.KVHandle) -> None:
         """Tell the prefill worker to unpin, without waiting (its lease is the backstop)."""
-        task = asyncio.create_task(_release(self._channel(kv.address), kv))
+        self._background_task(_release(self._channel(kv.address), kv))
+
+    def _background_task(self, release: Coroutine[None, None, grpc.StatusCode]) -> asyncio.Task:
+        """Run ``release`` to its end, whoever waits for it (a reference keeps it alive)."""
+        task = asyncio.create_task(release)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         """The channel to a prefill worker, made once per address."""

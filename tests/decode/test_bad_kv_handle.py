@@ -142,9 +142,11 @@ def test_a_read_the_prefill_no_longer_held_by_its_release_is_discarded(
             worker(DECODE, "d0", kv_transport="grpc") as d,
         ):
             pull = KVReader.pull
+            reads: list[int] = []
 
             async def pull_then_lease_ends(reader: KVReader, *args: object) -> int:
                 read = await pull(reader, *args)
+                reads.append(read)
                 await p.loop.call(lambda e: e.release_held("p"))  # as the lease running out
                 return read
 
@@ -155,6 +157,9 @@ def test_a_read_the_prefill_no_longer_held_by_its_release_is_discarded(
             assert [first.first_token_id, *stream.tokens] == expected
             serving = stream.messages[-1].serving
             assert (serving.kv_transport, serving.kv_transfer_bytes) == ("", 0)
+            # The bytes did cross the wire: received is counted (served is, on the prefill).
+            assert reads[0] > 0
+            assert d.metrics.kv_bytes_received._value.get() == reads[0]
             await _until_idle(p, d)
 
     run(body(), timeout=60)
