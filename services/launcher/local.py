@@ -366,7 +366,7 @@ class StartTimeout(RuntimeError):
 
 
 def _output_in(child: Child) -> str:
-    """"; its output is in LOG" (what ``up_preflight.start_failed`` reads the reason from)."""
+    """The "; its output is in LOG" that ``up_preflight.start_failed`` reads the reason from."""
     return f"; its output is in {child.log_path}" if child.log_path else ""
 
 
