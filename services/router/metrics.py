@@ -7,6 +7,7 @@ outcomes. Workers export their own (queue depth, KV transfer bytes and time).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -38,11 +39,12 @@ class RouterMetrics:
             buckets=_BUCKETS,
             registry=r,
         )
-        self.retries = Counter(
-            "tandem_router_retries", "Requests moved to another worker after a failure", registry=r
-        )
         self.finished = Counter(
-            "tandem_requests_finished", "Requests by how they ended", ["outcome"], registry=r
+            "tandem_requests_finished",
+            "Requests by how they ended: the finish reason, cancelled (by the client or its "
+            "deadline) or failed",
+            ["outcome"],
+            registry=r,
         )
         self.tokens = Counter("tandem_completion_tokens", "Tokens streamed to clients", registry=r)
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests being served", registry=r)
@@ -52,23 +54,30 @@ class RouterMetrics:
             ["worker"],
             registry=r,
         )
-        from services.router.placement_metrics import PLACEMENTS  # process-wide counter
+        from services.router.placement_metrics import PLACEMENTS, RETRIES  # process-wide
 
         r.register(PLACEMENTS)  # tandem_router_placements_total{placement=...}
+        r.register(RETRIES)  # tandem_router_retries_total, counted as each retry is made
 
     async def observe(
         self, stream: AsyncIterator[pb.GenerateResponse]
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """Pass a response stream through, timing it; outcome "failed" if it raises."""
+        """Pass a response stream through, timing it.
+
+        The outcome is the finish reason; "cancelled" when the stream is closed or
+        cancelled before its end (the client went away or its deadline passed), and
+        "failed" when it raises.
+        """
         start = last = time.monotonic()
+        first = True
         outcome = "failed"
         self.in_flight.inc()
         try:
             async for msg in stream:
                 now = time.monotonic()
                 if msg.token_ids:
-                    (self.ttft if last == start else self.itl).observe(now - last)
-                    last = now
+                    (self.ttft if first else self.itl).observe(now - last)
+                    first, last = False, now
                     self.tokens.inc(len(msg.token_ids))
                 if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                     outcome = (
@@ -76,8 +85,11 @@ class RouterMetrics:
                         .removeprefix("FINISH_REASON_")
                         .lower()
                     )
-                    self.retries.inc(msg.serving.retries)
                 yield msg
+        except (asyncio.CancelledError, GeneratorExit):
+            if outcome == "failed":  # not after the final message: that outcome stands
+                outcome = "cancelled"
+            raise
         finally:
             self.in_flight.dec()
             self.finished.labels(outcome).inc()

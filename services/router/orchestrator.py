@@ -70,7 +70,7 @@ from services.router.admission import TokenizerCache, admit
 from services.router.channels import WorkerChannels
 from services.router.config import RouterConfig
 from services.router.errors import RouteError, WorkerLost
-from services.router.placement_metrics import PLACEMENTS
+from services.router.placement_metrics import PLACEMENTS, RETRIES
 from services.router.policies import Policy, RoutingRequest, prefill_work
 from services.router.progress import Progress
 from services.router.registry import (
@@ -457,6 +457,7 @@ class Orchestrator:
                 grpc.StatusCode.UNAVAILABLE,
                 f"gave up after {self.config.max_retries} retries; last failure: {lost}",
             )
+        RETRIES.inc()
         log.warning(
             "request %s: %s; retrying elsewhere after %d tokens sent (retry %d)",
             progress.request_id,

@@ -1,9 +1,12 @@
-"""The router's count of placements by reason (conditional disaggregation).
+"""The router's counts of what the orchestrator decides: placements by reason
+(conditional disaggregation) and retries.
 
-``PLACEMENTS`` is one process-wide Prometheus counter, registered in no registry
-of its own: RouterMetrics adds it to the registry it serves, and the
-orchestrator increments it once per attempt that reaches a worker, labelled
-with the placement (the same strings as ServingInfo.placement).
+``PLACEMENTS`` and ``RETRIES`` are process-wide Prometheus counters, registered in
+no registry of their own: RouterMetrics adds them to the registry it serves. The
+orchestrator increments PLACEMENTS once per attempt that reaches a worker, labelled
+with the placement (the same strings as ServingInfo.placement), and RETRIES once
+per retry it makes, when it makes it (a request that then fails or is cancelled
+keeps its retries counted; its final message, which reports them, never comes).
 """
 
 from __future__ import annotations
@@ -32,3 +35,9 @@ PLACEMENTS = Counter(
 )
 for _reason in PLACEMENT_REASONS:
     PLACEMENTS.labels(_reason)  # every reason exported from the start, at 0
+
+RETRIES = Counter(
+    "tandem_router_retries",
+    "Requests moved to another worker after a failure",
+    registry=None,
+)

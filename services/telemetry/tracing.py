@@ -11,6 +11,12 @@ Exporters: ``console`` (spans as JSON on stdout; needs nothing else) and
 ``otlp`` (the standard OTLP exporter, configured by the usual
 OTEL_EXPORTER_OTLP_* variables; needs opentelemetry-exporter-otlp installed).
 Prompt text is never put on a span.
+
+Calls that belong to no request are not traced: health checks, the workers' heartbeats
+(one a second from every worker) and their long-lived KV event streams
+(:data:`UNTRACED_METHODS`). Traced, each would be a trace of its own, a
+few spans a second per worker drowning the requests' traces (and the console exporter's
+output) in noise.
 """
 
 from __future__ import annotations
@@ -22,6 +28,26 @@ from opentelemetry import trace
 EXPORTERS = ("none", "console", "otlp")
 
 _enabled = False
+
+UNTRACED_METHODS = (
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/tandem.v1.Registry/Heartbeat",
+    "/tandem.v1.Registry/PublishKVEvents",
+)
+"""Full gRPC method names that get no span, on the server and the client side."""
+
+
+def _method_of(details: Any) -> str:
+    """The full method name of a server's HandlerCallDetails or a client's call details
+    (bytes on grpc.aio clients: https://github.com/grpc/grpc/issues/31092)."""
+    method = getattr(details, "method", "")
+    return method.decode() if isinstance(method, bytes) else str(method)
+
+
+def _traced(details: Any) -> bool:
+    """The interceptors' filter: False for calls in UNTRACED_METHODS."""
+    return _method_of(details) not in UNTRACED_METHODS
 
 
 def configure_tracing(service_name: str, exporter: str = "none") -> None:
@@ -61,15 +87,24 @@ def server_interceptors() -> list[Any]:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor()]
+    return [aio_server_interceptor(filter_=_traced)]
 
 
 def client_interceptors() -> list[Any]:
     if not _enabled:
         return []
+    import grpc
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    return list(aio_client_interceptors())
+    from services.telemetry.stream_spans import StreamSpans
+
+    # The stock server-streaming interceptor ends its span only when the caller's
+    # iteration ends (services/telemetry/stream_spans.py says why that is late): ours.
+    streams = StreamSpans(tracer("opentelemetry.instrumentation.grpc"), _traced)
+    return [
+        streams if isinstance(i, grpc.aio.UnaryStreamClientInterceptor) else i
+        for i in aio_client_interceptors(filter_=_traced)
+    ]
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -1,47 +1,252 @@
-"""One request, one trace: the context crosses router → prefill → decode in metadata."""
+"""One request, one trace: the context crosses router → prefill → decode in metadata.
+
+The same traced cluster (one prefill, one decode worker, every service exporting its spans
+to its log and serving /metrics) also checks the metrics a request leaves behind: each
+test measures the change its own requests make.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import re
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
-from services.stubs.tandem.v1 import inference_pb2_grpc
-from tests.e2e.client import channel, generate, request
+import grpc
+import pytest
+
+from services.launcher.local import LocalCluster
+from services.stubs.tandem.v1 import inference_pb2 as pb
+from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2_grpc
+from services.stubs.tandem.v1 import worker_pb2 as wpb
+from tests.e2e.client import channel, eventually, generate, metric, request
 from tests.e2e.conftest import start_cluster
 
-TRACE_ID = re.compile(r'"trace_id": "(0x[0-9a-f]{32})"')
+CANARY = "zebra-canary-prompt"
+"""Prompt text that must appear in no span and no log."""
+BEARER = "tdm_canarybearer_" + "q" * 40
+"""A bearer token sent to the router, which must appear in no span and no log."""
+UNTRACED = ("Heartbeat", "PublishKVEvents", "grpc.health.v1.Health")
+ROLES = ("router", "prefill-0", "decode-0")
 
 
-def _trace_ids(log: Path) -> set[str]:
-    return set(TRACE_ID.findall(log.read_text()))
-
-
-def test_one_trace_spans_every_hop(tmp_path: Path, tandem_home: Path) -> None:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tandem_home: Path) -> Iterator[LocalCluster]:
     tracing = ("--trace-exporter", "console")
-    cluster = start_cluster(
-        tmp_path,
+    c = start_cluster(
+        tmp_path_factory.mktemp("traced"),
         prefill=1,
         decode=1,
+        kv_transport="grpc",  # ReadBlocks serves (and counts) every byte the decode side reads
         router_args=tracing,
         prefill_args=tracing,
         decode_args=tracing,
     )
-    try:
+    yield c
+    c.stop()
 
-        async def one() -> None:
-            async with channel(cluster.address) as ch:
-                await generate(inference_pb2_grpc.InferenceStub(ch), request([5, 6, 7] * 12, 3))
 
-        asyncio.run(one())
-    finally:
-        cluster.stop()  # flushes the console exporters
-    logs = tmp_path / "logs"
-    router, prefill, decode = (
-        _trace_ids(logs / f"{name}.log") for name in ("router", "prefill-0", "decode-0")
+def _spans(log: Path) -> list[dict]:
+    """The spans the console exporter wrote into ``log`` (one indented JSON object each;
+    children are started unbuffered, so a span is there once it ended)."""
+    text = log.read_text(errors="replace")
+    decoder, found = json.JSONDecoder(), []
+    at = text.find("{\n")
+    while at != -1:
+        try:
+            span, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            end = at + 1
+        else:
+            if isinstance(span, dict) and "context" in span:
+                found.append(span)
+        at = text.find("{\n", end)
+    return found
+
+
+def _all_spans(cluster: LocalCluster) -> dict[str, list[dict]]:
+    return {c.name: _spans(c.log_path) for c in cluster.children if c.log_path is not None}
+
+
+def _router_traces(cluster: LocalCluster) -> set[str]:
+    return {
+        s["context"]["trace_id"]
+        for s in _spans(cluster.child("router").log_path)
+        if s["name"] == "/tandem.v1.Inference/Generate"
+    }
+
+
+def _decode_calls(cluster: LocalCluster, traces: set[str]) -> list[dict]:
+    return [
+        s
+        for s in _spans(cluster.child("router").log_path)
+        if s["name"] == "/tandem.v1.DecodeWorker/Decode" and s["context"]["trace_id"] in traces
+    ]
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _one(spans: list[dict], name: str, kind: str) -> dict:
+    (span,) = [s for s in spans if s["name"] == name and s["kind"] == f"SpanKind.{kind}"]
+    return span
+
+
+def test_one_trace_spans_every_hop(cluster: LocalCluster) -> None:
+    before = _router_traces(cluster)
+
+    async def one() -> None:
+        async with channel(cluster.address) as ch:
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            req = pb.GenerateRequest(
+                model="tandem-tiny", prompt=f"{CANARY} " * 8, max_tokens=3, ignore_eos=True
+            )
+            got = await generate(stub, req)
+            assert len(got.tokens) == 3
+            # and a bearer token in the metadata: no service may record it
+            metadata = (("authorization", f"Bearer {BEARER}"),)
+            async for _ in stub.Generate(request([5, 6, 7] * 12, 2), metadata=metadata):
+                pass
+
+    asyncio.run(one())
+    eventually(lambda: len(_router_traces(cluster) - before) == 2)
+    eventually(lambda: len(_decode_calls(cluster, _router_traces(cluster) - before)) == 2, 5)
+    spans = _all_spans(cluster)
+    router = spans["router"]
+    for trace_id in _router_traces(cluster) - before:
+        in_trace = {
+            name: [s for s in found if s["context"]["trace_id"] == trace_id]
+            for name, found in spans.items()
+        }
+        # one trace, and each span a child of the one that caused it
+        generate_span = _one(in_trace["router"], "/tandem.v1.Inference/Generate", "SERVER")
+        prefill_call = _one(in_trace["router"], "/tandem.v1.PrefillWorker/Prefill", "CLIENT")
+        decode_call = _one(in_trace["router"], "/tandem.v1.DecodeWorker/Decode", "CLIENT")
+        prefill = _one(in_trace["prefill-0"], "/tandem.v1.PrefillWorker/Prefill", "SERVER")
+        decode = _one(in_trace["decode-0"], "/tandem.v1.DecodeWorker/Decode", "SERVER")
+        kv_read = _one(in_trace["decode-0"], "kv.read", "INTERNAL")
+        served = _one(in_trace["prefill-0"], "/tandem.v1.KVTransfer/ReadBlocks", "SERVER")
+        reading = _one(in_trace["decode-0"], "/tandem.v1.KVTransfer/ReadBlocks", "CLIENT")
+
+        def parent_of(span: dict, parent: dict) -> None:
+            assert span["parent_id"] == parent["context"]["span_id"], (span, parent)
+
+        assert generate_span["parent_id"] is None
+        parent_of(prefill_call, generate_span)
+        parent_of(decode_call, generate_span)
+        parent_of(prefill, prefill_call)
+        parent_of(decode, decode_call)
+        parent_of(kv_read, decode)
+        parent_of(reading, kv_read)
+        parent_of(served, reading)
+        assert kv_read["attributes"]["tandem.kv.bytes"] > 0
+        # the router's call to the decode worker ends with the call, inside its parent
+        # (not when the garbage collector finalizes the stream the router stopped reading)
+        assert _seconds(decode_call["end_time"]) <= _seconds(generate_span["end_time"]) + 0.1
+        assert decode_call["status"]["status_code"] == "UNSET"
+    # calls that belong to no request make no trace (heartbeats, health checks, KV events)
+    for name, found in spans.items():
+        noise = sorted({s["name"] for s in found if any(u in s["name"] for u in UNTRACED)})
+        assert noise == [], (name, noise)
+    assert len(router) == len({s["context"]["span_id"] for s in router})
+    # nothing secret or private in any span or log line
+    for child in cluster.children:
+        text = child.log_path.read_text(errors="replace")
+        assert CANARY not in text and BEARER not in text, child.name
+
+
+def test_a_cancelled_request_is_counted_as_cancelled(cluster: LocalCluster) -> None:
+    port = cluster.child("router").metrics_port
+
+    def outcome(name: str) -> float:
+        try:
+            return metric(port, f'tandem_requests_finished_total{{outcome="{name}"}}')
+        except AssertionError:  # no such sample yet
+            return 0.0
+
+    cancelled, failed = outcome("cancelled"), outcome("failed")
+
+    async def cancel_after_first_tokens() -> None:
+        async with channel(cluster.address) as ch:
+            call = inference_pb2_grpc.InferenceStub(ch).Generate(
+                request(list(range(300, 340)), 200)
+            )
+            async for msg in call:
+                if msg.token_ids:
+                    call.cancel()
+                    break
+
+    asyncio.run(cancel_after_first_tokens())
+    eventually(lambda: metric(port, "tandem_requests_in_flight") == 0)
+    assert (outcome("cancelled"), outcome("failed")) == (cancelled + 1, failed)
+
+
+def test_ttft_and_kv_bytes_count_what_was_served(cluster: LocalCluster) -> None:
+    router, prefill, decode = (cluster.child(n).metrics_port for n in ROLES)
+    names = (
+        (router, "tandem_ttft_seconds_count"),
+        (router, "tandem_requests_finished_total"),
+        (router, "tandem_router_retries_total"),
+        (decode, "tandem_kv_transfer_received_bytes_total"),
+        (decode, "tandem_kv_transfer_seconds_count"),
+        (prefill, "tandem_kv_transfer_served_bytes_total"),
     )
-    shared = router & prefill & decode
-    assert len(shared) == 1, (router, prefill, decode)
-    decode_text = (logs / "decode-0.log").read_text()
-    assert '"name": "kv.read"' in decode_text
-    assert "/tandem.v1.DecodeWorker/Decode" in decode_text
+    eventually(lambda: metric(router, "tandem_requests_in_flight") == 0)
+    before = [metric(port, name) for port, name in names]
+    prompts = [list(range(900 + 50 * i, 940 + 50 * i)) for i in range(3)]
+
+    async def serve() -> list[int]:
+        async with channel(cluster.address) as ch:
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            done = await asyncio.gather(*(generate(stub, request(p, 3)) for p in prompts))
+        return [d.final.serving.kv_transfer_bytes for d in done]
+
+    moved = asyncio.run(serve())
+    assert all(moved)
+    eventually(lambda: metric(router, "tandem_requests_in_flight") == 0)
+    after = [metric(port, name) for port, name in names]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [
+        3,  # one first token per request
+        3,
+        0,  # no retry happened
+        sum(moved),  # what the decode worker received is what the clients were told ...
+        3,
+        sum(moved),  # ... and what the prefill worker served
+    ]
+    for port in (prefill, decode):  # idle again: nothing queued or running
+        eventually(lambda p=port: metric(p, "tandem_queue_depth") == 0)
+        eventually(lambda p=port: metric(p, "tandem_running_requests") == 0)
+
+
+def test_a_lease_expiry_is_counted_once(cluster: LocalCluster) -> None:
+    """A prefill nobody reads: its lease runs out, which counts one expiry, no release."""
+    port = cluster.child("prefill-0").metrics_port
+    expiries = metric(port, "tandem_kv_lease_expiries_total")
+    released = metric(port, "tandem_kv_released_total")
+    free = metric(port, "tandem_kv_free_blocks")
+
+    async def prefill_and_leave() -> grpc.StatusCode:
+        async with channel(cluster.child("prefill-0").address) as ch:
+            stub = worker_pb2_grpc.PrefillWorkerStub(ch)
+            req = request(list(range(1500, 1540)), 4, request_id="never-read")
+            held = await stub.Prefill(wpb.PrefillRequest(request=req, lease_ms=300))
+            assert held.kv.block_ids
+            await asyncio.sleep(0.3)
+            while metric(port, "tandem_kv_lease_expiries_total") == expiries:
+                await asyncio.sleep(0.05)
+            try:
+                await stub.ReleaseKV(wpb.ReleaseKVRequest(request_id="never-read"))
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+            return grpc.StatusCode.OK
+
+    started = time.monotonic()
+    assert asyncio.run(asyncio.wait_for(prefill_and_leave(), 10)) == grpc.StatusCode.NOT_FOUND
+    assert time.monotonic() - started < 10
+    time.sleep(0.5)  # a second expiry of the same lease would show by now
+    assert metric(port, "tandem_kv_lease_expiries_total") == expiries + 1
+    assert metric(port, "tandem_kv_released_total") == released
+    eventually(lambda: metric(port, "tandem_kv_free_blocks") == free)  # blocks back in the pool
