@@ -84,16 +84,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="with --target: deadline of the whole request in seconds (300)",
     )
-    remote.add_argument(
-        "--api-key",
-        metavar="KEY",
-        help="with --target: API key (or access token) sent as 'authorization: Bearer KEY', "
-        "needed by a gateway (default: $TANDEM_API_KEY; `tandem up` prints one). Prefer the "
-        "variable: a flag is visible to other users in the process list",
-    )
+    add_api_key_arg(remote, "with --target: ")
     add_client_tls_args(remote)
     add_engine_args(parser)
     parser.set_defaults(handler=run)
+
+
+def add_api_key_arg(group: argparse._ActionsContainer, prefix: str = "") -> None:
+    """``--api-key``, read by :func:`api_key_from` (shared by every client command)."""
+    group.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"{prefix}API key (or access token) sent as 'authorization: Bearer KEY', "
+        "needed by a gateway (default: $TANDEM_API_KEY; `tandem up` prints one). Prefer the "
+        "variable: a flag is visible to other users in the process list",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -244,6 +249,8 @@ class CallFailure:
         word, and only the client's side can tell the two apart."""
         if self.code == "UNAUTHENTICATED":
             return self._key_hint()
+        if self.code in ("PERMISSION_DENIED", "NOT_FOUND"):
+            return f"list the models you may use there: tandem models --target {self.target}"
         if self.code not in ("UNAVAILABLE", "UNKNOWN"):
             return None
         dns = self.details.startswith(DNS_FAILED)

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from services.cli import bench, gateway, generate, keys, router, tls_ca, up, worker
+from services.cli import bench, gateway, generate, keys, models, router, tls_ca, up, worker
 from services.engine.errors import TandemError
 from services.launcher.launched import die_with_launcher
 
@@ -23,6 +23,7 @@ Register = Callable[[argparse._SubParsersAction], None]
 COMMANDS: tuple[Register, ...] = (
     up.register,
     generate.register,
+    models.register,
     bench.register,
     router.register,
     worker.register,

@@ -171,3 +171,24 @@ def test_bench_serve_gives_the_same_hints(
     assert hint == KEY_REFUSED.format("--api-key")
     hint = _hint(capsys, *bench, "--api-key", gateway.key)
     assert hint.startswith(f"hint: {gateway.target} answered, but the service behind it at ")
+
+
+def test_a_model_the_key_may_not_use_points_at_tandem_models(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _generate(gateway.target, "--api-key", gateway.key, "--tls-ca", str(gateway.ca))
+    hint = _hint(capsys, *argv, "--model", "a-model-of-another-team")  # PERMISSION_DENIED
+    expected = f"hint: list the models you may use there: tandem models --target {gateway.target}"
+    assert hint == expected
+
+
+def test_tandem_models_gives_the_same_hints(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = ["models", "--target", gateway.target, "--tls-ca", str(gateway.ca)]
+    assert _hint(capsys, *models, "--api-key", gateway.revoked_key) == KEY_REFUSED.format(
+        "--api-key"
+    )
+    assert _hint(capsys, *models[:3], "--api-key", gateway.key).startswith(
+        f"hint: {gateway.target} speaks TLS: "
+    )

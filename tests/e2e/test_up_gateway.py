@@ -59,6 +59,13 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
         result = json.loads(generate.stdout)
         assert len(result["token_ids"]) == 4 and result["usage"]["completion_tokens"] == 4
         assert secret not in generate.stdout + generate.stderr
+        models = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "models", "--target", target, "--json"],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "TANDEM_API_KEY": secret},
+        )  # fmt: skip
+        assert models.returncode == 0, models.stderr
+        assert [m["id"] for m in json.loads(models.stdout)["models"]] == ["tandem-tiny"]
         env = {k: v for k, v in os.environ.items() if k != "TANDEM_API_KEY"}
         keyless = subprocess.run(
             [sys.executable, "-m", "services.cli.main", "generate", "--target", target,
