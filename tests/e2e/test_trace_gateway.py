@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc.aio
@@ -22,6 +21,7 @@ from services.launcher.local import free_port
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
 from tests.e2e.conftest import start_cluster
+from tests.e2e.spans import console_spans
 
 CHILDREN = ("gateway", "router", "prefill-0", "decode-0")
 CANARY = "zebra-canary-prompt"
@@ -29,22 +29,6 @@ CANARY = "zebra-canary-prompt"
 BAD_KEY = "tdm_nosuchkey_" + "s" * 43
 """A well-formed API key the store does not hold."""
 POLICY_STEPS = ("gateway.authenticate", "gateway.authorize", "gateway.admit", "gateway.settle")
-
-
-def _spans(log: Path) -> Iterator[dict]:
-    """The spans the console exporter wrote into ``log`` (one indented JSON object each)."""
-    text = log.read_text(errors="replace")
-    decoder = json.JSONDecoder()
-    at = text.find("{\n")
-    while at != -1:
-        try:
-            span, end = decoder.raw_decode(text, at)
-        except json.JSONDecodeError:
-            end = at + 1
-        else:
-            if isinstance(span, dict) and "context" in span:
-                yield span
-        at = text.find("{\n", end)
 
 
 async def _one_request(address: str, secret: str) -> list[int]:
@@ -109,7 +93,7 @@ def test_one_trace_from_the_gateway_to_decode(tmp_path: Path, tandem_home: Path)
     finally:
         cluster.stop()  # the console exporter has written every span by now
     logs = tmp_path / "logs"
-    spans = {name: list(_spans(logs / f"{name}.log")) for name in CHILDREN}
+    spans = {name: console_spans(logs / f"{name}.log") for name in CHILDREN}
 
     grpc_spans = [s for s in spans["gateway"] if not _under_http(s, spans["gateway"])]
     denied = [s for s in grpc_spans if s["name"] == "gateway.authenticate"]

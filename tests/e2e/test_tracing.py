@@ -8,7 +8,6 @@ test measures the change its own requests make.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -23,6 +22,7 @@ from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2_grpc
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from tests.e2e.client import channel, eventually, generate, metric, request
 from tests.e2e.conftest import start_cluster
+from tests.e2e.spans import console_spans
 
 CANARY = "zebra-canary-prompt"
 """Prompt text that must appear in no span and no log."""
@@ -48,32 +48,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tandem_home: Path) -> Iter
     c.stop()
 
 
-def _spans(log: Path) -> list[dict]:
-    """The spans the console exporter wrote into ``log`` (one indented JSON object each;
-    children are started unbuffered, so a span is there once it ended)."""
-    text = log.read_text(errors="replace")
-    decoder, found = json.JSONDecoder(), []
-    at = text.find("{\n")
-    while at != -1:
-        try:
-            span, end = decoder.raw_decode(text, at)
-        except json.JSONDecodeError:
-            end = at + 1
-        else:
-            if isinstance(span, dict) and "context" in span:
-                found.append(span)
-        at = text.find("{\n", end)
-    return found
-
-
 def _all_spans(cluster: LocalCluster) -> dict[str, list[dict]]:
-    return {c.name: _spans(c.log_path) for c in cluster.children if c.log_path is not None}
+    return {c.name: console_spans(c.log_path) for c in cluster.children if c.log_path is not None}
 
 
 def _router_traces(cluster: LocalCluster) -> set[str]:
     return {
         s["context"]["trace_id"]
-        for s in _spans(cluster.child("router").log_path)
+        for s in console_spans(cluster.child("router").log_path)
         if s["name"] == "/tandem.v1.Inference/Generate"
     }
 
@@ -81,7 +63,7 @@ def _router_traces(cluster: LocalCluster) -> set[str]:
 def _decode_calls(cluster: LocalCluster, traces: set[str]) -> list[dict]:
     return [
         s
-        for s in _spans(cluster.child("router").log_path)
+        for s in console_spans(cluster.child("router").log_path)
         if s["name"] == "/tandem.v1.DecodeWorker/Decode" and s["context"]["trace_id"] in traces
     ]
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -57,8 +58,13 @@ class Mgmt:
 
 @asynccontextmanager
 async def management(
-    tmp_path: Path, store_url: str, issuer: Issuer | None = None, metrics_port: int | None = None
+    tmp_path: Path,
+    store_url: str,
+    issuer: Issuer | None = None,
+    metrics_port: int | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Mgmt]:
+    """``overrides``: further GatewayConfig fields (e.g. usage_max_period_days)."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
     config = GatewayConfig(
@@ -67,6 +73,7 @@ async def management(
         store_url=store_url,
         issuer_url=issuer.url if issuer else None,
         metrics_port=metrics_port,
+        **overrides,
     )
     gateway = await start_gateway(config)
     channel = client_channel(gateway.address)

@@ -11,22 +11,17 @@ import asyncio
 import base64
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from services.gateway.ledger import Ledger, UsageRecord
-from services.gateway.server import GatewayConfig, start_gateway
 from services.gateway.store import Store
 from services.gateway.usage_service import PAGE_SIZE_MAX
-from services.launcher.local import free_port
-from services.rpc.server import client_channel
-from services.stubs.tandem.v1 import admin_pb2, admin_pb2_grpc
+from services.stubs.tandem.v1 import admin_pb2
 from tests.gateway.issuer import Issuer
-from tests.gateway.mgmt import POLICY, Mgmt, call, field_violations, management
+from tests.gateway.mgmt import Mgmt, call, field_violations, management
 
 DAY = dt.datetime(2025, 3, 14, tzinfo=dt.UTC).timestamp()
 NAMES = ["a", "A", "a b", "ab", "Ab", "ä", "b", "_z", "z"]
@@ -246,29 +241,6 @@ def test_a_member_pages_through_only_its_own_rows(
     asyncio.run(body())
 
 
-@asynccontextmanager
-async def capped_gateway(tmp_path: Path, store_url: str, **config: Any) -> AsyncIterator[Mgmt]:
-    """``tests.gateway.mgmt.management`` with GatewayConfig overrides."""
-    policy = tmp_path / "policy.toml"
-    policy.write_text(POLICY)
-    gateway = await start_gateway(
-        GatewayConfig(
-            router_address=f"127.0.0.1:{free_port()}",
-            policy_path=policy,
-            store_url=store_url,
-            **config,
-        )
-    )
-    channel = client_channel(gateway.address)
-    try:
-        yield Mgmt(
-            gateway, admin_pb2_grpc.AdminStub(channel), admin_pb2_grpc.UsageServiceStub(channel)
-        )
-    finally:
-        await channel.close()
-        await gateway.stop(grace=0)
-
-
 def _range(start: float, end: float) -> admin_pb2.GetUsageRequest:
     request = admin_pb2.GetUsageRequest()
     request.range.start.FromSeconds(int(start))
@@ -300,7 +272,7 @@ def test_a_period_longer_than_the_cap_is_invalid_argument(tmp_path: Path, store_
                 assert field_violations(status) == [field] and words in message
                 assert m.audit()[-1].reason == f"GetUsage: invalid argument ({field})"
 
-        async with capped_gateway(tmp_path, store_url, usage_max_period_days=7) as m:
+        async with management(tmp_path, store_url, usage_max_period_days=7) as m:
             admin = m.admin_key()
             week = _range(DAY, DAY + 7 * 86400)
             _, code, _, _ = await call(m.usage.GetUsage, week, admin)
