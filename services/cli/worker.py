@@ -83,7 +83,8 @@ def _add_flags(parser: argparse.ArgumentParser, role: str) -> None:
             "--lease-s",
             type=arg_types.positive_float,
             default=30.0,
-            help="seconds a prompt's KV stays pinned for its decode worker (default 30)",
+            help="seconds a prompt's KV stays pinned for its decode worker (default 30), "
+            "and the most a caller may ask for: a longer PrefillRequest.lease_ms is cut to it",
         )
     else:
         parser.add_argument(

@@ -33,6 +33,7 @@ def _servicers(host: WorkerHost) -> list[Servicer]:
         host.gate,
         host.config.kv_room_wait_s,
     )
+    host.on_stop(decode.close)  # its channels to prefill workers, releases in flight
 
     def nothing_pinned(request_id: str, block_ids: list[int]) -> PinCheck:
         return PinCheck.of(None, block_ids)  # decode workers hand no KV out (yet)

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
 RELEASE_TIMEOUT_S = 5.0
+CLOSE_WAIT_S = 1.0
+"""At shutdown, how long the releases still in flight get to finish before they are
+cancelled: a finished one unpins the prefill's blocks now, a cancelled one leaves them to
+its lease. Bounded, so a silent prefill worker cannot hold the shutdown up."""
 LEASE_MARGIN_S = 0.5
 """Of a prefill's lease, what a read leaves unused (at most a quarter of it): the handle's
 time in transit, and wake-ups late by a scheduling tick."""
@@ -67,6 +71,26 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self._background: set[asyncio.Task[grpc.StatusCode]] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
+    async def close(self) -> None:
+        """Free what outlives the calls, once the server runs none (WorkerHost.on_stop):
+        finish or cancel the background releases, stop the room waiter, close the
+        channels to prefill workers."""
+        await self._finish_releases(CLOSE_WAIT_S)
+        await self.rooms.close()
+        channels, self._channels = self._channels, {}
+        await asyncio.gather(*(channel.close() for channel in channels.values()))
+
+    async def _finish_releases(self, wait_s: float) -> None:
+        """Give the releases in flight ``wait_s`` to finish, then cancel the rest."""
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(set(self._background), timeout=wait_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            log.info("cancelled %d KV releases at shutdown; their leases will expire", len(pending))
+
     async def Decode(
         self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
@@ -101,18 +125,26 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 transfer.target = engine.add_transferred_request(rid, prompt, first, params, wait)
 
             async def after_submit() -> None:
+                self._count("disaggregated")
                 await self._read_kv(rid, request.kv, transfer, timeout, arrival)
 
             stream = self.loop.outputs(rid, submit, after_submit)
-            self.metrics.decode_requests.labels("disaggregated").inc()
         else:
-            stream = self.loop.outputs(rid, lambda e: e.add_request(rid, prompt, params))
-            self.metrics.decode_requests.labels("aggregated").inc()
+
+            async def counted() -> None:
+                self._count("aggregated")
+
+            stream = self.loop.outputs(rid, lambda e: e.add_request(rid, prompt, params), counted)
         try:
             async for msg in self._relay(stream, transfer):
                 yield msg
         except TandemError as e:
             await abort_with(context, e)
+
+    def _count(self, mode: str) -> None:
+        """Count a request the engine took (``outputs`` runs this once its submit did): one
+        refused, a duplicate id or one the engine will not run, was never served."""
+        self.metrics.decode_requests.labels(mode).inc()
 
     async def _relay(
         self, stream: AsyncIterator, transfer: _Transfer

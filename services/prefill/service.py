@@ -63,7 +63,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             params = sampling_params(req)
         except TandemError as e:
             await abort_with(context, e)
-        lease_s = request.lease_ms / 1000 if request.lease_ms else self.default_lease_s
+        lease_s = self._lease_s(request.lease_ms)
 
         def submit(engine: LLMEngine) -> None:
             engine.add_request(rid, prompt, params, prefill_only=True, lease_s=lease_s)
@@ -85,7 +85,6 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         if out.finish_reason in _FAILED:  # nothing is pinned: the engine freed the blocks
             code, why = _FAILED[out.finish_reason]
             await context.abort(code, f"prefill of {rid} failed: {why}")
-        self.metrics.prefill_requests.inc()
         response = wpb.PrefillResponse(
             first_token_id=out.token_ids[0] if out.token_ids else 0,
             first_text=out.text,
@@ -93,6 +92,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         )
         if out.finish_reason is not None:
             response.finish_reason = FINISH_TO_PROTO[out.finish_reason]
+            self.metrics.prefill_requests.inc()
             return response
         held = out.held
         if held is None or held.expires_at <= time.monotonic():  # a lease of ~0
@@ -107,7 +107,16 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                 lease_ms=max(1, int((held.expires_at - time.monotonic()) * 1000)),
             )
         )
+        self.metrics.prefill_requests.inc()
         return response
+
+    def _lease_s(self, lease_ms: int) -> float:
+        """The lease a PrefillRequest asks for, in seconds: the worker's own when it asks
+        for none, and never longer (an operator bounds how long a caller pins this pool;
+        lease_ms alone allows some 49 days)."""
+        if not lease_ms:
+            return self.default_lease_s
+        return min(lease_ms / 1000, self.default_lease_s)
 
     async def ReleaseKV(
         self, request: wpb.ReleaseKVRequest, context: grpc.aio.ServicerContext

@@ -45,7 +45,8 @@ class RouterConfig:
     request is retried elsewhere. The client's own deadline, when shorter, wins."""
     kv_lease_ms: int = 0
     """PrefillRequest.lease_ms: how long a prefill worker keeps a prompt's blocks
-    pinned for the decode worker; 0 leaves the worker's default (30 s)."""
+    pinned for the decode worker; 0 leaves the worker's default (30 s), and more than the
+    worker's --lease-s is cut to it (the worker's operator bounds its pool's pins)."""
     kv_timeout_ms: int = 0
     """DecodeRequest.kv_timeout_ms: how long a decode worker tries to read KV before
     prefilling locally; 0 leaves the worker's default."""

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +54,9 @@ class WorkerConfig:
     kv_transport: str = "auto"
     """KV transfer between workers: nixl, grpc, or auto (nixl when it works)."""
     lease_s: float = 30.0
-    """Prefill: how long prompt blocks stay pinned without a release."""
+    """Prefill: how long prompt blocks stay pinned without a release, and the longest a
+    caller may ask for (PrefillRequest.lease_ms is cut to it): it bounds how long a caller
+    can pin this worker's KV pool."""
     kv_timeout_s: float = 10.0
     """Decode: deadline for reading a prompt's KV before prefilling locally."""
     kv_room_wait_s: float = 10.0
@@ -99,6 +101,7 @@ class WorkerHost:
         self._gpu = GpuMonitor()
         self._latest_load: Callable[[], wpb.WorkerLoad] | None = None
         self.transport: KVTransport | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
         self.refused: BaseException | None = None
         """Why registration ended, if it did: the router refused this worker, or its engine
         thread died (the process then exits with 1)."""
@@ -237,6 +240,12 @@ class WorkerHost:
         except RuntimeError:  # the engine thread died: nothing left to finish
             return False
 
+    def on_stop(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Await ``close()`` at stop, once the server no longer runs calls and while the
+        engine loop and the KV transport still run: for what a servicer holds beyond its
+        calls (channels to peers, background tasks). The last registered closes first."""
+        self._closers.append(close)
+
     async def stop(self) -> None:
         self._stop.set()
         for task in (self._registration, self._kv_publisher):
@@ -245,11 +254,20 @@ class WorkerHost:
                 await asyncio.gather(task, return_exceptions=True)
         if self.server is not None:
             await self.server.stop(grace=2.0)
+        await self._close_servicers()
         if self.loop is not None:
             await self.loop.stop()
         if self.transport is not None:
             await self.transport.close()
         shutdown_tracing()
+
+    async def _close_servicers(self) -> None:
+        closers, self._closers = self._closers, []
+        for close in reversed(closers):
+            try:
+                await close()
+            except Exception:  # logged; the rest (engine, transport) must close all the same
+                log.exception("closing a servicer failed")
 
     def _registration_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

@@ -16,10 +16,19 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.prefill_requests = Counter(
-            "tandem_prefill_requests", "Prompts prefilled for a decode worker", registry=r
+            "tandem_prefill_requests",
+            "Prefill calls answered with a first token: with its KV pinned for a decode "
+            "worker, or finished at that token (refused, failed, cancelled and lease-expired "
+            "calls are not counted)",
+            registry=r,
         )
         self.decode_requests = Counter(
-            "tandem_decode_requests", "Requests decoded", ["mode"], registry=r
+            "tandem_decode_requests",
+            "Decode calls whose request the engine took, by mode (aggregated, or "
+            "disaggregated: with a prefill's KV); refused ones (invalid, duplicate request "
+            "id) are not counted, ones that end early (cancelled, failed) are",
+            ["mode"],
+            registry=r,
         )
         self.kv_released = Counter(
             "tandem_kv_released", "Pinned prefills released by their decode worker", registry=r

@@ -1,0 +1,142 @@
+"""A decode worker frees what outlives its calls when it stops: its channels to prefill
+workers are closed and the KV releases it sent in the background are finished, or, past a
+short wait, cancelled (the prefill's lease then frees the blocks). Before, WorkerHost.stop
+closed only the KV transport: the channels stayed open and a release in flight was left
+pending, to be torn down with the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from services.decode import server as decode_server
+from services.decode import service as decode_service
+from services.decode.service import DecodeService
+from services.prefill.service import PrefillService
+from services.rpc.server import client_channel
+from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.host import WorkerHost
+from tests.decode.test_bad_kv_handle import MAX_TOKENS, PROMPT, _prefill
+from tests.router.harness import run
+from tests.router.inprocess import (
+    IDLE,
+    generate_request,
+    idle,
+    read_stream,
+    use_tiny_model,
+    worker,
+)
+
+PREFILL = worker_pb2.WORKER_ROLE_PREFILL
+DECODE = worker_pb2.WORKER_ROLE_DECODE
+KV_TIMEOUT_MS = 200
+"""The read gives up on the release's answer after this: the release goes on unanswered."""
+
+
+@pytest.fixture(autouse=True)
+def _tiny(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    use_tiny_model(monkeypatch, tmp_path_factory)
+
+
+def _record_services(monkeypatch: pytest.MonkeyPatch) -> list[DecodeService]:
+    """The DecodeService of every decode worker started from now on."""
+    services: list[DecodeService] = []
+
+    class Recorded(DecodeService):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            services.append(self)
+
+    monkeypatch.setattr(decode_server, "DecodeService", Recorded)
+    return services
+
+
+def _slow_release(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
+    """ReleaseKV answers ``delay_s`` late, as behind a long engine step (before the
+    workers start: the server binds its handlers when it mounts a servicer)."""
+    release = PrefillService.ReleaseKV
+
+    async def slow(self: PrefillService, request: object, context: object) -> object:
+        await asyncio.sleep(delay_s)
+        return await release(self, request, context)
+
+    monkeypatch.setattr(PrefillService, "ReleaseKV", slow)
+
+
+async def _decode_leaving_a_release(p: WorkerHost, d: WorkerHost) -> None:
+    """One disaggregated request on ``d`` that ends before its release is answered."""
+    first = await _prefill(p, "p")
+    request = worker_pb2.DecodeRequest(
+        request=generate_request(PROMPT, MAX_TOKENS, "d"),
+        first_token_id=first.first_token_id,
+        kv=first.kv,
+        kv_timeout_ms=KV_TIMEOUT_MS,
+    )
+    async with client_channel(d.address) as channel:
+        stream = await read_stream(
+            worker_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=30)
+        )
+    assert stream.code == grpc.StatusCode.OK, stream.details
+
+
+def _assert_closed(service: DecodeService, channels: list[grpc.aio.Channel]) -> None:
+    assert service._channels == {}
+    assert [c.get_state() for c in channels] == [grpc.ChannelConnectivity.SHUTDOWN]
+    assert service._background == set()
+    assert service.rooms._task is None or service.rooms._task.done()
+
+
+def test_stop_lets_a_release_in_flight_finish_and_closes_the_channels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The release answers within the shutdown's wait: stop returns with it done (OK),
+    the prefill's blocks unpinned, and the channel to the prefill worker closed."""
+    _slow_release(monkeypatch, 0.5)
+    services = _record_services(monkeypatch)
+
+    async def body() -> None:
+        async with worker(PREFILL, "p0", kv_transport="grpc") as p:
+            async with worker(DECODE, "d0", kv_transport="grpc") as d:
+                await _decode_leaving_a_release(p, d)
+                (service,) = services
+                releases = set(service._background)
+                channels = list(service._channels.values())
+                assert [task.done() for task in releases] == [False]
+            (release,) = releases
+            assert release.done() and not release.cancelled()
+            assert release.result() == grpc.StatusCode.OK
+            assert await idle(p) == IDLE  # released now, not at lease end
+            _assert_closed(service, channels)
+
+    run(body(), timeout=60)
+
+
+def test_stop_cancels_a_release_that_outlasts_its_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The release is still unanswered when the shutdown's wait ends: it is cancelled (not
+    left pending), stop does not wait for it, and the prefill still holds the blocks,
+    which its lease will free."""
+    _slow_release(monkeypatch, 5.0)
+    monkeypatch.setattr(decode_service, "CLOSE_WAIT_S", 0.2)
+    services = _record_services(monkeypatch)
+
+    async def body() -> None:
+        async with worker(PREFILL, "p0", kv_transport="grpc") as p:
+            async with worker(DECODE, "d0", kv_transport="grpc") as d:
+                await _decode_leaving_a_release(p, d)
+                (service,) = services
+                releases = set(service._background)
+                channels = list(service._channels.values())
+                start = time.monotonic()
+            took = time.monotonic() - start
+            (release,) = releases
+            assert release.cancelled()
+            assert took < 2.0, took
+            assert (await idle(p)).held == 1
+            _assert_closed(service, channels)
+            await p.loop.call(lambda e: e.release_held("p"))
+
+    run(body(), timeout=60)
