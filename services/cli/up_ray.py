@@ -64,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> RayClusterConfig:
         worker_args=worker_args,
         trace_exporter=getattr(args, "trace_exporter", "none"),
         drain_timeout_s=getattr(args, "drain_timeout_s", 5.0),
+        startup_timeout_s=getattr(args, "startup_timeout", None) or 180.0,
     )
 
 
@@ -71,11 +72,23 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from services.cli import up
+    from services.cli.up_preflight import StartFailed, check_port_free, lock_state_dir, start_failed
     from services.engine.model_source import resolve_model
+    from services.launcher.progress import StartProgress
+
+    try:
+        import ray  # noqa: F401 - said here, not in the middle of the start
+    except ImportError as exc:
+        raise StartFailed(
+            f"--ray needs Ray, which cannot be imported here ({exc}): pip install 'ray>=2.40'"
+        ) from exc
     from services.launcher.ray_cluster import RayCluster, run_on_ray
 
-    # the policy file is checked before Ray or anything else starts
+    # the policy file and the ports are checked before Ray or anything else starts
     policy = None if getattr(args, "no_gateway", False) else up._policy_file(args)
+    check_port_free(args.port, "--port")
+    if policy is not None:
+        check_port_free(getattr(args, "http_port", 0) or 0, "--http-port")
     if args.ray in (None, "", LOCAL):
         # one local build of tandem-tiny, not one per actor at once (as `tandem up` does);
         # on a remote cluster each node builds its own on first use
@@ -91,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     secret = None
     if policy is not None:
         state_dir = getattr(args, "log_dir", None) or Path(tempfile.mkdtemp(prefix="tandem-up-"))
+        # another tandem up on this store: its admin key must not be revoked under it
+        state_lock = lock_state_dir(state_dir)  # noqa: F841 - held open until this process ends
         http_port = getattr(args, "http_port", 0) or 0
         spec, secret = up._gateway(policy, state_dir, args.model, http_port)
         config = dataclasses.replace(config, gateway=spec)
@@ -100,4 +115,15 @@ def run(args: argparse.Namespace) -> int:
         line = up._where_to_connect(args, cluster.address, secret)
         return f"{line} Worker actors run on Ray, which restarts one that dies."
 
-    return run_on_ray(config, announce)
+    front = "" if config.gateway is None else "a gateway, "
+    where = "a local Ray instance" if config.address is None else f"the Ray cluster at {args.ray}"
+    print(
+        f"starting {front}{args.prefill} prefill + {args.decode} decode worker actors "
+        f"on {where} ...",
+        file=sys.stderr,
+    )
+    # Loading a model can take minutes: say what is awaited (a bar on a terminal).
+    try:
+        return run_on_ray(config, announce, StartProgress(sys.stderr))
+    except RuntimeError as exc:  # Ray unreachable, an actor or service failed or timed out
+        raise start_failed(exc) from exc

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,7 +40,8 @@ from typing import Any
 import grpc
 
 from services.launcher.launched import LAUNCHER_PID
-from services.launcher.local import KILL_AFTER_DRAIN_S, GatewaySpec, free_port
+from services.launcher.local import KILL_AFTER_DRAIN_S, GatewaySpec, StartTimeout, free_port
+from services.launcher.progress import StartProgress
 from services.launcher.supervise import interrupt_on_sigterm, supervise
 from services.rpc.channel_options import RECONNECT_OPTIONS
 from services.rpc.health_wait import wait_serving
@@ -49,6 +51,14 @@ from services.stubs.tandem.v1 import inference_pb2_grpc
 log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode")
+PROBE_S = 5.0
+"""How long ``start_on_ray`` tries to reach a Ray address before it gives up (``ray.init``
+on a GCS address that does not answer retries for ever, deaf to Ctrl-C)."""
+
+
+class RayStartError(RuntimeError):
+    """Ray could not be reached, or a worker actor could not be placed or started: one
+    line saying which and why (``tandem up --ray`` prints it instead of a traceback)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,9 @@ class RayClusterConfig:
     """GPUs each actor reserves; None: 1 when the cluster has GPUs, else 0."""
     max_restarts: int = -1
     """How often Ray restarts a dead actor (-1: without limit)."""
+    namespace: str | None = None
+    """Ray namespace of the named actors (``tandem-ray-decode-0``, ...); None: this driver's
+    own. Two clusters started from one driver need different ones (the names would clash)."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables for the actors (e.g. TANDEM_HOME), through Ray's runtime_env."""
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -144,7 +157,9 @@ class WorkerActor:
         self._thread.start()
         self._started.wait()
         if self._error is not None:
-            raise RuntimeError(f"{role} worker {worker_id} failed to start") from self._error
+            cause = f"{type(self._error).__name__}: {self._error}"
+            # The message carries the cause: Ray hands the launcher only the text.
+            raise RuntimeError(f"{worker_id} failed to start: {cause}") from self._error
 
     def _serve(self) -> None:
         asyncio.run(self._main())
@@ -244,6 +259,9 @@ class RayCluster:
     owns_ray: bool = False
     gateway_process: subprocess.Popen | None = None
     gateway_address: str | None = None
+    serving: set[str] = field(default_factory=set)
+    """Worker ids whose actor served and registered (all of them once started): ``stop``
+    drains these and kills the rest at once (one still loading has nothing to finish)."""
 
     @property
     def address(self) -> str:
@@ -260,29 +278,43 @@ class RayCluster:
 
         drain = self.config.drain_timeout_s
         _terminate(self.gateway_process, drain)  # the door first: no new requests
-        # Every actor drains at once; already dead, or Ray going down: killed all the same.
-        stopping = {actor: actor.stop.remote() for actor in self.actors.values()}
-        for actor, stopped in stopping.items():
+        # Every actor drains at once, under one deadline (an actor Ray never placed answers
+        # no call: waiting for each in turn took that long once per such actor); already
+        # dead, or Ray going down: killed all the same.
+        stopping = [a.stop.remote() for wid, a in self.actors.items() if wid in self.serving]
+        if stopping:
             with contextlib.suppress(Exception):
-                ray.get(stopped, timeout=drain + KILL_AFTER_DRAIN_S + 15)
-            ray.kill(actor, no_restart=True)
+                ray.wait(stopping, num_returns=len(stopping), timeout=drain + KILL_AFTER_DRAIN_S)
+        for actor in self.actors.values():
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
         self.actors.clear()
+        self.serving.clear()
         _terminate(self.router_process, drain)
         if self.owns_ray:
             ray.shutdown()
 
 
-def start_on_ray(config: RayClusterConfig) -> RayCluster:
-    """Join (or start) Ray, start or reuse the router, create the worker actors, and
-    return once every actor serves and the model is listed by the router."""
+def start_on_ray(config: RayClusterConfig, progress: StartProgress | None = None) -> RayCluster:
+    """Join (or start) Ray, start or reuse the router, create the worker actors (and the
+    gateway), and return once every one serves and the model is listed by the router.
+
+    ``progress`` hears what is awaited and what became ready, as ``LocalCluster``'s does.
+    Failures are RuntimeErrors of one line: RayStartError (Ray unreachable, an actor that
+    cannot be placed or failed to start, a local service that exited) or StartTimeout
+    (past ``config.startup_timeout_s``); everything started is stopped first."""
     import ray
 
+    progress = progress or StartProgress(None)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        runtime_env = {"env_vars": dict(config.env)} if config.env else None
-        ray.init(address=config.address, runtime_env=runtime_env, **config.ray_init_kwargs)
+        _connect(config)
     cluster: RayCluster | None = None
     try:
+        num_gpus = config.num_gpus
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        _check_resources(config, num_gpus)
         router_process = None
         router = config.router
         if router is None:
@@ -296,11 +328,6 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
             router_process = _start_router(config, router_port)
             router = f"{router_host}:{router_port}"
         cluster = RayCluster(config, router, router_process=router_process, owns_ray=owns_ray)
-        deadline = time.monotonic() + config.startup_timeout_s
-        _wait_serving(router, deadline, router_process)
-        num_gpus = config.num_gpus
-        if num_gpus is None:
-            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         actor_class = ray.remote(WorkerActor)
         # Ours first, so a --drain-timeout-s in worker_args wins.
         flags = ("--drain-timeout-s", f"{config.drain_timeout_s:g}", *config.worker_args)
@@ -311,6 +338,7 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
                 worker_id = f"ray-{role}-{i}"
                 cluster.actors[worker_id] = actor_class.options(
                     name=f"tandem-{worker_id}",
+                    namespace=config.namespace,
                     num_cpus=config.num_cpus,
                     num_gpus=num_gpus,
                     max_restarts=config.max_restarts,
@@ -320,20 +348,140 @@ def start_on_ray(config: RayClusterConfig) -> RayCluster:
                     role, config.model, router, worker_id, flags, num_gpus > 0,
                     config.loopback_only,
                 )  # fmt: skip
-        wait_registered(cluster.actors.values(), deadline)
         if config.gateway is not None:
+            # started with the workers (it serves before they register), as tandem up does
             cluster.gateway_process = _start_gateway(config, config.gateway, router)
             listen = LOOPBACK if config.loopback_only else config.gateway_host
             host = LOOPBACK if listen in ("0.0.0.0", "::", "") else listen
             cluster.gateway_address = f"{host}:{config.port}"
-            _wait_serving(cluster.gateway_address, deadline, cluster.gateway_process, "gateway")
+        names = ["router"] if router_process is not None else []
+        names += [*cluster.actors, *(["gateway"] if cluster.gateway_process else [])]
+        # the router serving, each actor, the gateway, then the model registered
+        progress.started(names, 1 + len(cluster.actors) + (config.gateway is not None) + 1)
+        deadline = time.monotonic() + config.startup_timeout_s
+        _wait_serving(router, deadline, router_process, "router", progress)
+        for worker_id, actor in cluster.actors.items():
+            _wait_actor(cluster, worker_id, actor, num_gpus, deadline, progress)
+        if cluster.gateway_address is not None:
+            gateway = cluster.gateway_address
+            _wait_serving(gateway, deadline, cluster.gateway_process, "gateway", progress)
+        wait_model_listed(router, config.model, deadline, progress)
     except BaseException:
+        progress.close()  # before the error is printed, or the stop's lines
         if cluster is not None:
             cluster.stop()
         elif owns_ray:
             ray.shutdown()
         raise
+    progress.close()
     return cluster
+
+
+def _connect(config: RayClusterConfig) -> None:
+    """``ray.init`` for ``config``: RayStartError when the address does not answer (Ray would
+    retry for ever), the caller's SIGTERM handler kept (``ray.init`` replaces it with one
+    that exits at once: ``tandem up --ray`` then stopped nothing in order, exit status 15)."""
+    import ray
+
+    address = config.address
+    if address not in (None, "", "auto", "local"):
+        _probe(address)
+    runtime_env = {"env_vars": dict(config.env)} if config.env else None
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(address=address, runtime_env=runtime_env, **config.ray_init_kwargs)
+    except ConnectionError as exc:
+        raise RayStartError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
+    finally:
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _probe(address: str) -> None:
+    """RayStartError unless something accepts TCP connections at ``address``
+    (``[ray://]host:port``)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S):
+            pass
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or "timeout"
+        raise RayStartError(
+            f"cannot reach the Ray cluster at {address} ({why}): give the head node's GCS "
+            "address (host:6379), ray://host:10001 for Ray Client, 'auto' on a cluster node, "
+            "or no address for a local Ray instance"
+        ) from exc
+
+
+def _check_resources(config: RayClusterConfig, num_gpus: float) -> None:
+    """RayStartError when the actors ask for more CPUs or GPUs than the Ray cluster has in
+    all: Ray would hold them pending until the start timed out. Only for a local instance
+    (``address`` None): a remote cluster's autoscaler may add nodes, so there it is a
+    warning."""
+    import ray
+
+    actors = config.prefill + config.decode
+    total = ray.cluster_resources()
+    for resource, each in (("CPU", config.num_cpus), ("GPU", num_gpus)):
+        need, have = each * actors, total.get(resource, 0.0)
+        if need <= have:
+            continue
+        message = (
+            f"the {actors} worker actors ask for {need:g} {resource}s ({each:g} each) but "
+            f"the Ray cluster has {have:g}"
+        )
+        if config.address is None:
+            raise RayStartError(f"{message}: run fewer workers (--prefill/--decode)")
+        log.warning("%s: they wait until nodes are added", message)
+
+
+def _wait_actor(cluster: RayCluster, worker_id: str, actor: Any, num_gpus: float,
+                deadline: float, progress: StartProgress) -> None:  # fmt: skip
+    """Wait until ``actor`` was placed, its worker serves and the router registered it."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    progress.waiting(f"{worker_id} to serve")
+    asked = None
+    while True:
+        progress.tick()
+        if dead := cluster.dead_processes():
+            raise RayStartError(f"the {' and '.join(dead)} exited while the workers started")
+        asked = asked or actor.registered.remote()
+        done, _ = ray.wait([asked], timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if done:
+            try:
+                if ray.get(asked):
+                    break
+            except ActorUnavailableError:
+                pass  # being restarted: ask again
+            except RayActorError as exc:
+                raise RayStartError(_actor_failure(worker_id, exc)) from None
+            asked = None
+        if time.monotonic() > deadline:
+            free = ray.available_resources()
+            asks = f"{cluster.config.num_cpus:g} CPU" + (f", {num_gpus:g} GPU" if num_gpus else "")
+            raise StartTimeout(
+                f"{worker_id} did not start serving within {cluster.config.startup_timeout_s:g} "
+                f"s (tandem up --startup-timeout); each worker actor asks Ray for {asks}, and "
+                f"Ray has {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU free now "
+                "(an actor not placed waits for them); the actor's output is above"
+            )
+        if not done:
+            continue
+        time.sleep(0.2)
+    cluster.serving.add(worker_id)
+    progress.ready(worker_id)
+
+
+def _actor_failure(worker_id: str, error: Exception) -> str:
+    """One line from Ray's actor error (a whole remote traceback): the worker's own
+    "ID failed to start: …" when its constructor raised, else Ray's first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if f"{worker_id} failed to start:" in line:
+            return line[line.index(worker_id) :] + " (the actor's output is above)"
+    return f"{worker_id} died while starting: {lines[0] if lines else type(error).__name__}"
 
 
 def _announce(cluster: RayCluster) -> str:
@@ -345,11 +493,16 @@ def _announce(cluster: RayCluster) -> str:
     )
 
 
-def run_on_ray(config: RayClusterConfig, announce: Callable[[RayCluster], str] = _announce) -> int:
-    """``tandem up --ray``: start, print ``announce``'s line (where to connect), serve until
-    Ctrl-C/SIGTERM or until the router or gateway here exits."""
+def run_on_ray(
+    config: RayClusterConfig,
+    announce: Callable[[RayCluster], str] = _announce,
+    progress: StartProgress | None = None,
+) -> int:
+    """``tandem up --ray``: start (saying so on ``progress``), print ``announce``'s line
+    (where to connect), serve until Ctrl-C/SIGTERM or until the router or gateway here
+    exits."""
     interrupt_on_sigterm()
-    cluster = start_on_ray(config)
+    cluster = start_on_ray(config, progress)
     print(announce(cluster), flush=True)
     return supervise(lambda: " and ".join(cluster.dead_processes()), cluster.stop)
 
@@ -402,14 +555,32 @@ def _terminate(process: subprocess.Popen | None, drain_s: float) -> None:
 
 
 def _wait_serving(
-    address: str, deadline: float, process: subprocess.Popen | None, name: str = "router"
+    address: str,
+    deadline: float,
+    process: subprocess.Popen | None,
+    name: str = "router",
+    progress: StartProgress | None = None,
 ) -> None:
+    progress = progress or StartProgress(None)
+
     def check_alive() -> None:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the {name} exited with status {process.returncode}")
+            raise RayStartError(
+                f"the {name} exited with status {process.returncode} while starting "
+                "(its output is above)"
+            )
+        progress.tick()
 
+    progress.waiting(f"{name} to serve")
     with grpc.insecure_channel(address, options=RECONNECT_OPTIONS) as channel:
-        wait_serving(channel, f"the {name} at {address}", deadline, check_alive)
+        try:
+            wait_serving(channel, f"the {name} at {address}", deadline, check_alive)
+        except TimeoutError:
+            raise StartTimeout(
+                f"the {name} at {address} did not start serving in time "
+                "(tandem up --startup-timeout)"
+            ) from None
+    progress.ready(name)
 
 
 def wait_registered(actors: Iterable[Any], deadline: float) -> None:
@@ -427,16 +598,25 @@ def wait_registered(actors: Iterable[Any], deadline: float) -> None:
             time.sleep(0.2)
 
 
-def wait_model_listed(router: str, model: str, deadline: float) -> None:
+def wait_model_listed(
+    router: str, model: str, deadline: float, progress: StartProgress | None = None
+) -> None:
     """Wait until the router lists ``model`` (some worker serving it has registered)."""
+    progress = progress or StartProgress(None)
+    progress.waiting(f"a worker to register {model} with the router")
     with grpc.insecure_channel(router, options=RECONNECT_OPTIONS) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         while time.monotonic() < deadline:
+            progress.tick()
             try:
                 models = stub.ListModels(pb.ListModelsRequest(), timeout=2.0).models
                 if any(m.id == model for m in models):
+                    progress.ready(model, "registered with the router")
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise TimeoutError(f"no worker registered {model} with the router at {router} in time")
+    raise StartTimeout(
+        f"no worker registered {model} with the router at {router} in time "
+        "(tandem up --startup-timeout)"
+    )

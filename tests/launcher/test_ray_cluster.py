@@ -8,8 +8,11 @@ told to always disaggregate, so both actors are on the path of every request.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +26,12 @@ from services.cli.up import EXAMPLE_POLICY  # noqa: E402
 from services.cli.up import _gateway as up_gateway  # noqa: E402
 from services.engine.engine import LLMEngine  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
-from services.launcher.local import GatewaySpec, free_port  # noqa: E402
+from services.launcher.local import GatewaySpec, StartTimeout, free_port  # noqa: E402
+from services.launcher.progress import StartProgress  # noqa: E402
 from services.launcher.ray_cluster import (  # noqa: E402
     RayCluster,
     RayClusterConfig,
+    RayStartError,
     start_on_ray,
     wait_registered,
 )
@@ -49,6 +54,11 @@ def gateway_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[GatewaySpec, 
     return up_gateway(EXAMPLE_POLICY, tmp_path_factory.mktemp("state"), "tandem-tiny")
 
 
+START_LINES = io.StringIO()
+"""What the module's cluster said while it started (plain lines, as in a log)."""
+WORKER = (*WORKER_ARGS, "--kv-transport", "grpc", "--num-threads", "1")
+
+
 @pytest.fixture(scope="module")
 def cluster(tandem_home: Path, gateway_key: tuple[GatewaySpec, str]) -> Iterator[RayCluster]:
     port = free_port()
@@ -60,7 +70,7 @@ def cluster(tandem_home: Path, gateway_key: tuple[GatewaySpec, str]) -> Iterator
             port=port,
             router_host="127.0.0.1",
             router_args=ALWAYS_DISAGGREGATE,
-            worker_args=(*WORKER_ARGS, "--kv-transport", "grpc", "--num-threads", "1"),
+            worker_args=WORKER,
             num_cpus=0.5,
             num_gpus=0,
             env={"TANDEM_HOME": str(tandem_home)},
@@ -70,7 +80,8 @@ def cluster(tandem_home: Path, gateway_key: tuple[GatewaySpec, str]) -> Iterator
             gateway_host="127.0.0.1",
             loopback_only=True,  # as `tandem up --ray` on a local Ray
             drain_timeout_s=PATIENT_S,
-        )
+        ),
+        progress=StartProgress(START_LINES, bar=False),
     )
     yield c
     c.stop()
@@ -86,6 +97,21 @@ async def _serve(address: str, max_tokens: int) -> list[list[int]]:
         stub = inference_pb2_grpc.InferenceStub(ch)
         done = await asyncio.gather(*(generate(stub, request(p, max_tokens)) for p in PROMPTS))
     return [c.tokens for c in done]
+
+
+def test_the_start_says_what_it_waits_for(cluster: RayCluster) -> None:
+    """``tandem up --ray`` shows the same progress as ``tandem up``: what was started, then
+    each service ready, then the model registered."""
+    lines = [line.strip() for line in START_LINES.getvalue().splitlines()]
+    assert lines[0] == "started router, ray-prefill-0, ray-decode-0, gateway"
+    ready = [line.split(" (")[0] for line in lines if line.endswith(" s)")]
+    assert ready == [
+        "router ready",
+        "ray-prefill-0 ready",
+        "ray-decode-0 ready",
+        "gateway ready",
+        "tandem-tiny registered with the router",
+    ]
 
 
 def test_actors_serve_the_offline_tokens(cluster: RayCluster, reference_engine: LLMEngine) -> None:
@@ -162,3 +188,86 @@ def test_a_stopped_actor_drains_its_stream(
     # Leave a serving decode actor for whatever runs next: Ray restarts a killed one.
     ray.kill(decode, no_restart=False)
     wait_registered([decode], time.monotonic() + 120)
+
+
+def _config(**overrides: object) -> RayClusterConfig:
+    """A one-decode-actor cluster without a gateway, on the module's Ray (half a CPU free),
+    in a namespace of its own (the module's cluster holds the actor names)."""
+    settings: dict = dict(
+        prefill=0, decode=1, port=free_port(), loopback_only=True, num_cpus=0.5, num_gpus=0,
+        worker_args=WORKER, drain_timeout_s=1, startup_timeout_s=120, namespace="test",
+    )  # fmt: skip
+    return RayClusterConfig(**{**settings, **overrides})
+
+
+def test_a_worker_that_fails_to_start_is_one_line(cluster: RayCluster) -> None:
+    """A worker actor whose start fails ends the start at once, with its own reason, not
+    Ray's remote traceback (an ActorDiedError of 60 lines before)."""
+    began = time.monotonic()
+    with pytest.raises(RayStartError) as failed:
+        start_on_ray(_config(model="/nonexistent/model"))
+    message = str(failed.value)
+    assert message.startswith("ray-decode-0 failed to start: ModelNotFoundError: unknown model")
+    assert "\n" not in message and "Traceback" not in message
+    assert time.monotonic() - began < 60
+
+
+def test_actors_ray_cannot_place_are_refused_at_once(cluster: RayCluster) -> None:
+    """More CPUs than the local Ray has: one message now, not a wait until the start timeout
+    (then a GetTimeoutError traceback, and a stop that waited 25 s per pending actor)."""
+    began = time.monotonic()
+    with pytest.raises(RayStartError, match=r"ask for 6 CPUs \(3 each\) but the Ray cluster"):
+        start_on_ray(_config(prefill=1, num_cpus=3, startup_timeout_s=10))
+    assert time.monotonic() - began < 5
+
+
+def test_a_start_past_its_timeout_is_one_message(cluster: RayCluster) -> None:
+    """--startup-timeout ends the start with StartTimeout (a RuntimeError `tandem up --ray`
+    prints as one line) naming what was late and the flag; the actor still loading is
+    killed at once, not drained."""
+    began = time.monotonic()
+    with pytest.raises(StartTimeout, match=r"did not start serving .*--startup-timeout"):
+        start_on_ray(_config(startup_timeout_s=1))
+    assert time.monotonic() - began < 15
+
+
+SIGTERMED = """
+import sys
+from services.launcher import ray_cluster
+from services.launcher.supervise import interrupt_on_sigterm
+
+wait_serving = ray_cluster._wait_serving
+
+
+def waiting(*args, **kwargs):
+    print("waiting", flush=True)
+    return wait_serving(*args, **kwargs)
+
+
+ray_cluster._wait_serving = waiting
+interrupt_on_sigterm()  # as run_on_ray does, before Ray starts
+config = ray_cluster.RayClusterConfig(address=sys.argv[1], router="127.0.0.1:1", prefill=0,
+                                      decode=0, startup_timeout_s=60)
+try:
+    ray_cluster.start_on_ray(config)
+except KeyboardInterrupt:
+    print("interrupted: stopping in order", flush=True)
+"""
+
+
+def test_sigterm_still_stops_in_order_after_ray_init(cluster: RayCluster) -> None:
+    """``ray.init`` puts in its own SIGTERM handler, which exits at once (status 15):
+    ``tandem up --ray`` then never ran its stop (no drain, no order, no "stopping")."""
+    gcs = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERMED, gcs], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "waiting"  # Ray joined, the router awaited
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "interrupted: stopping in order" in out
+    assert proc.returncode == 0

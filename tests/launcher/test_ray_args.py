@@ -1,0 +1,58 @@
+"""``tandem up --ray``'s flags and the mistakes it reports before (or instead of) starting
+Ray: one ``error:`` line each, never a traceback or a hang."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.cli.main import build_parser, main
+from services.cli.up_ray import config_from_args
+from services.launcher.local import free_port
+
+
+def test_ray_honours_startup_timeout() -> None:
+    """--startup-timeout was dropped with --ray (the config's own 300 s applied)."""
+    args = build_parser().parse_args(["up", "--ray", "--startup-timeout", "7"])
+    assert config_from_args(args).startup_timeout_s == 7
+    default = build_parser().parse_args(["up", "--ray"])
+    assert config_from_args(default).startup_timeout_s == 180  # tandem up's default
+
+
+def test_ray_not_installed_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as without Ray
+    assert main(["up", "--ray", "--no-gateway", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ray needs Ray") and "pip install" in err
+
+
+def test_a_taken_port_is_refused_before_ray_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    """As `tandem up`: before, Ray started, the workers loaded, and then the gateway could
+    not bind (or the launcher's health check found whatever held the port serving)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        began = time.monotonic()
+        assert main(["up", "--ray", "--no-gateway", "--port", str(port)]) == 2
+    assert f"port {port} is taken" in capsys.readouterr().err
+    assert time.monotonic() - began < 5
+
+
+def test_an_unreachable_ray_address_is_one_line() -> None:
+    """``ray.init`` on a GCS address nothing answers retried for ever, deaf to Ctrl-C."""
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "up", "--ray", address, "--no-gateway"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"error: cannot reach the Ray cluster at {address}" in done.stderr
+    assert "Traceback" not in done.stderr
