@@ -36,6 +36,10 @@ from services.kv_transfer.transport import HandshakePayload, KVTransport, PeerIn
 from services.rpc.tls import TlsConfig
 
 log = logging.getLogger(__name__)
+
+MAX_ACCEPTED = 256
+"""Callers' agents a prefill worker keeps loaded (most recent handshakes); an older caller
+that reads again re-handshakes first if its read fails, as after any peer change."""
 T = TypeVar("T")
 
 RELEASE_TIMEOUT_S = 1.0
@@ -178,7 +182,7 @@ class NixlTransport(KVTransport):
             self._agent, f"nixl-{worker_id}", progress_interval_s, thread_initializer(kv)
         )
         self._peers: dict[str, PeerInfo] = {}  # address -> peer read over NIXL
-        self._accepted: dict[str, str] = {}  # caller worker id -> its agent name
+        self._accepted: dict[str, str] = {}  # caller worker id -> its agent name, oldest first
         self._grpc = GrpcTransport(kv, tls=tls)  # for peers without NIXL
 
     @property
@@ -205,10 +209,16 @@ class NixlTransport(KVTransport):
             self._agent.add_remote_agent, nixl_metadata, what=f"loading {worker_id}'s metadata"
         )
         name = name.decode() if isinstance(name, bytes) else name
-        stale = self._accepted.get(worker_id)
-        self._accepted[worker_id] = name
+        stale = self._accepted.pop(worker_id, None)
+        self._accepted[worker_id] = name  # the most recent last
         if stale is not None and stale != name:
             await self._forget_agent(stale)
+        # Callers come and go (a restarted decode worker has a new id: a random suffix),
+        # and nothing says when one left: keep the most recent MAX_ACCEPTED, so the agent's
+        # table of remote agents cannot grow with every restart for the worker's lifetime.
+        while len(self._accepted) > MAX_ACCEPTED:
+            oldest = next(iter(self._accepted))
+            await self._forget_agent(self._accepted.pop(oldest))
 
     async def connect(self, peer: PeerInfo) -> None:
         kv_layout.check_same_geometry(self.layout, peer.layout)

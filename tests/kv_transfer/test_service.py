@@ -208,6 +208,30 @@ def test_restarted_caller_replaces_its_stale_agent() -> None:
     run(body)
 
 
+@needs_nixl
+def test_callers_agents_beyond_the_cap_are_unloaded_oldest_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each restart of a decode worker is a new caller (a new id): only the most recent
+    MAX_ACCEPTED callers' agents stay loaded, and a caller handshaking again is recent."""
+    monkeypatch.setattr("services.kv_transfer.nixl_transport.MAX_ACCEPTED", 2)
+
+    async def body() -> None:
+        prefill = NixlTransport(make_kv(64), "prefill-0")
+        server = await serve(prefill)
+        callers = [NixlTransport(make_kv(80), f"decode-{i}") for i in range(3)]
+        for i in (0, 1, 0, 2):  # decode-0 again before decode-2: decode-1 is the oldest
+            caller = callers[i]
+            await handshake(server.address, f"decode-{i}", layout_of(caller.kv), caller, 5)
+        assert prefill.remote_agents == {callers[0].agent_name, callers[2].agent_name}
+        for transport in callers:
+            await transport.close()
+        await server.stop(0)
+        await prefill.close()
+
+    run(body)
+
+
 def test_served_bytes_are_counted_once_per_read_served_in_full() -> None:
     """Told the bytes of a read that ended with its blocks still pinned; not told of one
     refused up front, nor of one whose blocks were unpinned while it was read."""
