@@ -88,7 +88,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # silu's fresh output takes the product in place: one [T, intermediate] buffer
+        # fewer per layer, the same values as ``silu(gate) * up``.
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -106,8 +108,10 @@ class DecoderLayer(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],
         batch: StepBatch,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # Residual adds land in the sublayer's fresh output (a + b == b + a exactly): no
+        # new [T, hidden] tensor per add.
+        x = self.self_attn(self.input_layernorm(x), cos_sin, kv, batch).add_(x)
+        return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class Embedding(nn.Embedding):
@@ -145,5 +149,9 @@ class CausalLM(nn.Module):
         cos_sin = self.rotary.lookup(batch.positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos_sin, kv_cache.layer(i), batch)
-        x = self.model.norm(x[batch.logits_indices])
+        # Rows are increasing and distinct: as many as tokens means every row, in order (a
+        # pure decode step), so the gather would copy x unchanged.
+        if batch.logits_indices.shape[0] != x.shape[0]:
+            x = x[batch.logits_indices]
+        x = self.model.norm(x)
         return self.lm_head(x).float()

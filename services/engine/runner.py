@@ -69,11 +69,16 @@ class ModelRunner:
             start = seq.num_computed_tokens
             table = seq.block_table
             q_start = len(input_ids)
-            input_ids += seq.token_ids[start : start + n]
-            pos = range(start, start + n)
-            positions += pos
-            slots += [table[p // bs] * bs + p % bs for p in pos]
             kv_len = start + n
+            if n == 1:  # decoding: no ranges or comprehensions for one token
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids += seq.token_ids[start:kv_len]
+                pos = range(start, kv_len)
+                positions += pos
+                slots += [table[p // bs] * bs + p % bs for p in pos]
             seqs.append(SeqSlice(q_start, n, kv_len, _slot_runs(table, kv_len, bs)))
             if chunk.samples:
                 logits_rows.append(len(input_ids) - 1)
@@ -90,6 +95,13 @@ class ModelRunner:
 def _slot_runs(table: list[int], kv_len: int, block_size: int) -> tuple[tuple[int, int], ...]:
     """Slot runs covering the first ``kv_len`` tokens of a block table."""
     num_blocks = -(-kv_len // block_size)
+    first = table[0]
+    # The common case, one run of consecutive ids (the block pool arranges it), checked at C
+    # speed rather than walked block by block every step.
+    if table[num_blocks - 1] - first == num_blocks - 1 and table[:num_blocks] == list(
+        range(first, first + num_blocks)
+    ):
+        return ((first * block_size, kv_len),)
     runs = []
     remaining = kv_len
     for first, count in block_runs(table[:num_blocks]):
