@@ -51,6 +51,8 @@ from services.stubs.tandem.v1 import inference_pb2_grpc
 log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode")
+ACTOR_PROBE_S = 5.0
+"""How often a running ``tandem up --ray`` asks its worker actors whether they are alive."""
 PROBE_S = 5.0
 """How long ``start_on_ray`` tries to reach a Ray address before it gives up (``ray.init``
 on a GCS address that does not answer retries for ever, deaf to Ctrl-C)."""
@@ -262,6 +264,9 @@ class RayCluster:
     serving: set[str] = field(default_factory=set)
     """Worker ids whose actor served and registered (all of them once started): ``stop``
     drains these and kills the rest at once (one still loading has nothing to finish)."""
+    _probes: dict[str, Any] = field(default_factory=dict)
+    """Worker id → a ``registered()`` call in flight, asked by ``lost_actors``."""
+    _next_probe: float = 0.0
 
     @property
     def address(self) -> str:
@@ -272,6 +277,35 @@ class RayCluster:
         """Names of the local services (router, gateway) that have exited."""
         local = (("router", self.router_process), ("gateway", self.gateway_process))
         return [name for name, p in local if p is not None and p.poll() is not None]
+
+    def lost_actors(self) -> list[str]:
+        """Worker actors Ray will not bring back (restarts used up, or a restart whose
+        worker failed to start), looked for at most every ACTOR_PROBE_S: without this the
+        launcher served on with a pool short of a worker, saying nothing. An actor being
+        restarted is not lost: its call waits for the new one (max_task_retries)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        now = time.monotonic()
+        if now < self._next_probe or not self.actors:
+            return []
+        self._next_probe = now + ACTOR_PROBE_S
+        for worker_id, actor in self.actors.items():
+            if worker_id not in self._probes:
+                self._probes[worker_id] = actor.registered.remote()
+        ready, _ = ray.wait(list(self._probes.values()), num_returns=len(self._probes), timeout=0)
+        lost = []
+        for worker_id, probe in list(self._probes.items()):
+            if probe not in ready:
+                continue  # busy or restarting: asked again once it answers
+            del self._probes[worker_id]
+            try:
+                ray.get(probe)
+            except ActorUnavailableError:
+                pass  # restarting
+            except RayActorError:
+                lost.append(f"worker actor {worker_id} (Ray will not restart it)")
+        return lost
 
     def stop(self) -> None:
         import ray
@@ -504,7 +538,9 @@ def run_on_ray(
     interrupt_on_sigterm()
     cluster = start_on_ray(config, progress)
     print(announce(cluster), flush=True)
-    return supervise(lambda: " and ".join(cluster.dead_processes()), cluster.stop)
+    return supervise(
+        lambda: " and ".join(cluster.dead_processes() + cluster.lost_actors()), cluster.stop
+    )
 
 
 LOOPBACK = "127.0.0.1"

@@ -271,3 +271,35 @@ def test_sigterm_still_stops_in_order_after_ray_init(cluster: RayCluster) -> Non
         proc.kill()
     assert "interrupted: stopping in order" in out
     assert proc.returncode == 0
+
+
+class _Registered:
+    """A stand-in worker actor (no model): answers ``registered()`` as a serving one does."""
+
+    def registered(self) -> bool:
+        return True
+
+
+def test_an_actor_ray_will_not_restart_is_reported(
+    cluster: RayCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tandem up --ray` supervises its actors too: one Ray will not bring back is named
+    (the launcher then stops, as when the router exits), one alive or restarting is not."""
+    monkeypatch.setattr("services.launcher.ray_cluster.ACTOR_PROBE_S", 0.0)
+    probe = ray.remote(_Registered).options(num_cpus=0, max_restarts=0).remote()
+    cluster.actors["probe"] = probe
+    try:
+        ray.get(probe.registered.remote(), timeout=60)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # every actor alive: nothing lost
+            assert cluster.lost_actors() == []
+            time.sleep(0.05)
+        ray.kill(probe, no_restart=True)
+        deadline, lost = time.monotonic() + 30, []
+        while not lost and time.monotonic() < deadline:
+            lost = cluster.lost_actors()
+            time.sleep(0.05)
+        assert lost == ["worker actor probe (Ray will not restart it)"]
+    finally:
+        cluster.actors.pop("probe", None)
+        cluster._probes.pop("probe", None)
