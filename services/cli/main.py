@@ -14,7 +14,18 @@ import os
 import sys
 from collections.abc import Callable
 
-from services.cli import bench, gateway, generate, keys, models, router, tls_ca, up, worker
+from services.cli import (
+    bench,
+    gateway,
+    generate,
+    keys,
+    models,
+    router,
+    tls_ca,
+    up,
+    usage,
+    worker,
+)
 from services.engine.errors import TandemError
 from services.launcher.launched import die_with_launcher
 
@@ -24,6 +35,7 @@ COMMANDS: tuple[Register, ...] = (
     up.register,
     generate.register,
     models.register,
+    usage.register,
     bench.register,
     router.register,
     worker.register,

@@ -14,11 +14,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from services.cli import arg_types
-from services.cli.generate import EXIT_FAILED, CallFailure, add_api_key_arg, api_key_from
-from services.cli.tls_args import add_client_tls_args, client_tls
+from services.cli.generate import add_api_key_arg
+from services.cli.target_call import TargetCallFailed, call_target, report
+from services.cli.tls_args import add_client_tls_args
 
 if TYPE_CHECKING:
-    from services.rpc.tls import TlsConfig
+    import grpc.aio
+
     from services.stubs.tandem.v1 import inference_pb2
 
 COLUMNS = ("MODEL", "CONTEXT", "VOCAB")
@@ -57,26 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-class _Failed(Exception):
-    """A failed ListModels, with whether the target itself had answered the connection."""
-
-    def __init__(self, code: str, details: str, answered: bool) -> None:
-        super().__init__(f"{code}: {details}")
-        self.code, self.details, self.answered = code, details, answered
-
-
 def run(args: argparse.Namespace) -> int:
     try:
-        models = asyncio.run(
-            list_models(args.target, args.timeout, api_key_from(args), client_tls(args))
-        )
-    except _Failed as failed:
-        print(f"error: {failed}", file=sys.stderr)
-        answered = failed.answered
-        hint = CallFailure.of(args, failed.code, failed.details).hint(lambda: answered)
-        if hint is not None:
-            print(f"hint: {hint}", file=sys.stderr)
-        return EXIT_FAILED
+        models = asyncio.run(call_target(args, lambda channel: list_models(channel, args)))
+    except TargetCallFailed as failed:
+        return report(args, failed)
     if args.json:
         print(json.dumps({"models": [_card(m) for m in models]}))
         return 0
@@ -87,21 +74,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def list_models(
-    target: str, timeout_s: float, api_key: str | None, tls: TlsConfig | None
+    channel: grpc.aio.Channel, args: argparse.Namespace
 ) -> list[inference_pb2.ModelCard]:
-    """The ModelCards ``target`` lists for this caller; _Failed on any gRPC error."""
-    import grpc
-
-    from services.rpc.server import client_channel
+    """The ModelCards the target lists for this caller."""
     from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
 
-    async with client_channel(target, api_key, tls) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        try:
-            reply = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            answered = channel.get_state() == grpc.ChannelConnectivity.READY
-            raise _Failed(exc.code().name, exc.details() or "", answered) from None
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    reply = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=args.timeout)
     return list(reply.models)
 
 

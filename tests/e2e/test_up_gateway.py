@@ -92,6 +92,17 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
             assert [(r.model, r.requests, r.completion_tokens) for r in usage.rows] == [
                 ("tandem-tiny", 1, 4)
             ]
+        # ... and so does `tandem usage` (this month by default)
+        usage_cli = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "usage", "--target", target, "--json"],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "TANDEM_API_KEY": secret},
+        )  # fmt: skip
+        assert usage_cli.returncode == 0, usage_cli.stderr
+        rows = json.loads(usage_cli.stdout)["rows"]
+        assert [(r["model"], r["requests"], r["completion_tokens"]) for r in rows] == [
+            ("tandem-tiny", 1, 4)
+        ]
         # the same key opens the OpenAI-compatible HTTP API, whose address the line names
         assert f"http://127.0.0.1:{http_port}/v1" in line
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=secret)
