@@ -122,8 +122,6 @@ def run(args: argparse.Namespace) -> int:
         f"on {where} ...",
         file=sys.stderr,
     )
-    # Loading a model can take minutes: say what is awaited (a bar on a terminal).
-    try:
-        return run_on_ray(config, announce, StartProgress(sys.stderr))
-    except RuntimeError as exc:  # Ray unreachable, an actor or service failed or timed out
-        raise start_failed(exc) from exc
+    # Loading a model can take minutes: say what is awaited (a bar on a terminal). A start
+    # that fails (Ray unreachable, an actor or service failed or timed out) is one message.
+    return run_on_ray(config, announce, StartProgress(sys.stderr), start_failed)

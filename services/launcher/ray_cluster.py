@@ -531,12 +531,19 @@ def run_on_ray(
     config: RayClusterConfig,
     announce: Callable[[RayCluster], str] = _announce,
     progress: StartProgress | None = None,
+    start_failed: Callable[[RuntimeError], Exception] | None = None,
 ) -> int:
     """``tandem up --ray``: start (saying so on ``progress``), print ``announce``'s line
-    (where to connect), serve until Ctrl-C/SIGTERM or until the router or gateway here
-    exits."""
+    (where to connect), serve until Ctrl-C/SIGTERM, until the router or gateway here exits
+    or until Ray gives up on a worker actor. ``start_failed`` maps a RuntimeError of the
+    start (not of the stop that follows serving) to the exception to raise instead."""
     interrupt_on_sigterm()
-    cluster = start_on_ray(config, progress)
+    try:
+        cluster = start_on_ray(config, progress)
+    except RuntimeError as exc:
+        if start_failed is None:
+            raise
+        raise start_failed(exc) from exc
     print(announce(cluster), flush=True)
     return supervise(
         lambda: " and ".join(cluster.dead_processes() + cluster.lost_actors()), cluster.stop
