@@ -36,6 +36,18 @@ def _tiny(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFact
     use_tiny_model(monkeypatch, tmp_path_factory)
 
 
+def slow_release(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
+    """ReleaseKV answers ``delay_s`` late, as behind a long engine step (call before the
+    workers start: the server binds its handlers when it mounts a servicer)."""
+    release = PrefillService.ReleaseKV
+
+    async def slow(self: PrefillService, request: object, context: object) -> object:
+        await asyncio.sleep(delay_s)
+        return await release(self, request, context)
+
+    monkeypatch.setattr(PrefillService, "ReleaseKV", slow)
+
+
 def test_a_slow_release_answer_does_not_hold_the_request_past_its_kv_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -43,14 +55,7 @@ def test_a_slow_release_answer_does_not_hold_the_request_past_its_kv_timeout(
     reported), the stream ends well before the release answers, and the release still
     lands: both pools idle."""
     expected = reference_tokens(PROMPT, MAX_TOKENS)
-    release = PrefillService.ReleaseKV
-
-    async def slow_release(self: PrefillService, request: object, context: object) -> object:
-        await asyncio.sleep(RELEASE_DELAY_S)  # as behind a long engine step
-        return await release(self, request, context)
-
-    # Before the workers start: the server binds its handlers when it mounts a servicer.
-    monkeypatch.setattr(PrefillService, "ReleaseKV", slow_release)
+    slow_release(monkeypatch, RELEASE_DELAY_S)
 
     async def body() -> None:
         async with (

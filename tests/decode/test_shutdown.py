@@ -6,7 +6,6 @@ pending, to be torn down with the event loop."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -16,11 +15,11 @@ import pytest
 from services.decode import server as decode_server
 from services.decode import service as decode_service
 from services.decode.service import DecodeService
-from services.prefill.service import PrefillService
 from services.rpc.server import client_channel
 from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.host import WorkerHost
 from tests.decode.test_bad_kv_handle import MAX_TOKENS, PROMPT, _prefill
+from tests.decode.test_release_wait import slow_release
 from tests.router.harness import run
 from tests.router.inprocess import (
     IDLE,
@@ -55,18 +54,6 @@ def _record_services(monkeypatch: pytest.MonkeyPatch) -> list[DecodeService]:
     return services
 
 
-def _slow_release(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
-    """ReleaseKV answers ``delay_s`` late, as behind a long engine step (before the
-    workers start: the server binds its handlers when it mounts a servicer)."""
-    release = PrefillService.ReleaseKV
-
-    async def slow(self: PrefillService, request: object, context: object) -> object:
-        await asyncio.sleep(delay_s)
-        return await release(self, request, context)
-
-    monkeypatch.setattr(PrefillService, "ReleaseKV", slow)
-
-
 async def _decode_leaving_a_release(p: WorkerHost, d: WorkerHost) -> None:
     """One disaggregated request on ``d`` that ends before its release is answered."""
     first = await _prefill(p, "p")
@@ -95,7 +82,7 @@ def test_stop_lets_a_release_in_flight_finish_and_closes_the_channels(
 ) -> None:
     """The release answers within the shutdown's wait: stop returns with it done (OK),
     the prefill's blocks unpinned, and the channel to the prefill worker closed."""
-    _slow_release(monkeypatch, 0.5)
+    slow_release(monkeypatch, 0.5)
     services = _record_services(monkeypatch)
 
     async def body() -> None:
@@ -119,7 +106,7 @@ def test_stop_cancels_a_release_that_outlasts_its_wait(monkeypatch: pytest.Monke
     """The release is still unanswered when the shutdown's wait ends: it is cancelled (not
     left pending), stop does not wait for it, and the prefill still holds the blocks,
     which its lease will free."""
-    _slow_release(monkeypatch, 5.0)
+    slow_release(monkeypatch, 5.0)
     monkeypatch.setattr(decode_service, "CLOSE_WAIT_S", 0.2)
     services = _record_services(monkeypatch)
 
