@@ -13,10 +13,13 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from services.cli import arg_types
-from services.cli.generate import add_api_key_arg
-from services.cli.target_call import TargetCallFailed, call_target, report
-from services.cli.tls_args import add_client_tls_args
+from services.cli.target_call import (
+    TargetCallFailed,
+    add_target_args,
+    aligned,
+    call_target,
+    report,
+)
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -34,28 +37,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "may use (a gateway: those its policy allows your key or token; a router: all it "
         "serves), with each one's context length and vocabulary size.",
     )
-    parser.add_argument(
-        "--target",
-        required=True,
-        type=arg_types.host_port,
-        metavar="HOST:PORT",
-        help="the gateway or router to ask (`tandem up` prints where to connect)",
+    add_target_args(
+        parser,
+        "the gateway or router to ask (`tandem up` prints where to connect)",
+        10.0,
+        "deadline of the call in seconds",
     )
-    parser.add_argument(
-        "--timeout",
-        type=arg_types.positive_float,
-        default=10.0,
-        metavar="S",
-        help="deadline of the call in seconds (default %(default)s)",
-    )
-    add_api_key_arg(parser)
     parser.add_argument(
         "--json",
         action="store_true",
         help='print {"models": [{"id", "max_context_length", "vocab_size"}, ...]} instead of '
         "a table",
     )
-    add_client_tls_args(parser)
     parser.set_defaults(handler=run)
 
 
@@ -94,9 +87,5 @@ def _card(model: inference_pb2.ModelCard) -> dict[str, object]:
 
 def format_table(models: list[inference_pb2.ModelCard]) -> str:
     """One row per model under a header, columns aligned."""
-    rows = [COLUMNS] + [(m.id, str(m.max_context_length), str(m.vocab_size)) for m in models]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    rows = [[m.id, str(m.max_context_length), str(m.vocab_size)] for m in models]
+    return aligned([list(COLUMNS), *rows], left=len(COLUMNS))

@@ -9,8 +9,15 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from services.cli.generate import EXIT_BAD_REQUEST, EXIT_FAILED, CallFailure, api_key_from
-from services.cli.tls_args import client_tls
+from services.cli import arg_types
+from services.cli.generate import (
+    EXIT_BAD_REQUEST,
+    EXIT_FAILED,
+    CallFailure,
+    add_api_key_arg,
+    api_key_from,
+)
+from services.cli.tls_args import add_client_tls_args, client_tls
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -19,6 +26,39 @@ T = TypeVar("T")
 
 BAD_REQUEST_CODES = ("INVALID_ARGUMENT", "NOT_FOUND")
 """Statuses that say the request itself was wrong: exit 2, like a bad flag."""
+
+
+def add_target_args(
+    parser: argparse.ArgumentParser, target_help: str, timeout_s: float, timeout_help: str
+) -> None:
+    """``--target`` (required), ``--timeout``, ``--api-key`` and the client TLS flags."""
+    parser.add_argument(
+        "--target", required=True, type=arg_types.host_port, metavar="HOST:PORT", help=target_help
+    )
+    parser.add_argument(
+        "--timeout",
+        type=arg_types.positive_float,
+        default=timeout_s,
+        metavar="S",
+        help=f"{timeout_help} (default %(default)s)",
+    )
+    add_api_key_arg(parser)
+    add_client_tls_args(parser)
+
+
+def aligned(rows: list[list[str]], left: int) -> str:
+    """``rows`` (the header first) as lines of columns two spaces apart: the first ``left``
+    columns left-aligned, the rest (numbers) right-aligned; no trailing spaces."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(row: list[str]) -> str:
+        cells = (
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        return "  ".join(cells).rstrip()
+
+    return "\n".join(line(row) for row in rows)
 
 
 class TargetCallFailed(Exception):

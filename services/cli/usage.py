@@ -13,10 +13,13 @@ import datetime as dt
 import json
 from typing import TYPE_CHECKING
 
-from services.cli import arg_types
-from services.cli.generate import add_api_key_arg
-from services.cli.target_call import TargetCallFailed, call_target, report
-from services.cli.tls_args import add_client_tls_args
+from services.cli.target_call import (
+    TargetCallFailed,
+    add_target_args,
+    aligned,
+    call_target,
+    report,
+)
 from services.engine.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -39,12 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(tandem.v1.UsageService/GetUsage, every page). Admins see everyone's usage; "
         "anyone else only their own.",
     )
-    parser.add_argument(
-        "--target",
-        required=True,
-        type=arg_types.host_port,
-        metavar="HOST:PORT",
-        help="the gateway (`tandem up` prints where to connect)",
+    add_target_args(
+        parser,
+        "the gateway (`tandem up` prints where to connect)",
+        30.0,
+        "deadline of each page's call in seconds",
     )
     period = parser.add_mutually_exclusive_group()
     period.add_argument("--month", metavar="YYYY-MM", help="a UTC month (default: this one)")
@@ -70,19 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default team,principal,model)",
     )
     parser.add_argument(
-        "--timeout",
-        type=arg_types.positive_float,
-        default=30.0,
-        metavar="S",
-        help="deadline of each page's call in seconds (default %(default)s)",
-    )
-    add_api_key_arg(parser)
-    parser.add_argument(
         "--json",
         action="store_true",
         help='print {"range": {"start", "end"}, "rows": [...]} instead of a table',
     )
-    add_client_tls_args(parser)
     parser.set_defaults(handler=run)
 
 
@@ -168,14 +161,5 @@ def format_table(rows: list[dict[str, object]], columns: tuple[str, ...]) -> str
     """The rows under a header and above a total line, columns aligned (numbers right)."""
     header = [c.upper() for c in columns] + ["REQUESTS", "PROMPT", "COMPLETION", "CACHED"]
     total = ["total", *[""] * (len(columns) - 1), *(str(sum(r[s] for r in rows)) for s in SUMS)]
-    cells = [header] + [[str(r[k]) for k in (*columns, *SUMS)] for r in rows] + [total]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-
-    def line(values: list[str]) -> str:
-        text = [
-            v.rjust(w) if i >= len(columns) else v.ljust(w)
-            for i, (v, w) in enumerate(zip(values, widths, strict=True))
-        ]
-        return "  ".join(text).rstrip()
-
-    return "\n".join(line(values) for values in cells)
+    body = [[str(r[k]) for k in (*columns, *SUMS)] for r in rows]
+    return aligned([header, *body, total], left=len(columns))

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -624,21 +624,6 @@ def _wait_serving(
                 "(tandem up --startup-timeout)"
             ) from None
     progress.ready(name)
-
-
-def wait_registered(actors: Iterable[Any], deadline: float) -> None:
-    """Wait until the router has registered every one of ``actors``."""
-    import ray
-
-    pending = list(actors)
-    while pending:
-        remaining = max(1.0, deadline - time.monotonic())
-        answers = ray.get([a.registered.remote() for a in pending], timeout=remaining)
-        pending = [a for a, ok in zip(pending, answers, strict=True) if not ok]
-        if pending and time.monotonic() > deadline:
-            raise TimeoutError(f"{len(pending)} worker actors did not register in time")
-        if pending:
-            time.sleep(0.2)
 
 
 def wait_model_listed(

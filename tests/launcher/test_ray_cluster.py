@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -33,7 +34,6 @@ from services.launcher.ray_cluster import (  # noqa: E402
     RayClusterConfig,
     RayStartError,
     start_on_ray,
-    wait_registered,
 )
 from services.stubs.tandem.v1 import inference_pb2 as pb  # noqa: E402
 from services.stubs.tandem.v1 import inference_pb2_grpc  # noqa: E402
@@ -85,6 +85,18 @@ def cluster(tandem_home: Path, gateway_key: tuple[GatewaySpec, str]) -> Iterator
     )
     yield c
     c.stop()
+
+
+def wait_registered(actors: Iterable[Any], deadline: float) -> None:
+    """Wait until the router has registered every one of ``actors`` (after a restart)."""
+    pending = list(actors)
+    while pending:
+        remaining = max(1.0, deadline - time.monotonic())
+        answers = ray.get([a.registered.remote() for a in pending], timeout=remaining)
+        pending = [a for a, ok in zip(pending, answers, strict=True) if not ok]
+        assert not pending or time.monotonic() < deadline, "actors did not register in time"
+        if pending:
+            time.sleep(0.2)
 
 
 def _offline(engine: LLMEngine, max_tokens: int) -> list[list[int]]:
