@@ -203,12 +203,26 @@ def test_ttft_and_kv_bytes_count_what_was_served(cluster: LocalCluster) -> None:
         eventually(lambda p=port: metric(p, "tandem_running_requests") == 0)
 
 
+def _steady(port: int, name: str, quiet_s: float, timeout_s: float = 30.0) -> float:
+    """``name``'s value once it has not changed for ``quiet_s``."""
+    deadline = time.monotonic() + timeout_s
+    value, since = metric(port, name), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"{name} never settled"
+        time.sleep(0.1)
+        if (now := metric(port, name)) != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def test_a_lease_expiry_is_counted_once(cluster: LocalCluster) -> None:
     """A prefill nobody reads: its lease runs out, which counts one expiry, no release."""
     port = cluster.child("prefill-0").metrics_port
     expiries = metric(port, "tandem_kv_lease_expiries_total")
     released = metric(port, "tandem_kv_released_total")
-    free = metric(port, "tandem_kv_free_blocks")
+    # The gauge is set at each heartbeat (1 s): the previous test's blocks may still show
+    # as held. The baseline is the pool once it reads the same over two heartbeats.
+    free = _steady(port, "tandem_kv_free_blocks", quiet_s=2.5)
 
     async def prefill_and_leave() -> grpc.StatusCode:
         async with channel(cluster.child("prefill-0").address) as ch:
