@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from services.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from services.engine.kv_cache import KV_LAYOUTS  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -31,11 +32,22 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16)")
     p.add_argument("--tokens", type=int, default=2048, help="prompt length (default 2048)")
     p.add_argument("--reps", type=int, default=5, help="timed prefills (default 5)")
+    p.add_argument(
+        "--kv-layout",
+        choices=KV_LAYOUTS,
+        default="layer-major",
+        help="the KV pool's dimension order (default layer-major)",
+    )
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
     engine = LLMEngine(
         "tandem-tiny",
-        EngineConfig(device=args.device, dtype=args.dtype, enable_prefix_caching=False),
+        EngineConfig(
+            device=args.device,
+            dtype=args.dtype,
+            enable_prefix_caching=False,
+            kv_layout=args.kv_layout,
+        ),
     )
     rng = random.Random(0)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -53,6 +65,7 @@ def main() -> None:
     figures = {
         "device": args.device,
         "dtype": args.dtype,
+        "kv_layout": args.kv_layout,
         "prompt_tokens": args.tokens,
         "median_s": statistics.median(times),
         "min_s": min(times),

@@ -14,9 +14,10 @@ same run, copies the same bytes within one process as the baselines:
   (2 here): a bound a one-sided kernel copy cannot reach, reported beside;
 - gather: the same blocks copied block by block between two pools in one process
   (pools viewed as [planes, blocks, span]; ``dst[:, l].copy_(src[:, r])`` per block);
-- nixl: NIXL READ of 128 consecutive blocks (16 descriptors);
+- nixl: NIXL READ of 128 consecutive blocks (16 descriptors; one with --kv-layout
+  slot-major);
 - nixl_scattered: NIXL READ of 128 blocks, every other block on both sides (2,048
-  descriptors: the worst case for a fragmented pool);
+  descriptors, 128 slot-major: the worst case for a fragmented pool);
 - grpc: KVTransfer.ReadBlocks byte stream (4 MiB chunks).
 
 Each figure is the median of --reps timed repetitions after --warmup untimed ones, in
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 
 from services.bench.environment import describe_environment  # noqa: E402
 from services.engine.host_memory import host_zeros  # noqa: E402
-from services.engine.kv_cache import KVCache  # noqa: E402
+from services.engine.kv_cache import KV_LAYOUTS, KVCache  # noqa: E402
 from services.kv_transfer import layout as kv_layout  # noqa: E402
 from services.kv_transfer.client import KVReader  # noqa: E402
 from services.kv_transfer.factory import make_transport  # noqa: E402
@@ -63,6 +64,9 @@ GEOMETRY = dict(num_layers=8, block_size=16, num_kv_heads=4, head_dim=64, dtype=
 READY = "BENCH PEER READY "
 DEVICE = "cpu"
 """Where every pool lives (--device): host memory, or GPU memory for NIXL's VRAM path."""
+KV_LAYOUT = "layer-major"
+"""Every pool's dimension order (--kv-layout): layer-major moves a run of blocks as one
+NIXL descriptor per layer and K/V (16 for tandem-tiny), slot-major as one."""
 
 
 def pool_sizes(num_blocks: int) -> tuple[int, int]:
@@ -71,17 +75,13 @@ def pool_sizes(num_blocks: int) -> tuple[int, int]:
 
 
 def make_kv(num_blocks: int) -> KVCache:
-    return KVCache(num_blocks=num_blocks, device=DEVICE, **GEOMETRY)
+    return KVCache(num_blocks=num_blocks, device=DEVICE, layout=KV_LAYOUT, **GEOMETRY)
 
 
 def synchronize() -> None:
     """Wait for queued GPU copies, so a timed copy is a finished copy."""
     if DEVICE.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def planes(kv: KVCache) -> torch.Tensor:
-    return kv.tensor.view(2 * kv.num_layers, kv.num_blocks, -1)
 
 
 def block_sets(num_blocks: int) -> dict[str, tuple[list[int], list[int]]]:
@@ -127,6 +127,7 @@ def start_peer(transport: str, num_blocks: int, seed: int) -> tuple[subprocess.P
             f"--num-blocks={num_blocks}",
             f"--seed={seed}",
             f"--device={DEVICE}",
+            f"--kv-layout={KV_LAYOUT}",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -208,7 +209,7 @@ def local_methods(num_blocks: int) -> list[Method]:
         methods[0].name = "memcpy"
 
     remote, local = block_sets(num_blocks)["contiguous"]
-    src_planes, dst_planes = planes(src_kv), planes(dst_kv)
+    src_planes, dst_planes = src_kv.planes(), dst_kv.planes()
 
     async def gather() -> None:  # block by block, every plane of a block in one copy
         for r, loc in zip(remote, local, strict=True):
@@ -243,8 +244,8 @@ async def remote_methods(
                 raise RuntimeError(f"{kind} moved {moved} bytes, expected {nbytes}")
 
         def pulled(remote=remote, local=local) -> bool:
-            got = planes(kv)[:, local].view(torch.uint8)
-            return torch.equal(got, planes(source)[:, remote].view(torch.uint8))
+            got = kv.planes()[:, local].view(torch.uint8)
+            return torch.equal(got, source.planes()[:, remote].view(torch.uint8))
 
         descriptors = len(kv_layout.paired_spans(reader.layout, local, peer.layout, remote))
         name = kind if pattern == "contiguous" else f"{kind}_{pattern}"
@@ -339,12 +340,19 @@ def main() -> None:
         default="cpu",
         help="where the KV pools live: cpu (NIXL DRAM) or cuda[:N] (NIXL VRAM); default cpu",
     )
+    p.add_argument(
+        "--kv-layout",
+        choices=KV_LAYOUTS,
+        default="layer-major",
+        help="both pools' dimension order (default layer-major: 16 descriptors per run of "
+        "blocks; slot-major: one)",
+    )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--transport", default="nixl", help=argparse.SUPPRESS)
     p.add_argument("--num-blocks", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, KV_LAYOUT
+    DEVICE, KV_LAYOUT = args.device, args.kv_layout
     if args.serve:
         asyncio.run(serve(args))
         return
@@ -364,6 +372,7 @@ def main() -> None:
             "bytes_per_token": KVCache.bytes_per_token(8, 4, 64, torch.bfloat16),
             "geometry": {k: str(v) for k, v in GEOMETRY.items()},
             "device": DEVICE,
+            "kv_layout": KV_LAYOUT,
             "remote_pool_blocks": pool_sizes(args.num_blocks)[0],
             "local_pool_blocks": pool_sizes(args.num_blocks)[1],
             "reps": args.reps,

@@ -163,15 +163,27 @@ def main() -> None:
     )
     p.add_argument("--reps", type=int, default=200, help="timed pulls per row (default 200)")
     p.add_argument("--device", default="cpu", help="cpu (NIXL DRAM) or cuda[:N] (VRAM)")
+    p.add_argument(
+        "--kv-layout",
+        choices=bt.KV_LAYOUTS,
+        default="layer-major",
+        help="both pools' dimension order (default layer-major)",
+    )
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
-    bt.DEVICE = args.device
+    bt.DEVICE, bt.KV_LAYOUT = args.device, args.kv_layout
     figures = uvloop.run(measure(args.blocks, args.reps))
-    print(f"{args.device}: {args.blocks} blocks per pull; median us")
+    print(f"{args.device}, {args.kv_layout}: {args.blocks} blocks per pull; median us")
     for name, us in figures.items():
         print(f"  {name:<13}{us:>9.1f}")
     if args.json:
-        record = {"device": args.device, "blocks": args.blocks, "reps": args.reps, **figures}
+        record = {
+            "device": args.device,
+            "kv_layout": args.kv_layout,
+            "blocks": args.blocks,
+            "reps": args.reps,
+            **figures,
+        }
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -17,10 +17,12 @@ if TYPE_CHECKING:
     from services.engine.engine import EngineConfig
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+KV_LAYOUTS = ("layer-major", "slot-major")
+"""services.engine.kv_cache.KV_LAYOUTS, without importing torch (a test keeps them equal)."""
 """The engine's dtypes (services.engine.runner.DTYPES; a test keeps the two equal)."""
 
 _BATCHING_FLAGS = ("max_num_seqs", "max_num_batched_tokens")
-_COMMON_FLAGS = ("dtype", "device", "kv_cache_gib", "num_threads", "block_size")
+_COMMON_FLAGS = ("dtype", "device", "kv_cache_gib", "num_threads", "block_size", "kv_layout")
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +62,14 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batching: bool = False) 
         metavar="TOKENS",
         help="tokens per KV block (default 16); every worker serving a model behind one "
         "router must use the same, or prefix hashes would never match",
+    )
+    group.add_argument(
+        "--kv-layout",
+        choices=KV_LAYOUTS,
+        help="the KV pool's dimension order (default: layer-major). slot-major keeps each "
+        "block's keys and values of every layer together, so a prompt's KV crosses to a "
+        "decode worker as one NIXL descriptor per run of blocks instead of one per layer "
+        "and K/V; workers that exchange KV must use the same",
     )
     group.add_argument(
         "--num-threads",

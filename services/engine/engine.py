@@ -18,7 +18,7 @@ import torch
 from services.engine.block_hash import BlockHash
 from services.engine.block_pool import BlockPool
 from services.engine.errors import InvalidRequestError, OutOfBlocksError
-from services.engine.kv_cache import KVCache
+from services.engine.kv_cache import KVCache, KVLayoutName
 from services.engine.kv_events import KVEventLog
 from services.engine.model_config import load_model_config, model_identity
 from services.engine.model_source import resolve_model
@@ -64,6 +64,9 @@ class EngineConfig:
     num_threads: int | None = None
     """CPU threads for torch ops; None keeps torch's default (all cores). Several
     workers on one machine should split the cores, or they spin against each other."""
+    kv_layout: KVLayoutName = "layer-major"
+    """The KV pool's dimension order (services/engine/kv_cache.py): slot-major moves a
+    run of blocks as one NIXL descriptor; workers that exchange KV must use the same."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class LLMEngine:
             num_blocks=num_blocks,
             block_size=config.block_size,
             max_model_len=self.max_model_len,
+            kv_layout=config.kv_layout,
         )
         self.sampler = Sampler(self.device, config.seed)
         self._requests: dict[str, _Request] = {}

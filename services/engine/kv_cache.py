@@ -1,25 +1,35 @@
 """The KV pool: one tensor per worker holding every layer's keys and values.
 
-Layout ``[num_layers, 2 (K, V), num_blocks * block_size (slots), num_kv_heads, head_dim]``.
+Two dimension orders, a worker's choice (``EngineConfig.kv_layout``); the handshake
+refuses to pair workers whose orders differ (services/kv_transfer/layout.py):
 
-Why this order:
-- Attention reads a sequence's keys for one layer as ``[tokens, kv_heads, head_dim]``.
-  When the sequence's blocks have consecutive ids (the block pool arranges that
-  in the common case) those slots are consecutive here too, so the read is a
-  view: no gather, no copy, whatever the batch size.
-- Transfer: block ``b`` occupies ``block_size`` consecutive slots in each of the
-  ``2 * num_layers`` planes, at offsets computable from ``b`` alone. A run of
-  consecutive blocks is one span per plane, so moving a whole prompt's KV takes
-  ``2 * num_layers`` descriptors however long the prompt is (``block_spans``).
+- ``layer-major``: ``[num_layers, 2 (K, V), num_slots, num_kv_heads, head_dim]``. Each
+  ``[layer, K|V]`` slice is a *plane*; block ``b`` is ``block_size`` consecutive slots in
+  each of the ``2 * num_layers`` planes, so a run of consecutive blocks is one span per
+  plane and moving a prompt's KV takes ``2 * num_layers`` descriptors.
+- ``slot-major``: ``[num_slots, num_layers, 2, num_kv_heads, head_dim]``. A slot holds
+  every layer's K and V, so a block, and a run of consecutive blocks, is one contiguous
+  span: the whole pool is one plane, and moving a prompt's KV takes one descriptor per
+  run. NIXL charges per descriptor (~7.5 µs each over CUDA IPC on an H100,
+  bench/gpu/README.md), which this order removes; attention then reads each layer's keys
+  with a stride of a whole slot instead of one slot's heads.
+
+In both orders a layer's keys are ``[num_slots, num_kv_heads, head_dim]`` with a uniform
+slot stride, so a sequence whose blocks have consecutive ids (the block pool arranges that
+in the common case) is read by attention as a view: no gather, no copy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from services.engine.host_memory import host_zeros
+
+KVLayoutName = Literal["layer-major", "slot-major"]
+KV_LAYOUTS: tuple[KVLayoutName, ...] = ("layer-major", "slot-major")
 
 
 @dataclass(frozen=True)
@@ -40,14 +50,23 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        layout: KVLayoutName = "layer-major",
     ) -> None:
+        if layout not in KV_LAYOUTS:
+            raise ValueError(f"KV layout {layout!r} is not one of {KV_LAYOUTS}")
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layout = layout
         self.num_slots = num_blocks * block_size
+        if layout == "layer-major":
+            shape = (num_layers, 2, self.num_slots, num_kv_heads, head_dim)
+        else:
+            shape = (self.num_slots, num_layers, 2, num_kv_heads, head_dim)
         # zeros, not empty: a bug that reads an unwritten slot then shows as a
         # wrong token in the reference tests rather than as NaNs in some runs.
-        shape = (num_layers, 2, self.num_slots, num_kv_heads, head_dim)
         if torch.device(device).type == "cpu":
             self.tensor = host_zeros(shape, dtype)  # huge pages: faster CMA pulls, fewer TLB misses
         else:
@@ -61,23 +80,36 @@ class KVCache:
 
     @property
     def bytes_per_block(self) -> int:
-        return self.tensor[:, :, : self.block_size].numel() * self.tensor.element_size()
+        per_token = self.bytes_per_token(
+            self.num_layers, self.num_kv_heads, self.head_dim, self.tensor.dtype
+        )
+        return self.block_size * per_token
+
+    @property
+    def num_planes(self) -> int:
+        """Planes a block's bytes are split over: ``2 * num_layers``, or 1 when slot-major."""
+        return 2 * self.num_layers if self.layout == "layer-major" else 1
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer, each ``[num_slots, num_kv_heads, head_dim]`` (views)."""
-        return self.tensor[layer, 0], self.tensor[layer, 1]
+        if self.layout == "layer-major":
+            return self.tensor[layer, 0], self.tensor[layer, 1]
+        return self.tensor[:, layer, 0], self.tensor[:, layer, 1]
+
+    def planes(self) -> torch.Tensor:
+        """The pool as ``[num_planes, num_blocks, span elements]`` (a view): block ``b``'s
+        bytes are ``planes()[:, b]``, plane by plane, in either layout."""
+        return self.tensor.view(self.num_planes, self.num_blocks, -1)
 
     def block_spans(self, block_ids: list[int]) -> list[ByteSpan]:
-        """Byte spans covering these blocks in every layer, runs of consecutive ids merged."""
-        plane_bytes = self.num_slots * self.tensor[0, 0, 0].numel() * self.tensor.element_size()
-        block_bytes = plane_bytes // self.num_blocks
-        spans: list[ByteSpan] = []
-        for start, count in block_runs(block_ids):
-            for plane in range(self.num_layers * 2):
-                spans.append(
-                    ByteSpan(plane * plane_bytes + start * block_bytes, count * block_bytes)
-                )
-        return spans
+        """Byte spans covering these blocks in every plane, runs of consecutive ids merged."""
+        span = self.bytes_per_block // self.num_planes
+        plane_bytes = self.num_blocks * span
+        return [
+            ByteSpan(plane * plane_bytes + start * span, count * span)
+            for start, count in block_runs(block_ids)
+            for plane in range(self.num_planes)
+        ]
 
 
 def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:

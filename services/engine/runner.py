@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from services.engine.attention import SeqSlice, plan_attention
-from services.engine.kv_cache import KVCache, block_runs
+from services.engine.kv_cache import KVCache, KVLayoutName, block_runs
 from services.engine.model import CausalLM, StepBatch
 from services.engine.model_config import ModelConfig
 from services.engine.rope import RotaryTable
@@ -31,6 +31,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         max_model_len: int,
+        kv_layout: KVLayoutName = "layer-major",
     ) -> None:
         self.device = device
         self.block_size = block_size
@@ -50,6 +51,7 @@ class ModelRunner:
             config.head_dim,
             dtype,
             device,
+            kv_layout,
         )
 
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

@@ -29,11 +29,6 @@ CHUNK_BYTES = 4 * 2**20
 small, far below the 64 MiB message limit of services/rpc/server.py."""
 
 
-def _planes(kv: KVCache) -> torch.Tensor:
-    """The pool as ``[2 * num_layers, num_blocks, span elements]`` (a view)."""
-    return kv.tensor.view(2 * kv.num_layers, kv.num_blocks, -1)
-
-
 def iter_block_bytes(
     kv: KVCache, block_ids: Sequence[int], chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[bytes]:
@@ -42,7 +37,7 @@ def iter_block_bytes(
     Reads the pool lazily, a group of blocks at a time, so the caller must keep the blocks
     pinned until the iterator is exhausted. Ids must be valid (layout.check_block_ids).
     """
-    planes = _planes(kv)
+    planes = kv.planes()
     per_group = max(1, chunk_bytes // kv.bytes_per_block)
     for start in range(0, len(block_ids), per_group):
         ids = list(block_ids[start : start + per_group])
@@ -64,7 +59,7 @@ class BlockWriter:
 
     def __init__(self, kv: KVCache, block_ids: Sequence[int], stage_bytes: int = CHUNK_BYTES):
         self._kv = kv
-        self._planes = _planes(kv)
+        self._planes = kv.planes()
         self._block_bytes = kv.bytes_per_block
         self._ids = list(block_ids)
         self.expected_bytes = len(self._ids) * self._block_bytes

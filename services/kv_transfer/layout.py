@@ -1,12 +1,19 @@
 """What two workers must agree on to exchange KV blocks, and where a block's bytes lie.
 
-The pool tensor is ``[num_layers, 2 (K, V), num_blocks * block_size, num_kv_heads,
-head_dim]`` (services/engine/kv_cache.py). Call each ``[layer, K|V]`` slice a *plane*:
-``2 * num_layers`` planes, plane ``p = 2 * layer + kv``. Inside a plane, block ``b`` is
-``block_size`` consecutive slots, so its bytes are one span at
-``p * plane_bytes + b * span_bytes``. The offsets depend on ``num_blocks`` (through
-``plane_bytes``), which differs between workers: every offset into a peer's pool must be
-computed from the peer's layout, never from the local one.
+The pool tensor has one of two dimension orders (services/engine/kv_cache.py), named in
+``KVLayout.layout``. Either way it is a stack of *planes*, each ``num_blocks`` spans of
+``span_bytes``:
+
+- layer-major, ``[num_layers, 2 (K, V), slots, num_kv_heads, head_dim]``: each
+  ``[layer, K|V]`` slice is a plane, ``2 * num_layers`` of them, plane ``p = 2 * layer +
+  kv``, and a block's span in a plane is its ``block_size`` slots of that layer's K or V;
+- slot-major, ``[slots, num_layers, 2, num_kv_heads, head_dim]``: the whole pool is one
+  plane and a block's span is the whole block.
+
+Block ``b``'s bytes in plane ``p`` are one span at ``p * plane_bytes + b * span_bytes``.
+The offsets depend on ``num_blocks`` (through ``plane_bytes``), which differs between
+workers: every offset into a peer's pool must be computed from the peer's layout, never
+from the local one.
 
 Byte order on the wire (ReadBlocks): for each block in the order asked, for each plane in
 order, that block's span. Everything here is pure and torch-free, so the router can check
@@ -31,8 +38,8 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = 1
 """Raised whenever the handshake, the byte order or the meaning of a layout field changes."""
 
-LAYOUT_NAME = "layer-kv-slot-head-dim"
-"""The pool tensor's dimension order, as carried in ``KVLayout.layout``."""
+LAYOUT_NAMES = {"layer-major": "layer-kv-slot-head-dim", "slot-major": "slot-layer-kv-head-dim"}
+"""Each pool order (``KVCache.layout``) as carried in ``KVLayout.layout``: its dimensions."""
 
 DTYPE_BYTES = {
     "float64": 8,
@@ -50,7 +57,7 @@ _ADVICE = {
     "model_id": "pair only workers that serve the same model",
     "block_size": "start both workers with the same block size",
     "dtype": "start both workers with the same KV dtype",
-    "layout": "run the same Tandem release on both workers",
+    "layout": "start both workers with the same --kv-layout (and the same Tandem release)",
     "num_layers": "load the same checkpoint on both workers",
     "num_kv_heads": "load the same checkpoint on both workers",
     "head_dim": "load the same checkpoint on both workers",
@@ -59,16 +66,15 @@ _ADVICE = {
 
 def describe(kv: KVCache, model_id: str) -> worker_pb2.KVLayout:
     """This worker's layout for the handshake and registration. Side-effect free."""
-    num_layers, _, _, num_kv_heads, head_dim = kv.tensor.shape
     return worker_pb2.KVLayout(
         protocol_version=PROTOCOL_VERSION,
         model_id=model_id,
         block_size=kv.block_size,
         dtype=str(kv.tensor.dtype).removeprefix("torch."),
-        layout=LAYOUT_NAME,
-        num_layers=num_layers,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
+        layout=LAYOUT_NAMES[kv.layout],
+        num_layers=kv.num_layers,
+        num_kv_heads=kv.num_kv_heads,
+        head_dim=kv.head_dim,
         num_blocks=kv.num_blocks,
     )
 
@@ -111,16 +117,25 @@ def dtype_bytes(layout: worker_pb2.KVLayout) -> int:
 
 def span_bytes(layout: worker_pb2.KVLayout) -> int:
     """Bytes of one block in one plane: the unit every offset is made of."""
-    return layout.block_size * layout.num_kv_heads * layout.head_dim * dtype_bytes(layout)
+    return block_bytes(layout) // num_planes(layout)
 
 
 def num_planes(layout: worker_pb2.KVLayout) -> int:
-    return 2 * layout.num_layers
+    """Planes a block's bytes are split over: ``2 * num_layers``, or 1 when slot-major."""
+    if layout.layout == LAYOUT_NAMES["layer-major"]:
+        return 2 * layout.num_layers
+    if layout.layout == LAYOUT_NAMES["slot-major"]:
+        return 1
+    raise IncompatiblePeerError(
+        f"KV layout {layout.layout!r} is not one of {sorted(LAYOUT_NAMES.values())}; "
+        f"{_ADVICE['layout']}"
+    )
 
 
 def block_bytes(layout: worker_pb2.KVLayout) -> int:
     """Bytes of one block across all planes: what moving a block costs."""
-    return num_planes(layout) * span_bytes(layout)
+    per_token = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim
+    return layout.block_size * per_token * dtype_bytes(layout)
 
 
 def pool_bytes(layout: worker_pb2.KVLayout) -> int:
@@ -152,7 +167,7 @@ def block_span_offsets(
 ) -> list[tuple[int, int]]:
     """(byte offset, length) of each block's span in each plane, block-major: the wire order.
 
-    A pure function of ``layout``; ``len(block_ids) * 2 * num_layers`` spans.
+    A pure function of ``layout``; ``len(block_ids) * num_planes(layout)`` spans.
     """
     check_block_ids(layout, block_ids, "block_ids")
     span = span_bytes(layout)
@@ -170,7 +185,7 @@ def paired_spans(
     (int64, shape ``[n, 3]``).
 
     Consecutive pairs whose ids both go up by one form a run; each run is one span per
-    plane, so a run of consecutive blocks costs ``2 * num_layers`` descriptors however long
+    plane, so a run of consecutive blocks costs ``num_planes`` descriptors however long
     it is. Order: run by run, plane by plane (a transfer's descriptors need no other order).
 
     It sits on every pull's path. The common case, one run on each side (a prompt's blocks

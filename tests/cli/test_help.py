@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.cli import engine_args
 from services.cli.engine_args import DTYPE_CHOICES
 from services.cli.main import build_parser, main
 
@@ -49,6 +50,12 @@ def test_dtype_choices_match_the_engine() -> None:
     from services.engine.runner import DTYPES
 
     assert set(DTYPE_CHOICES) == set(DTYPES)
+
+
+def test_kv_layout_choices_match_the_engine() -> None:
+    from services.engine.kv_cache import KV_LAYOUTS
+
+    assert KV_LAYOUTS == engine_args.KV_LAYOUTS
 
 
 def test_importing_the_cli_does_not_import_torch() -> None:

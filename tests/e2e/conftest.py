@@ -16,8 +16,13 @@ from services.launcher.local import ClusterConfig, LocalCluster, free_port
 # exactly, and bf16 rounding could differ between batch shapes.
 # TANDEM_E2E_DEVICE=cuda runs workers and the reference on the GPU (KV pools in
 # device memory, so NIXL moves VRAM); the default is the CPU that CI has.
+# TANDEM_E2E_KV_LAYOUT=slot-major runs every worker with the other KV pool order.
 DEVICE = os.environ.get("TANDEM_E2E_DEVICE", "cpu")
-WORKER_ARGS = ("--dtype", "float32", "--kv-cache-gib", "0.25", "--device", DEVICE)
+KV_LAYOUT = os.environ.get("TANDEM_E2E_KV_LAYOUT", "layer-major")
+WORKER_ARGS = (
+    *("--dtype", "float32", "--kv-cache-gib", "0.25"),
+    *("--device", DEVICE, "--kv-layout", KV_LAYOUT),
+)
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +71,10 @@ ALWAYS_DISAGGREGATE = ("--local-prefill-max-tokens", "0", "--local-prefill-min-c
 
 
 def start_cluster(tmp: Path, router_args: tuple[str, ...] = (), **config: object) -> LocalCluster:
+    config.setdefault("worker_args", WORKER_ARGS)
     cluster = LocalCluster(
         ClusterConfig(
             port=free_port(),
-            worker_args=WORKER_ARGS,
             log_dir=tmp / "logs",
             metrics=True,
             router_args=(*ALWAYS_DISAGGREGATE, *router_args),

@@ -15,7 +15,7 @@ from services.engine.sampling_params import SamplingParams
 from services.launcher.local import LocalCluster
 from services.stubs.tandem.v1 import inference_pb2_grpc
 from tests.e2e.client import Completion, channel, eventually, generate, metric, request
-from tests.e2e.conftest import start_cluster
+from tests.e2e.conftest import KV_LAYOUT, WORKER_ARGS, start_cluster
 
 BLOCK_BYTES = 16 * 8 * 2 * 4 * 64 * 4  # tokens × layers × K/V × kv heads × dim × fp32
 
@@ -83,6 +83,29 @@ def test_kv_crossed_processes_and_was_counted_on_both_sides(cluster: LocalCluste
     (again,) = asyncio.run(_serve_all(cluster.address, [prompt], 4))
     assert again.final.serving.kv_blocks_reused == 3
     assert again.final.serving.kv_transfer_bytes == BLOCK_BYTES
+
+
+def test_workers_with_the_other_pool_order_give_the_same_tokens(
+    tmp_path: Path, tandem_home: Path, reference_engine
+) -> None:
+    """Workers whose pools have the other order (slot-major, unless TANDEM_E2E_KV_LAYOUT
+    picked it for the others) give the offline tokens, and the KV crosses processes rather
+    than being recomputed."""
+    other = "layer-major" if KV_LAYOUT == "slot-major" else "slot-major"
+    worker_args = (*WORKER_ARGS[:-1], other)
+    c = start_cluster(tmp_path, prefill=1, decode=1, kv_transport="nixl", worker_args=worker_args)
+    try:
+        prompts = [list(range(2000, 2050)), list(range(3000, 3130))]  # 4 and 9 blocks
+        expected = _offline(reference_engine, prompts, 12)
+        results = asyncio.run(_serve_all(c.address, prompts, 12))
+        assert [r.tokens for r in results] == expected
+        moved = sorted(r.final.serving.kv_transfer_bytes for r in results)
+        assert moved == [4 * BLOCK_BYTES, 9 * BLOCK_BYTES]  # the last, partial block too
+        decode = c.child("decode-0")
+        received = metric(decode.metrics_port, "tandem_kv_transfer_received_bytes_total")
+        assert received == 13 * BLOCK_BYTES
+    finally:
+        c.stop()
 
 
 def test_client_cancel_returns_every_block(cluster: LocalCluster) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -49,42 +50,56 @@ def _prompts(seed: int) -> list[list[int]]:
     return [[rng.randrange(3, 4096) for _ in range(n)] for n in PROMPT_LENGTHS]
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS))
-def case(request: pytest.FixtureRequest, tmp_path_factory, tiny_model_dir: Path):
-    arch = request.param
+class Case(NamedTuple):
+    directory: Path
+    reference: object
+    prompts: list[list[int]]
+    expected: list[list[int]]
+    kv_layout: str
+
+
+# Every architecture with the default pool order, and one with the other order: the
+# order changes only where K/V lie, which no architecture touches.
+CASES = [*((arch, "layer-major") for arch in sorted(ARCHS)), ("llama", "slot-major")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(c))
+def case(request: pytest.FixtureRequest, tmp_path_factory, tiny_model_dir: Path) -> Case:
+    arch, kv_layout = request.param
     directory = build_checkpoint(
         tmp_path_factory.mktemp(arch), tiny_model_dir, arch, seed=1, **ARCHS[arch]
     )
     reference = load_reference(directory)
     prompts = _prompts(seed=len(arch))
     expected = [greedy_tokens(reference, p, NEW_TOKENS) for p in prompts]
-    return directory, reference, prompts, expected
+    return Case(directory, reference, prompts, expected, kv_layout)
 
 
-def _engine(directory: Path, **overrides: object) -> LLMEngine:
+def _engine(case: Case, **overrides: object) -> LLMEngine:
     config = {"dtype": "float32", "device": DEVICE, "num_blocks": 256, **overrides}
-    return LLMEngine(str(directory), EngineConfig(**config))
+    config.setdefault("kv_layout", case.kv_layout)
+    return LLMEngine(str(case.directory), EngineConfig(**config))
 
 
 def test_greedy_tokens_one_at_a_time(case) -> None:
-    directory, _, prompts, expected = case
-    engine = _engine(directory)
+    prompts, expected = case.prompts, case.expected
+    engine = _engine(case)
     for prompt, want in zip(prompts, expected, strict=True):
         (got,) = engine.generate([prompt], GREEDY)
         assert list(got.token_ids) == want
 
 
 def test_greedy_tokens_batched_together(case) -> None:
-    directory, _, prompts, expected = case
-    engine = _engine(directory, enable_prefix_caching=False)
+    prompts, expected = case.prompts, case.expected
+    engine = _engine(case, enable_prefix_caching=False)
     results = engine.generate(prompts, GREEDY)
     assert [list(r.token_ids) for r in results] == expected
     assert all(r.usage.completion_tokens == NEW_TOKENS for r in results)
 
 
 def test_fp32_logits_match(case) -> None:
-    directory, reference, prompts, _ = case
-    engine = _engine(directory)
+    reference, prompts = case.reference, case.prompts
+    engine = _engine(case)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, GREEDY)
     chunks = engine.scheduler.schedule()
@@ -94,8 +109,8 @@ def test_fp32_logits_match(case) -> None:
 
 
 def test_prefix_cache_hits_keep_tokens(case) -> None:
-    directory, reference, prompts, expected = case
-    engine = _engine(directory)
+    reference, prompts, expected = case.reference, case.prompts, case.expected
+    engine = _engine(case)
     long_prompt = prompts[-1]  # 100 tokens: 6 full blocks
     (first,) = engine.generate([long_prompt], GREEDY)
     assert first.usage.cached_tokens == 0
@@ -110,16 +125,16 @@ def test_prefix_cache_hits_keep_tokens(case) -> None:
 
 
 def test_chunked_prefill_keeps_tokens(case) -> None:
-    directory, _, prompts, expected = case
-    engine = _engine(directory, max_num_batched_tokens=24, enable_prefix_caching=False)
+    prompts, expected = case.prompts, case.expected
+    engine = _engine(case, max_num_batched_tokens=24, enable_prefix_caching=False)
     results = engine.generate(prompts, GREEDY)
     assert [list(r.token_ids) for r in results] == expected
 
 
 def test_preemption_keeps_tokens(case) -> None:
-    directory, _, prompts, expected = case
+    prompts, expected = case.prompts, case.expected
     # 5 requests need 1+3+5+7+11 = 27 blocks at full length; 14 forces preemption.
-    engine = _engine(directory, num_blocks=14)
+    engine = _engine(case, num_blocks=14)
     results = engine.generate(prompts, GREEDY)
     assert engine.scheduler.num_preemptions > 0
     assert [list(r.token_ids) for r in results] == expected
@@ -130,9 +145,9 @@ def test_preemption_keeps_tokens(case) -> None:
 def test_wave_of_equal_prompts_decodes_in_strided_groups(case) -> None:
     """Equal-length prompts admitted together sit evenly spaced in the pool and
     are decoded by one strided attention call per layer; tokens must not change."""
-    directory, reference, prompts, _ = case
+    reference, prompts = case.reference, case.prompts
     wave = [prompts[-1][i : i + 20] for i in range(0, 80, 20)]
-    engine = _engine(directory)
+    engine = _engine(case)
     for i, prompt in enumerate(wave):
         engine.add_request(f"w{i}", prompt, GREEDY)
     outputs = engine.step()

@@ -99,3 +99,40 @@ def test_a_span_round_trip_moves_a_block_between_pools() -> None:
         dst_raw[d.offset : d.offset + d.length] = src_raw[s.offset : s.offset + s.length]
     torch.testing.assert_close(dst.tensor[:, :, 6 * BS : 8 * BS], src.tensor[:, :, BS : 3 * BS])
     assert int(dst.tensor[:, :, : 6 * BS].count_nonzero()) == 0
+
+
+def test_slot_major_keeps_a_slot_of_every_layer_together() -> None:
+    cache = KVCache(LAYERS, BLOCKS, BS, HEADS, DIM, torch.bfloat16, layout="slot-major")
+    assert cache.tensor.shape == (BLOCKS * BS, LAYERS, 2, HEADS, DIM)
+    assert cache.tensor.is_contiguous()
+    assert cache.bytes_per_block == make_cache(torch.bfloat16).bytes_per_block
+    k, v = cache.layer(1)
+    assert k.shape == v.shape == (BLOCKS * BS, HEADS, DIM)
+    k[5], v[5] = 1.0, 2.0  # what the model's index_copy_ into a layer's view does
+    assert bool(cache.tensor[5, 1, 0].eq(1).all()) and bool(cache.tensor[5, 1, 1].eq(2).all())
+    assert int(cache.tensor.count_nonzero()) == 2 * HEADS * DIM
+    # A run of blocks is one span, whatever the number of layers.
+    block = cache.bytes_per_block
+    assert cache.num_planes == 1
+    assert cache.block_spans([3, 4, 5, 9]) == [
+        ByteSpan(3 * block, 3 * block),
+        ByteSpan(9 * block, block),
+    ]
+
+
+@pytest.mark.parametrize("layout", ["layer-major", "slot-major"])
+def test_planes_view_holds_each_blocks_bytes(layout: str) -> None:
+    """planes()[:, b] is block b in every plane: what the byte-stream transport moves."""
+    src = KVCache(LAYERS, BLOCKS, BS, HEADS, DIM, torch.float32, layout=layout)
+    dst = KVCache(LAYERS, BLOCKS, BS, HEADS, DIM, torch.float32, layout=layout)
+    src.tensor.normal_(generator=torch.Generator().manual_seed(1))
+    dst.planes()[:, 6:8] = src.planes()[:, 1:3]
+    for layer in range(LAYERS):
+        for got, want in zip(dst.layer(layer), src.layer(layer), strict=True):
+            torch.testing.assert_close(got[6 * BS : 8 * BS], want[BS : 3 * BS])
+            assert int(got[: 6 * BS].count_nonzero()) == 0
+
+
+def test_an_unknown_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match="'block-major' is not one of"):
+        KVCache(LAYERS, BLOCKS, BS, HEADS, DIM, torch.float32, layout="block-major")  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.kv_cache import KVCache
+from services.engine.kv_cache import KVCache, KVLayoutName
 from services.kv_transfer import layout as kv_layout
 from services.stubs.tandem.v1 import worker_pb2
 
@@ -13,8 +13,17 @@ TINY = dict(num_layers=8, block_size=16, num_kv_heads=4, head_dim=64, dtype=torc
 """tandem-tiny's KV geometry: 8 KiB per token, 128 KiB per block."""
 
 
-def make_kv(num_blocks: int, block_size: int = 16) -> KVCache:
-    return KVCache(num_blocks=num_blocks, **{**TINY, "block_size": block_size})
+def make_kv(num_blocks: int, block_size: int = 16, layout: KVLayoutName = "layer-major") -> KVCache:
+    return KVCache(num_blocks=num_blocks, **{**TINY, "block_size": block_size}, layout=layout)
+
+
+def blocks_kv(kv: KVCache, first: int, count: int = 1) -> torch.Tensor:
+    """Blocks ``first ..< first + count`` as ``[layers, 2, slots, heads, dim]`` whatever the
+    pool's layout (a view: writing it writes the pool)."""
+    slots = slice(first * kv.block_size, (first + count) * kv.block_size)
+    if kv.layout == "layer-major":
+        return kv.tensor[:, :, slots]
+    return kv.tensor[slots].permute(1, 2, 0, 3, 4)
 
 
 def pool_bytes(kv: KVCache) -> torch.Tensor:

@@ -32,7 +32,7 @@ def parse_pins(values: list[str]) -> dict[str, list[int]]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    kv = make_kv(args.num_blocks, args.block_size)
+    kv = make_kv(args.num_blocks, args.block_size, args.layout)
     fill_pattern(kv, args.seed)
     transport = make_transport(args.transport, kv, args.worker_id)
     pins = parse_pins(args.pin)
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--num-blocks", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--transport", default="nixl")
+    p.add_argument("--layout", default="layer-major")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--model-id", default="tandem-tiny")

@@ -9,19 +9,49 @@ import torch
 from services.engine.errors import InvalidRequestError
 from services.kv_transfer import layout as kv_layout
 from services.kv_transfer.errors import IncompatiblePeerError
-from tests.kv_transfer.helpers import MODEL_ID, TINY, layout_of, make_kv, pool_bytes
+from tests.kv_transfer.helpers import MODEL_ID, TINY, blocks_kv, layout_of, make_kv, pool_bytes
+
+LAYOUTS = pytest.mark.parametrize("pool_layout", ["layer-major", "slot-major"])
 
 
 def test_describe_tiny() -> None:
     layout = layout_of(make_kv(64))
     assert layout.protocol_version == kv_layout.PROTOCOL_VERSION == 1
-    assert layout.layout == kv_layout.LAYOUT_NAME == "layer-kv-slot-head-dim"
+    assert layout.layout == kv_layout.LAYOUT_NAMES["layer-major"] == "layer-kv-slot-head-dim"
+    assert kv_layout.num_planes(layout) == 16
     assert (layout.model_id, layout.dtype, layout.block_size) == (MODEL_ID, "bfloat16", 16)
     assert (layout.num_layers, layout.num_kv_heads, layout.head_dim) == (8, 4, 64)
     assert layout.num_blocks == 64
     assert kv_layout.span_bytes(layout) == 16 * 4 * 64 * 2
     assert kv_layout.block_bytes(layout) == make_kv(64).bytes_per_block == 128 * 1024
     assert kv_layout.pool_bytes(layout) == pool_bytes(make_kv(64)).numel()
+
+
+def test_describe_slot_major() -> None:
+    """A slot-major pool is one plane: a block's span is the whole block."""
+    kv = make_kv(64, layout="slot-major")
+    layout = layout_of(kv)
+    assert layout.layout == "slot-layer-kv-head-dim"
+    assert kv_layout.num_planes(layout) == kv.num_planes == 1
+    assert kv_layout.span_bytes(layout) == kv_layout.block_bytes(layout) == 128 * 1024
+    assert kv.bytes_per_block == 128 * 1024
+    assert kv_layout.pool_bytes(layout) == pool_bytes(kv).numel()
+
+
+def test_pools_of_different_orders_are_refused_naming_the_flag() -> None:
+    local = layout_of(make_kv(64))
+    remote = layout_of(make_kv(64, layout="slot-major"))
+    with pytest.raises(IncompatiblePeerError, match=r"differ in layout.*same --kv-layout"):
+        kv_layout.check_compatible(local, remote)
+    with pytest.raises(IncompatiblePeerError, match="layout"):
+        kv_layout.paired_spans(local, [1], remote, [1])
+
+
+def test_an_unknown_order_is_refused() -> None:
+    layout = layout_of(make_kv(8))
+    layout.layout = "block-layer-kv"
+    with pytest.raises(IncompatiblePeerError, match="'block-layer-kv' is not one of"):
+        kv_layout.span_bytes(layout)
 
 
 def test_num_blocks_may_differ() -> None:
@@ -62,11 +92,11 @@ def test_protocol_version_is_reported_before_block_size() -> None:
 
 def _mark_blocks(kv) -> None:
     """Every (layer, K/V, block) slice gets its own value, written by tensor indexing."""
-    bs = kv.block_size
-    for layer in range(kv.num_layers):
-        for k in range(2):
-            for b in range(kv.num_blocks):
-                kv.tensor[layer, k, b * bs : (b + 1) * bs] = float(layer * 1000 + k * 500 + b)
+    for b in range(kv.num_blocks):
+        block = blocks_kv(kv, b)
+        for layer in range(kv.num_layers):
+            for k in range(2):
+                block[layer, k] = float(layer * 1000 + k * 500 + b)
 
 
 @pytest.mark.parametrize("num_blocks", [5, 7])
@@ -87,6 +117,18 @@ def test_block_span_offsets_match_storage(num_blocks: int) -> None:
                 expect = kv.tensor[layer, k, b * 16 : (b + 1) * 16].contiguous()
                 got = storage[offset : offset + length].view(TINY["dtype"]).view(expect.shape)
                 assert torch.equal(got, expect), (b, layer, k)
+
+
+@pytest.mark.parametrize("num_blocks", [5, 7])
+def test_slot_major_block_span_is_the_whole_block(num_blocks: int) -> None:
+    kv = make_kv(num_blocks, layout="slot-major")
+    _mark_blocks(kv)
+    storage = pool_bytes(kv)
+    spans = kv_layout.block_span_offsets(layout_of(kv), [4, 0, 2])
+    assert spans == [(b * kv.bytes_per_block, kv.bytes_per_block) for b in (4, 0, 2)]
+    for (offset, length), b in zip(spans, (4, 0, 2), strict=True):
+        got = storage[offset : offset + length].view(TINY["dtype"]).view(16, 8, 2, 4, 64)
+        assert torch.equal(got.permute(1, 2, 0, 3, 4), blocks_kv(kv, b)), b
 
 
 def test_block_span_offsets_rejects_bad_ids() -> None:
@@ -118,9 +160,22 @@ def test_paired_spans_merge_runs_on_both_sides() -> None:
     assert kv_layout.paired_spans(local, [], remote, []).shape == (0, 3)
 
 
-def test_paired_spans_copy_equals_tensor_copy() -> None:
+def test_slot_major_runs_are_one_descriptor_each() -> None:
+    local = layout_of(make_kv(80, layout="slot-major"))
+    remote = layout_of(make_kv(64, layout="slot-major"))
+    block = kv_layout.block_bytes(local)
+    rows = kv_layout.paired_spans(local, [10, 11, 12, 40], remote, [3, 4, 5, 9]).tolist()
+    assert rows == [[10 * block, 3 * block, 3 * block], [40 * block, 9 * block, block]]
+    prompt = list(range(64))  # a whole 1,024-token prompt: one descriptor
+    assert kv_layout.paired_spans(local, prompt, remote, prompt).tolist() == [[0, 0, 64 * block]]
+    general = kv_layout.paired_spans(local, np.array(prompt), remote, np.array(prompt))
+    assert general.tolist() == [[0, 0, 64 * block]]
+
+
+@LAYOUTS
+def test_paired_spans_copy_equals_tensor_copy(pool_layout: str) -> None:
     """Copying storage bytes along paired_spans does what copying the blocks' slots does."""
-    src_kv, dst_kv, want = make_kv(6), make_kv(9), make_kv(9)
+    src_kv, dst_kv, want = (make_kv(n, layout=pool_layout) for n in (6, 9, 9))
     src_kv.tensor.copy_(torch.randn(src_kv.tensor.shape))
     remote_ids, local_ids = [1, 2, 3, 5], [6, 7, 8, 0]
     src, dst = pool_bytes(src_kv), pool_bytes(dst_kv)
@@ -129,7 +184,7 @@ def test_paired_spans_copy_equals_tensor_copy() -> None:
     ).tolist():
         dst[lo : lo + n] = src[ro : ro + n]
     for r, loc in zip(remote_ids, local_ids, strict=True):
-        want.tensor[:, :, loc * 16 : (loc + 1) * 16] = src_kv.tensor[:, :, r * 16 : (r + 1) * 16]
+        blocks_kv(want, loc).copy_(blocks_kv(src_kv, r))
     assert torch.equal(dst_kv.tensor, want.tensor)
 
 

@@ -11,6 +11,7 @@ import asyncio
 import pytest
 
 from services.kv_transfer.client import KVReader
+from services.kv_transfer.errors import IncompatiblePeerError
 from services.kv_transfer.grpc_transport import GrpcTransport
 from services.kv_transfer.nixl_transport import NixlTransport
 from services.kv_transfer.transport import KVTransport
@@ -22,35 +23,39 @@ PIN = "--pin=req-1=3,4,5,9"
 KINDS = [pytest.param("nixl", marks=needs_nixl), "grpc"]
 
 
-def reader(kind: str) -> tuple[KVReader, KVTransport]:
-    kv = make_kv(80)
+def reader(kind: str, layout: str = "layer-major") -> tuple[KVReader, KVTransport]:
+    kv = make_kv(80, layout=layout)
     transport = NixlTransport(kv, "decode-0") if kind == "nixl" else GrpcTransport(kv)
     return KVReader("decode-0", layout_of(kv), transport), transport
 
 
-def expected(seed: int, block_ids: list[int], num_blocks: int = 64) -> bytes:
-    return block_bytes(pattern(num_blocks, seed), layout_of(make_kv(num_blocks)), block_ids)
+def expected(
+    seed: int, block_ids: list[int], num_blocks: int = 64, layout: str = "layer-major"
+) -> bytes:
+    peer_layout = layout_of(make_kv(num_blocks, layout=layout))
+    return block_bytes(pattern(num_blocks, seed), peer_layout, block_ids)
 
 
 def pulled(transport: KVTransport, block_ids: list[int] = LOCAL) -> bytes:
     return block_bytes(pool_bytes(transport.kv), layout_of(transport.kv), block_ids)
 
 
+@pytest.mark.parametrize("layout", ["layer-major", "slot-major"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_pull_between_processes(peers: PeerFactory, kind: str) -> None:
-    peer = peers.start(f"--transport={kind}", "--seed=11", PIN)
+def test_pull_between_processes(peers: PeerFactory, kind: str, layout: str) -> None:
+    peer = peers.start(f"--transport={kind}", f"--layout={layout}", "--seed=11", PIN)
 
     async def body() -> None:
-        kv_reader, transport = reader(kind)
+        kv_reader, transport = reader(kind, layout)
         n = await kv_reader.pull(peer.address, REMOTE, LOCAL, "req-1", timeout_s=10)
         assert n == 4 * 128 * 1024
-        assert pulled(transport) == expected(11, REMOTE)
+        assert pulled(transport) == expected(11, REMOTE, layout=layout)
         others = [b for b in range(80) if b not in LOCAL]
         assert not any(pulled(transport, others))
         # Again, another order: the connection is reused.
         n = await kv_reader.pull(peer.address, [9, 3], [0, 1], "req-1", timeout_s=10)
         assert n == 2 * 128 * 1024
-        assert pulled(transport, [0, 1]) == expected(11, [9, 3])
+        assert pulled(transport, [0, 1]) == expected(11, [9, 3], layout=layout)
         await transport.close()
 
     asyncio.run(body())
@@ -77,6 +82,22 @@ def test_restarted_peer_is_reconnected(peers: PeerFactory) -> None:
         assert pulled(transport) == expected(2, REMOTE, num_blocks=72)
         assert first.agent not in transport.remote_agents
         assert second.agent in transport.remote_agents
+        await transport.close()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_peer_with_the_other_pool_order_is_refused(peers: PeerFactory, kind: str) -> None:
+    """Byte offsets mean different things in the two orders: the handshake refuses the pair,
+    naming the flag, and nothing is written."""
+    peer = peers.start(f"--transport={kind}", "--layout=layer-major", "--seed=3", PIN)
+
+    async def body() -> None:
+        kv_reader, transport = reader(kind, "slot-major")
+        with pytest.raises(IncompatiblePeerError, match=r"differ in layout.*--kv-layout"):
+            await kv_reader.pull(peer.address, REMOTE, LOCAL, "req-1", timeout_s=10)
+        assert not pool_bytes(transport.kv).any()
         await transport.close()
 
     asyncio.run(body())
