@@ -35,8 +35,8 @@ def main() -> None:
     p.add_argument(
         "--kv-layout",
         choices=KV_LAYOUTS,
-        default="layer-major",
-        help="the KV pool's dimension order (default layer-major)",
+        default="slot-major",
+        help="the KV pool's dimension order (default slot-major, as workers)",
     )
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()

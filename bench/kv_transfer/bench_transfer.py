@@ -14,10 +14,10 @@ same run, copies the same bytes within one process as the baselines:
   (2 here): a bound a one-sided kernel copy cannot reach, reported beside;
 - gather: the same blocks copied block by block between two pools in one process
   (pools viewed as [planes, blocks, span]; ``dst[:, l].copy_(src[:, r])`` per block);
-- nixl: NIXL READ of 128 consecutive blocks (16 descriptors; one with --kv-layout
-  slot-major);
-- nixl_scattered: NIXL READ of 128 blocks, every other block on both sides (2,048
-  descriptors, 128 slot-major: the worst case for a fragmented pool);
+- nixl: NIXL READ of 128 consecutive blocks (one descriptor; 16 with --kv-layout
+  layer-major);
+- nixl_scattered: NIXL READ of 128 blocks, every other block on both sides (128
+  descriptors, 2,048 layer-major: the worst case for a fragmented pool);
 - grpc: KVTransfer.ReadBlocks byte stream (4 MiB chunks).
 
 Each figure is the median of --reps timed repetitions after --warmup untimed ones, in
@@ -64,7 +64,7 @@ GEOMETRY = dict(num_layers=8, block_size=16, num_kv_heads=4, head_dim=64, dtype=
 READY = "BENCH PEER READY "
 DEVICE = "cpu"
 """Where every pool lives (--device): host memory, or GPU memory for NIXL's VRAM path."""
-KV_LAYOUT = "layer-major"
+KV_LAYOUT = "slot-major"
 """Every pool's dimension order (--kv-layout): layer-major moves a run of blocks as one
 NIXL descriptor per layer and K/V (16 for tandem-tiny), slot-major as one."""
 
@@ -343,9 +343,9 @@ def main() -> None:
     p.add_argument(
         "--kv-layout",
         choices=KV_LAYOUTS,
-        default="layer-major",
-        help="both pools' dimension order (default layer-major: 16 descriptors per run of "
-        "blocks; slot-major: one)",
+        default="slot-major",
+        help="both pools' dimension order (default slot-major: one descriptor per run of "
+        "blocks; layer-major: 16)",
     )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--transport", default="nixl", help=argparse.SUPPRESS)

@@ -166,8 +166,8 @@ def main() -> None:
     p.add_argument(
         "--kv-layout",
         choices=bt.KV_LAYOUTS,
-        default="layer-major",
-        help="both pools' dimension order (default layer-major)",
+        default="slot-major",
+        help="both pools' dimension order (default slot-major, as workers)",
     )
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()

@@ -66,10 +66,11 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batching: bool = False) 
     group.add_argument(
         "--kv-layout",
         choices=KV_LAYOUTS,
-        help="the KV pool's dimension order (default: layer-major). slot-major keeps each "
+        help="the KV pool's dimension order (default: slot-major). slot-major keeps each "
         "block's keys and values of every layer together, so a prompt's KV crosses to a "
-        "decode worker as one NIXL descriptor per run of blocks instead of one per layer "
-        "and K/V; workers that exchange KV must use the same",
+        "decode worker as one NIXL descriptor per run of blocks; layer-major (the order "
+        "before 2026-11-27) needs one per layer and K/V. Workers that exchange KV must "
+        "use the same",
     )
     group.add_argument(
         "--num-threads",

@@ -64,9 +64,10 @@ class EngineConfig:
     num_threads: int | None = None
     """CPU threads for torch ops; None keeps torch's default (all cores). Several
     workers on one machine should split the cores, or they spin against each other."""
-    kv_layout: KVLayoutName = "layer-major"
+    kv_layout: KVLayoutName = "slot-major"
     """The KV pool's dimension order (services/engine/kv_cache.py): slot-major moves a
-    run of blocks as one NIXL descriptor; workers that exchange KV must use the same."""
+    run of blocks as one NIXL descriptor, layer-major as one per layer and K/V; workers
+    that exchange KV must use the same."""
 
 
 @dataclass(frozen=True)

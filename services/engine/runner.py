@@ -31,7 +31,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         max_model_len: int,
-        kv_layout: KVLayoutName = "layer-major",
+        kv_layout: KVLayoutName = "slot-major",
     ) -> None:
         self.device = device
         self.block_size = block_size

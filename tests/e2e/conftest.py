@@ -16,9 +16,9 @@ from services.launcher.local import ClusterConfig, LocalCluster, free_port
 # exactly, and bf16 rounding could differ between batch shapes.
 # TANDEM_E2E_DEVICE=cuda runs workers and the reference on the GPU (KV pools in
 # device memory, so NIXL moves VRAM); the default is the CPU that CI has.
-# TANDEM_E2E_KV_LAYOUT=slot-major runs every worker with the other KV pool order.
+# TANDEM_E2E_KV_LAYOUT=layer-major runs every worker with the other KV pool order.
 DEVICE = os.environ.get("TANDEM_E2E_DEVICE", "cpu")
-KV_LAYOUT = os.environ.get("TANDEM_E2E_KV_LAYOUT", "layer-major")
+KV_LAYOUT = os.environ.get("TANDEM_E2E_KV_LAYOUT", "slot-major")
 WORKER_ARGS = (
     *("--dtype", "float32", "--kv-cache-gib", "0.25"),
     *("--device", DEVICE, "--kv-layout", KV_LAYOUT),

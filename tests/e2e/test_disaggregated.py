@@ -88,7 +88,7 @@ def test_kv_crossed_processes_and_was_counted_on_both_sides(cluster: LocalCluste
 def test_workers_with_the_other_pool_order_give_the_same_tokens(
     tmp_path: Path, tandem_home: Path, reference_engine
 ) -> None:
-    """Workers whose pools have the other order (slot-major, unless TANDEM_E2E_KV_LAYOUT
+    """Workers whose pools have the other order (layer-major, unless TANDEM_E2E_KV_LAYOUT
     picked it for the others) give the offline tokens, and the KV crosses processes rather
     than being recomputed."""
     other = "layer-major" if KV_LAYOUT == "slot-major" else "slot-major"

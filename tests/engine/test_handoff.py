@@ -37,11 +37,9 @@ def _run(engine: LLMEngine) -> list[int]:
 
 
 def _copy_blocks(src: LLMEngine, src_ids: list[int], dst: LLMEngine, dst_ids: list[int]) -> None:
-    bs = src.config.block_size
+    src_planes, dst_planes = src.runner.kv_cache.planes(), dst.runner.kv_cache.planes()
     for s, d in zip(src_ids, dst_ids, strict=True):
-        dst.runner.kv_cache.tensor[:, :, d * bs : (d + 1) * bs] = src.runner.kv_cache.tensor[
-            :, :, s * bs : (s + 1) * bs
-        ]
+        dst_planes[:, d] = src_planes[:, s]
 
 
 def _prefill(prefill: LLMEngine, rid: str) -> tuple[int, list[int]]:

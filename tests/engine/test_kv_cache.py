@@ -28,7 +28,7 @@ def test_block_runs_merge_consecutive_ids_in_order(
 
 
 def make_cache(dtype: torch.dtype) -> KVCache:
-    return KVCache(LAYERS, BLOCKS, BS, HEADS, DIM, dtype)
+    return KVCache(LAYERS, BLOCKS, BS, HEADS, DIM, dtype, layout="layer-major")
 
 
 def test_shape_and_sizes() -> None:

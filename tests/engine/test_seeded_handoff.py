@@ -43,10 +43,9 @@ def _split(checkpoint: Path, params: SamplingParams) -> list[int]:
     assert held is not None
     target = decode.add_transferred_request("r", PROMPT, first, params)
     assert target is not None
-    bs = prefill.config.block_size
-    src, dst = prefill.runner.kv_cache.tensor, decode.runner.kv_cache.tensor
+    src, dst = prefill.runner.kv_cache.planes(), decode.runner.kv_cache.planes()
     for s, d in list(zip(held.block_ids, target.block_ids, strict=True))[target.num_reused :]:
-        dst[:, :, d * bs : (d + 1) * bs] = src[:, :, s * bs : (s + 1) * bs]
+        dst[:, d] = src[:, s]
     prefill.release_held("r")
     decode.transfer_done("r", ok=True)
     return [first, *_tokens(decode, "r")]
