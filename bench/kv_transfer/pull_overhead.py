@@ -6,8 +6,7 @@ One peer process (bench_transfer.py's, NIXL, pools on ``--device``) and, in this
 the same pull timed through each layer Tandem puts around the READ, innermost last:
 
 - ``pull``: ``KVReader.pull`` on the event loop (uvloop, as every service), what a decode
-  worker pays; ``pull_watched``: the same with the agent thread not checking the READ back
-  to back after its post (``AgentThread.spin_s`` 0), only every ``WATCH_INTERVAL_S``;
+  worker pays;
 - ``pull_synced``: the same between two ``torch.cuda.synchronize()`` calls, as
   bench_transfer.py times it, and ``synchronize`` one such call alone (both as ``pull``
   and nothing on CPU);
@@ -129,16 +128,8 @@ async def measure(blocks: int, reps: int) -> dict[str, float]:
         async def synchronize() -> None:
             bt.synchronize()
 
-        async def pull_watched() -> None:
-            spin, thread.spin_s = thread.spin_s, 0.0
-            try:
-                await reader.pull(address, remote_ids, local_ids, "bench", 30)
-            finally:
-                thread.spin_s = spin
-
         rows = {
             "pull": lambda: reader.pull(address, remote_ids, local_ids, "bench", 30),
-            "pull_watched": pull_watched,
             "pull_synced": pull_synced,
             "synchronize": synchronize,
             "transport": lambda: transport.pull(peer, remote_ids, local_ids, "bench", 30),

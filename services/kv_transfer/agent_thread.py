@@ -13,11 +13,10 @@ Every call to the agent goes through this thread, so the agent is never used fro
 threads at once, and a slow call never blocks an event loop.
 
 A transfer lives on this thread from start to end (:meth:`AgentThread.transfer`): the
-thread makes its handle, posts it, checks it back to back for up to ``spin_s``, then every
-``WATCH_INTERVAL_S`` while it is still in flight, releases it, and only then resolves the
-caller's future: one hop from the event loop and one back per transfer. On a GPU, where
-CUDA IPC moves 16 MiB in about 0.15 ms, each further hop (a separate post, watch and
-release) cost about as much as the copy.
+thread makes its handle, posts it, checks it every ``WATCH_INTERVAL_S`` while it is in
+flight, releases it, and only then resolves the caller's future: one hop from the event
+loop and one back per transfer. On a GPU, where CUDA IPC moves 16 MiB in about 0.15 ms,
+each further hop (a separate post, watch and release) cost about as much as the copy.
 """
 
 from __future__ import annotations
@@ -41,11 +40,6 @@ PROGRESS_INTERVAL_S = 0.001
 """Longest the agent goes without progress. Each tick costs one short agent call."""
 WATCH_INTERVAL_S = 0.00002
 """How often a transfer in flight is checked (only while one is: it keeps the thread busy)."""
-SPIN_S = 0.0001
-"""How long a just-posted transfer is checked back to back before it is watched every
-``WATCH_INTERVAL_S``. On an H200 a slot-major READ of a 2,048-token prompt ended 9 µs after
-its post, and the first timed check came 20–30 µs after that. Over host memory the copy
-ends inside the post, so nothing spins there. It holds the GIL for at most this long."""
 TIMER_SLACK_NS = 1000
 """The thread's timer slack (Linux). By default the kernel may stretch a timed wait by 50 µs,
 so a 20 µs watch took 81 µs here; with 1 µs it takes 30 µs. On a GPU, where a READ usually
@@ -76,10 +70,8 @@ class AgentThread:
         name: str,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
         initializer: Callable[[], None] | None = None,
-        spin_s: float = SPIN_S,
     ) -> None:
         """``initializer`` runs first on the thread (e.g. making a CUDA device current)."""
-        self.spin_s = spin_s
         self._agent = agent
         self._initializer = initializer
         self._interval = progress_interval_s
@@ -171,13 +163,8 @@ class AgentThread:
             return
         # Over shared memory (CMA) the copy happens inside the post: most host transfers
         # end here. On a GPU the post queues CUDA IPC copies that end a little later.
-        if not self._step(handle, transfer, self._agent.transfer):
-            return
-        check, until = self._agent.check_xfer_state, time.perf_counter() + self.spin_s
-        while time.perf_counter() < until:
-            if not self._step(handle, transfer, check):
-                return
-        self._watched.append((handle, transfer))
+        if self._step(handle, transfer, self._agent.transfer):
+            self._watched.append((handle, transfer))
 
     def _check_watched(self) -> None:
         check = self._agent.check_xfer_state

@@ -102,45 +102,6 @@ def test_a_transfer_in_flight_is_checked_until_it_ends_then_released() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    ("spin_s", "order"),
-    [
-        # Checked back to back after the post: it ends before the next job runs.
-        (5.0, ["transfer", "check", "check", "check", "release", "job"]),
-        # No spin: one check as the post's job ends, then the next job runs, and the
-        # transfer is watched between jobs until it ends.
-        (0.0, ["transfer", "check", "job", "check", "check", "release"]),
-    ],
-)
-def test_a_just_posted_transfer_is_checked_back_to_back_for_spin_s(
-    spin_s: float, order: list[str]
-) -> None:
-    agent = FakeAgent({"h1": ["PROC", "PROC", "PROC", "DONE"]})
-    thread = AgentThread(agent, "nixl-xfer", spin_s=spin_s)
-    gate = threading.Event()
-    thread.submit(gate.wait, 5)  # both queued before either runs
-    transfer = thread.transfer(lambda: "h1")
-    job = thread.submit(lambda: agent.calls.append(("job", "-")))
-    gate.set()
-    assert transfer.state.result(timeout=5) == "DONE"
-    job.result(timeout=5)
-    thread.stop()
-    assert [call for call, _ in agent.calls] == order
-
-
-def test_a_transfer_still_in_flight_after_the_spin_is_watched() -> None:
-    agent = FakeAgent({"h1": ["PROC"]})  # never ends by itself
-    thread = AgentThread(agent, "nixl-xfer", spin_s=0.001)
-    transfer = thread.transfer(lambda: "h1")
-    assert thread.submit(lambda: "ran").result(timeout=5) == "ran"  # the thread moved on
-    checks = agent.calls.count(("check", "h1"))
-    time.sleep(0.05)
-    assert agent.calls.count(("check", "h1")) > checks  # and still checks it
-    assert transfer.state.cancel()
-    transfer.released.result(timeout=5)
-    thread.stop()
-
-
 def test_an_abandoned_transfer_is_released_on_the_thread() -> None:
     agent = FakeAgent({"h1": ["PROC"]})  # never ends by itself
     thread = AgentThread(agent, "nixl-xfer")
