@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from services.stubs.tandem.v1 import admin_pb2
 
 GROUPS = ("team", "principal", "model")
+GROUP_BY_CHOICES = (*GROUPS, "day")
+"""What --group-by takes: the filterable columns and the UTC day (daily rollups)."""
 SUMS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens")
 MAX_PAGES = 10_000
 """Pages followed at most (10 M rows): a gateway handing out tokens for ever stops here."""
@@ -38,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "usage",
         help="show metered token usage from a Tandem gateway",
         description="Sum requests and prompt, completion and cached tokens over a period, "
-        "grouped by team, principal and model, from the gateway at --target "
+        "grouped by team, principal and model (or by UTC day), from the gateway at --target "
         "(tandem.v1.UsageService/GetUsage, every page). Admins see everyone's usage; "
         "anyone else only their own.",
     )
@@ -68,8 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_group_by,
         default=GROUPS,
         metavar="COLS",
-        help="comma-separated grouping columns among team, principal, model "
-        "(default team,principal,model)",
+        help="comma-separated grouping columns among team, principal, model and day (the "
+        "UTC day: e.g. --group-by day,team for a team's usage per day); default "
+        "team,principal,model",
     )
     parser.add_argument(
         "--json",
@@ -89,9 +92,11 @@ def _instant(text: str) -> dt.datetime:
 
 def _group_by(text: str) -> tuple[str, ...]:
     columns = tuple(c.strip() for c in text.split(",") if c.strip())
-    unknown = [c for c in columns if c not in GROUPS]
+    unknown = [c for c in columns if c not in GROUP_BY_CHOICES]
     if not columns or unknown:
-        raise argparse.ArgumentTypeError(f"choose among {', '.join(GROUPS)}; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"choose among {', '.join(GROUP_BY_CHOICES)}; got {text!r}"
+        )
     return columns
 
 

@@ -7,14 +7,16 @@ mints per call, never the client's: a client that reused its own (or another ten
 would otherwise be served without a row. The client's id is kept in ``client_request_id``
 for correlation only; :meth:`Ledger.find` looks rows up by it. The metering counters
 (:mod:`services.gateway.metrics`) are incremented only when a row is new, after the commit,
-so they match the ledger's sums exactly. Usage queries sum rows over a
-half-open time range ``[start, end)``, grouped by any of team, model, principal and key id,
-a page at a time when asked (``after`` and ``limit``: keyset pagination on the grouping
-columns, so pages neither skip nor repeat a group however rows are added between them).
+so they match the ledger's sums exactly. Usage queries sum rows over a half-open time range
+``[start, end)``, grouped by any of team, model, principal, key id and UTC day
+(``YYYY-MM-DD``: daily rollups for charge-back), a page at a time when asked (``after`` and
+``limit``: keyset pagination on the grouping columns, so pages neither skip nor repeat a
+group however rows are added between them).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +25,12 @@ from services.engine.errors import InvalidRequestError
 from services.gateway.metrics import METRICS, GatewayMetrics
 from services.gateway.store import Store, Tx
 
-GROUP_COLUMNS = ("team", "model", "principal", "key_id")
+GROUP_COLUMNS = ("team", "model", "principal", "key_id", "day")
+US_PER_DAY = 86_400_000_000
+_SQL = {"day": f"(time_us / {US_PER_DAY})"}
+"""Grouping columns that are expressions: the UTC day number of a row (integer division in
+both SQLite and PostgreSQL; time_us is never negative: checked on insert)."""
+_EPOCH = dt.date(1970, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,7 @@ class Ledger:
         that are never NULL (not ``key_id``), which order totally.
         """
         columns = _check_group_by(group_by)
+        exprs = [_SQL.get(c, c) for c in columns]
         where, params = ["time_us >= ?", "time_us < ?"], [round(start * 1e6), round(end * 1e6)]
         for name, value in (("team", team), ("principal", principal), ("model", model)):
             if value is not None:
@@ -161,13 +169,13 @@ class Ledger:
                 )
             # Groups are rows' column values: a row-value comparison on the rows keeps
             # exactly the groups ordered after ``after`` (the same collation as ORDER BY).
-            names = ", ".join(columns)
+            names = ", ".join(exprs)
             where.append(f"({names}) > ({', '.join(['?'] * len(columns))})")
-            params.extend(str(v) for v in after)
-        select = ", ".join([*columns, "COUNT(*)", *(f"SUM({c})" for c in _SUMMED)])
+            params.extend(_after_value(c, v) for c, v in zip(columns, after, strict=True))
+        select = ", ".join([*exprs, "COUNT(*)", *(f"SUM({c})" for c in _SUMMED)])
         sql = f"SELECT {select} FROM usage_ledger WHERE {' AND '.join(where)}"
         if columns:
-            order = ", ".join(columns)
+            order = ", ".join(exprs)
             sql += f" GROUP BY {order} ORDER BY {order}"
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -219,11 +227,29 @@ def _record(row: tuple[object, ...]) -> UsageRecord:
     )
 
 
+def _after_value(column: str, value: object) -> str | int:
+    """A page's ``after`` value as its column compares: a day as its day number."""
+    if column != "day":
+        return str(value)
+    try:
+        return (dt.date.fromisoformat(str(value)) - _EPOCH).days
+    except ValueError:
+        raise InvalidRequestError("after", f"day must be YYYY-MM-DD, got {value!r}") from None
+
+
+def _group_value(column: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if column == "day":
+        return (_EPOCH + dt.timedelta(days=int(value))).isoformat()  # type: ignore[call-overload]
+    return str(value)
+
+
 def _total(columns: tuple[str, ...], row: tuple[object, ...]) -> UsageTotal:
     n = len(columns)
     sums = [int(v or 0) for v in row[n + 1 :]]  # type: ignore[call-overload]
     return UsageTotal(
-        group=tuple(zip(columns, (None if v is None else str(v) for v in row[:n]), strict=True)),
+        group=tuple((c, _group_value(c, v)) for c, v in zip(columns, row[:n], strict=True)),
         requests=int(row[n]),  # type: ignore[call-overload]
         prompt_tokens=sums[0],
         completion_tokens=sums[1],
@@ -253,3 +279,5 @@ def _check(rec: UsageRecord) -> None:
         raise InvalidRequestError("cached_tokens", "cannot exceed prompt_tokens")
     if rec.latency_ms < 0:
         raise InvalidRequestError("latency_ms", "must be >= 0")
+    if rec.time < 0:  # day groups divide time_us, which truncates differently below zero
+        raise InvalidRequestError("time", "must be >= 0 (seconds since 1970)")

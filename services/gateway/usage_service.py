@@ -12,7 +12,8 @@ The period is a UTC ``day`` ("YYYY-MM-DD"), a UTC ``month`` ("YYYY-MM") or a ``r
 [start, end); exactly one is required, and it covers at most ``max_period_days`` (366 by
 default: GatewayConfig.usage_max_period_days), because each page of a report sums every
 ledger row of its period. Rows group by team, principal and model unless ``group_by`` says
-otherwise. Every answered or refused query (each page) leaves one audit record.
+otherwise; DAY groups by UTC day (``UsageRow.day``, "YYYY-MM-DD"), for daily rollups.
+Every answered or refused query (each page) leaves one audit record.
 
 Pages (AIP-158): at most ``page_size`` rows (0 → PAGE_SIZE_MAX, more → PAGE_SIZE_MAX,
 negative → INVALID_ARGUMENT), and ``next_page_token`` while more follow. A token holds the
@@ -49,6 +50,7 @@ _GROUP_COLUMNS = {
     admin_pb2.USAGE_GROUP_BY_TEAM: "team",
     admin_pb2.USAGE_GROUP_BY_PRINCIPAL: "principal",
     admin_pb2.USAGE_GROUP_BY_MODEL: "model",
+    admin_pb2.USAGE_GROUP_BY_DAY: "day",
 }
 DEFAULT_GROUP_BY = ("team", "principal", "model")
 
@@ -129,7 +131,9 @@ def group_columns(request: admin_pb2.GetUsageRequest) -> tuple[str, ...]:
     for i, value in enumerate(request.group_by):
         column = _GROUP_COLUMNS.get(value)
         if column is None:
-            raise BadRequest(f"group_by[{i}]", f"must be TEAM, PRINCIPAL or MODEL, got {value}")
+            raise BadRequest(
+                f"group_by[{i}]", f"must be TEAM, PRINCIPAL, MODEL or DAY, got {value}"
+            )
         if column in columns:
             raise BadRequest(f"group_by[{i}]", f"{column} is named twice")
         columns.append(column)

@@ -30,6 +30,7 @@ def test_flags_become_the_request() -> None:
     assert ranged.range.end.ToJsonString() == "2025-03-15T00:00:00Z"
     assert ranged.team == "t" and list(ranged.group_by) == [1, 2, 3]
     assert list(usage_request(_args("--group-by", "model,team")).group_by) == [3, 1]
+    assert list(usage_request(_args("--group-by", "day,team")).group_by) == [4, 1]
     assert usage_request(_args()).WhichOneof("period") == "month"  # this month by default
 
 
@@ -37,7 +38,7 @@ def test_flags_become_the_request() -> None:
     ("argv", "says"),
     [
         (["--from", "2025-03-14"], "--from/--to: give both ends of the range, or neither"),
-        (["--group-by", "team,region"], "choose among team, principal, model"),
+        (["--group-by", "team,region"], "choose among team, principal, model, day"),
         (["--from", "yesterday", "--to", "2025-03-15"], "not an ISO 8601 date or time"),
         (["--month", "2025-03", "--day", "2025-03-14"], "not allowed with argument"),
     ],

@@ -291,3 +291,42 @@ def test_migration_4_indexes_a_callers_report_by_principal_and_time(
             tx.execute("ANALYZE usage_ledger")
             plan = " ".join(str(r) for r in tx.fetchall(f"EXPLAIN {query}", params))
     assert "usage_ledger_principal_time" in plan, plan
+
+
+def test_usage_by_utc_day_splits_at_midnight_and_pages(store: Store) -> None:
+    """Daily rollups: rows group by their UTC day, a row at 00:00:00 starts the next day,
+    and pages keyed on (day, team) join up to the whole report."""
+    ledger = Ledger(store)
+    midnight = 1_700_006_400.0  # 2023-11-15T00:00:00Z
+    times = [midnight - 1, midnight - 1e-6, midnight, midnight + 86_399, midnight + 86_400]
+    with store.transaction() as tx:
+        for i, t in enumerate(times):
+            ledger.insert(tx, _rec(i, time=t, team="a" if i % 2 else "b"))
+    by_day = ledger.usage(midnight - 86_400, midnight + 2 * 86_400, ("day",))
+    assert [(dict(t.group)["day"], t.requests) for t in by_day] == [
+        ("2023-11-14", 2),
+        ("2023-11-15", 2),
+        ("2023-11-16", 1),
+    ]
+    assert [t.prompt_tokens for t in by_day] == [10 + 11, 12 + 13, 14]
+    columns = ("day", "team")
+    whole = ledger.usage(midnight - 86_400, midnight + 2 * 86_400, columns)
+    assert [tuple(v for _, v in t.group) for t in whole] == [
+        ("2023-11-14", "a"),
+        ("2023-11-14", "b"),
+        ("2023-11-15", "a"),
+        ("2023-11-15", "b"),
+        ("2023-11-16", "b"),
+    ]
+    paged: list[object] = []
+    after = None
+    while page := ledger.usage(
+        midnight - 86_400, midnight + 2 * 86_400, columns, after=after, limit=2
+    ):
+        paged.extend(page)
+        after = [v or "" for _, v in page[-1].group]
+    assert paged == list(whole)
+    with pytest.raises(InvalidRequestError, match="day must be YYYY-MM-DD"):
+        ledger.usage(midnight, midnight + 1, columns, after=["15/11/2023", "a"])
+    with pytest.raises(InvalidRequestError, match="time"):
+        ledger.record(_rec(99, time=-1.0))

@@ -79,6 +79,42 @@ def test_admin_sees_every_principal_grouped(tmp_path: Path, store_url: str) -> N
     asyncio.run(body())
 
 
+def test_daily_rollups_group_by_utc_day(tmp_path: Path, store_url: str) -> None:
+    """group_by DAY: one row per UTC day (and team), the day in UsageRow.day."""
+
+    async def body() -> None:
+        async with management(tmp_path, store_url) as m:
+            seed(m.store, "key:0123456789abcdef")
+            admin = m.admin_key()
+            daily = admin_pb2.GetUsageRequest(
+                month="2025-03",
+                group_by=[admin_pb2.USAGE_GROUP_BY_DAY, admin_pb2.USAGE_GROUP_BY_TEAM],
+            )
+            answer, code, _, _ = await call(m.usage.GetUsage, daily, admin)
+            assert code == grpc.StatusCode.OK
+            assert [
+                (r.day, r.team, r.principal, r.requests, r.prompt_tokens) for r in answer.rows
+            ] == [
+                ("2025-03-13", "ml", "", 1, 1000),  # 23:59:59 the day before
+                ("2025-03-14", "apps", "", 1, 8),
+                ("2025-03-14", "ml", "", 4, 133),
+            ]
+            # One row per page: the page token carries the day across pages.
+            paged, request = [], admin_pb2.GetUsageRequest()
+            request.CopyFrom(daily)
+            request.page_size = 1
+            while True:
+                answer, code, _, _ = await call(m.usage.GetUsage, request, admin)
+                assert code == grpc.StatusCode.OK
+                paged += [(r.day, r.team) for r in answer.rows]
+                if not answer.next_page_token:
+                    break
+                request.page_token = answer.next_page_token
+            assert paged == [("2025-03-13", "ml"), ("2025-03-14", "apps"), ("2025-03-14", "ml")]
+
+    asyncio.run(body())
+
+
 def test_a_member_sees_only_its_own_usage(tmp_path: Path, store_url: str, issuer: Issuer) -> None:
     async def body() -> None:
         async with management(tmp_path, store_url, issuer) as m:

@@ -16,10 +16,12 @@ class UsageGroupBy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     USAGE_GROUP_BY_TEAM: _ClassVar[UsageGroupBy]
     USAGE_GROUP_BY_PRINCIPAL: _ClassVar[UsageGroupBy]
     USAGE_GROUP_BY_MODEL: _ClassVar[UsageGroupBy]
+    USAGE_GROUP_BY_DAY: _ClassVar[UsageGroupBy]
 USAGE_GROUP_BY_UNSPECIFIED: UsageGroupBy
 USAGE_GROUP_BY_TEAM: UsageGroupBy
 USAGE_GROUP_BY_PRINCIPAL: UsageGroupBy
 USAGE_GROUP_BY_MODEL: UsageGroupBy
+USAGE_GROUP_BY_DAY: UsageGroupBy
 
 class ApiKeyLimits(_message.Message):
     __slots__ = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month")
@@ -132,7 +134,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, team: _Optional[str] = ..., principal: _Optional[str] = ..., model: _Optional[str] = ..., range: _Optional[_Union[TimeRange, _Mapping]] = ..., day: _Optional[str] = ..., month: _Optional[str] = ..., group_by: _Optional[_Iterable[_Union[UsageGroupBy, str]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("team", "principal", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens")
+    __slots__ = ("team", "principal", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "day")
     TEAM_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class UsageRow(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
     team: str
     principal: str
     model: str
@@ -147,7 +150,8 @@ class UsageRow(_message.Message):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    def __init__(self, team: _Optional[str] = ..., principal: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    day: str
+    def __init__(self, team: _Optional[str] = ..., principal: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., day: _Optional[str] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
     __slots__ = ("range", "rows", "next_page_token")
