@@ -5,6 +5,7 @@ router never started) serves every case that needs a gateway."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -152,6 +153,26 @@ def test_tls_to_a_plaintext_server_says_drop_it(
         f"hint: {target} does not speak TLS: drop --tls/--tls-ca, or serve TLS there "
         "(tandem up --tls)"
     )
+
+
+def test_the_hint_is_not_buried_under_grpcs_own_handshake_lines(gateway: Gateway) -> None:
+    """gRPC's C core logs each failed TLS handshake at INFO unless GRPC_VERBOSITY says
+    otherwise, and only the process's first import of grpc reads it: the console script
+    sets it first, so what a person reads is our error and hint alone."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    with serving(ScriptedInference()) as target:
+        argv = _generate(target, "--tls-ca", str(gateway.ca), "--timeout", "3")
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), done.stderr
+    assert "Handshake failed" not in done.stderr and len(lines) == 2, done.stderr
 
 
 def test_an_unresolvable_host_is_named(capsys: pytest.CaptureFixture[str]) -> None:
