@@ -1,12 +1,14 @@
-"""What a slot-major KV pool would cost attention: the engine's layout against the other.
+"""What a slot-major KV pool costs attention: the two pool orders' attention alone.
 
     python bench/kv_transfer/slot_major_attention.py [--device cpu|cuda] [--reps 5]
 
-A NIXL READ costs ~7.5 µs per descriptor on an H100 (bench/gpu/README.md), and the
-engine's layer-major pool, ``[layers, K/V, slots, kv_heads, head_dim]``, spreads a run of
+(Written before the engine took the slot-major order; since 2026-11-27 it is the default,
+``--kv-layout`` picks either, and bench/gpu/README.md has the whole engine's figures.)
+A NIXL READ costs ~7.5 µs per descriptor on an H100 (bench/gpu/README.md), and a
+layer-major pool, ``[layers, K/V, slots, kv_heads, head_dim]``, spreads a run of
 blocks over ``2 * layers`` planes: 16 descriptors for tandem-tiny. A slot-major pool,
-``[slots, layers, K/V, kv_heads, head_dim]``, would make a run of blocks one contiguous
-range (one descriptor) and still give attention each layer's keys as a uniformly strided
+``[slots, layers, K/V, kv_heads, head_dim]``, makes a run of blocks one contiguous
+range (one descriptor) and still gives attention each layer's keys as a uniformly strided
 view (the stride becomes a whole slot of every layer), so no copy; but attention then
 reads memory with a larger stride. This times the engine's two attention shapes on both
 layouts, interleaved, with tandem-tiny's geometry: decode (16 sequences × 1,024 cached
