@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from services.engine.errors import InvalidRequestError
+from services.kv_transfer import layout as kv_layout
+from services.kv_transfer.errors import IncompatiblePeerError
 from services.router.errors import IncompatibleWorkerError, UnknownWorkerError
 from services.stubs.tandem.v1 import worker_pb2
 
@@ -164,6 +166,7 @@ class WorkerRegistry:
             if w.model == request.model and w.worker_id != request.worker_id
         ]
         _check_compatible(request, others)
+        _warn_if_kv_cannot_move(request, others)
         old = self._workers.get(request.worker_id)
         if old is not None:
             self._remove(old, "re-registered (restarted)")
@@ -347,6 +350,27 @@ def _check_registration(request: worker_pb2.RegisterRequest) -> None:
     for name in ("max_context_length", "vocab_size"):
         if getattr(request, name) < 1:
             raise InvalidRequestError(name, "must be at least 1")
+
+
+def _warn_if_kv_cannot_move(request: worker_pb2.RegisterRequest, others: list[WorkerState]) -> None:
+    """Log (once per registration) when KV cannot move between this worker and workers of
+    the other role serving its model: a different --kv-layout, KV dtype or release. Not
+    refused, unlike a block size: a rolling upgrade must be able to run old and new side by
+    side, and a request whose prefill and decode workers differ so is prefilled again on
+    the decode worker."""
+    for other in (w for w in others if w.role != request.role):
+        try:
+            kv_layout.check_compatible(request.layout, other.layout)
+        except IncompatiblePeerError as exc:
+            log.warning(
+                "worker %s (model %s) cannot exchange KV with %s: %s. Requests that pair "
+                "them prefill again on the decode worker",
+                request.worker_id,
+                request.model,
+                other.worker_id,
+                exc,
+            )
+            return
 
 
 def _check_compatible(request: worker_pb2.RegisterRequest, others: list[WorkerState]) -> None:

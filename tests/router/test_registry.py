@@ -134,6 +134,28 @@ def test_a_different_block_size_or_model_id_for_the_same_model_is_refused() -> N
     assert registry.get("p1").layout.block_size == 32
 
 
+def test_a_worker_whose_kv_cannot_move_is_registered_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another --kv-layout (say, during a rolling upgrade) is served, not refused: requests
+    pairing the two prefill again on the decode worker, and the log says why."""
+    registry = WorkerRegistry(heartbeat_timeout_s=1.0, clock=FakeClock())
+    registry.register(registration("p1", PREFILL))
+    registry.register(registration("p2", PREFILL))
+    other = registration("d1")
+    other.layout.layout = "slot-layer-kv-head-dim"
+    with caplog.at_level("WARNING", logger="services.router.registry"):
+        registry.register(other)
+    assert registry.get("d1") is not None
+    [record] = caplog.records  # one line, however many workers differ
+    assert "worker d1 (model" in record.getMessage()
+    assert "cannot exchange KV with p1" in record.getMessage()
+    assert "--kv-layout" in record.getMessage()
+    caplog.clear()
+    registry.register(registration("d2"))  # as the prefill workers; decode pairs never move KV
+    assert caplog.records == []
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
