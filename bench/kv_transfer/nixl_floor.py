@@ -2,8 +2,9 @@
 
     python bench/kv_transfer/nixl_floor.py --device cuda --json FILE
 
-Two processes, the same 16 MiB as bench_transfer.py (2,048 tokens of tandem-tiny KV: 16
-planes x 128 consecutive blocks of 8 KiB, 16 descriptors). A peer process registers its
+Two processes, the same 16 MiB as ``bench_transfer.py --kv-layout layer-major`` (2,048
+tokens of tandem-tiny KV: 16 planes x 128 consecutive blocks of 8 KiB, 16 descriptors; its
+``single`` row is the slot-major pool's one descriptor). A peer process registers its
 pool and progresses its agent every millisecond; this process reads from it in a tight
 loop on one thread (no event loop, no thread hops), timing each phase:
 

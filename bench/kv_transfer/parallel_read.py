@@ -4,8 +4,9 @@
 
 Between two processes on one host UCX copies host memory with the kernel's cross-memory
 attach, inside the post, on the posting thread: one core's worth. Here the same 16 MiB as
-nixl_floor.py (16 plane spans) is read by ``N`` agents in this process, each with its own
-UCX worker and its own thread, each posting 1/N of the descriptors at the same moment (a
+nixl_floor.py (16 plane spans, as a layer-major pool) is read by ``N`` agents in this
+process, each with its own UCX worker and its own thread, each posting 1/N of the
+descriptors at the same moment (a
 barrier), against one libc memcpy of 16 MiB, rounds interleaved. One agent per thread
 rather than one agent with N workers: NIXL picks an agent's worker by hashing the calling
 thread's id, so two threads may share one worker, which is not safe (it hung here).

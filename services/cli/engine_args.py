@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from services.engine.engine import EngineConfig
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+"""The engine's dtypes (services.engine.runner.DTYPES; a test keeps the two equal)."""
 KV_LAYOUTS = ("layer-major", "slot-major")
 """services.engine.kv_cache.KV_LAYOUTS, without importing torch (a test keeps them equal)."""
-"""The engine's dtypes (services.engine.runner.DTYPES; a test keeps the two equal)."""
 
 _BATCHING_FLAGS = ("max_num_seqs", "max_num_batched_tokens")
 _COMMON_FLAGS = ("dtype", "device", "kv_cache_gib", "num_threads", "block_size", "kv_layout")

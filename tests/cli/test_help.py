@@ -52,10 +52,19 @@ def test_dtype_choices_match_the_engine() -> None:
     assert set(DTYPE_CHOICES) == set(DTYPES)
 
 
-def test_kv_layout_choices_match_the_engine() -> None:
+def test_kv_layout_choices_and_default_match_the_engine() -> None:
+    from services.engine.engine import EngineConfig
     from services.engine.kv_cache import KV_LAYOUTS
 
     assert KV_LAYOUTS == engine_args.KV_LAYOUTS
+    helps = {
+        action.help
+        for _, parser in _commands(build_parser())
+        for action in parser._actions
+        if "--kv-layout" in action.option_strings
+    }
+    assert len(helps) == 1  # one text, from engine_args, wherever the flag appears
+    assert f"(default: {EngineConfig().kv_layout})" in helps.pop()
 
 
 def test_importing_the_cli_does_not_import_torch() -> None:

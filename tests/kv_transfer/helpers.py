@@ -13,7 +13,7 @@ TINY = dict(num_layers=8, block_size=16, num_kv_heads=4, head_dim=64, dtype=torc
 """tandem-tiny's KV geometry: 8 KiB per token, 128 KiB per block."""
 
 
-def make_kv(num_blocks: int, block_size: int = 16, layout: KVLayoutName = "layer-major") -> KVCache:
+def make_kv(num_blocks: int, block_size: int = 16, layout: KVLayoutName = "slot-major") -> KVCache:
     return KVCache(num_blocks=num_blocks, **{**TINY, "block_size": block_size}, layout=layout)
 
 

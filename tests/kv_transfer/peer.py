@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--num-blocks", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--transport", default="nixl")
-    p.add_argument("--layout", default="layer-major")
+    p.add_argument("--layout", default="slot-major")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--model-id", default="tandem-tiny")

@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from services.engine.errors import InvalidRequestError
+from services.engine.kv_cache import KVCache
 from services.kv_transfer import layout as kv_layout
 from services.kv_transfer.errors import IncompatiblePeerError
-from tests.kv_transfer.helpers import MODEL_ID, TINY, blocks_kv, layout_of, make_kv, pool_bytes
+from tests.kv_transfer import helpers
+from tests.kv_transfer.helpers import MODEL_ID, TINY, blocks_kv, layout_of, pool_bytes
+
+
+def make_kv(num_blocks: int, block_size: int = 16, layout: str = "layer-major") -> KVCache:
+    """Layer-major unless asked: most tests here check the 16-plane arithmetic, which the
+    one-plane slot-major order (the workers' default) reduces to its own tests below."""
+    return helpers.make_kv(num_blocks, block_size, layout)  # type: ignore[arg-type]
+
 
 LAYOUTS = pytest.mark.parametrize("pool_layout", ["layer-major", "slot-major"])
 

@@ -23,14 +23,14 @@ PIN = "--pin=req-1=3,4,5,9"
 KINDS = [pytest.param("nixl", marks=needs_nixl), "grpc"]
 
 
-def reader(kind: str, layout: str = "layer-major") -> tuple[KVReader, KVTransport]:
+def reader(kind: str, layout: str = "slot-major") -> tuple[KVReader, KVTransport]:
     kv = make_kv(80, layout=layout)
     transport = NixlTransport(kv, "decode-0") if kind == "nixl" else GrpcTransport(kv)
     return KVReader("decode-0", layout_of(kv), transport), transport
 
 
 def expected(
-    seed: int, block_ids: list[int], num_blocks: int = 64, layout: str = "layer-major"
+    seed: int, block_ids: list[int], num_blocks: int = 64, layout: str = "slot-major"
 ) -> bytes:
     peer_layout = layout_of(make_kv(num_blocks, layout=layout))
     return block_bytes(pattern(num_blocks, seed), peer_layout, block_ids)
