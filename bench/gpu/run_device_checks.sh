@@ -6,14 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/tandem-gpu}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export TANDEM_HOME=/tmp/tandem-home PYTHONUNBUFFERED=1
+source bench/gpu/machine_env.sh
 step() { echo; echo "=== $* ($(date +%T))"; }
 
 step environment

@@ -7,14 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/tandem-gpu}
 RES=/tmp/tandem-gpu-results  # the JSON files, packed into $OUT/results.tgz after each step
 mkdir -p "$OUT" "$RES"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export TANDEM_HOME=/tmp/tandem-home PYTHONUNBUFFERED=1
+source bench/gpu/machine_env.sh
 LAYOUTS=(layer-major slot-major)
 # (the device tool returns at most 8 files, so the JSONs travel as one archive)
 step() { tar czf "$OUT/results.tgz" -C "$RES" .; echo; echo "=== $* ($(date +%T), ${SECONDS}s)"; }
