@@ -88,6 +88,15 @@ def check_compatible(local: worker_pb2.KVLayout, remote: worker_pb2.KVLayout) ->
     _check_fields(local, remote, tuple(_ADVICE))
 
 
+def compatible(local: worker_pb2.KVLayout, remote: worker_pb2.KVLayout) -> bool:
+    """Whether KV can move between the two (check_compatible without the exception)."""
+    try:
+        check_compatible(local, remote)
+    except IncompatiblePeerError:
+        return False
+    return True
+
+
 def check_same_geometry(local: worker_pb2.KVLayout, remote: worker_pb2.KVLayout) -> None:
     """Like check_compatible, but only the fields that decide where bytes lie."""
     _check_fields(local, remote, GEOMETRY_FIELDS)

@@ -65,6 +65,7 @@ from contextlib import aclosing
 
 import grpc
 
+from services.kv_transfer import layout as kv_layout
 from services.router import placement_metrics as placements
 from services.router.admission import TokenizerCache, admit
 from services.router.channels import WorkerChannels
@@ -229,9 +230,10 @@ class Orchestrator:
             # request arriving within one prefill time to the same decode worker, and to
             # one that began draining meanwhile.
             if first is not None or decoder is None or decoder.gone.is_set() or decoder.draining:
-                decoder = self._pick(
-                    await self._decoders(progress, failed, deadline), routing, DECODE
-                )
+                decoders = await self._decoders(progress, failed, deadline)
+                if first is not None and prefill_worker is not None:
+                    decoders = _kv_reachable(decoders, prefill_worker)
+                decoder = self._pick(decoders, routing, DECODE)
             progress.decode_worker = decoder.worker_id
             handoff = first
             if first is not None and prefill_worker is not None:
@@ -538,6 +540,15 @@ def _local_prefill_tokens(progress: Progress, routing: RoutingRequest, decoder: 
     """The prompt tokens ``decoder`` computes when it prefills this attempt itself: the
     attempt's prompt (with the first token, after an expired handoff) after its prefix."""
     return len(progress.tokens_to_prefill()) - routing.cached_tokens(decoder.worker_id)
+
+
+def _kv_reachable(decoders: list[WorkerState], prefill_worker: WorkerState) -> list[WorkerState]:
+    """The decode workers the prefill worker's KV can move to (same --kv-layout, KV dtype
+    and release); all of them when none can, as while a rolling upgrade has replaced every
+    decode worker but not yet this prefill worker: the pair then prefills again on the
+    decode worker, which a hand-off to a mismatched one would do anyway, a handshake later."""
+    reachable = [d for d in decoders if kv_layout.compatible(d.layout, prefill_worker.layout)]
+    return reachable or decoders
 
 
 def _lease_left(

@@ -52,6 +52,8 @@ def test_pools_of_different_orders_are_refused_naming_the_flag() -> None:
     remote = layout_of(make_kv(64, layout="slot-major"))
     with pytest.raises(IncompatiblePeerError, match=r"differ in layout.*same --kv-layout"):
         kv_layout.check_compatible(local, remote)
+    assert not kv_layout.compatible(local, remote)
+    assert kv_layout.compatible(remote, layout_of(make_kv(80, layout="slot-major")))
     with pytest.raises(IncompatiblePeerError, match="layout"):
         kv_layout.paired_spans(local, [1], remote, [1])
 

@@ -82,8 +82,10 @@ class FakeWorker:
         model: str = MODEL,
         block_size: int = BLOCK_SIZE,
         model_id: str = MODEL_ID,
+        kv_layout: str = "slot-layer-kv-head-dim",
     ) -> None:
         self.worker_id = worker_id
+        self.kv_layout = kv_layout
         self.role = role
         self.behaviour = behaviour or Behaviour()
         self.model = model
@@ -131,6 +133,7 @@ class FakeWorker:
                 model_id=self.model_id,
                 block_size=self.block_size,
                 dtype="bfloat16",
+                layout=self.kv_layout,
                 num_blocks=128,
             ),
             max_context_length=CONTEXT,

@@ -9,6 +9,7 @@ prefill time went to the same decode worker, and to one that began draining mean
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 
 import grpc
@@ -16,7 +17,7 @@ import grpc
 from services.router.config import RouterConfig
 from services.stubs.tandem.v1 import worker_pb2
 from tests.router.fakes import Behaviour
-from tests.router.harness import DECODE, cluster, run
+from tests.router.harness import DECODE, PREFILL, cluster, run
 from tests.router.scripted_prefill import add_scripted_prefill
 
 PROMPT = list(range(1, 41))
@@ -87,3 +88,41 @@ def test_a_decode_worker_that_starts_draining_during_the_prefill_is_not_sent_the
             assert (len(p1.calls), len(d1.calls), len(d2.calls)) == (1, 0, 1)  # one prefill
 
     run(body(), 30)
+
+
+OLD, NEW = "layer-kv-slot-head-dim", "slot-layer-kv-head-dim"  # the two --kv-layout orders
+
+
+def test_a_prefill_hands_off_to_a_decode_worker_its_kv_can_reach() -> None:
+    """Mid rolling upgrade, old and new --kv-layout side by side: round-robin alone would
+    pair p-old with d-new2 (KV that cannot move, so a prefill thrown away). The decode pick
+    after a prefill keeps to the workers its KV can reach."""
+
+    async def body() -> list[tuple[str, str]]:
+        async with cluster(dataclasses.replace(CONFIG, policy="round-robin")) as c:
+            await c.add("p-new", PREFILL, kv_layout=NEW)
+            await c.add("p-old", PREFILL, kv_layout=OLD)
+            for name, layout in (("d-new", NEW), ("d-new2", NEW), ("d-old", OLD)):
+                await c.add(name, DECODE, kv_layout=layout)
+            pairs = []
+            for _ in range(6):
+                final = (await c.generate(prompt_token_ids=PROMPT, max_tokens=2)).final
+                pairs.append((final.serving.prefill_worker, final.serving.decode_worker))
+            return pairs
+
+    pairs = run(body(), 60)
+    assert {p for p, _ in pairs} == {"p-new", "p-old"}
+    assert all(p.split("-")[1] == d.split("-")[1].rstrip("2") for p, d in pairs), pairs
+    assert {d for p, d in pairs if p == "p-old"} == {"d-old"}
+
+
+def test_with_no_reachable_decode_worker_the_request_is_still_served() -> None:
+    async def body() -> str:
+        async with cluster(CONFIG) as c:
+            await c.add("p-old", PREFILL, kv_layout=OLD)
+            await c.add("d-new", DECODE, kv_layout=NEW)
+            result = await c.generate(prompt_token_ids=PROMPT, max_tokens=2)
+            assert result.code == grpc.StatusCode.OK and len(result.tokens) == 2
+            return result.final.serving.decode_worker
+
+    assert run(body(), 30) == "d-new"
