@@ -8,7 +8,6 @@ ran out) may have read another prompt's KV: it is discarded, and the prompt pref
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -17,29 +16,24 @@ import pytest
 from services.kv_transfer.client import KVReader
 from services.rpc.server import client_channel
 from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
-from services.worker.host import WorkerHost
+from tests.decode.helpers import (
+    DECODE,
+    MAX_TOKENS,
+    PREFILL,
+    PROMPT,
+    decode,
+    prefill,
+    until_idle,
+)
 from tests.router.harness import run
 from tests.router.inprocess import (
     IDLE,
-    Stream,
     generate_request,
     idle,
     read_stream,
     reference_tokens,
-    use_tiny_model,
     worker,
 )
-
-PREFILL = worker_pb2.WORKER_ROLE_PREFILL
-DECODE = worker_pb2.WORKER_ROLE_DECODE
-PROMPT = list(range(1, 41))
-"""40 tokens: 2 full blocks of 16 and a partial one, so a handle needs 3 blocks."""
-MAX_TOKENS = 6
-
-
-@pytest.fixture(autouse=True)
-def _tiny(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    use_tiny_model(monkeypatch, tmp_path_factory)
 
 
 def _truncated(kv: worker_pb2.KVHandle) -> None:
@@ -61,37 +55,6 @@ BAD_HANDLES: Sequence[tuple[Callable[[worker_pb2.KVHandle], None], str]] = (
 )
 
 
-async def _prefill(host: WorkerHost, request_id: str) -> worker_pb2.PrefillResponse:
-    async with client_channel(host.address) as channel:
-        request = worker_pb2.PrefillRequest(
-            request=generate_request(PROMPT, MAX_TOKENS, request_id)
-        )
-        return await worker_pb2_grpc.PrefillWorkerStub(channel).Prefill(request, timeout=30)
-
-
-async def _decode(
-    host: WorkerHost, request_id: str, first: worker_pb2.PrefillResponse, kv: worker_pb2.KVHandle
-) -> Stream:
-    request = worker_pb2.DecodeRequest(
-        request=generate_request(PROMPT, MAX_TOKENS, request_id),
-        first_token_id=first.first_token_id,
-        kv=kv,
-    )
-    async with client_channel(host.address) as channel:
-        return await read_stream(
-            worker_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=30)
-        )
-
-
-async def _until_idle(*hosts: WorkerHost) -> None:
-    """Wait (briefly) for releases sent without waiting to land, then check every host."""
-    for _ in range(100):
-        if all([await idle(h) == IDLE for h in hosts]):
-            return
-        await asyncio.sleep(0.02)
-    assert [await idle(h) for h in hosts] == [IDLE] * len(hosts)
-
-
 def test_a_malformed_handle_is_refused_naming_its_field_and_leaks_nothing() -> None:
     """Each bad handle ends with INVALID_ARGUMENT before a block is taken; the honest
     handle of the same prefill then decodes exactly the offline reference's tokens."""
@@ -110,20 +73,20 @@ def test_a_malformed_handle_is_refused_naming_its_field_and_leaks_nothing() -> N
                     worker_pb2.DecodeRequest(request=warm), timeout=30
                 )
                 assert (await read_stream(call)).code == grpc.StatusCode.OK
-            first = await _prefill(p, "p")
+            first = await prefill(p, "p")
             for spoil, message in BAD_HANDLES:
                 kv = worker_pb2.KVHandle()
                 kv.CopyFrom(first.kv)
                 spoil(kv)
-                stream = await _decode(d, f"bad-{spoil.__name__}", first, kv)
+                stream = await decode(d, f"bad-{spoil.__name__}", first, kv)
                 assert (stream.code, stream.details) == (grpc.StatusCode.INVALID_ARGUMENT, message)
                 assert stream.messages == []
                 assert await idle(d) == IDLE
-            stream = await _decode(d, "good", first, first.kv)
+            stream = await decode(d, "good", first, first.kv)
             assert stream.code == grpc.StatusCode.OK, stream.details
             assert [first.first_token_id, *stream.tokens] == expected
             assert stream.messages[-1].serving.kv_transport == "grpc"
-            await _until_idle(p, d)
+            await until_idle(p, d)
 
     run(body(), timeout=60)
 
@@ -151,8 +114,8 @@ def test_a_read_the_prefill_no_longer_held_by_its_release_is_discarded(
                 return read
 
             monkeypatch.setattr(KVReader, "pull", pull_then_lease_ends)
-            first = await _prefill(p, "p")
-            stream = await _decode(d, "d", first, first.kv)
+            first = await prefill(p, "p")
+            stream = await decode(d, "d", first, first.kv)
             assert stream.code == grpc.StatusCode.OK, stream.details
             assert [first.first_token_id, *stream.tokens] == expected
             serving = stream.messages[-1].serving
@@ -160,6 +123,6 @@ def test_a_read_the_prefill_no_longer_held_by_its_release_is_discarded(
             # The bytes did cross the wire: received is counted (served is, on the prefill).
             assert reads[0] > 0
             assert d.metrics.kv_bytes_received._value.get() == reads[0]
-            await _until_idle(p, d)
+            await until_idle(p, d)
 
     run(body(), timeout=60)

@@ -5,30 +5,16 @@ was still running that id counted as served too."""
 from __future__ import annotations
 
 import grpc
-import pytest
 
 from services.rpc.server import client_channel
 from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.host import WorkerHost
+from tests.decode.helpers import DECODE, PROMPT
 from tests.router.harness import run
-from tests.router.inprocess import (
-    IDLE,
-    generate_request,
-    idle,
-    read_stream,
-    use_tiny_model,
-    worker,
-)
+from tests.router.inprocess import IDLE, generate_request, idle, read_stream, worker
 
-DECODE = worker_pb2.WORKER_ROLE_DECODE
-PROMPT = list(range(1, 41))
 MAX_TOKENS = 40
 """Long enough for the first call to be still running when the second arrives."""
-
-
-@pytest.fixture(autouse=True)
-def _tiny(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    use_tiny_model(monkeypatch, tmp_path_factory)
 
 
 def _served(host: WorkerHost, mode: str) -> float | None:

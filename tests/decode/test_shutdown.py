@@ -15,30 +15,13 @@ import pytest
 from services.decode import server as decode_server
 from services.decode import service as decode_service
 from services.decode.service import DecodeService
-from services.rpc.server import client_channel
-from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.host import WorkerHost
-from tests.decode.test_bad_kv_handle import MAX_TOKENS, PROMPT, _prefill
-from tests.decode.test_release_wait import slow_release
+from tests.decode.helpers import DECODE, PREFILL, decode, prefill, slow_release
 from tests.router.harness import run
-from tests.router.inprocess import (
-    IDLE,
-    generate_request,
-    idle,
-    read_stream,
-    use_tiny_model,
-    worker,
-)
+from tests.router.inprocess import IDLE, idle, worker
 
-PREFILL = worker_pb2.WORKER_ROLE_PREFILL
-DECODE = worker_pb2.WORKER_ROLE_DECODE
 KV_TIMEOUT_MS = 200
 """The read gives up on the release's answer after this: the release goes on unanswered."""
-
-
-@pytest.fixture(autouse=True)
-def _tiny(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    use_tiny_model(monkeypatch, tmp_path_factory)
 
 
 def _record_services(monkeypatch: pytest.MonkeyPatch) -> list[DecodeService]:
@@ -56,17 +39,7 @@ def _record_services(monkeypatch: pytest.MonkeyPatch) -> list[DecodeService]:
 
 async def _decode_leaving_a_release(p: WorkerHost, d: WorkerHost) -> None:
     """One disaggregated request on ``d`` that ends before its release is answered."""
-    first = await _prefill(p, "p")
-    request = worker_pb2.DecodeRequest(
-        request=generate_request(PROMPT, MAX_TOKENS, "d"),
-        first_token_id=first.first_token_id,
-        kv=first.kv,
-        kv_timeout_ms=KV_TIMEOUT_MS,
-    )
-    async with client_channel(d.address) as channel:
-        stream = await read_stream(
-            worker_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=30)
-        )
+    stream = await decode(d, "d", await prefill(p, "p"), kv_timeout_ms=KV_TIMEOUT_MS)
     assert stream.code == grpc.StatusCode.OK, stream.details
 
 
