@@ -21,6 +21,20 @@ from services.stubs.tandem.v1 import inference_pb2 as pb
 from tests.e2e.client import UP_KEY, wait_up
 
 
+def _tandem(*argv: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``tandem`` CLI as a user would, with ``key`` as TANDEM_API_KEY (or none)."""
+    env = {k: v for k, v in os.environ.items() if k != "TANDEM_API_KEY"}
+    if key is not None:
+        env["TANDEM_API_KEY"] = key
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
 def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_home: Path) -> None:
     port, http_port, state = free_port(), free_port(), tmp_path / "state"
     stderr = tmp_path / "up.err"
@@ -48,30 +62,20 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
         endpoints = metrics_endpoints(up)
         assert set(endpoints) == {"gateway", "router", "decode-0"}, endpoints
 
-        generate = subprocess.run(
-            [sys.executable, "-m", "services.cli.main", "generate", "--target", target,
-             "--prompt-token-ids", "5,6,7,8", "--max-tokens", "4", "--temperature", "0",
-             "--ignore-eos", "--json"],
-            capture_output=True, text=True, timeout=120,
-            env={**os.environ, "TANDEM_API_KEY": secret},
+        generate = _tandem(
+            "generate", "--target", target, "--prompt-token-ids", "5,6,7,8", "--max-tokens",
+            "4", "--temperature", "0", "--ignore-eos", "--json", key=secret,
         )  # fmt: skip
         assert generate.returncode == 0, generate.stderr
         result = json.loads(generate.stdout)
         assert len(result["token_ids"]) == 4 and result["usage"]["completion_tokens"] == 4
         assert secret not in generate.stdout + generate.stderr
-        models = subprocess.run(
-            [sys.executable, "-m", "services.cli.main", "models", "--target", target, "--json"],
-            capture_output=True, text=True, timeout=120,
-            env={**os.environ, "TANDEM_API_KEY": secret},
-        )  # fmt: skip
+        models = _tandem("models", "--target", target, "--json", key=secret)
         assert models.returncode == 0, models.stderr
         assert [m["id"] for m in json.loads(models.stdout)["models"]] == ["tandem-tiny"]
-        env = {k: v for k, v in os.environ.items() if k != "TANDEM_API_KEY"}
-        keyless = subprocess.run(
-            [sys.executable, "-m", "services.cli.main", "generate", "--target", target,
-             "--prompt-token-ids", "5,6", "--max-tokens", "2"],
-            capture_output=True, text=True, timeout=120, env=env,
-        )  # fmt: skip
+        keyless = _tandem(
+            "generate", "--target", target, "--prompt-token-ids", "5,6", "--max-tokens", "2"
+        )
         assert keyless.returncode != 0
         assert "UNAUTHENTICATED" in keyless.stderr and "TANDEM_API_KEY" in keyless.stderr
 
@@ -93,11 +97,7 @@ def test_up_prints_an_admin_key_that_opens_the_gateway(tmp_path: Path, tandem_ho
                 ("tandem-tiny", 1, 4)
             ]
         # ... and so does `tandem usage` (this month by default)
-        usage_cli = subprocess.run(
-            [sys.executable, "-m", "services.cli.main", "usage", "--target", target, "--json"],
-            capture_output=True, text=True, timeout=120,
-            env={**os.environ, "TANDEM_API_KEY": secret},
-        )  # fmt: skip
+        usage_cli = _tandem("usage", "--target", target, "--json", key=secret)
         assert usage_cli.returncode == 0, usage_cli.stderr
         rows = json.loads(usage_cli.stdout)["rows"]
         assert [(r["model"], r["requests"], r["completion_tokens"]) for r in rows] == [
