@@ -6,6 +6,7 @@ pending, to be torn down with the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -37,10 +38,15 @@ def _record_services(monkeypatch: pytest.MonkeyPatch) -> list[DecodeService]:
     return services
 
 
-async def _decode_leaving_a_release(p: WorkerHost, d: WorkerHost) -> None:
-    """One disaggregated request on ``d`` that ends before its release is answered."""
+async def _decode_leaving_a_release(
+    p: WorkerHost, d: WorkerHost, services: list[DecodeService]
+) -> tuple[DecodeService, set[asyncio.Task[Any]], list[grpc.aio.Channel]]:
+    """One disaggregated request on ``d`` that ends before its release is answered; then
+    ``d``'s service, its releases still in flight and its channels to prefill workers."""
     stream = await decode(d, "d", await prefill(p, "p"), kv_timeout_ms=KV_TIMEOUT_MS)
     assert stream.code == grpc.StatusCode.OK, stream.details
+    (service,) = services
+    return service, set(service._background), list(service._channels.values())
 
 
 def _assert_closed(service: DecodeService, channels: list[grpc.aio.Channel]) -> None:
@@ -61,10 +67,7 @@ def test_stop_lets_a_release_in_flight_finish_and_closes_the_channels(
     async def body() -> None:
         async with worker(PREFILL, "p0", kv_transport="grpc") as p:
             async with worker(DECODE, "d0", kv_transport="grpc") as d:
-                await _decode_leaving_a_release(p, d)
-                (service,) = services
-                releases = set(service._background)
-                channels = list(service._channels.values())
+                service, releases, channels = await _decode_leaving_a_release(p, d, services)
                 assert [task.done() for task in releases] == [False]
             (release,) = releases
             assert release.done() and not release.cancelled()
@@ -86,10 +89,7 @@ def test_stop_cancels_a_release_that_outlasts_its_wait(monkeypatch: pytest.Monke
     async def body() -> None:
         async with worker(PREFILL, "p0", kv_transport="grpc") as p:
             async with worker(DECODE, "d0", kv_transport="grpc") as d:
-                await _decode_leaving_a_release(p, d)
-                (service,) = services
-                releases = set(service._background)
-                channels = list(service._channels.values())
+                service, releases, channels = await _decode_leaving_a_release(p, d, services)
                 start = time.monotonic()
             took = time.monotonic() - start
             (release,) = releases
