@@ -74,6 +74,12 @@ class KVCache:
             self.tensor = host_zeros(shape, dtype)  # huge pages: faster CMA pulls, fewer TLB misses
         else:
             self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        # Each layer's K and V views, made once: the model asks for them every step.
+        if layout == "layer-major":
+            kv = [(self.tensor[i, 0], self.tensor[i, 1]) for i in range(num_layers)]
+        else:
+            kv = [(self.tensor[:, i, 0], self.tensor[:, i, 1]) for i in range(num_layers)]
+        self._layers = tuple(kv)
 
     @staticmethod
     def bytes_per_token(
@@ -95,9 +101,7 @@ class KVCache:
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer, each ``[num_slots, num_kv_heads, head_dim]`` (views)."""
-        if self.layout == "layer-major":
-            return self.tensor[layer, 0], self.tensor[layer, 1]
-        return self.tensor[:, layer, 0], self.tensor[:, layer, 1]
+        return self._layers[layer]
 
     def planes(self) -> torch.Tensor:
         """The pool as ``[num_planes, num_blocks, span elements]`` (a view): block ``b``'s
