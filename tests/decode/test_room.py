@@ -25,11 +25,11 @@ def _engine() -> LLMEngine:
     return LLMEngine("tandem-tiny", EngineConfig(dtype="float32", device="cpu", num_blocks=8))
 
 
-async def _with_busy(loop: EngineLoop) -> asyncio.Task[list[int]]:
+async def _with_busy(loop: EngineLoop, params: SamplingParams = PARAMS) -> asyncio.Task[list[int]]:
     """A running request filling the pool until it finishes; the task returns its tokens."""
 
     async def run() -> list[int]:
-        outputs = loop.outputs("busy", lambda e: e.add_request("busy", BUSY, PARAMS))
+        outputs = loop.outputs("busy", lambda e: e.add_request("busy", BUSY, params))
         return [t async for out in outputs for t in out.token_ids]
 
     task = asyncio.create_task(run())
@@ -40,14 +40,14 @@ async def _with_busy(loop: EngineLoop) -> asyncio.Task[list[int]]:
 
 @contextlib.asynccontextmanager
 async def _full_pool(
-    engine: LLMEngine | None = None,
+    busy: SamplingParams = PARAMS,
 ) -> AsyncIterator[tuple[EngineLoop, RoomWaiter, asyncio.Task[list[int]]]]:
     """An engine loop, its RoomWaiter, and the busy request holding 4 of its 8 blocks."""
-    loop = EngineLoop(engine or _engine(), tick_s=0.01)
+    loop = EngineLoop(_engine(), tick_s=0.01)
     loop.start()
     rooms = RoomWaiter(loop)
     try:
-        yield loop, rooms, await _with_busy(loop)
+        yield loop, rooms, await _with_busy(loop, busy)
     finally:
         await rooms.close()
         await loop.stop()
@@ -80,11 +80,15 @@ def test_waiters_get_room_when_the_running_request_finishes() -> None:
 
 
 def test_a_waiter_past_its_deadline_is_prefilled_here() -> None:
+    """Deterministic: the reference runs on an engine of its own (no prompt blocks cached
+    in the loop's, which once let the waiter fit in one free block before busy grew), and
+    busy runs 30 tokens, growing past the room the waiter needs, well past its deadline."""
+
     async def body() -> None:
-        engine = _engine()
-        (whole,) = engine.generate([PROMPT], PARAMS)
+        (whole,) = _engine().generate([PROMPT], PARAMS)
         first = whole.token_ids[0]
-        async with _full_pool(engine) as (loop, rooms, busy):
+        long_busy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        async with _full_pool(long_busy) as (loop, rooms, busy):
             started = time.monotonic()
 
             async def wait_in_vain() -> None:  # as DecodeService does, once it is queued
