@@ -18,7 +18,7 @@ def add_tracing_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def configure(args: argparse.Namespace, service_name: str) -> None:
+def configure(args: argparse.Namespace, service_name: str, instance_id: str | None = None) -> None:
     from services.telemetry.tracing import configure_tracing
 
-    configure_tracing(service_name, args.trace_exporter)
+    configure_tracing(service_name, args.trace_exporter, instance_id)

@@ -134,7 +134,11 @@ def _handler(role: str) -> Callable[[argparse.Namespace], int]:
     def handle(args: argparse.Namespace) -> int:
         tls = service_tls(args)  # a half-given set fails before the model loads
         logging.getLogger().setLevel(logging.INFO)
-        configure_tracing(args, f"tandem-{role}")
+        from services.worker.host import default_worker_id
+
+        # Chosen here, so the spans name the replica by the id it registers under.
+        args.worker_id = args.worker_id or default_worker_id()
+        configure_tracing(args, f"tandem-{role}", args.worker_id)
         config = worker_config(args, tls=tls)
         if role == "prefill":
             from services.prefill.server import run

@@ -128,12 +128,12 @@ def worker_config_from_flags(role: str, model: str, host: str, router: str, work
     return worker_config(args, model=model, host=host, router=router, worker_id=worker_id)
 
 
-def _configure_tracing(role: str, flags: Sequence[str]) -> None:
+def _configure_tracing(role: str, flags: Sequence[str], worker_id: str) -> None:
     """What ``tandem <role> --trace-exporter …`` would do, in this actor's process."""
     from services.cli.main import build_parser
     from services.cli.telemetry_args import configure
 
-    configure(build_parser().parse_args([role, *flags]), f"tandem-{role}")
+    configure(build_parser().parse_args([role, *flags]), f"tandem-{role}", worker_id)
 
 
 class WorkerActor:
@@ -150,7 +150,7 @@ class WorkerActor:
         host = LOOPBACK if loopback else ray.util.get_node_ip_address()
         self.role = role
         self.config = worker_config_from_flags(role, model, host, router, worker_id, flags)
-        _configure_tracing(role, flags)  # before the worker's server and channels exist
+        _configure_tracing(role, flags, worker_id)  # before the worker's server and channels exist
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

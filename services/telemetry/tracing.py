@@ -21,6 +21,7 @@ output) in noise.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from opentelemetry import trace
@@ -50,18 +51,35 @@ def _traced(details: Any) -> bool:
     return _method_of(details) not in UNTRACED_METHODS
 
 
-def configure_tracing(service_name: str, exporter: str = "none") -> None:
-    """Install a tracer provider exporting to ``exporter``; "none" leaves tracing off."""
+def tracing_resource(service_name: str, instance_id: str | None = None) -> Any:
+    """The OpenTelemetry resource every span of this process carries.
+
+    ``service.instance.id`` tells apart the replicas of one service (two prefill workers
+    share ``tandem-prefill``): ``instance_id`` (a worker's id) or a fresh uuid4, unless
+    the operator set one in ``OTEL_RESOURCE_ATTRIBUTES``, which wins.
+    """
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+
+    attributes = {"service.name": service_name}
+    if "service.instance.id" not in OTELResourceDetector().detect().attributes:
+        attributes["service.instance.id"] = instance_id or uuid.uuid4().hex
+    return Resource.create(attributes)
+
+
+def configure_tracing(
+    service_name: str, exporter: str = "none", instance_id: str | None = None
+) -> None:
+    """Install a tracer provider exporting to ``exporter``; "none" leaves tracing off.
+    ``instance_id`` names this replica on its spans (:func:`tracing_resource`)."""
     global _enabled
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown trace exporter {exporter!r}; choose one of {EXPORTERS}")
     if exporter == "none":
         return
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(resource=tracing_resource(service_name, instance_id))
     if exporter == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 

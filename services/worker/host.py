@@ -83,11 +83,16 @@ class WorkerConfig:
     plaintext."""
 
 
+def default_worker_id() -> str:
+    """A worker id when none is given: the host name and a random suffix."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
 class WorkerHost:
     def __init__(self, config: WorkerConfig, role: int) -> None:
         self.config = config
         self.role = role
-        self.worker_id = config.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = config.worker_id or default_worker_id()
         self.metrics = WorkerMetrics("prefill" if role == wpb.WORKER_ROLE_PREFILL else "decode")
         self.engine: LLMEngine | None = None
         self.loop: EngineLoop | None = None

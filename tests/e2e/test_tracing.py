@@ -154,6 +154,13 @@ def test_one_trace_spans_every_hop(cluster: LocalCluster) -> None:
         noise = sorted({s["name"] for s in found if any(u in s["name"] for u in UNTRACED)})
         assert noise == [], (name, noise)
     assert len(router) == len({s["context"]["span_id"] for s in router})
+    # each replica is named on its spans: a worker by the id it registered under
+    instances = {
+        name: {s["resource"]["attributes"]["service.instance.id"] for s in found}
+        for name, found in spans.items()
+    }
+    assert instances["prefill-0"] == {"prefill-0"} and instances["decode-0"] == {"decode-0"}
+    assert len(instances["router"]) == 1
     # nothing secret or private in any span or log line
     for child in cluster.children:
         text = child.log_path.read_text(errors="replace")
