@@ -37,6 +37,14 @@ class UnknownWorkerError(TandemError, LookupError):
     grpc_code = "NOT_FOUND"
 
 
+class SupersededWorkerError(TandemError):
+    """A heartbeat or KV stream comes from a process that another registration under the
+    same worker id replaced (FAILED_PRECONDITION: it must stop, not register again and
+    take the id back)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class WorkerLost(Exception):
     """A worker failed in a way another worker can make good (dead, hung, shutting down).
 

@@ -37,7 +37,11 @@ from typing import TypeVar
 from services.engine.errors import InvalidRequestError
 from services.kv_transfer import layout as kv_layout
 from services.kv_transfer.errors import IncompatiblePeerError
-from services.router.errors import IncompatibleWorkerError, UnknownWorkerError
+from services.router.errors import (
+    IncompatibleWorkerError,
+    SupersededWorkerError,
+    UnknownWorkerError,
+)
 from services.stubs.tandem.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,8 @@ class WorkerState:
     heartbeat shows yet; counted by ``InFlightPrefill``."""
     draining: bool = False
     """The worker is shutting down gracefully: finishing its calls, taking no new ones."""
+    instance: str = ""
+    """RegisterRequest.instance: the registering process ("" from workers too old to say)."""
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the entry is removed (expired, or replaced by a re-registration)."""
 
@@ -179,6 +185,7 @@ class WorkerRegistry:
             max_context_length=request.max_context_length,
             vocab_size=request.vocab_size,
             last_heartbeat=self._clock(),
+            instance=request.instance,
         )
         self._workers[worker.worker_id] = worker
         self._served_once.add(worker.model)
@@ -195,14 +202,19 @@ class WorkerRegistry:
         return worker
 
     def heartbeat(
-        self, worker_id: str, load: worker_pb2.WorkerLoad, draining: bool = False
+        self,
+        worker_id: str,
+        load: worker_pb2.WorkerLoad,
+        draining: bool = False,
+        instance: str = "",
     ) -> None:
         """Record ``load`` and that the worker is alive; ``draining``: it is shutting down
         gracefully, and no new request goes to it from now on (a worker never stops
         draining: a process that serves again registers again).
 
         Raises UnknownWorkerError when the id is not registered or has expired
-        (the worker must register again).
+        (the worker must register again), and SupersededWorkerError when ``instance`` is
+        not the process that registered the id (:meth:`check_instance`).
         """
         worker = self._live(worker_id)
         if worker is None:
@@ -210,6 +222,7 @@ class WorkerRegistry:
                 f"worker {worker_id!r} is not registered (never, or removed after missing "
                 f"heartbeats for {self.heartbeat_timeout_s:g} s); register again"
             )
+        check_instance(worker, instance)
         worker.load = _copy(load)
         worker.last_heartbeat = self._clock()
         if draining and not worker.draining:
@@ -335,6 +348,19 @@ def _copy(message: _Message) -> _Message:
     copied = type(message)()
     copied.CopyFrom(message)
     return copied
+
+
+def check_instance(worker: WorkerState, instance: str) -> None:
+    """Raise SupersededWorkerError when a message from process ``instance`` names
+    ``worker``'s id but another process registered it since: its heartbeats would keep
+    the new entry alive (or mark it draining for good) and its KV events would stand for
+    blocks the new process does not hold. Either side empty (an older worker): passes."""
+    if instance and worker.instance and instance != worker.instance:
+        raise SupersededWorkerError(
+            f"worker id {worker.worker_id!r} was registered again by another process "
+            f"(at {worker.address}), which replaced this one; give each worker process its "
+            "own --worker-id"
+        )
 
 
 def _check_registration(request: worker_pb2.RegisterRequest) -> None:

@@ -14,11 +14,11 @@ from contextlib import aclosing
 import grpc
 
 from services.engine.errors import TandemError
-from services.router.errors import RouteError
+from services.router.errors import RouteError, SupersededWorkerError
 from services.router.kv_state import NeedsSnapshot, RouterKVState
 from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
-from services.router.registry import WorkerRegistry, WorkerState
+from services.router.registry import WorkerRegistry, WorkerState, check_instance
 from services.rpc.drain import CallGate
 from services.rpc.status import abort_with
 from services.stubs.tandem.v1 import (
@@ -101,7 +101,9 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
         self, request: worker_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.HeartbeatResponse:
         try:
-            self._registry.heartbeat(request.worker_id, request.load, request.draining)
+            self._registry.heartbeat(
+                request.worker_id, request.load, request.draining, request.instance
+            )
         except TandemError as error:
             await abort_with(context, error)
         return worker_pb2.HeartbeatResponse()
@@ -149,6 +151,10 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
                 f"worker {first.worker_id!r} is not registered; register, then "
                 "reconnect starting with a snapshot",
             )
+        try:
+            check_instance(worker, first.instance)
+        except SupersededWorkerError as error:
+            await abort_with(context, error)
         if not first.HasField("snapshot"):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,

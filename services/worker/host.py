@@ -93,6 +93,8 @@ class WorkerHost:
         self.config = config
         self.role = role
         self.worker_id = config.worker_id or default_worker_id()
+        self.instance = uuid.uuid4().hex
+        """This process, to the router (RegisterRequest.instance)."""
         self.metrics = WorkerMetrics("prefill" if role == wpb.WORKER_ROLE_PREFILL else "decode")
         self.engine: LLMEngine | None = None
         self.loop: EngineLoop | None = None
@@ -155,7 +157,12 @@ class WorkerHost:
             # the stream until the registration above lands; the publisher retries.
             self._kv_publisher = asyncio.create_task(
                 publish_kv_events(
-                    self.config.router, self.worker_id, self.loop, self._stop, tls=self.config.tls
+                    self.config.router,
+                    self.worker_id,
+                    self.loop,
+                    self._stop,
+                    tls=self.config.tls,
+                    instance=self.instance,
                 )
             )
         log.info(
@@ -179,6 +186,7 @@ class WorkerHost:
             layout=describe(engine.runner.kv_cache, engine.model_id),
             max_context_length=engine.max_model_len,
             vocab_size=engine.model_config.vocab_size,
+            instance=self.instance,
         )
 
     async def load(self) -> wpb.WorkerLoad:

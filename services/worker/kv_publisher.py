@@ -46,16 +46,18 @@ async def publish_kv_events(
     stop: asyncio.Event,
     interval_s: float = 0.05,
     tls: TlsConfig | None = None,
+    instance: str = "",
 ) -> None:
     """Publish until ``stop`` is set (or the task is cancelled); never raises otherwise.
-    ``tls``: dial the router with this identity and CA (None: plaintext)."""
+    ``tls``: dial the router with this identity and CA (None: plaintext). ``instance``:
+    this process's RegisterRequest.instance, sent with each stream's snapshot."""
     async with client_channel(router, tls=tls) as channel:
         stub = worker_pb2_grpc.RegistryStub(channel)
         delay = RETRY_S
         while not stop.is_set():
             began = time.monotonic()
             try:
-                why = await _publish_once(stub, worker_id, loop, stop, interval_s)
+                why = await _publish_once(stub, worker_id, loop, stop, interval_s, instance)
             except RuntimeError:  # the engine loop stopped: the worker is shutting down
                 return
             if why is None:
@@ -79,12 +81,14 @@ async def _publish_once(
     loop: EngineLoop,
     stop: asyncio.Event,
     interval_s: float,
+    instance: str,
 ) -> str | None:
     """One stream: snapshot, then batches. None when stopping, else why it ended."""
     call = stub.PublishKVEvents()
     try:
         snapshot = await loop.call(_snapshot)
-        await call.write(wpb.KVEventBatch(worker_id=worker_id, snapshot=snapshot))
+        first = wpb.KVEventBatch(worker_id=worker_id, snapshot=snapshot, instance=instance)
+        await call.write(first)
         while not await _sleep(stop, interval_s):
             if call.done():
                 break

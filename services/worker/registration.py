@@ -5,6 +5,10 @@ heartbeats follow at the interval the router asks for. A NOT_FOUND heartbeat
 means the router dropped this worker (it restarted, or we were too slow):
 register again. Every call has a deadline, so a hung router never hangs us.
 
+A FAILED_PRECONDITION heartbeat means another process registered under this worker's
+id and replaced it (RegisterRequest.instance): this process stops rather than register
+again and take the id back, which would leave two processes evicting each other.
+
 Once the worker begins to drain (``draining`` set), a heartbeat goes out at once
 with the flag so the router stops placing requests here; from then on the
 worker never registers again (the router forgetting it is what it wants).
@@ -45,7 +49,7 @@ async def register_and_heartbeat(
     draining = draining if draining is not None else asyncio.Event()
     async with client_channel(router, tls=tls) as channel:
         stub = worker_pb2_grpc.RegistryStub(channel)
-        beats = _Heartbeats(stub, registration.worker_id, load, stop, draining)
+        beats = _Heartbeats(stub, registration, load, stop, draining)
         while not stop.is_set() and not draining.is_set():
             interval = await _register(stub, registration, stop)
             if interval is None:
@@ -74,13 +78,14 @@ class _Heartbeats:
     def __init__(
         self,
         stub: worker_pb2_grpc.RegistryStub,
-        worker_id: str,
+        registration: wpb.RegisterRequest,
         load: Callable[[], Awaitable[wpb.WorkerLoad]],
         stop: asyncio.Event,
         draining: asyncio.Event,
     ) -> None:
         self.stub = stub
-        self.worker_id = worker_id
+        self.worker_id = registration.worker_id
+        self.instance = registration.instance
         self.load = load
         self.stop = stop
         self.draining = draining
@@ -88,7 +93,8 @@ class _Heartbeats:
 
     async def until_dropped(self, interval: float) -> None:
         """Heartbeat every ``interval`` s (at once when draining begins) until the router
-        forgets this worker or ``stop`` is set."""
+        forgets this worker or ``stop`` is set. Raises the router's FAILED_PRECONDITION:
+        another process took this worker's id."""
         while not await self._wait(interval):
             try:
                 await self._beat()
@@ -97,12 +103,17 @@ class _Heartbeats:
                     if not self.draining.is_set():
                         log.warning("the router forgot this worker; registering again")
                     return
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
                 log.warning("heartbeat failed (%s); will retry", e.code().name)
 
     async def _beat(self) -> None:
         draining = self.draining.is_set()
         beat = wpb.HeartbeatRequest(
-            worker_id=self.worker_id, load=await self.load(), draining=draining
+            worker_id=self.worker_id,
+            load=await self.load(),
+            draining=draining,
+            instance=self.instance,
         )
         await self.stub.Heartbeat(beat, timeout=CALL_TIMEOUT_S)
         if draining and not self.told_draining:

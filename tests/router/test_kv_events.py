@@ -190,6 +190,40 @@ def test_streams_of_unknown_workers_or_without_a_snapshot_are_refused() -> None:
     run(body())
 
 
+def test_a_stream_from_the_replaced_process_is_refused() -> None:
+    """Another process registered under p0's id: the old one's snapshot stands for blocks
+    the new one does not hold, so it must not reach the index."""
+
+    async def body() -> None:
+        router = await start_router(CONFIG)
+        try:
+            async with client_channel(router.address) as channel:
+                stub = worker_pb2_grpc.RegistryStub(channel)
+                old, new = registration("p0"), registration("p0")
+                old.instance, new.instance = "a" * 32, "b" * 32
+                await stub.Register(old)
+                await stub.Register(new)
+                call = stub.PublishKVEvents()
+                stale = snapshot("p0", chain(1, 2), next_seq=0)
+                stale.instance = old.instance
+                await call.write(stale)
+                code, details = await ended_with(call)
+                assert code == grpc.StatusCode.FAILED_PRECONDITION
+                assert "registered again by another process" in details
+                assert prefix(router, chain(1, 2)) == {}
+
+                current = stub.PublishKVEvents()
+                fresh = snapshot("p0", chain(1, 2), next_seq=0)
+                fresh.instance = new.instance
+                await current.write(fresh)
+                await until(lambda: prefix(router, chain(1, 2)) == {"p0": 2})
+                current.cancel()
+        finally:
+            await router.stop(grace=0)
+
+    run(body())
+
+
 def test_re_registration_drops_the_workers_blocks_at_once() -> None:
     async def body() -> None:
         router = await start_router(CONFIG)

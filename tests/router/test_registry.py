@@ -9,7 +9,11 @@ import pytest
 
 from services.engine.errors import InvalidRequestError
 from services.router.config import RouterConfig
-from services.router.errors import IncompatibleWorkerError, UnknownWorkerError
+from services.router.errors import (
+    IncompatibleWorkerError,
+    SupersededWorkerError,
+    UnknownWorkerError,
+)
 from services.router.registry import DECODE, PREFILL, WorkerRegistry
 from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
 from tests.router.fakes import MODEL, MODEL_ID
@@ -32,6 +36,7 @@ def registration(
     block_size: int = 16,
     model_id: str = MODEL_ID,
     address: str = "127.0.0.1:1",
+    instance: str = "",
 ) -> worker_pb2.RegisterRequest:
     return worker_pb2.RegisterRequest(
         worker_id=worker_id,
@@ -41,6 +46,7 @@ def registration(
         layout=worker_pb2.KVLayout(model_id=model_id, block_size=block_size),
         max_context_length=512,
         vocab_size=4096,
+        instance=instance,
     )
 
 
@@ -119,6 +125,24 @@ def test_re_registration_replaces_the_entry() -> None:
     assert old.gone.is_set() and not new.gone.is_set()
     assert registry.get("d1") is new
     assert (new.address, new.in_flight) == ("127.0.0.1:2", 0)
+
+
+def test_the_replaced_process_can_neither_keep_the_entry_alive_nor_drain_it() -> None:
+    """Two processes under one worker id: the later registration wins, and the earlier
+    process's heartbeats are refused rather than credited to it (they kept a dead address
+    routable, and a draining one took the healthy worker out of service for good)."""
+    clock = FakeClock()
+    registry = WorkerRegistry(heartbeat_timeout_s=3.0, clock=clock)
+    registry.register(registration("d1", address="127.0.0.1:1", instance="a" * 32))
+    new = registry.register(registration("d1", address="127.0.0.1:2", instance="b" * 32))
+    clock.now += 2.0
+    stale = worker_pb2.WorkerLoad(running=7)
+    with pytest.raises(SupersededWorkerError, match=r"another process \(at 127\.0\.0\.1:2\)"):
+        registry.heartbeat("d1", stale, draining=True, instance="a" * 32)
+    assert (new.draining, new.load.running, new.last_heartbeat) == (False, 0, 100.0)
+    registry.heartbeat("d1", worker_pb2.WorkerLoad(running=1), instance="b" * 32)
+    registry.heartbeat("d1", worker_pb2.WorkerLoad(running=2))  # a worker too old to say
+    assert (registry.get("d1") is new, new.load.running, new.last_heartbeat) == (True, 2, 102.0)
 
 
 def test_a_different_block_size_or_model_id_for_the_same_model_is_refused() -> None:

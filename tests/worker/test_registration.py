@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
+import pytest
+
 from services.launcher.local import free_port
 from services.router.config import RouterConfig
 from services.router.server import Router, start_router
@@ -103,6 +106,38 @@ def test_draining_reaches_the_router_at_once_and_the_worker_never_re_registers()
         finally:
             stop.set()
             await asyncio.gather(worker, return_exceptions=True)
+            await router.stop(grace=0)
+
+    run(body(), timeout=30)
+
+
+def test_a_process_replaced_under_its_worker_id_stops_instead_of_taking_it_back() -> None:
+    """Two live processes under one --worker-id: the later registration holds the entry;
+    the earlier one's heartbeat is refused and its registration ends with the error (the
+    worker stops, naming the cause) rather than registering again, which would leave the
+    two evicting each other for as long as both live."""
+
+    async def body() -> None:
+        router = await start_router(RouterConfig(port=free_port(), heartbeat_interval_s=0.1))
+        stop = asyncio.Event()
+        first, second = registration("d1", address="127.0.0.1:1"), registration("d1")
+        first.instance, second.instance = "a" * 32, "b" * 32
+        second.address = "127.0.0.1:2"
+        old = asyncio.create_task(register_and_heartbeat(router.address, first, _load, stop))
+        new = None
+        try:
+            await _registered(router, "d1", within_s=5.0)
+            new = asyncio.create_task(register_and_heartbeat(router.address, second, _load, stop))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(old, 5.0)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "--worker-id" in refused.value.details()
+            await asyncio.sleep(0.5)  # five of its heartbeat intervals: nothing flips back
+            entry = router.registry.get("d1")
+            assert (entry.address, entry.instance, new.done()) == ("127.0.0.1:2", "b" * 32, False)
+        finally:
+            stop.set()
+            await asyncio.gather(old, *([new] if new else []), return_exceptions=True)
             await router.stop(grace=0)
 
     run(body(), timeout=30)
