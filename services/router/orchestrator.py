@@ -60,6 +60,7 @@ import itertools
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 
@@ -118,6 +119,10 @@ class Orchestrator:
         self.channels = WorkerChannels(config.tls)
         registry.add_remove_listener(self.channels.drop)
         self._attempt_seq = itertools.count(1)
+        # Attempt ids are "<request_id>#<this router>.<n>": the router part keeps them unique
+        # across router restarts and replicas, so a client's retry of one request_id never
+        # meets the pin an earlier router left on a prefill worker (refused as a duplicate).
+        self._attempt_prefix = uuid.uuid4().hex[:8]
         self._background: set[asyncio.Task[None]] = set()
         self.kv_state: object | None = None
         """The KV event stream's state, set by the server's wiring: ``index(model)`` gives
@@ -182,7 +187,8 @@ class Orchestrator:
         """One placement: prefill (when a prefill worker is left and needed) then decode."""
         model = progress.admitted.model
         fresh = not progress.sent
-        request = progress.attempt_request(f"{progress.request_id}#{next(self._attempt_seq)}")
+        attempt = f"{self._attempt_prefix}.{next(self._attempt_seq)}"
+        request = progress.attempt_request(f"{progress.request_id}#{attempt}")
         await self._decoders(progress, failed, deadline)
         routing = self._routing(progress)
         prefill_worker: WorkerState | None = None

@@ -160,3 +160,25 @@ def test_list_models_reports_what_live_workers_serve() -> None:
             ]
 
     run(body())
+
+
+def test_attempt_ids_differ_between_routers() -> None:
+    """A router that restarts (or a second replica) must not reuse its predecessor's attempt
+    ids: a prefill worker still holding "req-1#1" for a crashed router would refuse the
+    client's retry of req-1 as a duplicate (INVALID_ARGUMENT, for a valid request)."""
+
+    async def attempt_id() -> str:
+        async with cluster() as c:
+            prefill = await c.add("p1", PREFILL)
+            await c.add("d1", DECODE)
+            result = await c.generate(prompt_token_ids=PROMPT, max_tokens=2, request_id="req-1")
+            assert result.code.name == "OK"
+            (call,) = prefill.calls
+            return call.request.request_id
+
+    async def body() -> None:
+        first, second = await attempt_id(), await attempt_id()
+        assert first.startswith("req-1#") and second.startswith("req-1#")
+        assert first != second
+
+    run(body())
