@@ -65,8 +65,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             await abort_with(context, e)
         lease_s = self._lease_s(request.lease_ms)
 
+        added = False  # set on the engine thread: this call's request, not another's
+
         def submit(engine: LLMEngine) -> None:
+            nonlocal added
             engine.add_request(rid, prompt, params, prefill_only=True, lease_s=lease_s)
+            added = True
 
         outs = []
         try:
@@ -74,8 +78,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         except TandemError as e:
             await abort_with(context, e)
         except BaseException:
-            # Cancelled after the prefill finished: nobody will read the blocks.
-            await self.loop.call(lambda engine: engine.release_held(rid))
+            # Cancelled after the prefill finished: nobody will read the blocks. Only ours:
+            # a duplicate refused (or cancelled before it was added) must not release the
+            # pin of the request that holds this id.
+            await self.loop.call(lambda engine: added and engine.release_held(rid))
             raise
         # From here to the answer there is no await (no point where a cancellation lands
         # with the blocks pinned); one lost in transit is the router's to release.

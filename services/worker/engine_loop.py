@@ -121,13 +121,15 @@ class EngineLoop:
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = q
         finished = False
-        submitted = True
+        added = False  # set on the engine thread once ``submit`` returned: this call's request
+
+        def add(engine: LLMEngine) -> None:
+            nonlocal added
+            submit(engine)
+            added = True
+
         try:
-            try:
-                await self.call(submit)
-            except Exception:  # submit raised (it changed nothing) or never ran
-                submitted = False
-                raise
+            await self.call(add)
             if after_submit is not None:
                 await after_submit()
             while not finished:
@@ -138,8 +140,11 @@ class EngineLoop:
                 yield out
         finally:
             self._unregister(request_id, q)
-            if submitted and not finished:
-                self._commands.put(lambda engine: engine.abort(request_id) and None)
+            if not finished:
+                # Decided on the engine thread, after ``add`` (commands run in order): a
+                # submit refused, or one cancelled before it ran, must not abort another
+                # request under the same id (a prefill's pinned KV, say).
+                self._commands.put(lambda engine: added and engine.abort(request_id) and None)
 
     def _unregister(self, request_id: str, q: asyncio.Queue[RequestOutput]) -> None:
         """Drop ``request_id``'s queue if it is still ``q`` (this call's own)."""
