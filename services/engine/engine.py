@@ -177,11 +177,9 @@ class LLMEngine:
         ``wait_for_room``, queued to receive its KV once there is room
         (``admit_awaiting``), which spares this worker the prefill.
         """
-        self._validate(request_id, [*prompt_token_ids, first_token], params)
-        req = self._new_request(request_id, [*prompt_token_ids, first_token], params)
+        self._validate(request_id, list(prompt_token_ids), params, first_token)
+        req = self._new_request(request_id, list(prompt_token_ids), params, first_token)
         seq = req.seq
-        seq.num_prompt_tokens = len(prompt_token_ids)
-        req.text.push(first_token, check_stop=False)  # already sent by the prefill worker
         reused = self.scheduler.reserve_for_transfer(seq, len(prompt_token_ids), wait_for_room)
         if reused is None:
             if not wait_for_room:
@@ -344,22 +342,41 @@ class LLMEngine:
 
     # --------------------------------------------------------------- internals
     def _new_request(
-        self, request_id: str, token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        first_token: int | None = None,
     ) -> _Request:
+        """The request's state; ``first_token``: one a prefill worker already sampled (and
+        sent), which counts as the first of ``max_tokens``."""
         seq = Sequence(
             request_id=request_id,
-            token_ids=token_ids,
+            token_ids=prompt if first_token is None else [*prompt, first_token],
             params=params,
-            max_total_tokens=min(len(token_ids) + params.max_tokens, self.max_model_len),
+            max_total_tokens=min(len(prompt) + params.max_tokens, self.max_model_len),
             arrival=self._arrivals,
         )
+        seq.num_prompt_tokens = len(prompt)
         self._arrivals += 1
         eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
-        req = _Request(seq, TextStream(self.tokenizer, params.stop), eos)
+        # The prompt is the detokenizer's context: the first token's text keeps the
+        # leading space a SentencePiece decoder would strip at the start of a text.
+        req = _Request(seq, TextStream(self.tokenizer, params.stop, prompt), eos)
+        if first_token is not None:  # its text went out from the prefill worker
+            req.text.push(first_token, check_stop=False)
         self._requests[request_id] = req
         return req
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def _validate(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        first_token: int | None = None,
+    ) -> None:
+        """Raise what is wrong with a request before anything changes; ``first_token`` as
+        in ``_new_request`` (checked like a prompt token, sized as an output)."""
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         if request_id in self._held:  # a second pin would orphan the first one's blocks
@@ -372,15 +389,16 @@ class LLMEngine:
         if not prompt:
             raise InvalidRequestError("prompt", "is empty; give at least one token")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        tokens = prompt if first_token is None else [*prompt, first_token]
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(
                 "prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})"
             )
-        if len(prompt) >= self.max_model_len:
+        if len(tokens) >= self.max_model_len:
             raise InvalidRequestError(
                 "prompt",
-                f"has {len(prompt)} tokens; the model's context holds {self.max_model_len}, "
+                f"has {len(tokens)} tokens; the model's context holds {self.max_model_len}, "
                 f"so a prompt may have at most {self.max_model_len - 1}",
             )
         total = min(len(prompt) + params.max_tokens, self.max_model_len)

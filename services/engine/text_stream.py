@@ -9,12 +9,21 @@ counted and returned as a token id.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer)
+    CONTEXT_TOKENS = 8
+    """Prompt tokens kept as the detokenizer's context (it reads the last few)."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, stop: tuple[str, ...], prompt: Sequence[int] = ()
+    ) -> None:
+        """``prompt``: context only, never part of the text (the first generated token
+        is decoded after it, as it would be read after the prompt)."""
+        self._detok = IncrementalDetokenizer(tokenizer, prompt[-self.CONTEXT_TOKENS :])
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
         self._text = ""

@@ -192,3 +192,26 @@ def test_abort_while_awaiting_room_leaves_the_queue(checkpoint: Path) -> None:
     assert decode.admit_awaiting(give_up=["r9"]) == {}  # gone: nothing to admit or give up
     _drain(decode)
     assert decode.pool.num_free_blocks == 8
+
+
+def test_a_request_that_fits_the_prefill_pool_fits_a_decode_pool_of_its_size(
+    checkpoint: Path,
+) -> None:
+    """The first token is one of max_tokens: a hand-off needs no more room than the same
+    request on one worker. Counted twice, the decode worker refused (OutOfBlocksError)
+    what its prefill twin took: 8 + 8 tokens in 4 blocks of 4 sized as 17 tokens."""
+    config = EngineConfig(dtype="float32", device="cpu", num_blocks=4, block_size=4)
+    prompt, params = PROMPT[:8], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    (whole,) = LLMEngine(str(checkpoint), config).generate([prompt], params)
+    prefill, decode = (LLMEngine(str(checkpoint), config) for _ in range(2))
+    prefill.add_request("r", prompt, params, prefill_only=True)
+    (first,) = _drain(prefill)
+    held = prefill.held("r")
+    assert held is not None and held.block_ids == (0, 1)
+    target = decode.add_transferred_request("r", prompt, first.token_ids[0], params)
+    assert target is not None and target.block_ids == (0, 1)
+    _copy_blocks(prefill, list(held.block_ids), decode, list(target.block_ids))
+    assert prefill.release_held("r")
+    decode.transfer_done("r", ok=True)
+    assert [first.token_ids[0], *_run(decode)] == list(whole.token_ids)
+    assert decode.pool.num_free_blocks == prefill.pool.num_free_blocks == 4
