@@ -115,6 +115,7 @@ def _common(body: Mapping[str, Any]) -> inference_pb2.GenerateRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("model", "is required: one of the ids GET /v1/models returns")
+    _text(model, "model")
     n = body.get("n")
     if n is not None and (_integer(n, "n") != 1):
         raise BadRequest("n", f"only n=1 is supported (got {n})")
@@ -174,10 +175,10 @@ def _set_prompt(request: inference_pb2.GenerateRequest, prompt: Any) -> None:
             )
         prompt = prompt[0]
     if isinstance(prompt, str):
-        request.prompt = prompt
+        request.prompt = _text(prompt, "prompt")
     elif isinstance(prompt, list) and _is_token_list(prompt):
-        if any(t < 0 for t in prompt):
-            raise BadRequest("prompt", "token ids must be non-negative")
+        if any(not 0 <= t < 2**32 for t in prompt):
+            raise BadRequest("prompt", "token ids must be in [0, 2^32)")
         request.prompt_token_ids.extend(prompt)
     else:
         raise BadRequest("prompt", "is required: a string or a non-empty list of token ids")
@@ -193,13 +194,14 @@ def _message(message: Any, where: str) -> tuple[str, str]:
     role = message.get("role")
     if not isinstance(role, str) or not role:
         raise BadRequest(f"{where}.role", "is required")
+    _text(role, f"{where}.role")
     if message.get("tool_calls"):
         raise BadRequest(f"{where}.tool_calls", "tool calls are not supported by this server")
     content = message.get("content")
     if content is None:
         return role, ""
     if isinstance(content, str):
-        return role, content
+        return role, _text(content, f"{where}.content")
     if isinstance(content, list):
         return role, "".join(
             _text_part(part, f"{where}.content[{i}]") for i, part in enumerate(content)
@@ -209,7 +211,7 @@ def _message(message: Any, where: str) -> tuple[str, str]:
 
 def _text_part(part: Any, where: str) -> str:
     if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-        return str(part["text"])
+        return _text(part["text"], f"{where}.text")
     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
     raise BadRequest(where, f"only text parts are supported (got {kind!r})")
 
@@ -218,10 +220,24 @@ def _stop(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
+        return [_text(value, "stop")]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return list(value)
+        return [_text(s, f"stop[{i}]") for i, s in enumerate(value)]
     raise BadRequest("stop", "must be a string or a list of strings")
+
+
+def _text(value: str, name: str) -> str:
+    """``value``, if it is text protobuf can carry. JSON allows an escaped lone UTF-16
+    surrogate ("\\ud83d": a browser front-end cutting a string inside an emoji sends one),
+    which no UTF-8 string can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(
+            name,
+            f"is not valid Unicode: a lone surrogate (\\u{ord(value[e.start]):04x}) at character {e.start}",
+        ) from None
+    return value
 
 
 def _integer(value: Any, name: str) -> int:

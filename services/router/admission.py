@@ -189,8 +189,15 @@ def _check_text_size(request: inference_pb2.GenerateRequest, max_context_length:
     """Refuse a text or chat prompt that certainly exceeds the context, without tokenizing
     it: 15 MiB of text took the tokenizer 15 s."""
     limit = max_context_length * MAX_BYTES_PER_TOKEN
-    if request.messages:
-        size, field = sum(len(m.content.encode()) for m in request.messages), "messages"
+    if len(request.messages) > max_context_length:  # each renders as one token at least
+        raise InvalidRequestError(
+            "messages",
+            f"has {len(request.messages)} messages: more than the model's "
+            f"{max_context_length}-token context can hold",
+        )
+    if request.messages:  # roles too: a template may write them out as they are
+        size = sum(len(m.role.encode()) + len(m.content.encode()) for m in request.messages)
+        field = "messages"
     else:
         size, field = len(request.prompt.encode()), "prompt"
     if size > limit:

@@ -449,6 +449,26 @@ def test_bad_input_is_400_naming_the_parameter_and_unknowns_are_404(
                     async with http.post(f"{s.base_url}/completions", data=bad) as r:
                         assert r.status == 400, bad[:20]  # the big int was a plain-text 500
                         assert "not valid JSON" in (await r.json())["error"]["message"]
+                # each was a 500 with a traceback in the log: an id protobuf's uint32 cannot
+                # hold, and a lone surrogate escape (a front-end cutting inside an emoji)
+                raw = (
+                    (b'{"model": "%s", "prompt": [5, 4294967296]}', "completions", "prompt"),
+                    (b'{"model": "%s", "prompt": "a\\ud83d"}', "completions", "prompt"),
+                    (
+                        b'{"model": "%s", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+                        "chat/completions",
+                        "messages[0].content",
+                    ),
+                    (
+                        b'{"model": "%s", "prompt": "x", "stop": ["\\udc00"]}',
+                        "completions",
+                        "stop[0]",
+                    ),
+                )
+                for data, path, param in raw:
+                    async with http.post(f"{s.base_url}/{path}", data=data % MODEL.encode()) as r:
+                        error = (await r.json())["error"]
+                        assert (r.status, error["param"]) == (400, param), error
                 async with http.post(f"{s.base_url}/embeddings", json={}) as r:
                     assert r.status == 404
                     assert (await r.json())["error"][

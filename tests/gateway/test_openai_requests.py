@@ -87,6 +87,10 @@ COMPLETION_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"prompt": None}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": [1, 2**32]}, "prompt"),  # beyond protobuf's uint32
+    ({"prompt": "a\ud83d"}, "prompt"),  # a lone surrogate: JSON allows it, UTF-8 cannot
+    ({"model": "m\udc00"}, "model"),
+    ({"stop": ["ok", "\ud83d"]}, "stop[1]"),
     ({"prompt": [1, "a"]}, "prompt"),
     ({"n": 3}, "n"),
     ({"n": True}, "n"),
@@ -122,6 +126,12 @@ CHAT_REFUSALS: list[tuple[Any, str]] = [
     ([{"role": "user", "content": 5}], "messages[0].content"),
     ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]"),
     ([{"role": "assistant", "tool_calls": [{"id": "1"}]}], "messages[0].tool_calls"),
+    ([{"role": "user", "content": "\ud83d"}], "messages[0].content"),
+    ([{"role": "user\ud83d", "content": "x"}], "messages[0].role"),
+    (
+        [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}],
+        "messages[0].content[0].text",
+    ),
 ]
 
 

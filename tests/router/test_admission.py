@@ -117,6 +117,9 @@ def test_text_the_context_cannot_hold_is_refused_before_it_is_tokenized() -> Non
 
     too_long = "a" * (CONTEXT * 64 + 1)
     chat = [inference_pb2.ChatMessage(role="user", content=too_long[:-2]) for _ in range(2)]
+    # a template may write the role out as it is: 15 MiB of role took 20 s to tokenize
+    long_role = [inference_pb2.ChatMessage(role=too_long, content="x")]
+    many = [inference_pb2.ChatMessage(role="user") for _ in range(CONTEXT + 1)]
 
     async def body() -> None:
         async with cluster(FAST, TokenizerCache(locate=no_tokenizer)) as c:
@@ -124,12 +127,16 @@ def test_text_the_context_cannot_hold_is_refused_before_it_is_tokenized() -> Non
             await c.add("d1", DECODE)
             cases = (
                 ({"prompt": too_long}, "prompt", CONTEXT * 64 + 1),
-                ({"messages": chat}, "messages", 2 * (CONTEXT * 64 - 1)),
+                ({"messages": chat}, "messages", 2 * (CONTEXT * 64 - 1 + len("user"))),
+                ({"messages": long_role}, "messages", CONTEXT * 64 + 2),
             )
             for fields, field, size in cases:
                 result = await c.generate(max_tokens=2, **fields)
                 assert result.code == grpc.StatusCode.INVALID_ARGUMENT, field
                 assert result.details.startswith(f"{field}: has {size} bytes of text"), field
+            result = await c.generate(max_tokens=2, messages=many)
+            assert result.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert result.details.startswith(f"messages: has {CONTEXT + 1} messages")
 
     run(body())
 
