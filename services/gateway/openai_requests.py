@@ -233,9 +233,9 @@ def _text(value: str, name: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
+        surrogate = f"\\u{ord(value[e.start]):04x}"
         raise BadRequest(
-            name,
-            f"is not valid Unicode: a lone surrogate (\\u{ord(value[e.start]):04x}) at character {e.start}",
+            name, f"is not valid Unicode: a lone surrogate ({surrogate}) at character {e.start}"
         ) from None
     return value
 
