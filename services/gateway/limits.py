@@ -326,6 +326,16 @@ class Admission(ABC):
     def release(self, reservation: Reservation) -> None:
         """Undo a reservation whose request failed before producing any token."""
 
+    def settle_many(self, used: Sequence[tuple[Reservation, int]]) -> None:
+        """For each ``(reservation, tokens used)``: :meth:`settle` it, or :meth:`release` it
+        when none were used. One store round trip where the store allows (Redis: a
+        pipeline); the gateway's settler hands over a batch of calls at once."""
+        for reservation, tokens in used:
+            if tokens:
+                self.settle(reservation, tokens)
+            else:
+                self.release(reservation)
+
     def close(self) -> None:  # noqa: B027 - a hook: most admissions hold nothing to close
         """Finish background work (the gateway calls it when it stops, after its settles)."""
 

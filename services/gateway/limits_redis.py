@@ -325,8 +325,9 @@ class RedisAdmission(Admission):
         if (left := self._later.qsize()) or (thread is not None and thread.is_alive()):
             log.warning("closing with %d rate-limit settle(s) still waiting for Redis", left)
 
-    def _run_adjust(self, job: _Adjust) -> None:
-        """Apply ``job`` (once, whichever attempt gets there: the marker); raises RedisError."""
+    def _run_adjust(self, job: _Adjust, client: redis.client.Pipeline | None = None) -> None:
+        """Apply ``job`` (once, whichever attempt gets there: the marker); raises RedisError.
+        ``client``: queue it on this pipeline instead (run by its ``execute``)."""
         keys = [self._marker(job.reservation)]
         args: list[int] = []
         for c in job.reservation.charges:
@@ -338,10 +339,42 @@ class RedisAdmission(Admission):
                 continue
             keys.append(self._prefix + c.key)
             args.append(delta)
-        self._adjust_script(keys=keys, args=args)
+        self._adjust_script(keys=keys, args=args, client=client)
 
     def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         self._adjust("settle", reservation, actual_tokens, refund_requests=False)
+
+    def settle_many(self, used: Sequence[tuple[Reservation, int]]) -> None:
+        """Every adjustment in one pipeline: one round trip for a batch of calls (one each,
+        in turn, capped the gateway's settler at 1/RTT calls a second). A job Redis
+        refuses, or the whole batch when Redis cannot be reached, goes to the retry thread."""
+        if any(tokens < 0 for _, tokens in used):
+            raise ValueError(f"actual_tokens must be >= 0, got {[t for _, t in used]}")
+        jobs = [
+            _Adjust("settle", r, tokens, False) if tokens else _Adjust("release", r, 0, True)
+            for r, tokens in used
+            if r.charges  # no limits applied: nothing charged, no marker set
+        ]
+        for job in jobs:
+            if job.reservation.uncertain:  # its reserve may still be on its way
+                self._retry(job)
+        jobs = [job for job in jobs if not job.reservation.uncertain]
+        if not jobs:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for job in jobs:
+            self._run_adjust(job, client=pipe)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError as err:
+            for job in jobs:
+                self._retry(job)
+            self._store_error("settle", err)
+            return
+        for job, reply in zip(jobs, replies, strict=True):
+            if isinstance(reply, redis.RedisError):
+                self._retry(job)
+                self._outage(f"rate-limit store (Redis) refused a {job.op}: {reply}")
 
     def release(self, reservation: Reservation) -> None:
         self._adjust("release", reservation, 0, refund_requests=True)

@@ -28,7 +28,9 @@ What is weaker, and how it is covered:
   drains them (:meth:`Settler.close`, from ``Gateway.stop``).
 - Admission: an in-process settle runs on the loop before the status (microseconds), so a
   sequential caller at its budget sees its reservation returned when its call ends; a Redis
-  one (a network round trip) runs on this thread, up to ``linger_s`` later.
+  one runs on this thread, up to ``linger_s`` plus a commit later, after the batch's rows
+  are committed: a batch's settles go in one pipelined round trip, and a slow or absent
+  Redis never holds up a ledger row.
 """
 
 from __future__ import annotations
@@ -184,9 +186,16 @@ class Settler:
                 return batch, markers, False
 
     def _write(self, batch: list[Settle]) -> None:
-        for settle in batch:
-            if settle.reservation is not None and settle.record is not None:
-                settle_admission(self.admission, settle.reservation, settle.record)
+        """Commit the batch's rows and records, then settle its admissions: the ledger never
+        waits on the limit store (one Redis round trip per call, in turn, before the commit
+        held every row behind them, and a graceful stop gave up on the backlog)."""
+        self._commit(batch)
+        settle_admissions(
+            self.admission,
+            [(s.reservation, s.record) for s in batch if s.reservation and s.record],
+        )
+
+    def _commit(self, batch: list[Settle]) -> None:
         if self.ledger.store is self.audit.store:
             try:
                 with self.ledger.store.transaction(exclusive=AUDIT_EXCLUSIVE) as tx:
@@ -224,11 +233,16 @@ class Settler:
 
 def settle_admission(admission: Admission, reservation: Reservation, record: UsageRecord) -> None:
     """Replace the reservation by the tokens used, or give it back when none were."""
-    used = record.prompt_tokens + record.completion_tokens
+    settle_admissions(admission, [(reservation, record)])
+
+
+def settle_admissions(admission: Admission, settles: list[tuple[Reservation, UsageRecord]]) -> None:
+    """:func:`settle_admission` for each, in one go (``Admission.settle_many``)."""
+    if not settles:
+        return
     try:
-        if used:
-            admission.settle(reservation, used)
-        else:
-            admission.release(reservation)
+        admission.settle_many([(r, u.prompt_tokens + u.completion_tokens) for r, u in settles])
     except Exception:
-        log.exception("settling admission for request %s failed", record.request_id)
+        ids = ", ".join(u.request_id for _, u in settles[:3])
+        more = f" and {len(settles) - 3} more" if len(settles) > 3 else ""
+        log.exception("settling admission for request(s) %s%s failed", ids, more)

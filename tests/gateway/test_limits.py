@@ -571,3 +571,35 @@ def test_close_gives_waiting_settles_one_last_try(
     assert rds.get(day) == b"300"  # nothing retries during the pause...
     adm.close()  # ...but closing does, at once
     assert rds.get(day) == b"40"
+
+
+def test_settle_many_settles_and_releases_exactly_once(backend) -> None:
+    """The settler's batch: used tokens settle, none release (requests refunded), and a
+    reservation already settled is left alone, as with one call each."""
+    adm, clock, used = backend
+    s = Scope("key:m", Limits(requests_per_minute=10, tokens_per_day=5000))
+    a, b, c = (adm.reserve([s], 300) for _ in range(3))
+    adm.settle(c, 50)
+    adm.settle_many([(a, 120), (b, 0), (c, 999)])
+    assert used(key("key:m", "tokens", DAY, clock.t)) == 120 + 50
+    assert used(key("key:m", "requests", MINUTE, clock.t)) == 2  # b's request was refunded
+    adm.settle_many([(a, 7), (b, 7)])  # a second time: nothing
+    assert used(key("key:m", "tokens", DAY, clock.t)) == 170
+
+
+def test_settles_redis_refuses_in_a_batch_land_later(refusing, prefix: str) -> None:
+    """One pipeline for the batch; each adjustment Redis refuses goes to the retry thread
+    and lands once Redis takes scripts again."""
+    client, scripts = refusing
+    clock = Clock(T0 - 3600)
+    adm = RedisAdmission(client, prefix=prefix, clock=clock)
+    first, second = adm.reserve([LOST], 300), adm.reserve([LOST], 300)
+    day = prefix + key("key:lost", "tokens", DAY, clock.t)
+    scripts(False)
+    adm.settle_many([(first, 40), (second, 0)])
+    assert client.get(day) == b"600"
+    scripts(True)
+    adm.settled_later()
+    assert client.get(day) == b"40"
+    assert list(client.scan_iter(match=prefix + "res|*")) == []
+    adm.close()
