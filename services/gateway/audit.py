@@ -11,7 +11,9 @@ stored body, so records from either time check out.
 :meth:`AuditLog.verify_chain` walks the log in ``id`` order and returns the id of the first
 record that does not check out, or None:
 
-- an edited record fails its own hash → its id;
+- an edited record fails its own hash → its id; so does a body that is not exactly the
+  canonical text an append writes (a key given twice, say, which hashes like the original
+  but reads differently in SQL);
 - a deleted record breaks the next one's link (its ``prev_hash`` no longer matches) → the id
   of the record after the gap;
 - an inserted or reordered record breaks the id sequence or a link → its id.
@@ -128,7 +130,7 @@ class AuditLog:
         (``transaction(exclusive=EXCLUSIVE)``); uncounted until :meth:`count`."""
         _check(event)
         time_us = round(event.time * 1e6)
-        body = json.dumps(_body(event), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        body = _canonical(_body(event))
         last = tx.fetchone("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")
         prev_id, prev_hash = (int(last[0]), str(last[1])) if last else (0, GENESIS_HASH)
         record_id = prev_id + 1
@@ -173,7 +175,7 @@ class AuditLog:
         for record_id, time_us, body, stored_prev, digest in self._rows(_BEFORE_ANY_ID):
             if record_id != expected_id or stored_prev != prev_hash:
                 return ChainCheck(int(record_id), (expected_id - 1, prev_hash))
-            if chain_hash(prev_hash, record_id, time_us, body) != digest:
+            if not _as_written(body) or chain_hash(prev_hash, record_id, time_us, body) != digest:
                 return ChainCheck(int(record_id), (expected_id - 1, prev_hash))
             expected_id, prev_hash = record_id + 1, digest
         return ChainCheck(None, (expected_id - 1, prev_hash))
@@ -197,8 +199,27 @@ def chain_hash(prev_hash: str, record_id: int, time_us: int, body: str) -> str:
     """SHA-256 over the previous hash and the canonical JSON of the record (hex)."""
     fields = json.loads(body)
     fields.update(id=record_id, time_us=time_us)
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical.encode()).hexdigest()
+    return hashlib.sha256(bytes.fromhex(prev_hash) + _canonical(fields).encode()).hexdigest()
+
+
+def _canonical(fields: dict[str, object]) -> str:
+    """Sorted keys, no spaces, UTF-8: the one text of a set of fields."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _as_written(body: str) -> bool:
+    """Whether ``body`` is text :meth:`AuditLog.append_in` could have written: a JSON object
+    in canonical form, without the fields the hash adds (``id``, ``time_us``). The hash is
+    over the parsed fields, and JSON readers disagree on a key given twice (Python and
+    PostgreSQL take the last, SQLite's ``json_extract`` the first): an edit adding a
+    duplicate key hashed as the original while a query read the forgery."""
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(fields, dict) or fields.keys() & {"id", "time_us"}:
+        return False
+    return _canonical(fields) == body
 
 
 def _body(event: AuditEvent) -> dict[str, object]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -51,6 +52,32 @@ def test_an_edited_reason_is_detected_at_that_record(store: Store) -> None:
     assert log.verify_chain() == 6
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # a key given twice: Python and PostgreSQL read the last, SQLite's json_extract the
+        # first, so this hashed as the original while a query read "mallory"
+        lambda body: '{"principal":"mallory",' + body[1:],
+        lambda body: body[:-1] + ',"id":99}',  # hashed over as before; records() then failed
+        lambda body: body[:-1] + ',"time_us":5}',
+        lambda body: body + " ",  # not the text an append writes
+        lambda body: "[" + body + "]",  # verify used to fail with a traceback on these two
+        lambda body: body[:-1],
+    ],
+    ids=["duplicate-key", "id", "time_us", "space", "list", "not-json"],
+)
+def test_a_body_that_is_not_as_written_is_detected_at_that_record(
+    store: Store, edit: Callable[[str], str]
+) -> None:
+    log = AuditLog(store)
+    _fill(log, 5)
+    with store.transaction() as tx:
+        (body,) = tx.fetchone("SELECT body FROM audit_log WHERE id = 3") or ("",)
+        tx.execute("UPDATE audit_log SET body = ? WHERE id = 3", (edit(body),))
+    assert log.check_chain().broken_at == 3
+    assert log.check_chain().head[0] == 2
+
+
 def test_a_recomputed_edit_is_detected_at_the_next_record(store: Store) -> None:
     log = AuditLog(store)
     _fill(log, 8)
@@ -82,7 +109,7 @@ def test_an_inserted_record_is_detected_after_it(store: Store) -> None:
         tx.execute("UPDATE audit_log SET id = id + 1000 WHERE id >= 3")
         tx.execute("UPDATE audit_log SET id = id - 999 WHERE id >= 1000")
         (prev,) = tx.fetchone("SELECT hash FROM audit_log WHERE id = 2") or ("",)
-        body = '{"principal":"mallory","decision":"allow","reason":"ok"}'
+        body = '{"decision":"allow","principal":"mallory","reason":"ok"}'  # canonical
         tx.execute(
             "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) VALUES (3, 0, ?, ?, ?)",
             (body, prev, chain_hash(prev, 3, 0, body)),
