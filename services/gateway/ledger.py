@@ -234,7 +234,8 @@ def _after_value(column: str, value: object) -> str | int:
     try:
         return (dt.date.fromisoformat(str(value)) - _EPOCH).days
     except ValueError:
-        raise InvalidRequestError("after", f"day must be YYYY-MM-DD, got {value!r}") from None
+        shown = repr(str(value)[:40])  # bounded: a status message must fit gRPC's metadata
+        raise InvalidRequestError("after", f"day must be YYYY-MM-DD, got {shown}") from None
 
 
 def _group_value(column: str, value: object) -> str | None:

@@ -245,9 +245,20 @@ def decode_page_token(
         or len(after) != len(columns)
         or not all(isinstance(v, str) for v in after)
         or body.get("q") != _query_digest(caller, request, start, end, columns, after)
+        or not all(_is_day(v) for c, v in zip(columns, after, strict=True) if c == "day")
     ):
+        # The digest is no MAC (anyone can compute one): what a token says is checked as
+        # any input is, so a forged one is refused here, audited, and never echoed.
         raise foreign
     return after
+
+
+def _is_day(value: str) -> bool:
+    """Whether ``value`` is a day as a page token carries it (YYYY-MM-DD)."""
+    try:
+        return dt.date.fromisoformat(value).isoformat() == value
+    except ValueError:
+        return False
 
 
 def usage_row(total: UsageTotal) -> admin_pb2.UsageRow:

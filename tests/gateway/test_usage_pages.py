@@ -16,9 +16,10 @@ from typing import Any
 
 import grpc
 
-from services.gateway.ledger import Ledger, UsageRecord
+from services.gateway.api_keys import ApiKeys
+from services.gateway.ledger import Ledger, UsageRecord, UsageTotal
 from services.gateway.store import Store
-from services.gateway.usage_service import PAGE_SIZE_MAX
+from services.gateway.usage_service import PAGE_SIZE_MAX, encode_page_token, period
 from services.stubs.tandem.v1 import admin_pb2
 from tests.gateway.issuer import Issuer
 from tests.gateway.mgmt import Mgmt, call, field_violations, management
@@ -288,5 +289,36 @@ def test_a_period_longer_than_the_cap_is_invalid_argument(tmp_path: Path, store_
                 m.usage.GetUsage, admin_pb2.GetUsageRequest(day="2025-02-01"), admin
             )
             assert code == grpc.StatusCode.OK
+
+    asyncio.run(body())
+
+
+def test_a_forged_token_with_a_bad_day_is_refused_audited_and_not_echoed(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The digest is no MAC: a caller can compute one for any position. A day position that
+    is not a date got a refusal from the ledger that was never audited, and one of 20,000
+    characters, echoed in the message, overflowed gRPC's metadata (RESOURCE_EXHAUSTED)."""
+
+    async def body() -> None:
+        async with management(tmp_path, store_url) as m:
+            seed(m.store, "ann", 3)
+            minted = ApiKeys(m.store).mint("ops", ["m1"], admin=True)
+            request = admin_pb2.GetUsageRequest(
+                day="2025-03-14", group_by=[admin_pb2.USAGE_GROUP_BY_DAY]
+            )
+            start, end = period(request)
+            for day in ("x" * 10, "x" * 20_000, "2025-3-14"):
+                last = UsageTotal(group=(("day", day),), requests=1, prompt_tokens=0,
+                                  completion_tokens=0, cached_tokens=0)  # fmt: skip
+                request.page_token = encode_page_token(
+                    f"key:{minted.key.key_id}", request, start, end, ("day",), last
+                )
+                before = len(m.audit())
+                _, code, status, message = await call(m.usage.GetUsage, request, minted.secret)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, day[:12]
+                assert field_violations(status) == ["page_token"] and day not in message
+                [record] = m.audit()[before:]
+                assert record.reason == "GetUsage: invalid argument (page_token)"
 
     asyncio.run(body())
