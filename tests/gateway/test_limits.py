@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import contextlib
 import itertools
 import logging
 import threading
@@ -16,6 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.gateway.breaker import Breaker
 from services.gateway.limits import (
     DAY,
     MINUTE,
@@ -351,7 +353,8 @@ def test_fail_open_admits_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         r1 = adm.reserve([s], 10)
         r2 = adm.reserve([s], 10)
-    assert r1.uncertain and r2.uncertain
+    assert r1.uncertain and r1.charges
+    assert (r2.uncertain, r2.charges) == (False, ())  # not tried: Redis failed just now
     adm.settle(r1, 5)
     adm.release(r2)
     adm.settled_later()  # tried in the background, failing the same way
@@ -453,7 +456,7 @@ def test_settles_past_the_backlog_are_dropped_not_queued(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("services.gateway.limits_redis.SETTLE_BACKLOG", 2)
-    adm = RedisAdmission(_dead_client())
+    adm = RedisAdmission(_dead_client(), breaker=Breaker(0))  # every reserve tries Redis
     hold = _Hold()
     adm._later_queue().put(hold)
     assert hold.reached.wait(5)  # the thread waits in hold.set(): nothing drains
@@ -602,4 +605,51 @@ def test_settles_redis_refuses_in_a_batch_land_later(refusing, prefix: str) -> N
     adm.settled_later()
     assert client.get(day) == b"40"
     assert list(client.scan_iter(match=prefix + "res|*")) == []
+    adm.close()
+
+
+# --- skipping a Redis that just failed -------------------------------------------------------
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.parametrize("on_error", ["fail-open", "fail-closed"])
+def test_calls_skip_redis_for_a_moment_after_it_fails_then_one_probes(
+    rds: redis.Redis, prefix: str, paused: Callable[[int], None], on_error: str
+) -> None:
+    """Every call waiting out the timeout during an outage queued them behind the gateway's
+    few worker threads (30 concurrent calls: 5 s to be admitted fail-open). After a
+    failure, calls decide at once without Redis for a cool-down; then one probes."""
+    clock, steps = Clock(T0 - 3600), StepClock()
+    adm = RedisAdmission(
+        _client(0.3), prefix=prefix, clock=clock, on_store_error=on_error,
+        breaker=Breaker(1.0, clock=steps),
+    )  # fmt: skip
+    day = prefix + key("key:lost", "tokens", DAY, clock.t)
+    kept = adm.reserve([LOST], 100)
+    paused(800)
+    with contextlib.suppress(LimitStoreUnavailable):
+        adm.reserve([LOST], 100)  # waits out the timeout: the breaker opens
+    assert adm.breaker.is_open
+    for _ in range(20):  # each decided without Redis: uncharged, or "not tried"
+        if on_error == "fail-open":
+            skipped = adm.reserve([LOST], 100)
+            assert (skipped.uncertain, skipped.charges) == (False, ())  # admitted, uncharged
+        else:
+            with pytest.raises(LimitStoreUnavailable, match="not tried again yet"):
+                adm.reserve([LOST], 100)
+    rds.client_unpause()
+    steps.t += 1.0  # the cool-down is over: the next call probes, finds Redis, closes it
+    probe = adm.reserve([LOST], 100)
+    assert probe.charges and not adm.breaker.is_open
+    adm.settle(probe, 10)
+    adm.settle(kept, 20)
+    adm.settled_later()  # the paused call's refund, retried in the background
+    assert rds.get(day) == b"30"
     adm.close()
