@@ -189,7 +189,7 @@ class Orchestrator:
         fresh = not progress.sent
         attempt = f"{self._attempt_prefix}.{next(self._attempt_seq)}"
         request = progress.attempt_request(f"{progress.request_id}#{attempt}")
-        await self._decoders(progress, failed, deadline)
+        decoders = await self._decoders(progress, failed, deadline)
         routing = self._routing(progress)
         prefill_worker: WorkerState | None = None
         decoder: WorkerState | None = None
@@ -204,7 +204,9 @@ class Orchestrator:
                 else placements.LOCAL_NO_PREFILL_WORKER
             )
         elif self.policy.prefix_aware:
-            decoder = self._pick(self._candidates(progress, failed, DECODE), routing, DECODE)
+            # The list _decoders checked is not empty; a fresh lookup could be (a worker's
+            # heartbeat timing out in between), and an empty pick was an INTERNAL error.
+            decoder = self._pick(decoders, routing, DECODE)
             local = self._local_reason(routing, decoder, prefillers)
             progress.placement = local or placements.DISAGGREGATED
         else:
