@@ -3,8 +3,9 @@
 The engine is single-threaded by design: only this thread touches it. asyncio
 code hands it functions to run between steps (``call``) and receives each
 request's outputs on an asyncio queue (``outputs``). A step runs whenever there
-is schedulable work; otherwise the thread sleeps on its command queue, waking
-every ``tick_s`` to run periodic duties (lease expiry).
+is schedulable work; otherwise (and while the engine is ``stalled``: work it cannot
+schedule yet) the thread sleeps on its command queue, waking every ``tick_s`` to run
+periodic duties (lease expiry).
 """
 
 from __future__ import annotations
@@ -157,7 +158,9 @@ class EngineLoop:
 
         next_tick = time.monotonic()
         while not self._stopped.is_set():
-            busy = self.engine.has_schedulable()
+            # A stalled engine (work it cannot schedule: a prompt waiting for blocks leases
+            # hold) waits like an idle one: every change reaches it as a command or a tick.
+            busy = self.engine.has_schedulable() and not self.engine.stalled
             if not self._drain_commands(block=not busy):
                 return
             if time.monotonic() >= next_tick:

@@ -105,3 +105,48 @@ def test_next_step_returns_after_the_engines_next_pass(engine: LLMEngine) -> Non
             await loop.next_step()
 
     asyncio.run(body())
+
+
+def test_a_prompt_waiting_for_blocks_leases_hold_does_not_spin_the_thread() -> None:
+    """Two prefills hold 6 of 8 blocks under leases; a third prompt needs 4. Before, the
+    engine thread stepped ~240,000 times a second finding nothing to do (a core and the
+    GIL, taken from the event loop serving the releases that would make room). Now it
+    waits for a command or a tick; the release that makes room wakes it at once."""
+    engine = LLMEngine("tandem-tiny", EngineConfig(dtype="float32", device="cpu", num_blocks=8))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    steps = 0
+    step = engine.step
+
+    def counted() -> list:
+        nonlocal steps
+        steps += 1
+        return step()
+
+    engine.step = counted  # type: ignore[method-assign]
+
+    async def body() -> None:
+        loop = EngineLoop(engine, tick_s=0.1)
+        loop.start()
+        for i in range(2):
+            submit = lambda e, i=i: e.add_request(  # noqa: E731
+                f"h{i}", list(range(10 + i, 50 + i)), params, prefill_only=True, lease_s=60
+            )
+            async for _ in loop.outputs(f"h{i}", submit):
+                pass
+        waiting = loop.outputs("w", lambda e: e.add_request("w", list(range(100, 160)), params))
+        first = asyncio.ensure_future(anext(waiting))
+        await asyncio.sleep(0.5)
+        assert not first.done() and await loop.call(lambda e: e.stalled)
+        before = steps
+        await asyncio.sleep(0.5)
+        assert steps - before <= 10  # one pass per tick (5), give or take commands
+        await loop.call(lambda e: e.release_held("h0"))
+        out = await asyncio.wait_for(first, 5)  # admitted once the release made room
+        assert out.token_ids
+        async for _ in waiting:
+            pass
+        await loop.call(lambda e: e.release_held("h1"))
+        assert await loop.call(lambda e: e.pool.num_free_blocks) == 8
+        await loop.stop()
+
+    asyncio.run(body())
