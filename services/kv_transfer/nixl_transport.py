@@ -125,13 +125,25 @@ async def await_transfer(transfer: Transfer, timeout_s: float, what: str) -> str
 
 async def _until_released(transfer: Transfer, what: str) -> None:
     """Wait (a bounded while) until an abandoned READ can no longer write our blocks: the
-    caller frees them next, and another request may get them."""
-    try:
-        await asyncio.wait_for(
-            asyncio.shield(asyncio.wrap_future(transfer.released)), RELEASE_TIMEOUT_S
-        )
-    except TimeoutError:
+    caller frees them next, and another request may get them.
+
+    Not cut short by a cancellation arriving meanwhile (the caller's, then its deadline's:
+    ``wait_for(pull, timeout)`` cancels twice): the pull returned while the READ still
+    wrote, and the blocks it freed were another request's by then. Such a cancellation is
+    raised once the wait is over."""
+    released = asyncio.wrap_future(transfer.released)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RELEASE_TIMEOUT_S
+    cancelled = False
+    while not released.done() and (left := deadline - loop.time()) > 0:
+        try:
+            await asyncio.wait((released,), timeout=left)  # never cancels ``released``
+        except asyncio.CancelledError:
+            cancelled = True
+    if not released.done():
         log.error("%s: abandoned, and its handle not released within %ss", what, RELEASE_TIMEOUT_S)
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _descriptors(spans: np.ndarray, side: int, base: int, device_id: int) -> np.ndarray:

@@ -66,8 +66,10 @@ class PeerFactory:
                 if line.startswith(READY):  # NIXL logs to stdout too
                     peer_line = line.removeprefix(READY)
         if not peer_line:
+            code = process.poll()
+            how = f"exited with {code}" if code is not None else f"not ready in {timeout_s:g} s"
             process.kill()
-            raise RuntimeError(f"peer {args} did not start: {log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"peer {args} did not start ({how}): {log_path.read_text()[-3000:]}")
         info = json.loads(peer_line)
         peer = Peer(process, info["port"], info["agent"])
         self.started.append(peer)
