@@ -153,7 +153,7 @@ class GrpcTransport(KVTransport):
         writer = BlockWriter(self.kv, local_block_ids, self.chunk_bytes)
         stub = worker_pb2_grpc.KVTransferStub(entry[1])
         request = worker_pb2.ReadBlocksRequest(
-            request_id=request_id, block_ids=list(remote_block_ids)
+            request_id=request_id, block_ids=list(remote_block_ids), layout=self.layout
         )
         call = stub.ReadBlocks(request, timeout=timeout_s)
         try:

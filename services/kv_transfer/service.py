@@ -102,6 +102,8 @@ class KVTransferService(worker_pb2_grpc.KVTransferServicer):
     ) -> AsyncIterator[worker_pb2.KVChunk]:
         block_ids = list(request.block_ids)
         try:
+            if request.HasField("layout"):  # this process may not be the one it handshook
+                kv_layout.check_same_geometry(self.layout, request.layout)
             if not block_ids:
                 raise InvalidRequestError("block_ids", "is empty: name the blocks to read")
             await self._check_pinned(request.request_id, block_ids)

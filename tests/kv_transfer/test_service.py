@@ -270,3 +270,34 @@ def test_served_bytes_are_counted_once_per_read_served_in_full() -> None:
         assert served == [3 * kv_layout.block_bytes(layout)]
 
     run(body)
+
+
+@pytest.mark.parametrize(
+    ("restarted", "field"),
+    [({"layout": "layer-major"}, "layout"), ({"block_size": 8}, "block_size")],
+)
+def test_a_peer_restarted_incompatible_at_the_same_address_is_not_misread(
+    restarted: dict[str, object], field: str
+) -> None:
+    """The gRPC reader handshakes once per address. A peer restarted there with another
+    --kv-layout served the same number of bytes, laid out otherwise, and the pull decoded
+    them as garbage; each read now carries the reader's layout, checked like a handshake."""
+
+    async def body() -> None:
+        first = await serve(GrpcTransport(make_kv(64)))
+        port = int(first.address.rsplit(":", 1)[1])
+        local = make_kv(32)
+        reader = KVReader("decode-0", layout_of(local), GrpcTransport(local))
+        await reader.pull(first.address, [3, 4], [20, 21], "req-1", timeout_s=5)
+        await first.stop(0)
+        kv_args = {"block_size": 16, "layout": "slot-major", **restarted}
+        transport = GrpcTransport(make_kv(64, **kv_args))  # type: ignore[arg-type]
+        second = await start_server(
+            [servicer(layout_of(transport.kv), transport, pinned, "prefill-0")], port=port
+        )
+        with pytest.raises(KVTransferError, match=f"FAILED_PRECONDITION: .*differ in {field}"):
+            await reader.pull(second.address, [3, 4], [20, 21], "req-1", timeout_s=5)
+        await reader.transport.close()
+        await second.stop(0)
+
+    run(body)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from services.stubs.tandem.v1 import inference_pb2 as tandem_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x19tandem/v1/inference.proto\"{\n\x08KVHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\"O\n\x0ePrefillRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"\xa5\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x02kv\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"&\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x13\n\x11ReleaseKVResponse\"\xa4\x01\n\rDecodeRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest\x12\x1b\n\x0e\x66irst_token_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x02kv\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x15\n\rkv_timeout_ms\x18\x04 \x01(\rB\x11\n\x0f_first_token_id\"\xb9\x01\n\x08KVLayout\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06layout\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\"a\n\x10HandshakeRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\x15\n\rnixl_metadata\x18\x03 \x01(\x0c\"\xc8\x01\n\x11HandshakeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\x15\n\rnixl_metadata\x18\x03 \x01(\x0c\x12\x12\n\nnixl_agent\x18\x04 \x01(\t\x12\x14\n\x0cpool_address\x18\x05 \x01(\x04\x12\x12\n\npool_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmemory_type\x18\x07 \x01(\t\x12\x11\n\tdevice_id\x18\x08 \x01(\r\":\n\x11ReadBlocksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\"\x17\n\x07KVChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xd0\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x06layout\x18\x05 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\x1a\n\x12max_context_length\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x10\n\x08instance\x18\x08 \x01(\t\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\"\xd8\x01\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\r\x12\x1d\n\x15gpu_memory_used_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16gpu_memory_total_bytes\x18\x07 \x01(\x04\x12\x1f\n\x17gpu_utilization_percent\x18\x08 \x01(\r\"n\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.tandem.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x10\n\x08instance\x18\x04 \x01(\t\"\x13\n\x11HeartbeatResponse\"\x80\x01\n\x0cKVEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x08snapshot\x18\x02 \x01(\x0b\x32\x15.tandem.v1.KVSnapshot\x12\"\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x12.tandem.v1.KVEvent\x12\x10\n\x08instance\x18\x04 \x01(\t\"H\n\nKVSnapshot\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x10\n\x08next_seq\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\"\xa6\x01\n\x07KVEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x06stored\x18\x02 \x01(\x0b\x32\x19.tandem.v1.KVBlocksStoredH\x00\x12-\n\x07removed\x18\x03 \x01(\x0b\x32\x1a.tandem.v1.KVBlocksRemovedH\x00\x12*\n\x07\x63leared\x18\x04 \x01(\x0b\x32\x17.tandem.v1.KVAllClearedH\x00\x42\x06\n\x04kind\"J\n\x0eKVBlocksStored\x12\x0e\n\x06parent\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x12\n\nblock_size\x18\x03 \x01(\r\"\'\n\x0fKVBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"\x0e\n\x0cKVAllCleared\"\r\n\x0bKVEventsAck*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\x99\x01\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12\x46\n\tReleaseKV\x12\x1b.tandem.v1.ReleaseKVRequest\x1a\x1c.tandem.v1.ReleaseKVResponse2Q\n\x0c\x44\x65\x63odeWorker\x12\x41\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x32\x96\x01\n\nKVTransfer\x12\x46\n\tHandshake\x12\x1b.tandem.v1.HandshakeRequest\x1a\x1c.tandem.v1.HandshakeResponse\x12@\n\nReadBlocks\x12\x1c.tandem.v1.ReadBlocksRequest\x1a\x12.tandem.v1.KVChunk0\x01\x32\xdd\x01\n\x08Registry\x12\x43\n\x08Register\x12\x1a.tandem.v1.RegisterRequest\x1a\x1b.tandem.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.tandem.v1.HeartbeatRequest\x1a\x1c.tandem.v1.HeartbeatResponse\x12\x44\n\x0fPublishKVEvents\x12\x17.tandem.v1.KVEventBatch\x1a\x16.tandem.v1.KVEventsAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x19tandem/v1/inference.proto\"{\n\x08KVHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\"O\n\x0ePrefillRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"\xa5\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x02kv\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"&\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x13\n\x11ReleaseKVResponse\"\xa4\x01\n\rDecodeRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest\x12\x1b\n\x0e\x66irst_token_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x02kv\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x15\n\rkv_timeout_ms\x18\x04 \x01(\rB\x11\n\x0f_first_token_id\"\xb9\x01\n\x08KVLayout\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06layout\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\"a\n\x10HandshakeRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\x15\n\rnixl_metadata\x18\x03 \x01(\x0c\"\xc8\x01\n\x11HandshakeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\x15\n\rnixl_metadata\x18\x03 \x01(\x0c\x12\x12\n\nnixl_agent\x18\x04 \x01(\t\x12\x14\n\x0cpool_address\x18\x05 \x01(\x04\x12\x12\n\npool_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmemory_type\x18\x07 \x01(\t\x12\x11\n\tdevice_id\x18\x08 \x01(\r\"_\n\x11ReadBlocksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KVLayout\"\x17\n\x07KVChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xd0\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x06layout\x18\x05 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\x1a\n\x12max_context_length\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x10\n\x08instance\x18\x08 \x01(\t\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\"\xd8\x01\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\r\x12\x1d\n\x15gpu_memory_used_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16gpu_memory_total_bytes\x18\x07 \x01(\x04\x12\x1f\n\x17gpu_utilization_percent\x18\x08 \x01(\r\"n\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.tandem.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x10\n\x08instance\x18\x04 \x01(\t\"\x13\n\x11HeartbeatResponse\"\x80\x01\n\x0cKVEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x08snapshot\x18\x02 \x01(\x0b\x32\x15.tandem.v1.KVSnapshot\x12\"\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x12.tandem.v1.KVEvent\x12\x10\n\x08instance\x18\x04 \x01(\t\"H\n\nKVSnapshot\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x10\n\x08next_seq\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\"\xa6\x01\n\x07KVEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x06stored\x18\x02 \x01(\x0b\x32\x19.tandem.v1.KVBlocksStoredH\x00\x12-\n\x07removed\x18\x03 \x01(\x0b\x32\x1a.tandem.v1.KVBlocksRemovedH\x00\x12*\n\x07\x63leared\x18\x04 \x01(\x0b\x32\x17.tandem.v1.KVAllClearedH\x00\x42\x06\n\x04kind\"J\n\x0eKVBlocksStored\x12\x0e\n\x06parent\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x12\n\nblock_size\x18\x03 \x01(\r\"\'\n\x0fKVBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"\x0e\n\x0cKVAllCleared\"\r\n\x0bKVEventsAck*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\x99\x01\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12\x46\n\tReleaseKV\x12\x1b.tandem.v1.ReleaseKVRequest\x1a\x1c.tandem.v1.ReleaseKVResponse2Q\n\x0c\x44\x65\x63odeWorker\x12\x41\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x32\x96\x01\n\nKVTransfer\x12\x46\n\tHandshake\x12\x1b.tandem.v1.HandshakeRequest\x1a\x1c.tandem.v1.HandshakeResponse\x12@\n\nReadBlocks\x12\x1c.tandem.v1.ReadBlocksRequest\x1a\x12.tandem.v1.KVChunk0\x01\x32\xdd\x01\n\x08Registry\x12\x43\n\x08Register\x12\x1a.tandem.v1.RegisterRequest\x1a\x1b.tandem.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.tandem.v1.HeartbeatRequest\x1a\x1c.tandem.v1.HeartbeatResponse\x12\x44\n\x0fPublishKVEvents\x12\x17.tandem.v1.KVEventBatch\x1a\x16.tandem.v1.KVEventsAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=2377
-  _globals['_WORKERROLE']._serialized_end=2467
+  _globals['_WORKERROLE']._serialized_start=2414
+  _globals['_WORKERROLE']._serialized_end=2504
   _globals['_KVHANDLE']._serialized_start=64
   _globals['_KVHANDLE']._serialized_end=187
   _globals['_PREFILLREQUEST']._serialized_start=189
@@ -53,39 +53,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKERESPONSE']._serialized_start=954
   _globals['_HANDSHAKERESPONSE']._serialized_end=1154
   _globals['_READBLOCKSREQUEST']._serialized_start=1156
-  _globals['_READBLOCKSREQUEST']._serialized_end=1214
-  _globals['_KVCHUNK']._serialized_start=1216
-  _globals['_KVCHUNK']._serialized_end=1239
-  _globals['_REGISTERREQUEST']._serialized_start=1242
-  _globals['_REGISTERREQUEST']._serialized_end=1450
-  _globals['_REGISTERRESPONSE']._serialized_start=1452
-  _globals['_REGISTERRESPONSE']._serialized_end=1501
-  _globals['_WORKERLOAD']._serialized_start=1504
-  _globals['_WORKERLOAD']._serialized_end=1720
-  _globals['_HEARTBEATREQUEST']._serialized_start=1722
-  _globals['_HEARTBEATREQUEST']._serialized_end=1832
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1834
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1853
-  _globals['_KVEVENTBATCH']._serialized_start=1856
-  _globals['_KVEVENTBATCH']._serialized_end=1984
-  _globals['_KVSNAPSHOT']._serialized_start=1986
-  _globals['_KVSNAPSHOT']._serialized_end=2058
-  _globals['_KVEVENT']._serialized_start=2061
-  _globals['_KVEVENT']._serialized_end=2227
-  _globals['_KVBLOCKSSTORED']._serialized_start=2229
-  _globals['_KVBLOCKSSTORED']._serialized_end=2303
-  _globals['_KVBLOCKSREMOVED']._serialized_start=2305
-  _globals['_KVBLOCKSREMOVED']._serialized_end=2344
-  _globals['_KVALLCLEARED']._serialized_start=2346
-  _globals['_KVALLCLEARED']._serialized_end=2360
-  _globals['_KVEVENTSACK']._serialized_start=2362
-  _globals['_KVEVENTSACK']._serialized_end=2375
-  _globals['_PREFILLWORKER']._serialized_start=2470
-  _globals['_PREFILLWORKER']._serialized_end=2623
-  _globals['_DECODEWORKER']._serialized_start=2625
-  _globals['_DECODEWORKER']._serialized_end=2706
-  _globals['_KVTRANSFER']._serialized_start=2709
-  _globals['_KVTRANSFER']._serialized_end=2859
-  _globals['_REGISTRY']._serialized_start=2862
-  _globals['_REGISTRY']._serialized_end=3083
+  _globals['_READBLOCKSREQUEST']._serialized_end=1251
+  _globals['_KVCHUNK']._serialized_start=1253
+  _globals['_KVCHUNK']._serialized_end=1276
+  _globals['_REGISTERREQUEST']._serialized_start=1279
+  _globals['_REGISTERREQUEST']._serialized_end=1487
+  _globals['_REGISTERRESPONSE']._serialized_start=1489
+  _globals['_REGISTERRESPONSE']._serialized_end=1538
+  _globals['_WORKERLOAD']._serialized_start=1541
+  _globals['_WORKERLOAD']._serialized_end=1757
+  _globals['_HEARTBEATREQUEST']._serialized_start=1759
+  _globals['_HEARTBEATREQUEST']._serialized_end=1869
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1871
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1890
+  _globals['_KVEVENTBATCH']._serialized_start=1893
+  _globals['_KVEVENTBATCH']._serialized_end=2021
+  _globals['_KVSNAPSHOT']._serialized_start=2023
+  _globals['_KVSNAPSHOT']._serialized_end=2095
+  _globals['_KVEVENT']._serialized_start=2098
+  _globals['_KVEVENT']._serialized_end=2264
+  _globals['_KVBLOCKSSTORED']._serialized_start=2266
+  _globals['_KVBLOCKSSTORED']._serialized_end=2340
+  _globals['_KVBLOCKSREMOVED']._serialized_start=2342
+  _globals['_KVBLOCKSREMOVED']._serialized_end=2381
+  _globals['_KVALLCLEARED']._serialized_start=2383
+  _globals['_KVALLCLEARED']._serialized_end=2397
+  _globals['_KVEVENTSACK']._serialized_start=2399
+  _globals['_KVEVENTSACK']._serialized_end=2412
+  _globals['_PREFILLWORKER']._serialized_start=2507
+  _globals['_PREFILLWORKER']._serialized_end=2660
+  _globals['_DECODEWORKER']._serialized_start=2662
+  _globals['_DECODEWORKER']._serialized_end=2743
+  _globals['_KVTRANSFER']._serialized_start=2746
+  _globals['_KVTRANSFER']._serialized_end=2896
+  _globals['_REGISTRY']._serialized_start=2899
+  _globals['_REGISTRY']._serialized_end=3120
 # @@protoc_insertion_point(module_scope)

@@ -130,12 +130,14 @@ class HandshakeResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., nixl_metadata: _Optional[bytes] = ..., nixl_agent: _Optional[str] = ..., pool_address: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., memory_type: _Optional[str] = ..., device_id: _Optional[int] = ...) -> None: ...
 
 class ReadBlocksRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids")
+    __slots__ = ("request_id", "block_ids", "layout")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    layout: KVLayout
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("data",)
