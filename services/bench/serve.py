@@ -30,6 +30,9 @@ from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
 
 LIST_MODELS_TIMEOUT_S = 10.0
+MAX_TIMEOUT_S = 1e9
+"""The longest --timeout (~31 years): gRPC cannot hold a deadline of about 9.2e9 s or more
+(every request failed at once with DEADLINE_EXCEEDED)."""
 REQUEST_ID_PREFIX = "bench-"
 """Request i is sent with request_id "bench-<i>", the warm-up with "bench-warmup"."""
 
@@ -45,7 +48,8 @@ class ServeConfig:
     """One serving benchmark run."""
 
     target: str
-    """HOST:PORT of a tandem.v1.Inference service (a gateway, router or worker)."""
+    """HOST:PORT of a tandem.v1.Inference service (a gateway or a router; workers serve
+    only the internal services)."""
     num_prompts: int
     """Requests in the run."""
     input_len: int
@@ -59,7 +63,8 @@ class ServeConfig:
     request_rate: float = math.inf
     """Mean requests/s of the Poisson arrivals; inf sends every request at once."""
     max_concurrency: int | None = None
-    """Most requests in flight; later ones wait (and the wait counts in their latency)."""
+    """Most requests in flight; later ones wait in the client, a wait reported as the send
+    delay, not in their latency (which starts when each is sent)."""
     seed: int = 0
     """Seed of the prompts and of the arrival schedule."""
     num_groups: int | None = None
@@ -147,8 +152,12 @@ def check_config(config: ServeConfig) -> None:
             raise InvalidRequestError(
                 "--goodput", f"{name} must be a finite number above 0, got {limit}"
             )
-    if not config.timeout_s > 0:
-        raise InvalidRequestError("--timeout", f"must be above 0, got {config.timeout_s}")
+    if not 0 < config.timeout_s <= MAX_TIMEOUT_S:
+        raise InvalidRequestError(
+            "--timeout",
+            f"must be above 0 and at most {MAX_TIMEOUT_S:g} s (a gRPC deadline cannot reach "
+            f"further), got {config.timeout_s:g}",
+        )
 
 
 def build_prompts(config: ServeConfig, vocab_size: int) -> list[list[int]]:

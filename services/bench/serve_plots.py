@@ -59,7 +59,9 @@ def _cdf(
         return
     xs = np.sort(np.asarray(values_ms))
     ys = np.arange(1, len(xs) + 1) / len(xs)
-    ax.step(xs, ys, where="post", color="tab:blue", label=f"{len(xs)} {counted}")
+    # From 0 at the smallest value: without that first rise one value drew no curve.
+    xs, ys = np.r_[xs[0], xs], np.r_[0.0, ys]
+    ax.step(xs, ys, where="post", color="tab:blue", label=f"{len(xs) - 1} {counted}")
     for value, name, style in ((summary.p50_ms, "p50", "--"), (summary.p99_ms, "p99", ":")):
         ax.axvline(value, color="tab:gray", linestyle=style, label=f"{name} {value:.1f} ms")
     if slo_ms is not None:

@@ -109,7 +109,7 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="latency and throughput of a running Inference service under load",
         description="Online serving benchmark: NUM_PROMPTS requests sent to a running "
-        "tandem.v1.Inference service (gateway, router or worker) on a seeded Poisson "
+        "tandem.v1.Inference service (a gateway or a router) on a seeded Poisson "
         "schedule, open loop, after one untimed warm-up request. Prompts are token ids; "
         "every request is greedy with EOS ignored and exactly OUTPUT_LEN tokens. Reports "
         "TTFT, TPOT, ITL and E2E latency (mean, p50, p90, p99), request and token "

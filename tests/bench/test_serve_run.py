@@ -180,6 +180,8 @@ def test_failed_warm_up_stops_the_run(capsys: pytest.CaptureFixture[str]) -> Non
         (["--json", "pyproject.toml/x.json"], "pyproject.toml is not a directory this user"),
         (["--json", "tests"], "'tests' is a directory: name a file in it"),
         (["--plot", "cdf.txt"], "argument --plot: must be a .png file name, got 'cdf.txt'"),
+        # beyond what a gRPC deadline holds: every request failed at once
+        (["--timeout", "1e10"], "--timeout: must be above 0 and at most 1e+09 s"),
     ],
 )
 def test_bad_requests_exit_2(
