@@ -54,6 +54,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -138,6 +139,8 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _refuse(f"claim {name!r} is not a number")
+    if not math.isfinite(value):  # JSON as Python reads it allows NaN and Infinity
+        raise _refuse(f"claim {name!r} is not a finite number")
     return float(value)
 
 

@@ -136,6 +136,15 @@ BAD: dict[str, tuple[Callable[[Issuer], str], str]] = {
     "hs256-public-key": (_hs256_with_public_key, "algorithm 'HS256' is not allowed"),
     "expired": (lambda i: i.mint(lifetime_s=-120), "token expired"),
     "no-exp": (lambda i: i.mint(exp=None), "no expiry"),
+    # a JSON reader as lax as Python's takes these; "now > Infinity" never expires
+    "exp-infinity": (
+        lambda i: i.sign({**i.claims(), "exp": float("inf")}),
+        "claim 'exp' is not a finite number",
+    ),
+    "nbf-nan": (
+        lambda i: i.sign({**i.claims(), "nbf": float("nan")}),
+        "claim 'nbf' is not a finite number",
+    ),
     "not-yet-valid": (lambda i: i.mint(nbf=int(time.time()) + 120), "not yet valid"),
     "wrong-issuer": (
         lambda i: i.mint(iss="http://127.0.0.1:1/realms/other"),
