@@ -102,6 +102,8 @@ def add_api_key_arg(group: argparse._ActionsContainer, prefix: str = "") -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prompt == "":  # a service refuses it; offline, the tokenizer's BOS alone ran
+        raise InvalidRequestError("--prompt", "is empty; give some text")
     if args.target:
         return run_remote(args)
     if args.model is None:

@@ -168,15 +168,11 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from services.gateway.api_keys import ApiKeys, KeyNotFoundError
+    from services.gateway.api_keys import ApiKeys
     from services.gateway.store import open_store
 
     with open_store(existing(args.store)) as store:
-        try:
-            key = ApiKeys(store).revoke(args.key_id)
-        except KeyNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        key = ApiKeys(store).revoke(args.key_id)  # KeyNotFoundError: exit 2, as any no-match
         audit_cli(store, f"keys revoke: key {key.key_id} of team {key.team}", key.team)
     print(f"revoked key {key.key_id} (team {key.team}) at {_when(key.revoked_at or 0)}")
     return 0

@@ -21,6 +21,7 @@ from services.cli import arg_types, up_ray
 from services.cli.drain_args import add_drain_arg
 from services.cli.telemetry_args import add_tracing_arg
 from services.cli.up_preflight import check_port_free, lock_state_dir, start_failed
+from services.engine.errors import InvalidRequestError
 from services.launcher.supervise import interrupt_on_sigterm, supervise
 
 if TYPE_CHECKING:
@@ -162,8 +163,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _up(args: argparse.Namespace) -> int:
     for flag in ("tls", "metrics"):
         if getattr(args, flag) and args.ray is not None:
-            from services.engine.errors import InvalidRequestError
-
             raise InvalidRequestError(
                 f"--{flag}", "is not supported with --ray yet; drop one of them"
             )
@@ -178,6 +177,8 @@ def _up(args: argparse.Namespace) -> int:
     policy = None if args.no_gateway else _policy_file(args)  # fail before building anything
     check_port_free(args.port, "--port")
     if policy is not None:
+        if args.http_port and args.http_port == args.port:  # else the gateway fails late
+            raise InvalidRequestError("--http-port", f"must differ from --port ({args.port})")
         check_port_free(args.http_port, "--http-port")
     resolve_model(args.model)  # build tandem-tiny once here, not in every worker at once
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-up-"))

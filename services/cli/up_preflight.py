@@ -30,6 +30,9 @@ def check_port_free(port: int, flag: str) -> None:
     if port == 0:
         return
     with socket.socket() as probe:
+        # As gRPC binds: a port whose old connections linger in TIME_WAIT is free to serve
+        # (refused here for a minute after a stop), one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as exc:

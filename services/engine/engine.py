@@ -113,15 +113,8 @@ class LLMEngine:
         )
         self.dtype = _torch_dtype(config.dtype or default_dtype(mc.dtype, self.device))
         num_blocks = config.num_blocks or self._blocks_for_memory()
-        self.events = KVEventLog()
-        self.pool = BlockPool(num_blocks, config.block_size, self.events)
-        self.scheduler = Scheduler(
-            self.pool,
-            SchedulerConfig(
-                config.max_num_seqs, config.max_num_batched_tokens, config.enable_prefix_caching
-            ),
-            self.model_id,
-        )
+        # The KV pool first: one too big for memory is refused naming --kv-cache-gib
+        # before its bookkeeping (a list per block) can fail as a bare MemoryError.
         self.runner = ModelRunner(
             self.model_dir,
             mc,
@@ -131,6 +124,15 @@ class LLMEngine:
             block_size=config.block_size,
             max_model_len=self.max_model_len,
             kv_layout=config.kv_layout,
+        )
+        self.events = KVEventLog()
+        self.pool = BlockPool(num_blocks, config.block_size, self.events)
+        self.scheduler = Scheduler(
+            self.pool,
+            SchedulerConfig(
+                config.max_num_seqs, config.max_num_batched_tokens, config.enable_prefix_caching
+            ),
+            self.model_id,
         )
         self.sampler = Sampler(self.device, config.seed)
         self._requests: dict[str, _Request] = {}

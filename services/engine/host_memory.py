@@ -14,6 +14,7 @@ a one-time cost when the worker starts, paid here rather than during the first p
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import mmap
 
@@ -35,7 +36,12 @@ def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     # Private: the kernel gives huge pages to private anonymous memory under the common
     # `madvise` setting, not to shared mappings (shmem has its own switch, usually off).
     size = _round_up(nbytes, HUGE_PAGE_BYTES) + HUGE_PAGE_BYTES
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
+        if e.errno != errno.ENOMEM:
+            raise
+        raise MemoryError(f"mapping {size / 2**30:,.1f} GiB: {e.strerror}") from None
     with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE: plain pages
         region.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(region, dtype=torch.uint8)

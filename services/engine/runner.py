@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from services.engine.attention import SeqSlice, plan_attention
+from services.engine.errors import InvalidRequestError
 from services.engine.kv_cache import KVCache, KVLayoutName, block_runs
 from services.engine.model import CausalLM, StepBatch
 from services.engine.model_config import ModelConfig
@@ -43,16 +44,30 @@ class ModelRunner:
             model = CausalLM(config, rotary)
         load_weights(model, model_dir, dtype, device)
         self.model = model.eval()
-        self.kv_cache = KVCache(
-            config.num_layers,
-            num_blocks,
-            block_size,
-            config.num_kv_heads,
-            config.head_dim,
-            dtype,
-            device,
-            kv_layout,
-        )
+        try:
+            self.kv_cache = KVCache(
+                config.num_layers,
+                num_blocks,
+                block_size,
+                config.num_kv_heads,
+                config.head_dim,
+                dtype,
+                device,
+                kv_layout,
+            )
+        except (MemoryError, torch.OutOfMemoryError) as e:  # a traceback before
+            need = (
+                KVCache.bytes_per_token(
+                    config.num_layers, config.num_kv_heads, config.head_dim, dtype
+                )
+                * block_size
+                * num_blocks
+            )
+            raise InvalidRequestError(
+                "kv_cache_gib",
+                f"a KV pool of {num_blocks:,} blocks ({need / 2**30:,.1f} GiB) does not fit in "
+                f"this {device}'s free memory ({e}): lower --kv-cache-gib",
+            ) from None
 
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; logits ``[S, vocab]`` (float32) for the chunks that sample, in order."""

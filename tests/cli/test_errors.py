@@ -29,6 +29,9 @@ def _fails(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--max-tokens", "many"], "argument --max-tokens: invalid int value: 'many'"),
         (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N"),
         (["--kv-cache-gib", "0"], "argument --kv-cache-gib: must be a finite number above 0"),
+        # beyond any address space (1 PiB): mapping it fails at once, whatever the
+        # overcommit setting; it was a traceback ending in OSError
+        (["--kv-cache-gib", str(2**20)], "does not fit in this cpu's free memory"),
         (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     ],
 )
@@ -37,6 +40,14 @@ def test_bad_flag(
 ) -> None:
     argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "hi", *args]
     assert expected in _fails(capsys, argv)
+
+
+def test_an_empty_prompt_is_refused_offline_as_a_service_refuses_it(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir: Path
+) -> None:
+    """Offline it ran on the tokenizer's BOS alone, where --target got INVALID_ARGUMENT."""
+    err = _fails(capsys, ["generate", "--model", str(tiny_model_dir), "--prompt", ""])
+    assert err == "error: --prompt: is empty; give some text\n"
 
 
 def test_unknown_model_name(capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,7 +43,7 @@ def test_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert reasons[0].startswith(f"keys create: key {key_id}")
     assert reasons[1].startswith(f"keys revoke: key {key_id}")
 
-    assert main(["keys", "revoke", "--store", store, "0123456789abcdef"]) == 1
+    assert main(["keys", "revoke", "--store", store, "0123456789abcdef"]) == 2  # no match
     assert "no API key with id '0123456789abcdef'" in capsys.readouterr().err
 
 

@@ -29,6 +29,34 @@ def test_a_taken_port_is_refused_naming_the_flag() -> None:
     check_port_free(0, "--port")  # 0: a free one is picked later
 
 
+def test_a_port_whose_old_connections_linger_is_free() -> None:
+    """A stopped `tandem up` whose clients were still connected leaves its port's
+    connections in TIME_WAIT for a minute; gRPC binds it (SO_REUSEADDR), and the check
+    refused it, saying "another tandem up?" with nothing listening."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a gRPC server listens
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = holder.accept()
+    accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+    client.recv(1)
+    client.close()
+    holder.close()
+    check_port_free(port, "--port")
+
+
+def test_up_with_both_apis_on_one_port_is_refused_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each port alone was free, so the gateway failed to bind after the workers loaded."""
+    argv = ["up", "--port", "23999", "--http-port", "23999", "--state-dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "error: --http-port: must differ from --port (23999)" in capsys.readouterr().err
+    assert not (tmp_path / "up.lock").exists()
+
+
 def test_up_on_a_taken_port_stops_before_touching_its_state(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
