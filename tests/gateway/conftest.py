@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import redis
 
 from services.gateway.store import Store, open_store
 from tests.gateway.issuer import Issuer
@@ -105,3 +106,25 @@ def issuer() -> Iterator[Issuer]:
     server = Issuer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def rds() -> Iterator[redis.Redis]:
+    """A client of the local Redis (127.0.0.1:6379); the test is skipped when it is down."""
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError:
+        pytest.skip("Redis not running at 127.0.0.1:6379")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(rds: redis.Redis) -> Iterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    p = f"test:{uuid.uuid4().hex}:"
+    yield p
+    keys = list(rds.scan_iter(match=p + "*", count=1000))
+    if keys:
+        rds.delete(*keys)

@@ -44,26 +44,6 @@ class Clock:
         return self.t
 
 
-@pytest.fixture
-def rds() -> Iterator[redis.Redis]:
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip("Redis not running at 127.0.0.1:6379")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def prefix(rds: redis.Redis) -> Iterator[str]:
-    p = f"test:limits:{uuid.uuid4().hex}:"
-    yield p
-    keys = list(rds.scan_iter(match=p + "*", count=1000))
-    if keys:
-        rds.delete(*keys)
-
-
 @pytest.fixture(params=["memory", "redis"])
 def backend(request: pytest.FixtureRequest, rds: redis.Redis, prefix: str):
     """(admission, clock, counter reader) for each implementation."""

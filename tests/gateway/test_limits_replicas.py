@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 import redis
 
 from services.gateway.limits import DAY, MINUTE, window_start
@@ -27,22 +24,6 @@ from tests.gateway.issuer import Issuer
 from tests.router.harness import run
 
 REQUESTS = 200
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip("Redis not running at 127.0.0.1:6379")
-    p = f"test:replicas:{uuid.uuid4().hex}:"
-    yield p
-    keys = list(client.scan_iter(match=p + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def _replicas(prefix: str, now: float) -> list[RedisAdmission]:

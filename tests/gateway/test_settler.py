@@ -186,17 +186,13 @@ def test_a_submit_racing_close_is_still_written(store: Store) -> None:
     assert ledger.get("req-1") == _record(1)  # ...so its stop lands behind the settle
 
 
-def test_a_stalled_redis_holds_up_no_ledger_row(store: Store) -> None:
+def test_a_stalled_redis_holds_up_no_ledger_row(
+    store: Store, rds: redis.Redis, prefix: str
+) -> None:
     """Rows are committed before the batch's admission settles, which go to Redis in one
     pipeline. Before, each call's settle was a round trip of its own ahead of the commit:
     with Redis paused, 40 calls took 40 socket timeouts (12 s here) to reach the ledger,
     and a graceful stop gave up on the backlog."""
-    rds = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
-    try:
-        rds.ping()
-    except redis.RedisError:
-        pytest.skip("Redis not running at 127.0.0.1:6379")
-    prefix = f"test:settler:{time.time_ns()}:"
     client = redis.Redis(port=6379, socket_timeout=0.3, retry=Retry(NoBackoff(), 0))
     now = time.time()  # counters expire at their window's end: it must lie ahead
     admission = RedisAdmission(client, prefix=prefix, clock=lambda: now)
@@ -218,4 +214,3 @@ def test_a_stalled_redis_holds_up_no_ledger_row(store: Store) -> None:
         rds.client_unpause()
         settler.close()
         admission.close()
-        rds.delete(*rds.keys(prefix + "*") or [prefix])
