@@ -19,13 +19,21 @@ Without TLS it is plain HTTP, as the services' gRPC ports are.
 
 from __future__ import annotations
 
+import socket
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
-from services.rpc.tls import TlsConfig, TlsError, follow_renewals, load
+from services.rpc.tls import TlsConfig, TlsError, server_ssl_context
+
+HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a connection may take to finish its TLS handshake, and each read or write after
+it: a scraper that stalls is dropped, not waited on."""
 
 
 class MetricsServer:
@@ -45,6 +53,31 @@ class MetricsServer:
         self._server.server_close()
 
 
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape."""
+
+
+class _TlsServer(ThreadingWSGIServer):
+    """Handshakes in each connection's own thread, under HANDSHAKE_TIMEOUT_S.
+
+    prometheus_client wraps the listening socket, so the handshake ran inside ``accept()``
+    on the one thread that serves every connection, with no timeout: one TCP connection
+    that sent nothing stalled every scrape (mTLS or not: it comes before any certificate)
+    and made ``shutdown()``, and so the service's stop, wait for ever."""
+
+    context: ssl.SSLContext
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            request = self.context.wrap_socket(request, server_side=True)
+        except OSError:  # ssl.SSLError included: a stalled, plaintext or refused client
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
 def serve_metrics(
     registry: CollectorRegistry,
     port: int,
@@ -57,23 +90,19 @@ def serve_metrics(
     certificates signed by ``client_ca`` when given, else by ``tls.ca`` when
     ``tls.require_client_auth`` (:func:`scrape_tls`)."""
     tls = scrape_tls(tls, client_ca)
-    if tls is None or tls.cert is None:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-        return MetricsServer(server, "http")
-    load(tls)  # a bad file fails here, naming it, rather than inside the HTTP server
-    server, _thread = start_http_server(
-        port,
-        addr=host,
-        registry=registry,
-        certfile=str(tls.cert),
-        keyfile=str(tls.key),
-        client_cafile=str(tls.ca) if tls.require_client_auth else None,
-        client_auth_required=tls.require_client_auth,
-        tls_min_version=ssl.TLSVersion.TLSv1_2,
-    )
-    # Renewed files, the client CA's included, are used from the next handshake on.
-    follow_renewals(tls, server.socket.context)
-    return MetricsServer(server, "https")
+    https = tls is not None and tls.cert is not None
+    # A bad file fails here, naming it, before anything listens.
+    context = server_ssl_context(tls) if https and tls is not None else None
+    base = _TlsServer if context is not None else ThreadingWSGIServer
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server_class = type("MetricsHTTPServer", (base,), {"address_family": family})
+    server = make_server(address[0], port, make_wsgi_app(registry), server_class, _Quiet)
+    if context is not None:
+        server.context = context
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return MetricsServer(server, "https" if context is not None else "http")
 
 
 def scrape_tls(tls: TlsConfig | None, client_ca: Path | None) -> TlsConfig | None:

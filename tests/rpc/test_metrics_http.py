@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import socket
 import ssl
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -168,3 +170,23 @@ def test_a_missing_metrics_client_ca_is_named_before_serving(
     missing = tmp_path / "scrapers.pem"
     with pytest.raises(TlsError, match=r"CA bundle .*scrapers\.pem does not exist"):
         serve_metrics(registry, 0, "127.0.0.1", pki.server, missing)
+
+
+@pytest.mark.parametrize("mtls", [False, True])
+def test_an_idle_connection_stalls_neither_scrapes_nor_the_stop(
+    pki: Pki, registry: CollectorRegistry, mtls: bool
+) -> None:
+    """With the handshake inside accept() on the one serving thread, a TCP connection that
+    sent nothing stalled every scrape (certificates or not: it comes first) and close()
+    never returned, hanging the service's stop."""
+    served = serve_metrics(registry, 0, "127.0.0.1", pki.server if mtls else server_auth(pki))
+    idle = socket.create_connection(("127.0.0.1", served.port))
+    try:
+        client = client_context(pki.ca.cert, pki.client if mtls else None)
+        assert "tandem_test_scrapes_total 3.0" in scrape(served, "https", client)
+        closing = threading.Thread(target=served.close)
+        closing.start()
+        closing.join(5)
+        assert not closing.is_alive(), "close() waited on the idle connection"
+    finally:
+        idle.close()
