@@ -23,6 +23,9 @@ Counters count committed rows only: if the store write fails, nothing is counted
 Cardinality: ``model`` and (for OIDC callers) ``team`` come from the request or token, so
 each label keeps at most :data:`MAX_LABEL_VALUES` distinct values and maps any further value
 to ``_other``; an unauthenticated caller's model is always ``-`` (it is attacker-chosen).
+Once the gateway gives it its policy's models (:meth:`GatewayMetrics.label_models`), a
+model the policy does not list is ``_unlisted``: the admin role may name any model, and a
+loop of made-up names took every model slot, counting real models as ``_other``.
 
 :data:`METRICS` is the process-wide instance that ``Ledger`` and ``AuditLog`` count into
 unless given another; the gateway serves ``METRICS.registry`` on ``--metrics-port``.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -43,6 +47,8 @@ if TYPE_CHECKING:
 MAX_LABEL_VALUES = 1000
 """Distinct values kept per label (team, model); later ones are counted as ``_other``."""
 OVERFLOW = "_other"
+UNLISTED = "_unlisted"
+"""The model label of a model the policy does not list (see the module docstring)."""
 
 _LIMIT_NAME = re.compile(
     r"\b(requests_per_minute|tokens_per_minute|tokens_per_day|tokens_per_month)="
@@ -109,6 +115,7 @@ class GatewayMetrics:
         self.registry = r = CollectorRegistry()
         self._team = _Bounded(max_label_values)
         self._model = _Bounded(max_label_values)
+        self._listed: frozenset[str] | None = None  # None: every model is a label
         tm = ["team", "model"]
         self.requests = Counter(
             "tandem_gateway_requests",
@@ -148,8 +155,16 @@ class GatewayMetrics:
             registry=r,
         )
 
+    def label_models(self, models: Iterable[str]) -> None:
+        """Label only ``models`` (the policy's); any other model is ``_unlisted``."""
+        self._listed = frozenset(models)
+
     def _labels(self, team: str, model: str) -> tuple[str, str]:
-        return self._team(team or "-"), self._model(model or "-")
+        if not model:
+            model = "-"
+        elif self._listed is not None and model not in self._listed:
+            model = UNLISTED
+        return self._team(team or "-"), self._model(model)
 
     def settled(self, rec: UsageRecord) -> None:
         """Count a request the ledger recorded for the first time."""
@@ -167,7 +182,7 @@ class GatewayMetrics:
         # later by a limit): otherwise the caller chose the name freely, and a thousand
         # made-up names took every model slot, so real models were counted as _other.
         authorized = event.decision == "allow" or cls in ("limit_exceeded", "admission_failed")
-        model = event.model if authorized else "-"
+        model = event.model if authorized else ""
         team, model = self._labels(event.team, model)
         self.decisions.labels(team, model, event.decision, cls).inc()
         if cls == "limit_exceeded":

@@ -235,7 +235,9 @@ class Pipeline:
 
     async def authenticate(self, call: CallInfo, model: str = "") -> Identity:
         """The caller; GatewayError(UNAUTHENTICATED), audited as a denial, otherwise."""
-        attributes = step_attributes(call.request_id, model)
+        # Unvalidated yet (a caller without a credential sends anything): bounded as the
+        # audit record bounds it, not a megabyte on every trace backend.
+        attributes = step_attributes(call.request_id, unchecked(model, MODEL_NAME_MAX))
         return await traced("authenticate", self._authenticate(call, model), attributes)
 
     async def _authenticate(self, call: CallInfo, model: str) -> Identity:

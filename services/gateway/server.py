@@ -148,6 +148,7 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
         if tls is not None:
             load(tls)  # a bad certificate file fails the start before the store opens
     policy = load_policy(Path(config.policy_path))
+    METRICS.label_models(policy.models)  # a name the policy does not list is no label
     store = open_store(config.store_url)
     verifier = (
         OidcVerifier(config.issuer_url, config.audience, config.allowed_clients)

@@ -28,6 +28,8 @@ CANARY = "zebra-canary-prompt"
 """Prompt text that must appear in no span and no log."""
 BAD_KEY = "tdm_nosuchkey_" + "s" * 43
 """A well-formed API key the store does not hold."""
+LONG_MODEL = "m" * 5000
+"""A model name no check has bounded yet when authentication refuses the call."""
 POLICY_STEPS = ("gateway.authenticate", "gateway.authorize", "gateway.admit", "gateway.settle")
 
 
@@ -58,8 +60,9 @@ def _http_completion(port: int, secret: str) -> dict:
 
 
 async def _refused(address: str, credential: str) -> grpc.StatusCode:
-    """The status of a call with a credential the gateway does not accept."""
-    req = pb.GenerateRequest(model="tandem-tiny", prompt=CANARY, max_tokens=1)
+    """The status of a call with a credential the gateway does not accept, naming a model
+    of 5,000 characters (the span recorded it whole, unvalidated)."""
+    req = pb.GenerateRequest(model=LONG_MODEL, prompt=CANARY, max_tokens=1)
     async with grpc.aio.insecure_channel(address) as ch:
         stub = inference_pb2_grpc.InferenceStub(ch)
         try:
@@ -98,6 +101,7 @@ def test_one_trace_from_the_gateway_to_decode(tmp_path: Path, tandem_home: Path)
     grpc_spans = [s for s in spans["gateway"] if not _under_http(s, spans["gateway"])]
     denied = [s for s in grpc_spans if s["name"] == "gateway.authenticate"]
     assert [s["attributes"]["tandem.gateway.decision"] for s in denied] == ["allow", "deny"]
+    assert denied[1]["attributes"]["tandem.model"] == "m" * 256 + "...(5000 characters)"
     gateway = {s["name"]: s for s in grpc_spans if s not in denied[1:]}
     assert set(POLICY_STEPS) <= set(gateway), sorted(gateway)
     (trace_id,) = {gateway[step]["context"]["trace_id"] for step in POLICY_STEPS}

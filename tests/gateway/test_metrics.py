@@ -18,7 +18,14 @@ import pytest
 from services.engine.errors import InvalidRequestError
 from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.ledger import Ledger, UsageRecord
-from services.gateway.metrics import METRICS, OVERFLOW, GatewayMetrics, limit_of, reason_class
+from services.gateway.metrics import (
+    METRICS,
+    OVERFLOW,
+    UNLISTED,
+    GatewayMetrics,
+    limit_of,
+    reason_class,
+)
 from services.gateway.server import GatewayConfig, _metrics_tls
 from services.gateway.store import Store
 from services.rpc.metrics_http import serve_metrics
@@ -117,6 +124,23 @@ def test_a_model_the_caller_may_not_use_is_never_a_label() -> None:
     assert m.value(d, team="ml", model="-", decision="deny", reason="model_not_allowed") == 3
     assert m.value(d, team="ml", model="-", decision="deny", reason="other") == 3
     assert m.value("tandem_gateway_requests_total", team="ml", model="real", outcome="ok") == 1
+
+
+def test_a_model_the_policy_does_not_list_is_no_label() -> None:
+    """The admin role may name any model: a loop of made-up names (each refused by the
+    router, so settled as errors and audited as allowed) took every model slot, and the
+    real model was counted as _other until a restart."""
+    m = GatewayMetrics(max_label_values=3)
+    m.label_models(["real"])
+    for i in range(5):
+        m.decided(AuditEvent("ops", "allow", "error", team="ml", model=f"typo-{i}"))
+        m.settled(_rec(f"r{i}", model=f"typo-{i}", outcome="error"))
+    m.settled(_rec("r-real", model="real"))
+    requests = "tandem_gateway_requests_total"
+    assert m.value(requests, team="ml", model="real", outcome="ok") == 1
+    assert m.value(requests, team="ml", model=UNLISTED, outcome="error") == 5
+    d = "tandem_gateway_decisions_total"
+    assert m.value(d, team="ml", model=UNLISTED, decision="allow", reason="error") == 5
 
 
 def test_metrics_are_served_over_http() -> None:
