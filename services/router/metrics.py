@@ -15,7 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.stubs.tandem.v1 import inference_pb2 as pb
 
-_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+"""Up to 10 minutes: Tandem's clients allow 300 s a request (generate and bench serve's
+--timeout), and long generations or a queued TTFT between 60 s and that all fell in +Inf,
+which histogram_quantile reports as a flat 60."""
 
 
 class RouterMetrics:

@@ -133,7 +133,19 @@ class WorkerHost:
         self.engine = await asyncio.to_thread(LLMEngine, self.config.model, self.config.engine)
         self.loop = EngineLoop(self.engine)
         self.loop.on_tick(self._expire_leases)
-        self._latest_load = self.loop.watch(_engine_load)
+        metrics = self.metrics
+
+        def engine_load(engine: LLMEngine) -> wpb.WorkerLoad:
+            # The gauges follow every step, heartbeats or not: set where the heartbeat
+            # read them, they stayed 0 on a worker without --router and froze while it
+            # could not reach one.
+            load = _engine_load(engine)
+            metrics.running.set(load.running)
+            metrics.waiting.set(load.waiting)
+            metrics.free_blocks.set(load.free_blocks)
+            return load
+
+        self._latest_load = self.loop.watch(engine_load)
         self.loop.start()
         self.server = await start_server(
             servicers(self), self.config.host, self.config.port, tls=self.config.tls
@@ -200,9 +212,6 @@ class WorkerHost:
         figures.gpu_memory_used_bytes = gpu.memory_used_bytes
         figures.gpu_memory_total_bytes = gpu.memory_total_bytes
         figures.gpu_utilization_percent = gpu.utilization_percent
-        self.metrics.running.set(figures.running)
-        self.metrics.waiting.set(figures.waiting)
-        self.metrics.free_blocks.set(figures.free_blocks)
         return figures
 
     async def serve_forever(self) -> None:
