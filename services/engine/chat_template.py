@@ -7,8 +7,10 @@ used). It is rendered the way ``apply_chat_template(messages, add_generation_pro
 tokenize=False)`` renders it: a sandboxed jinja2 environment with ``trim_blocks`` and
 ``lstrip_blocks``, the ``loopcontrols`` extension, a ``{% generation %}`` block that only
 renders its body, ``raise_exception``, ``strftime_now`` and a ``tojson`` filter that keeps
-non-ASCII; the variables are ``messages``, ``add_generation_prompt`` and the special tokens
-of tokenizer_config.json (``bos_token``, ``eos_token``, …) as strings. Such a template writes
+non-ASCII; the variables are ``messages``, ``add_generation_prompt``, ``tools`` and
+``documents`` (None: the gateway takes no tools) and the special tokens (``bos_token``,
+``eos_token``, …, ``mask_token``) as strings, from tokenizer_config.json with
+special_tokens_map.json's values winning, as transformers loads them. Such a template writes
 the special tokens itself, so its text is tokenized without adding any (``add_special_tokens``
 False), as transformers' ``apply_chat_template(tokenize=True)`` does.
 
@@ -37,7 +39,14 @@ from services.engine.tokenizer import read_json_object
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
-_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token")
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+_SPECIAL_TOKENS = (
+    "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"
+)  # fmt: skip
+JINJA2_MIN = (3, 1, 6)
+"""Older jinja2 releases have published sandbox escapes (CVE-2024-56326, CVE-2025-27516);
+a chat template comes with a model directory, so it is not trusted code. transformers
+refuses to render below this version too."""
 
 PLAIN_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
@@ -83,7 +92,11 @@ class ChatTemplate:
         chat = [{"role": role, "content": content} for role, content in messages]
         try:
             return self._compiled.render(
-                messages=chat, add_generation_prompt=True, **self.special_tokens
+                messages=chat,
+                add_generation_prompt=True,
+                tools=None,  # as transformers passes them: "is not none" must be false
+                documents=None,
+                **self.special_tokens,
             )
         except jinja2.TemplateError as exc:  # raise_exception(), or a type error in the data
             raise InvalidRequestError(
@@ -97,7 +110,9 @@ def load_chat_template(directory: Path) -> ChatTemplate:
     """The template of the model in ``directory``, or the plain one when it has none."""
     directory = Path(directory)
     config = read_json_object(directory / TOKENIZER_CONFIG)
-    tokens = _special_tokens(config)
+    tokens = _special_tokens(config) | _special_tokens(
+        read_json_object(directory / SPECIAL_TOKENS_MAP)
+    )
     jinja_file = directory / TEMPLATE_FILE
     if jinja_file.is_file():
         return ChatTemplate(jinja_file.read_text(encoding="utf-8"), tokens, True, str(jinja_file))
@@ -116,8 +131,6 @@ def _config_template(value: Any, file: Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         if isinstance(named.get("default"), str):
             return named["default"]
-        if not named:
-            return None
     raise CheckpointError(
         f"{file}: chat_template must be a string or a list of {{name, template}} with a "
         f"'default' entry, got {type(value).__name__}"
@@ -173,6 +186,12 @@ def _strftime_now(fmt: str) -> str:
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
+    version = tuple(int(part) for part in jinja2.__version__.split(".")[:3] if part.isdigit())
+    if version < JINJA2_MIN:
+        raise CheckpointError(
+            f"jinja2 {jinja2.__version__} has known sandbox escapes: a model's chat template "
+            f"is not rendered with it; install jinja2>={'.'.join(map(str, JINJA2_MIN))}"
+        )
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols]
     )

@@ -140,3 +140,46 @@ def test_a_broken_template_is_a_checkpoint_error(tiny_model_dir: Path, tmp_path:
     )
     with pytest.raises((CheckpointError, InvalidRequestError)):
         load_chat_template(directory).render([("user", "x")])
+
+
+def test_special_tokens_map_tools_and_mask_token_render_as_transformers_does(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Three ways the variables differed from transformers': special_tokens_map.json was not
+    read (its eos_token wins over tokenizer_config.json's; a Mistral v0.1-style template
+    found eos_token undefined), tools/documents were undefined rather than None (so
+    ``tools is not none`` was true), and mask_token was missing."""
+    transformers = pytest.importorskip("transformers")
+    template = (
+        "{% if tools is not none %}TOOLS{% endif %}{% if documents is defined %}D{% endif %}"
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+        "{{ mask_token }}"
+    )
+    directory = _model_with_template(tiny_model_dir, tmp_path, template)
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["eos_token"], config["mask_token"] = "</s>", "<pad>"
+    config_file.write_text(json.dumps(config))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<pad>"}))
+    chat = load_chat_template(directory)
+    reference = transformers.PreTrainedTokenizerFast.from_pretrained(str(directory))
+    expected = reference.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert chat.render([("user", "Hi")]) == expected == "D<s>Hi<pad><pad>"
+
+
+def test_an_empty_list_of_named_templates_is_a_checkpoint_error(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """It fell back to the plain template silently; transformers refuses it."""
+    with pytest.raises(CheckpointError, match="'default' entry"):
+        load_chat_template(_model_with_template(tiny_model_dir, tmp_path, []))
+
+
+def test_a_jinja2_with_known_sandbox_escapes_renders_no_template(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("jinja2.__version__", "3.1.5")
+    with pytest.raises(CheckpointError, match=r"sandbox escapes.*jinja2>=3\.1\.6"):
+        load_chat_template(_model_with_template(tiny_model_dir, tmp_path, ZEPHYR))
