@@ -71,6 +71,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import redis
+from redis.exceptions import NoScriptError
 
 from services.gateway.breaker import Breaker
 from services.gateway.limits import (
@@ -228,9 +229,7 @@ class RedisAdmission(Admission):
         args.append(self._latest_expiry(reservation))
         if not self.breaker.allow():
             self._store_error("reserve", self._skipped())
-            return dataclasses.replace(
-                reservation, charges=()
-            )  # nothing charged, nothing to settle
+            return dataclasses.replace(reservation, charges=())  # nothing charged to settle
         try:
             failed, current, previous = self._reserve(keys=keys, args=args)
         except redis.RedisError as err:
@@ -262,12 +261,7 @@ class RedisAdmission(Admission):
         if not reservation.charges:  # no limits applied: nothing charged, no marker set
             return
         job = _Adjust(op, reservation, actual, refund_requests)
-        if reservation.uncertain:  # its reserve may still be on its way: not on this thread
-            self._retry(job)
-            return
-        if not self.breaker.allow():
-            self._retry(job)
-            self._store_error(op, self._skipped())
+        if not self._ready([job], op):  # queued for the retry thread
             return
         try:
             self._run_adjust(job)
@@ -361,9 +355,13 @@ class RedisAdmission(Admission):
         if (left := self._later.qsize()) or (thread is not None and thread.is_alive()):
             log.warning("closing with %d rate-limit settle(s) still waiting for Redis", left)
 
-    def _run_adjust(self, job: _Adjust, client: redis.client.Pipeline | None = None) -> None:
-        """Apply ``job`` (once, whichever attempt gets there: the marker); raises RedisError.
-        ``client``: queue it on this pipeline instead (run by its ``execute``)."""
+    def _run_adjust(self, job: _Adjust) -> None:
+        """Apply ``job`` (once, whichever attempt gets there: the marker); raises RedisError."""
+        keys, args = self._adjust_call(job)
+        self._adjust_script(keys=keys, args=args)
+
+    def _adjust_call(self, job: _Adjust) -> tuple[list[str], list[int]]:
+        """The keys and arguments of ``job``'s adjust script."""
         keys = [self._marker(job.reservation)]
         args: list[int] = []
         for c in job.reservation.charges:
@@ -375,7 +373,7 @@ class RedisAdmission(Admission):
                 continue
             keys.append(self._prefix + c.key)
             args.append(delta)
-        self._adjust_script(keys=keys, args=args, client=client)
+        return keys, args
 
     def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         self._adjust("settle", reservation, actual_tokens, refund_requests=False)
@@ -391,22 +389,35 @@ class RedisAdmission(Admission):
             for r, tokens in used
             if r.charges  # no limits applied: nothing charged, no marker set
         ]
+        jobs = self._ready(jobs, "settle")
+        if jobs:
+            self._pipelined(jobs)
+
+    def _ready(self, jobs: list[_Adjust], op: str) -> list[_Adjust]:
+        """The jobs to send now; the others go to the retry thread: an uncertain
+        reservation's (its reserve may still be on its way) and, while the breaker is
+        open, all (reported as the configured store-error choice says)."""
+        ready = []
         for job in jobs:
-            if job.reservation.uncertain:  # its reserve may still be on its way
+            (self._retry if job.reservation.uncertain else ready.append)(job)
+        if ready and not self.breaker.allow():
+            for job in ready:
                 self._retry(job)
-        jobs = [job for job in jobs if not job.reservation.uncertain]
-        if not jobs:
-            return
-        if not self.breaker.allow():
-            for job in jobs:
-                self._retry(job)
-            self._store_error("settle", self._skipped())
-            return
-        pipe = self._r.pipeline(transaction=False)
-        for job in jobs:
-            self._run_adjust(job, client=pipe)
+            self._store_error(op, self._skipped())
+            return []
+        return ready
+
+    def _pipelined(self, jobs: list[_Adjust]) -> None:
+        """Send ``jobs`` in one round trip: EVALSHA on a plain pipeline (a ``Script`` queued
+        on one makes redis-py ask SCRIPT EXISTS first: a second round trip per batch); when
+        Redis has lost the script (restarted, flushed), it is loaded and those jobs resent."""
         try:
-            replies = pipe.execute(raise_on_error=False)
+            replies = self._evalsha_all(jobs)
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if lost:
+                self._r.script_load(_ADJUST)
+                for i, reply in zip(lost, self._evalsha_all([jobs[i] for i in lost]), strict=True):
+                    replies[i] = reply
         except redis.RedisError as err:
             self.breaker.record(False)
             for job in jobs:
@@ -418,6 +429,15 @@ class RedisAdmission(Admission):
             if isinstance(reply, redis.RedisError):
                 self._retry(job)
                 self._outage(f"rate-limit store (Redis) refused a {job.op}: {reply}")
+
+    def _evalsha_all(self, jobs: list[_Adjust]) -> list[object]:
+        """Each job's reply (an exception object for one Redis refused); raises RedisError
+        when Redis cannot be reached."""
+        pipe = self._r.pipeline(transaction=False)
+        for job in jobs:
+            keys, args = self._adjust_call(job)
+            pipe.evalsha(self._adjust_script.sha, len(keys), *keys, *args)
+        return list(pipe.execute(raise_on_error=False))
 
     def release(self, reservation: Reservation) -> None:
         self._adjust("release", reservation, 0, refund_requests=True)

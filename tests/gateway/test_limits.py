@@ -633,3 +633,25 @@ def test_calls_skip_redis_for_a_moment_after_it_fails_then_one_probes(
     adm.settled_later()  # the paused call's refund, retried in the background
     assert rds.get(day) == b"30"
     adm.close()
+
+
+def test_a_batch_is_one_round_trip_and_survives_redis_losing_the_script(
+    rds: redis.Redis, prefix: str
+) -> None:
+    """settle_many sends EVALSHA on a plain pipeline (a queued Script made redis-py ask
+    SCRIPT EXISTS first, a second round trip per batch) and reloads the script when Redis
+    has lost it (restarted, flushed)."""
+    clock = Clock(T0 - 3600)
+    adm = RedisAdmission(rds, prefix=prefix, clock=clock)
+    day = prefix + key("key:lost", "tokens", DAY, clock.t)
+    first = [adm.reserve([LOST], 100) for _ in range(3)]
+    before = rds.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0)
+    adm.settle_many([(r, 10) for r in first])
+    after = rds.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0)
+    assert (rds.get(day), after) == (b"30", before)
+    second = [adm.reserve([LOST], 100) for _ in range(2)]
+    rds.script_flush()
+    adm.settle_many([(r, 5) for r in second])
+    assert rds.get(day) == b"40" and not adm.breaker.is_open
+    assert list(rds.scan_iter(match=prefix + "res|*")) == []
+    adm.close()
