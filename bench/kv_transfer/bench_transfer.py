@@ -51,6 +51,7 @@ from services.engine.kv_cache import KV_LAYOUTS, KVCache  # noqa: E402
 from services.kv_transfer import layout as kv_layout  # noqa: E402
 from services.kv_transfer.client import KVReader  # noqa: E402
 from services.kv_transfer.factory import make_transport  # noqa: E402
+from services.kv_transfer.nixl_transport import NixlTransport  # noqa: E402
 from services.kv_transfer.service import PinCheck, servicer  # noqa: E402
 from services.kv_transfer.transport import KVTransport  # noqa: E402
 from services.rpc.event_loop import run as run_loop  # noqa: E402
@@ -224,11 +225,20 @@ def local_methods(num_blocks: int) -> list[Method]:
 
 
 async def remote_methods(
-    kind: str, patterns: list[str], address: str, args: argparse.Namespace
+    kind: str,
+    patterns: list[str],
+    address: str,
+    args: argparse.Namespace,
+    threaded: bool = False,
 ) -> tuple[list[Method], KVTransport]:
+    """``threaded``: a NIXL reader whose every READ goes through its agent thread (two
+    thread hops), as all did before short ones ran on the caller's thread."""
     remote_blocks, local_blocks = pool_sizes(args.num_blocks)
     kv = make_kv(local_blocks)
-    transport = make_transport(kind, kv, f"bench-reader-{kind}")
+    if threaded:
+        transport: KVTransport = NixlTransport(kv, "bench-reader-threaded", inline_max_bytes=0)
+    else:
+        transport = make_transport(kind, kv, f"bench-reader-{kind}")
     reader = KVReader("bench-reader", kv_layout.describe(kv, MODEL_ID), transport)
     peer = await reader.peer(address, timeout_s=30)
     source = make_kv(remote_blocks)
@@ -249,6 +259,7 @@ async def remote_methods(
 
         descriptors = len(kv_layout.paired_spans(reader.layout, local, peer.layout, remote))
         name = kind if pattern == "contiguous" else f"{kind}_{pattern}"
+        name += "_threaded" if threaded else ""
         methods.append(Method(name, pull, pulled, nbytes, descriptors if kind == "nixl" else None))
     return methods, transport
 
@@ -281,6 +292,12 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             more, transport = await remote_methods(kind, patterns, address, args)
             methods += more
             transports.append(transport)
+            if kind == "nixl":  # the same peer read the way every READ went until 2026-11-27
+                more, transport = await remote_methods(
+                    kind, ["contiguous"], address, args, threaded=True
+                )
+                methods += more
+                transports.append(transport)
         for round_ in range(args.warmup + args.reps):
             shift = round_ % len(methods)
             for method in methods[shift:] + methods[:shift]:

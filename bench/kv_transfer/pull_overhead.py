@@ -10,7 +10,9 @@ the same pull timed through each layer Tandem puts around the READ, innermost la
 - ``pull_synced``: the same between two ``torch.cuda.synchronize()`` calls, as
   bench_transfer.py times it, and ``synchronize`` one such call alone (both as ``pull``
   and nothing on CPU);
-- ``transport``: ``NixlTransport.pull`` (no peer lookup);
+- ``transport``: ``NixlTransport.pull`` (no peer lookup), which runs a READ of device
+  memory (or a short one of host memory) on the calling thread, and ``transport_threaded``:
+  the same through the agent thread (``inline_max_bytes=0``), as every READ went before;
 - ``thread_loop`` / ``thread_sync``: the READ as one ``AgentThread.transfer`` job, awaited
   from the loop / waited for with ``Future.result`` (descriptors made beforehand);
 - ``hop_loop`` / ``hop_sync``: an empty job's round trip to the agent thread;
@@ -94,6 +96,9 @@ async def measure(blocks: int, reps: int) -> dict[str, float]:
     kv = bt.make_kv(bt.pool_sizes(blocks)[1])
     transport = bt.make_transport("nixl", kv, "bench-overhead")
     assert isinstance(transport, NixlTransport)
+    threaded = NixlTransport(
+        bt.make_kv(bt.pool_sizes(blocks)[1]), "bench-threaded", inline_max_bytes=0
+    )
     try:
         reader = KVReader("bench-overhead", kv_layout.describe(kv, bt.MODEL_ID), transport)
         peer = await reader.peer(address, timeout_s=30)
@@ -105,6 +110,9 @@ async def measure(blocks: int, reps: int) -> dict[str, float]:
             transport._make_read, local, remote, peer.memory_type, peer.nixl_agent
         )
         thread = transport._thread
+        threaded_peer = await KVReader(
+            "bench-threaded", kv_layout.describe(threaded.kv, bt.MODEL_ID), threaded
+        ).peer(address, timeout_s=30)
 
         async def thread_sync() -> None:
             thread.transfer(read).state.result()
@@ -133,6 +141,9 @@ async def measure(blocks: int, reps: int) -> dict[str, float]:
             "pull_synced": pull_synced,
             "synchronize": synchronize,
             "transport": lambda: transport.pull(peer, remote_ids, local_ids, "bench", 30),
+            "transport_threaded": lambda: threaded.pull(
+                threaded_peer, remote_ids, local_ids, "bench", 30
+            ),
             "thread_loop": lambda: asyncio.wrap_future(thread.transfer(read).state),
             "thread_sync": thread_sync,
             "hop_loop": lambda: asyncio.wrap_future(thread.submit(int)),
@@ -151,6 +162,7 @@ async def measure(blocks: int, reps: int) -> dict[str, float]:
         return figures
     finally:
         await transport.close()
+        await threaded.close()
         if process.stdin is not None:
             process.stdin.close()
         process.wait(timeout=30)
@@ -175,7 +187,7 @@ def main() -> None:
     figures = uvloop.run(measure(args.blocks, args.reps))
     print(f"{args.device}, {args.kv_layout}: {args.blocks} blocks per pull; median us")
     for name, us in figures.items():
-        print(f"  {name:<13}{us:>9.1f}")
+        print(f"  {name:<19}{us:>9.1f}")
     if args.json:
         record = {
             "device": args.device,

@@ -216,3 +216,75 @@ def test_a_job_submitted_as_the_thread_stops_runs_or_is_refused() -> None:
         return
     assert future.result(timeout=2) == "ran"
     thread.stop()
+
+
+def test_a_transfer_run_inline_ends_on_the_calling_thread() -> None:
+    agent = FakeAgent({"h1": ["DONE"], "h2": ["PROC", "PROC", "ERR"]})
+    thread = AgentThread(agent, "nixl-inline")
+    assert thread.run_inline(lambda: "h1", wait_s=1.0) == "DONE"
+    assert thread.run_inline(lambda: "h2", wait_s=1.0) == "ERR"
+    thread.stop()
+    assert agent.calls == [
+        ("transfer", "h1"),
+        ("release", "h1"),
+        ("transfer", "h2"),
+        ("check", "h2"),
+        ("check", "h2"),
+        ("release", "h2"),
+    ]
+
+
+def test_an_inline_transfer_still_in_flight_is_handed_to_the_thread() -> None:
+    agent = FakeAgent({"h1": ["PROC"]})
+    thread = AgentThread(agent, "nixl-inline")
+    transfer = thread.run_inline(lambda: "h1", wait_s=0.001)
+    assert not isinstance(transfer, str) and transfer is not None
+    assert not transfer.released.done()
+    agent.states["h1"] = ["DONE"]  # the copy ends: the thread's next check sees it
+    assert transfer.state.result(timeout=5) == "DONE"
+    assert transfer.released.done()
+    assert agent.calls.count(("release", "h1")) == 1
+    agent.states["h2"] = ["PROC"]  # never ends by itself
+    abandoned = thread.run_inline(lambda: "h2", wait_s=0.0)
+    assert abandoned is not None and not isinstance(abandoned, str)
+    assert abandoned.state.cancel()
+    abandoned.released.result(timeout=5)  # released on the thread
+    thread.stop()
+    assert agent.calls.count(("release", "h2")) == 1
+
+
+def test_inline_gives_way_while_the_thread_is_busy_with_the_agent() -> None:
+    """A call on the agent thread holds the agent: the inline transfer does nothing and
+    says so (None), so its caller queues it there instead of waiting behind it."""
+    agent = FakeAgent({"h1": ["DONE"]})
+    thread = AgentThread(agent, "nixl-inline")
+    entered, gate = threading.Event(), threading.Event()
+    busy = thread.submit(lambda: entered.set() or gate.wait(5))
+    assert entered.wait(5)
+    assert thread.run_inline(lambda: "h1", wait_s=1.0) is None
+    gate.set()
+    busy.result(timeout=5)
+    assert agent.calls == []
+    assert thread.run_inline(lambda: "h1", wait_s=1.0) == "DONE"
+    thread.stop()
+
+
+def test_inline_failures_are_raised_and_a_posted_handle_released() -> None:
+    agent = FakeAgent({"h1": ["RAISE"], "h2": ["PROC", "RAISE"]})
+    thread = AgentThread(agent, "nixl-inline")
+
+    def no_handle() -> str:
+        raise ValueError("bad descriptors")
+
+    with pytest.raises(ValueError, match="bad descriptors"):
+        thread.run_inline(no_handle, wait_s=1.0)
+    with pytest.raises(RuntimeError, match="NIXL failed on h1"):
+        thread.run_inline(lambda: "h1", wait_s=1.0)
+    with pytest.raises(RuntimeError, match="NIXL failed on h2"):
+        thread.run_inline(lambda: "h2", wait_s=1.0)
+    thread.stop()
+    assert agent.calls.count(("release", "h1")) == 1
+    assert agent.calls.count(("release", "h2")) == 1
+    with pytest.raises(RuntimeError, match="stopped"):
+        thread.run_inline(lambda: "h3", wait_s=1.0)
+    assert ("transfer", "h3") not in agent.calls

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from services.kv_transfer import layout as kv_layout
+from services.kv_transfer.agent_thread import AgentThread
 from services.kv_transfer.client import KVReader, handshake
 from services.kv_transfer.errors import IncompatiblePeerError, KVTransferError
 from services.kv_transfer.factory import make_transport
@@ -148,6 +149,41 @@ def test_pull_in_process(kind: str) -> None:
         got = block_bytes(pool_bytes(decode.kv), layout_of(decode.kv), [10, 11, 12, 40])
         assert got == want
         await decode.close()
+        await server.stop(0)
+        await prefill.close()
+
+    run(body)
+
+
+@needs_nixl
+def test_short_nixl_pulls_run_on_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pulls up to inline_max_bytes skip the agent thread (two thread hops, ~45 µs); larger
+    ones, and every one with inline_max_bytes=0, go through it. Bytes right either way."""
+    threaded: list[str] = []
+    real_transfer = AgentThread.transfer
+
+    def counted(self: AgentThread, make_handle: Callable[[], object]) -> object:
+        threaded.append(self._thread.name)
+        return real_transfer(self, make_handle)
+
+    monkeypatch.setattr(AgentThread, "transfer", counted)
+
+    async def body() -> None:
+        prefill = NixlTransport(make_kv(64), "prefill-0")
+        fill_pattern(prefill.kv, seed=11)
+        server = await serve(prefill)
+        want = block_bytes(pool_bytes(prefill.kv), layout_of(prefill.kv), [3, 4, 5])
+        for inline_max, blocks, hops in ((None, 2, 0), (None, 3, 1), (0, 1, 1)):
+            decode = NixlTransport(make_kv(80), "decode-0", inline_max_bytes=inline_max)
+            reader = KVReader("decode-0", layout_of(decode.kv), decode)
+            threaded.clear()
+            n = await reader.pull(
+                server.address, [3, 4, 5][:blocks], [20, 21, 22][:blocks], "req-1", 5
+            )
+            assert (n, len(threaded)) == (blocks * 128 * 1024, hops), (inline_max, blocks)
+            got = block_bytes(pool_bytes(decode.kv), layout_of(decode.kv), [20, 21, 22])
+            assert got[: blocks * 128 * 1024] == want[: blocks * 128 * 1024]
+            await decode.close()
         await server.stop(0)
         await prefill.close()
 
