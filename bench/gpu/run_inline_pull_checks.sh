@@ -32,9 +32,9 @@ step "engine = transformers on CUDA"
 TANDEM_TEST_DEVICE=cuda timeout 120 python3 -m pytest -p no:cacheprovider -q \
   tests/engine/test_engine_reference.py 2>&1 | tail -3
 
-step "disaggregated serving on CUDA, KV in VRAM over NIXL (every tests/e2e file)"
-TANDEM_E2E_DEVICE=cuda timeout 200 python3 -m pytest -p no:cacheprovider -q tests/e2e \
-  2>&1 | tail -6
+step "disaggregated serving on CUDA, KV in VRAM over NIXL (tests/e2e but the openai SDK's)"
+TANDEM_E2E_DEVICE=cuda timeout 240 python3 -m pytest -p no:cacheprovider -q tests/e2e \
+  --ignore=tests/e2e/test_tls_cluster.py --ignore=tests/e2e/test_up_gateway.py 2>&1 | tail -6
 
 step "the 2,048-token pull again (a second sample of the same comparison)"
 timeout 90 python3 bench/kv_transfer/bench_transfer.py --device cuda --reps 30 \
@@ -46,7 +46,7 @@ timeout 60 python3 -m services.cli.main bench throughput --model tandem-tiny \
   --json "$RES/throughput_cuda.json" 2>&1 | tail -2
 
 step "256 MiB pulls (32,768 tokens): the inline READ hands off after INLINE_WAIT_S"
-timeout 60 python3 bench/kv_transfer/bench_transfer.py --device cuda --prompt-tokens 32768 \
-  --reps 10 --json "$RES/kv_transfer_cuda_32768.json" 2>&1 | quiet | tail -18
+timeout 150 python3 bench/kv_transfer/bench_transfer.py --device cuda --prompt-tokens 32768 \
+  --reps 5 --json "$RES/kv_transfer_cuda_32768.json" 2>&1 | quiet | tail -18
 
 step done
