@@ -33,6 +33,11 @@ from services.worker.registration import register_and_heartbeat
 log = logging.getLogger(__name__)
 
 
+STOP_GRACE_S = 2.0
+"""How long calls still running may take to end when the worker stops without a drain
+(the router refused it, or a drain found it idle)."""
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     model: str = "tandem-tiny"
@@ -103,6 +108,8 @@ class WorkerHost:
         self.gate = CallGate(f"worker {self.worker_id}")
         """Admits Prefill and Decode calls until the worker begins to drain."""
         self._draining = asyncio.Event()
+        self._drain_cut_short = False
+        """The drain ended with calls in flight (its timeout, a second signal)."""
         self._registration: asyncio.Task[None] | None = None
         self._kv_publisher: asyncio.Task[None] | None = None
         self._gpu = GpuMonitor()
@@ -243,6 +250,7 @@ class WorkerHost:
         )
         await first_of(idle, *([interrupt.wait()] if interrupt else []))
         done = idle.done() and not idle.cancelled() and idle.result()
+        self._drain_cut_short = not done
         if done:
             log.info("drained: every request finished; stopping")
         else:
@@ -269,13 +277,18 @@ class WorkerHost:
         self._closers.append(close)
 
     async def stop(self) -> None:
+        """Stop serving, then close the servicers, the engine and the KV transport. Calls
+        still running get STOP_GRACE_S to end, none after a drain cut short: that drain was
+        their grace, and the router resumes them elsewhere at once (with the grace they ran
+        up to 2 s past --drain-timeout-s, and one ending meanwhile finished here after
+        all, which a rolling update's termination period must then cover)."""
         self._stop.set()
         for task in (self._registration, self._kv_publisher):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if self.server is not None:
-            await self.server.stop(grace=2.0)
+            await self.server.stop(grace=0.0 if self._drain_cut_short else STOP_GRACE_S)
         await self._close_servicers()
         if self.loop is not None:
             await self.loop.stop()
