@@ -362,13 +362,20 @@ class Pipeline:
                 reserving.add_done_callback(orphan)
                 raise
         except LimitExceeded as exc:
-            reason = f"limit exceeded: {exc}"
-            self._record_audit(self._event(who, "deny", reason, model, call))
+            self._audit_refusal(who, model, call, exc)
             raise GatewayError(status_details.limit_exceeded(exc)) from exc
         except TandemError as exc:  # e.g. the limit store is down and fail-closed
-            reason = f"admission failed: {exc}"
-            self._record_audit(self._event(who, "deny", reason, model, call))
+            self._audit_refusal(who, model, call, exc)
             raise GatewayError(status_details.from_error(exc)) from exc
+
+    def _audit_refusal(
+        self, who: Identity, model: str, call: CallInfo, exc: TandemError, cancelled: bool = False
+    ) -> None:
+        """The deny record of an admission that refused (``exc``); ``cancelled``: its client
+        had stopped waiting for the answer."""
+        kind = "limit exceeded" if isinstance(exc, LimitExceeded) else "admission failed"
+        reason = f"{kind}: {exc}" + (" (the client had cancelled)" if cancelled else "")
+        self._record_audit(self._event(who, "deny", reason, model, call))
 
     def _scopes(self, who: Identity) -> list[Scope]:
         limits = self.policy.limits
@@ -421,11 +428,18 @@ class Pipeline:
     def _settle_orphan(
         self, who: Identity, model: str, call: CallInfo, prompt: int, reserving: asyncio.Future
     ) -> None:
-        """Settle a reservation its cancelled call stopped waiting for (nothing to do when
-        the reserve refused or failed: it charged nothing)."""
-        if reserving.cancelled() or reserving.exception() is not None:
+        """Settle a reservation its cancelled call stopped waiting for; a reserve that
+        refused or failed charged nothing, but its decision is audited all the same."""
+        if reserving.cancelled():
             return
-        self._settle(who, model, call, reserving.result(), prompt, _Relay(outcome="cancelled"))
+        exc = reserving.exception()
+        if isinstance(exc, TandemError):
+            self._audit_refusal(who, model, call, exc, cancelled=True)
+        elif exc is None:
+            self._settle(who, model, call, reserving.result(), prompt, _Relay(outcome="cancelled"))
+        else:  # a bug in the store's code: the awaited path would have raised it
+            rid = call.request_id
+            log.error("admission of %s failed after its call was cancelled: %r", rid, exc)
 
     async def settled(self) -> None:
         """Wait until every call settled so far is in the ledger and the audit log."""

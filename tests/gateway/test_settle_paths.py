@@ -299,3 +299,53 @@ def test_a_call_cancelled_while_a_redis_reserve_runs_gives_the_charge_back(
         if leftovers:
             rds.delete(*leftovers)
         rds.close()
+
+
+def test_a_refusal_decided_after_its_call_was_cancelled_is_still_audited(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """The call stops waiting; the reserve it left running refuses (3 + 5 tokens against a
+    limit of 4): nothing is charged and no ledger row written, but the decision gets its
+    deny record, as every decision does."""
+    rds = redis.Redis(host="127.0.0.1", port=6379)
+    prefix = f"test:cancel-refused:{uuid.uuid4().hex}:"
+    held = _HeldRedis(rds, prefix, time.time())
+    tight = "[limits.user]\ntokens_per_minute = 4\n"
+
+    async def body() -> None:
+        async with stack(
+            tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url, limits=tight, admission=[held]
+        ) as s:
+            started = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            threading.Thread(
+                target=lambda: held.started.wait(10) and loop.call_soon_threadsafe(started.set),
+                daemon=True,
+            ).start()
+            reply = await s.generate(
+                token(issuer), prompt_token_ids=[1, 2, 3], max_tokens=5, request_id="c2",
+                cancel_when=started,
+            )  # fmt: skip
+            assert reply.code == grpc.StatusCode.CANCELLED
+            await asyncio.sleep(0.2)
+            held.go.set()
+            await until(lambda: len(s.audit()) == 1)
+            [event] = s.audit()
+            assert (event.decision, event.principal, event.client_request_id) == (
+                "deny",
+                "ann",
+                "c2",
+            )
+            assert event.reason.startswith("limit exceeded: ")
+            assert event.reason.endswith(" (the client had cancelled)")
+            assert not s.ledger.find("ann", "c2")
+            charged = {k: rds.get(k) for k in rds.scan_iter(match=prefix + "*")}
+            assert all(v == b"0" for v in charged.values()), charged
+
+    try:
+        run(body())
+    finally:
+        leftovers = list(rds.scan_iter(match=prefix + "*"))
+        if leftovers:
+            rds.delete(*leftovers)
+        rds.close()
