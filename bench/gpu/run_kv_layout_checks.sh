@@ -4,14 +4,8 @@
 # carry [".whl"] (bench/gpu/fetch_wheels.sh). Steps in order of what they decide, each
 # with its own timeout, so a short lease still returns the transfer figures first.
 set -uo pipefail
-OUT=${OUT:-/tmp/tandem-gpu}
-RES=/tmp/tandem-gpu-results  # the JSON files, packed into $OUT/results.tgz after each step
-mkdir -p "$OUT" "$RES"
-source bench/gpu/machine_env.sh
+source bench/gpu/steps.sh
 LAYOUTS=(layer-major slot-major)
-# (the device tool returns at most 8 files, so the JSONs travel as one archive)
-step() { tar czf "$OUT/results.tgz" -C "$RES" .; echo; echo "=== $* ($(date +%T), ${SECONDS}s)"; }
-quiet() { grep -v 'NIXL INFO'; }
 
 step environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -10,7 +10,6 @@ import asyncio
 import sqlite3
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import grpc
@@ -257,13 +256,31 @@ class _HeldRedis(RedisAdmission):
         return super().reserve(scopes, tokens)
 
 
+async def _cancel_during_reserve(
+    s: Stack, issuer: Issuer, held: _HeldRedis, request_id: str
+) -> None:
+    """Send a call and cancel it while its Redis reserve waits on its thread, then let the
+    reserve run (the gateway has seen the cancel by then)."""
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    threading.Thread(
+        target=lambda: held.started.wait(10) and loop.call_soon_threadsafe(started.set),
+        daemon=True,
+    ).start()
+    reply = await s.generate(
+        token(issuer), prompt_token_ids=[1, 2, 3], max_tokens=5, request_id=request_id,
+        cancel_when=started,
+    )  # fmt: skip
+    assert reply.code == grpc.StatusCode.CANCELLED
+    await asyncio.sleep(0.2)
+    held.go.set()
+
+
 def test_a_call_cancelled_while_a_redis_reserve_runs_gives_the_charge_back(
-    tmp_path: Path, issuer: Issuer
+    tmp_path: Path, issuer: Issuer, rds: redis.Redis, prefix: str
 ) -> None:
     """The reserve goes on in its thread after the call is cancelled; what it charges is
     settled as a call cancelled before its first token, not left for the window."""
-    rds = redis.Redis(host="127.0.0.1", port=6379)
-    prefix = f"test:cancel-reserve:{uuid.uuid4().hex}:"
     now = time.time()
     held = _HeldRedis(rds, prefix, now)
     m, d = window_start(MINUTE, now), window_start(DAY, now)
@@ -274,41 +291,21 @@ def test_a_call_cancelled_while_a_redis_reserve_runs_gives_the_charge_back(
             tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url, limits=LIMITS,
             admission=[held],
         ) as s:  # fmt: skip
-            started = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            threading.Thread(
-                target=lambda: held.started.wait(10) and loop.call_soon_threadsafe(started.set),
-                daemon=True,
-            ).start()
-            reply = await s.generate(
-                token(issuer), prompt_token_ids=[1, 2, 3], max_tokens=5, request_id="c1",
-                cancel_when=started,
-            )  # fmt: skip
-            assert reply.code == grpc.StatusCode.CANCELLED
-            await asyncio.sleep(0.2)  # the gateway has seen the cancel; now the reserve runs
-            held.go.set()
+            await _cancel_during_reserve(s, issuer, held, "c1")
             await until(lambda: len(s.ledger.find("ann", "c1")) == 1)
             [row] = s.ledger.find("ann", "c1")
             assert (row.prompt_tokens, row.completion_tokens, row.outcome) == (0, 0, "cancelled")
             await until(lambda: [rds.get(k) for k in keys] == [b"0", b"0"])
 
-    try:
-        run(body())
-    finally:
-        leftovers = list(rds.scan_iter(match=prefix + "*"))
-        if leftovers:
-            rds.delete(*leftovers)
-        rds.close()
+    run(body())
 
 
 def test_a_refusal_decided_after_its_call_was_cancelled_is_still_audited(
-    tmp_path: Path, issuer: Issuer
+    tmp_path: Path, issuer: Issuer, rds: redis.Redis, prefix: str
 ) -> None:
     """The call stops waiting; the reserve it left running refuses (3 + 5 tokens against a
     limit of 4): nothing is charged and no ledger row written, but the decision gets its
     deny record, as every decision does."""
-    rds = redis.Redis(host="127.0.0.1", port=6379)
-    prefix = f"test:cancel-refused:{uuid.uuid4().hex}:"
     held = _HeldRedis(rds, prefix, time.time())
     tight = "[limits.user]\ntokens_per_minute = 4\n"
 
@@ -316,19 +313,7 @@ def test_a_refusal_decided_after_its_call_was_cancelled_is_still_audited(
         async with stack(
             tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url, limits=tight, admission=[held]
         ) as s:
-            started = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            threading.Thread(
-                target=lambda: held.started.wait(10) and loop.call_soon_threadsafe(started.set),
-                daemon=True,
-            ).start()
-            reply = await s.generate(
-                token(issuer), prompt_token_ids=[1, 2, 3], max_tokens=5, request_id="c2",
-                cancel_when=started,
-            )  # fmt: skip
-            assert reply.code == grpc.StatusCode.CANCELLED
-            await asyncio.sleep(0.2)
-            held.go.set()
+            await _cancel_during_reserve(s, issuer, held, "c2")
             await until(lambda: len(s.audit()) == 1)
             [event] = s.audit()
             assert (event.decision, event.principal, event.client_request_id) == (
@@ -342,10 +327,4 @@ def test_a_refusal_decided_after_its_call_was_cancelled_is_still_audited(
             charged = {k: rds.get(k) for k in rds.scan_iter(match=prefix + "*")}
             assert all(v == b"0" for v in charged.values()), charged
 
-    try:
-        run(body())
-    finally:
-        leftovers = list(rds.scan_iter(match=prefix + "*"))
-        if leftovers:
-            rds.delete(*leftovers)
-        rds.close()
+    run(body())
