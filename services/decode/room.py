@@ -71,7 +71,8 @@ class RoomWaiter:
         """Until the engine's next pass, or the earliest deadline."""
         earliest = min(deadline for _, deadline in self._waiting.values())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.loop.next_step(), max(0.0, earliest - time.monotonic()))
+            async with asyncio.timeout(max(0.0, earliest - time.monotonic())):
+                await self.loop.next_step()
 
     def _settle(self, request_id: str, target: TransferTarget | None) -> None:
         entry = self._waiting.pop(request_id, None)  # now: the loop's next check counts it out

@@ -200,10 +200,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 if timeout <= 0:
                     raise TimeoutError(f"{kv.worker_id}'s lease on the blocks is ending")
                 if remote:
-                    transfer.bytes = await asyncio.wait_for(
-                        self.peers.pull(kv.address, remote, local, kv.request_id, timeout),
-                        timeout,
-                    )
+                    # asyncio.timeout: Python 3.11's wait_for drops a client's cancel that
+                    # lands as the pull ends, and the request went on for a gone client.
+                    async with asyncio.timeout(timeout):
+                        transfer.bytes = await self.peers.pull(
+                            kv.address, remote, local, kv.request_id, timeout
+                        )
                     released = True
                     # Counted as they arrive: they crossed the wire (and the prefill side
                     # counted them served) even if the check below throws them away.

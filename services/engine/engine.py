@@ -493,7 +493,10 @@ class LLMEngine:
             return self._finish(req, FinishReason.LENGTH, delta + req.text.finish(), token)
         if req.prefill_only:
             return self._hold(req, delta, token)
-        return RequestOutput(seq.request_id, (token,), delta)
+        usage = None
+        if seq.num_output_tokens == 1:  # the first: what the prompt's prefill found cached
+            usage = Usage(seq.num_prompt_tokens, 1, seq.num_cached_tokens or 0)
+        return RequestOutput(seq.request_id, (token,), delta, None, usage)
 
     def _finish(
         self, req: _Request, reason: FinishReason, delta: str, token: int | None = None

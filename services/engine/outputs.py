@@ -45,7 +45,9 @@ class HeldKV:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """One delta of a request's stream; the last one carries finish_reason and usage."""
+    """One delta of a request's stream; the last one carries finish_reason and usage, the
+    first one (its first generated token) usage too: its cached tokens are known then, and a
+    router resuming a stream that died before its end still learns them."""
 
     request_id: str
     token_ids: tuple[int, ...]

@@ -358,9 +358,12 @@ class Orchestrator:
                     tokens = list(message.token_ids)
                     if tokens or reason:  # prefilled (or failed): before a yield that may wait
                         prefilling.done()
+                    if fresh and first is None and message.HasField("usage"):
+                        # The worker's first token and its final say what its prefill of
+                        # the prompt found cached: from the first, a stream that dies before
+                        # its final still reports the hits after the resume.
+                        progress.record_cached(message.usage.cached_tokens)
                     if reason in _FINISHED:
-                        if fresh and first is None:
-                            progress.record_cached(message.usage.cached_tokens)
                         reported = message.serving if message.HasField("serving") else None
                         yield progress.final(reason, tokens, message.text, reported)
                         return
@@ -402,10 +405,11 @@ class Orchestrator:
         if decoders:
             return decoders
         wait = self.config.decode_wait_s if progress.started else 0.0
-        if deadline is not None:
-            wait = min(wait, deadline - asyncio.get_running_loop().time())
+        by_deadline = deadline is not None and deadline - asyncio.get_running_loop().time() < wait
+        if by_deadline:
+            wait = deadline - asyncio.get_running_loop().time()
         if wait <= 0:
-            raise self._no_worker(progress, failed, DECODE)
+            raise self._no_worker(progress, failed, DECODE, deadline_passed=by_deadline)
         log.warning(
             "request %s: no decode worker left after %d tokens sent; waiting up to %.1f s for "
             "one to join",
@@ -419,7 +423,8 @@ class Orchestrator:
             progress.admitted.model, DECODE, lambda w: w not in failed, wait
         )
         if not decoders:
-            raise self._no_worker(progress, failed, DECODE, f"; waited {wait:.1f} s for one")
+            waited = f"; waited {wait:.1f} s for one"
+            raise self._no_worker(progress, failed, DECODE, waited, deadline_passed=by_deadline)
         return decoders
 
     def _candidates(
@@ -477,8 +482,15 @@ class Orchestrator:
         )
 
     def _no_worker(
-        self, progress: Progress, failed: set[WorkerState], role: int, waited: str = ""
+        self,
+        progress: Progress,
+        failed: set[WorkerState],
+        role: int,
+        waited: str = "",
+        deadline_passed: bool = False,
     ) -> RouteError:
+        """UNAVAILABLE naming what is missing; DEADLINE_EXCEEDED (no final message, as
+        inference.proto says) when the client's deadline is what ended the wait for one."""
         model = progress.admitted.model
         message = f"no {ROLE_NAMES[role]} worker left for model {model!r}"
         failed_ids = sorted({w.worker_id for w in failed})
@@ -487,6 +499,11 @@ class Orchestrator:
         draining = self.registry.draining(model, role)
         if draining:
             message += f" (draining, taking no new requests: {', '.join(draining)})"
+        if deadline_passed:
+            return RouteError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the request's deadline passed while waiting: {message}{waited}",
+            )
         return RouteError(grpc.StatusCode.UNAVAILABLE, message + waited)
 
     def _timeout(self, deadline: float | None, limit: float | None) -> tuple[float | None, bool]:

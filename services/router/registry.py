@@ -266,8 +266,11 @@ class WorkerRegistry:
             left = until - loop.time()
             if found or left <= 0:
                 return found
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation
+            # that lands as the event is set, and the request went on for a gone client.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._joined.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._joined.wait()
 
     def get(self, worker_id: str) -> WorkerState | None:
         """The live entry for ``worker_id``, or None."""

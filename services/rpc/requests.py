@@ -51,10 +51,11 @@ def usage_proto(usage: Usage) -> pb.Usage:
 
 
 def response_from(out: RequestOutput) -> pb.GenerateResponse:
-    """One stream message for an engine delta; the last carries finish reason and usage."""
+    """One stream message for an engine delta; the last carries finish reason and usage,
+    the first usage too (RequestOutput)."""
     msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text)
     if out.finish_reason is not None:
         msg.finish_reason = FINISH_TO_PROTO[out.finish_reason]
-    if out.usage is not None and out.finish_reason is not None:
+    if out.usage is not None:
         msg.usage.CopyFrom(usage_proto(out.usage))
     return msg

@@ -135,7 +135,7 @@ class EngineLoop:
                 await after_submit()
             while not finished:
                 out = await q.get()
-                finished = out.finished or out.usage is not None
+                finished = out.finished or out.held is not None  # held: a prefill's last
                 if finished:  # the id is free for reuse once its final output is out
                     self._unregister(request_id, q)
                 yield out

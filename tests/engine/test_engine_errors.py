@@ -336,6 +336,16 @@ def test_max_tokens_ends_with_length(engine: LLMEngine, greedy: list[int]) -> No
     assert engine.pool.num_free_blocks == NUM_BLOCKS
 
 
+def test_the_first_token_says_what_the_prefill_found_cached(engine: LLMEngine) -> None:
+    """The first delta carries usage too (its cached tokens are known then: a router
+    resuming a stream that died before its final still learns them); the middle ones none."""
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    cold = run(engine, "a", PROMPT, params)
+    warm = run(engine, "b", PROMPT, params)
+    assert [o.usage for o in cold] == [Usage(7, 1, 0), None, Usage(7, 3, 0)]
+    assert [o.usage for o in warm] == [Usage(7, 1, 4), None, Usage(7, 3, 4)]  # one block
+
+
 def test_context_limit_ends_with_length(engine: LLMEngine) -> None:
     prompt = list(range(100, 160))  # 60 of 64 positions
     out = run(engine, "r", prompt, SamplingParams(max_tokens=100, temperature=0.0))

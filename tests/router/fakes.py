@@ -257,9 +257,14 @@ class _Decode(worker_pb2_grpc.DecodeWorkerServicer):
                 )
                 return
             token = next_token(length)
-            yield inference_pb2.GenerateResponse(
+            message = inference_pb2.GenerateResponse(
                 request_id=generate.request_id, token_ids=[token], text=token_text(token)
             )
+            if completion == 0:  # its own prefill's first token: says what was cached
+                message.usage.prompt_tokens = len(generate.prompt_token_ids)
+                message.usage.completion_tokens = 1
+                message.usage.cached_tokens = behaviour.cached_tokens
+            yield message
             completion, length, sent = completion + 1, length + 1, sent + 1
             await asyncio.sleep(behaviour.token_interval_s)
         if sent == behaviour.die_after:  # every token out, the final message never sent

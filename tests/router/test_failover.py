@@ -8,8 +8,10 @@ import time
 from collections import Counter
 
 import grpc
+import pytest
 
 from services.router.config import RouterConfig
+from services.router.errors import RouteError
 from services.stubs.tandem.v1 import inference_pb2
 from tests.router.fakes import MODEL, Behaviour, FakeWorker, expected_completion, token_text
 from tests.router.harness import DECODE, PREFILL, Cluster, Result, cluster, run
@@ -426,5 +428,79 @@ def test_the_wait_takes_a_decode_worker_restarted_under_its_own_id() -> None:
             restarted = await c.add("d1", DECODE)
             _assert_resumed_on(await stream, "d1")
             assert len(restarted.calls) == 1
+
+    run(body())
+
+
+def test_a_cancel_landing_as_a_decode_worker_joins_ends_the_request() -> None:
+    """The client cancels in the same turn of the loop as the worker it waited for
+    registers: the request ends (on Python 3.11 ``wait_for`` dropped that cancel, and a
+    new prefill and decode ran for a client that was gone)."""
+
+    async def body() -> None:
+        async with cluster(WAITING) as c:
+            await c.add("p1", PREFILL)
+            d1 = await c.add("d1", DECODE, Behaviour(die_after=2))
+            request = inference_pb2.GenerateRequest(
+                model=MODEL, prompt_token_ids=PROMPT, max_tokens=8
+            )
+
+            async def consume() -> None:
+                async for _ in c.router.orchestrator.generate(request, timeout=None):
+                    pass
+
+            task = asyncio.create_task(consume())
+            await _until(lambda: len(d1.calls) == 1)
+            await asyncio.sleep(0.3)  # waiting for a decode worker by now
+            d2 = await FakeWorker("d2", DECODE).start()
+            c.workers["d2"] = d2
+            c.router.registry.register(d2.register_request())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+            assert d2.calls == []
+
+    run(body())
+
+
+def test_a_deadline_that_ends_the_wait_for_a_decode_worker_is_deadline_exceeded() -> None:
+    """No final ERROR message and no UNAVAILABLE: the client's deadline ended the wait
+    (inference.proto: a passed deadline is DEADLINE_EXCEEDED, without a final message)."""
+
+    async def body() -> None:
+        async with cluster(WAITING) as c:
+            await c.add("p1", PREFILL)
+            await c.add("d1", DECODE, Behaviour(die_after=2))
+            request = inference_pb2.GenerateRequest(
+                model=MODEL, prompt_token_ids=PROMPT, max_tokens=8
+            )
+            messages = []
+            with pytest.raises(RouteError) as ended:
+                async for message in c.router.orchestrator.generate(request, timeout=1.0):
+                    messages.append(message)
+            assert ended.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "deadline passed while waiting" in str(ended.value)
+            assert [list(m.token_ids) for m in messages] == [
+                [t] for t in expected_completion(len(PROMPT), 3)
+            ]
+            assert all(m.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED for m in messages)
+
+    run(body())
+
+
+def test_a_resumed_stream_reports_the_cache_hits_of_the_prefill_it_lost() -> None:
+    """No prefill worker: d1 prefills the prompt itself (2 tokens cached) and dies before
+    its final message. The resume's prompt includes generated tokens, so its hits are not
+    the prompt's; the count comes from d1's first message (it was 0 before)."""
+
+    async def body() -> None:
+        async with cluster(ROUND_ROBIN) as c:
+            await c.add("d1", DECODE, Behaviour(cached_tokens=2, die_after=2))
+            await c.add("d2", DECODE, Behaviour(cached_tokens=3))
+            result = await c.generate(prompt_token_ids=PROMPT, max_tokens=5)
+            _assert_each_token_once(result.tokens, expected_completion(len(PROMPT), 5))
+            assert result.final.serving.retries == 1
+            assert result.final.usage.prompt_tokens == len(PROMPT)
+            assert result.final.usage.cached_tokens == 2
 
     run(body())
