@@ -127,9 +127,8 @@ class KVReader:
         request_id: str,
         deadline: float,
     ) -> int:
-        known = self._peers.get(address)
-        fresh = known is None
-        peer = known or await self.peer(address, _left(deadline))
+        fresh = address not in self._peers
+        peer = await self.peer(address, _left(deadline))
         try:
             return await self.transport.pull(
                 peer, remote_block_ids, local_block_ids, request_id, _left(deadline)

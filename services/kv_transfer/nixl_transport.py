@@ -22,7 +22,6 @@ import asyncio
 import functools
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -214,7 +213,6 @@ class NixlTransport(KVTransport):
         if inline_max_bytes is None:
             inline_max_bytes = INLINE_DRAM_MAX_BYTES if self.memory_type == "DRAM" else 2**63
         self.inline_max_bytes = inline_max_bytes
-        self._inline_threads: set[int] = set()  # threads the initializer has run on
         self._peers: dict[str, PeerInfo] = {}  # address -> peer read over NIXL
         self._accepted: dict[str, str] = {}  # caller worker id -> its agent name, oldest first
         self._grpc = GrpcTransport(kv, tls=tls)  # for peers without NIXL
@@ -326,10 +324,11 @@ class NixlTransport(KVTransport):
     def _read_inline(self, read: Callable[[], Any], what: str) -> str | Transfer | None:
         """The READ run on this thread (AgentThread.run_inline): its state, the Transfer the
         agent thread took over, or None when the agent was busy."""
-        if self._initializer is not None and threading.get_ident() not in self._inline_threads:
-            self._initializer()  # UCX's CUDA transports post in the calling thread's context
-            self._inline_threads.add(threading.get_ident())
         try:
+            if self._initializer is not None:
+                # UCX's CUDA transports post in the calling thread's current device, which
+                # other code on this thread (another pool's transport) may have changed.
+                self._initializer()
             return self._thread.run_inline(read, INLINE_WAIT_S)
         except Exception as e:
             raise KVTransferError(f"{what} failed: {type(e).__name__}: {e}") from None

@@ -101,3 +101,44 @@ def test_unreachable_peer_fails_within_timeout(kind: str) -> None:
         await transport.close()
 
     asyncio.run(body())
+
+
+@needs_nixl
+def test_pulls_started_during_a_re_handshake_wait_for_it(
+    peers: PeerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer restarted at the same address; one pull failed on the old agent and is
+    handshaking again (slowly: another host). Pulls starting meanwhile wait for that
+    handshake and use its answer: one handshake, not one each (a shortcut past the
+    per-peer lock sent them to the dead agent, and each then handshook in turn, 21 for 21
+    pulls, some past their deadline)."""
+    from services.kv_transfer import client
+
+    handshakes = []
+    real = client.handshake
+
+    async def slow_handshake(*args: object, **kwargs: object) -> object:
+        handshakes.append(args[0])
+        await asyncio.sleep(0.05)
+        return await real(*args, **kwargs)
+
+    pin = "--pin=req-h=" + ",".join(map(str, range(1, 22)))
+    first = peers.start("--transport=nixl", "--seed=21", pin)
+
+    async def body() -> None:
+        kv_reader, transport = reader("nixl")
+        await kv_reader.pull(first.address, [1], [1], "req-h", timeout_s=5)
+        first.kill()
+        await asyncio.to_thread(
+            peers.start, "--transport=nixl", "--seed=22", f"--port={first.port}", pin
+        )
+        monkeypatch.setattr(client, "handshake", slow_handshake)
+        failing = asyncio.create_task(kv_reader.pull(first.address, [1], [1], "req-h", 5))
+        await asyncio.sleep(0.02)  # it failed on the old agent and is handshaking again
+        rest = [kv_reader.pull(first.address, [i], [i], "req-h", 5) for i in range(2, 22)]
+        moved = await asyncio.gather(failing, *rest)
+        assert moved == [128 * 1024] * 21
+        assert len(handshakes) == 1
+        await transport.close()
+
+    asyncio.run(body())
