@@ -229,11 +229,13 @@ async def remote_methods(
     patterns: list[str],
     address: str,
     args: argparse.Namespace,
+    source: KVCache,
     threaded: bool = False,
 ) -> tuple[list[Method], KVTransport]:
-    """``threaded``: a NIXL reader whose every READ goes through its agent thread (two
-    thread hops), as all did before short ones ran on the caller's thread."""
-    remote_blocks, local_blocks = pool_sizes(args.num_blocks)
+    """``source``: a copy of what every peer holds (they fill with the same seed), made once
+    for all readers. ``threaded``: a NIXL reader whose every READ goes through its agent
+    thread (two thread hops), as all did before short ones ran on the caller's thread."""
+    _, local_blocks = pool_sizes(args.num_blocks)
     kv = make_kv(local_blocks)
     if threaded:
         transport: KVTransport = NixlTransport(kv, "bench-reader-threaded", inline_max_bytes=0)
@@ -241,8 +243,6 @@ async def remote_methods(
         transport = make_transport(kind, kv, f"bench-reader-{kind}")
     reader = KVReader("bench-reader", kv_layout.describe(kv, MODEL_ID), transport)
     peer = await reader.peer(address, timeout_s=30)
-    source = make_kv(remote_blocks)
-    fill(source, args.seed)  # what the peer holds
     methods = []
     for pattern in patterns:
         remote, local = block_sets(args.num_blocks)[pattern]
@@ -285,16 +285,18 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         del kinds["nixl"]
     processes, transports = [], []
     methods = local_methods(args.num_blocks)
+    source = make_kv(pool_sizes(args.num_blocks)[0])
+    fill(source, args.seed)  # what every peer holds
     try:
         for kind, patterns in kinds.items():
             process, address = start_peer(kind, args.num_blocks, args.seed)
             processes.append(process)
-            more, transport = await remote_methods(kind, patterns, address, args)
+            more, transport = await remote_methods(kind, patterns, address, args, source)
             methods += more
             transports.append(transport)
             if kind == "nixl":  # the same peer read the way every READ went until 2026-11-27
                 more, transport = await remote_methods(
-                    kind, ["contiguous"], address, args, threaded=True
+                    kind, ["contiguous"], address, args, source, threaded=True
                 )
                 methods += more
                 transports.append(transport)

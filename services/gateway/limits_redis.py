@@ -399,7 +399,10 @@ class RedisAdmission(Admission):
         open, all (reported as the configured store-error choice says)."""
         ready = []
         for job in jobs:
-            (self._retry if job.reservation.uncertain else ready.append)(job)
+            if job.reservation.uncertain:
+                self._retry(job)
+            else:
+                ready.append(job)
         if ready and not self.breaker.allow():
             for job in ready:
                 self._retry(job)

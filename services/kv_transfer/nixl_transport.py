@@ -374,7 +374,8 @@ class NixlTransport(KVTransport):
         except RuntimeError as e:
             raise KVTransferError(f"{what}: {e}") from None
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(asyncio.wrap_future(job))
         except TimeoutError:
             job.cancel()  # not yet started: never runs
             raise KVTransferError(f"{what} did not finish by its deadline") from None

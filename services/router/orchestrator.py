@@ -405,9 +405,10 @@ class Orchestrator:
         if decoders:
             return decoders
         wait = self.config.decode_wait_s if progress.started else 0.0
-        by_deadline = deadline is not None and deadline - asyncio.get_running_loop().time() < wait
+        left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        by_deadline = left is not None and left < wait
         if by_deadline:
-            wait = deadline - asyncio.get_running_loop().time()
+            wait = left
         if wait <= 0:
             raise self._no_worker(progress, failed, DECODE, deadline_passed=by_deadline)
         log.warning(

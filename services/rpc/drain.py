@@ -110,7 +110,8 @@ class CallGate:
         if timeout_s <= 0:
             return not self._active
         try:
-            await asyncio.wait_for(self._until_idle(busy), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._until_idle(busy)
         except TimeoutError:
             return False
         return True
@@ -120,7 +121,8 @@ class CallGate:
             self._changed.clear()
             # A call ending wakes us at once; ``busy`` is polled.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), POLL_S)
+                async with asyncio.timeout(POLL_S):
+                    await self._changed.wait()
 
 
 def _closing(messages: AsyncIterator[T]) -> contextlib.AbstractAsyncContextManager[object]:

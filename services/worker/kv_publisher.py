@@ -30,6 +30,7 @@ from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
 from services.worker.engine_loop import EngineLoop
+from services.worker.registration import sleep_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ async def publish_kv_events(
                 why,
                 delay,
             )
-            if await _sleep(stop, delay):
+            if await sleep_or_stop(stop, delay):
                 return
             delay = min(delay * 2, MAX_RETRY_S)
 
@@ -89,7 +90,7 @@ async def _publish_once(
         snapshot = await loop.call(_snapshot)
         first = wpb.KVEventBatch(worker_id=worker_id, snapshot=snapshot, instance=instance)
         await call.write(first)
-        while not await _sleep(stop, interval_s):
+        while not await sleep_or_stop(stop, interval_s):
             if call.done():
                 break
             events = await loop.call(lambda engine: engine.events.drain())
@@ -106,7 +107,8 @@ async def _publish_once(
         if stop.is_set():
             call.cancel()
     try:
-        await asyncio.wait_for(call, 1.0)
+        async with asyncio.timeout(1.0):
+            await call
         return "closed by the router"
     except grpc.aio.AioRpcError as e:
         return f"{e.code().name}: {e.details()}"
@@ -138,12 +140,3 @@ def event_to_proto(event: KVEvent) -> wpb.KVEvent:
     if isinstance(event, AllBlocksCleared):
         return wpb.KVEvent(seq=event.seq, cleared=wpb.KVAllCleared())
     raise TypeError(f"not a KV event: {event!r}")
-
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep, waking early on stop; True when stopping."""
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True

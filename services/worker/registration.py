@@ -67,7 +67,7 @@ async def _register(
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             log.info("router not reachable yet (%s); retrying", e.code().name)
-            await _sleep(stop, RETRY_S)
+            await sleep_or_stop(stop, RETRY_S)
             continue
         log.info("registered with the router as %s", registration.worker_id)
         return max(reply.heartbeat_interval_ms, 50) / 1000
@@ -128,10 +128,11 @@ class _Heartbeats:
         return self.stop.is_set()
 
 
-async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep, waking early on stop; True when stopping."""
     try:
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
     except TimeoutError:
         return False
     return True
