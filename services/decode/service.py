@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
@@ -68,6 +69,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.kv_room_wait_s = kv_room_wait_s
         self.metrics = metrics
         self.rooms = RoomWaiter(loop)
+        peers.transport.on_unreleased = self._keep_out_of_use
         self._background: set[asyncio.Task[grpc.StatusCode]] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -140,6 +142,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 yield msg
         except TandemError as e:
             await abort_with(context, e)
+
+    def _keep_out_of_use(self, block_ids: list[int], until: Future[None]) -> None:
+        """A read abandoned but not yet released may still write ``block_ids``: keep them
+        from the next request until NIXL releases it (else it writes that request's KV)."""
+        self.metrics.kv_reads_unreleased.inc()
+        self.loop.keep_blocks(block_ids, until)
 
     def _count(self, mode: str) -> None:
         """Count a request the engine took (``outputs`` runs this once its submit did): one

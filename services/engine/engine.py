@@ -145,6 +145,8 @@ class LLMEngine:
         of stepping again (it spun at ~240,000 empty steps a second, a core and the GIL,
         while a prompt waited for blocks held by leases)."""
         self.num_lease_expiries = 0
+        self.num_kept_blocks = 0
+        """Blocks ``keep_blocks`` holds out of use (a transfer that may still write them)."""
 
     # ------------------------------------------------------------------ public
     def add_request(
@@ -253,6 +255,20 @@ class LLMEngine:
     def has_schedulable(self) -> bool:
         """True when a step would do work (requests awaiting KV are not scheduled)."""
         return self.scheduler.has_work()
+
+    def keep_blocks(self, block_ids: Collection[int]) -> list[int]:
+        """Take a reference on each block in use, so none returns to the free pool when its
+        request lets go (a transfer may still write them); returns those taken, for
+        ``unkeep_blocks``. Free blocks are skipped: too late to guard them."""
+        kept = [b for b in block_ids if self.pool.ref_count(b) > 0]
+        self.pool.acquire(kept)
+        self.num_kept_blocks += len(kept)
+        return kept
+
+    def unkeep_blocks(self, kept: list[int]) -> None:
+        """Drop the references ``keep_blocks`` took."""
+        self.pool.release(list(reversed(kept)))
+        self.num_kept_blocks -= len(kept)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final CANCELLED delta."""

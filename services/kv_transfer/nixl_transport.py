@@ -25,6 +25,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import numpy as np
@@ -106,12 +107,18 @@ def thread_initializer(kv: KVCache) -> Callable[[], None] | None:
     return functools.partial(torch.cuda.set_device, device)
 
 
-async def await_transfer(transfer: Transfer, timeout_s: float, what: str) -> str:
+async def await_transfer(
+    transfer: Transfer,
+    timeout_s: float,
+    what: str,
+    on_unreleased: Callable[[Future[None]], None] | None = None,
+) -> str:
     """The final state of ``transfer`` (``DONE``/``ERR``) within ``timeout_s``.
 
     Raises KVTransferError when it fails, misses the deadline, or the agent thread stops
     under it; a transfer left behind (deadline, the caller cancelled) is abandoned, and this
-    returns or raises only once it can no longer write local memory.
+    returns or raises once it can no longer write local memory, or after RELEASE_TIMEOUT_S
+    having told ``on_unreleased`` (with the future set once it can no longer write).
     """
     try:
         # No shield: a timeout or the caller's cancellation cancels the wrapped future,
@@ -131,17 +138,20 @@ async def await_transfer(transfer: Transfer, timeout_s: float, what: str) -> str
         raise KVTransferError(f"{what} failed: {type(e).__name__}: {e}") from None
     finally:
         if transfer.state.cancel():  # abandoned, by us or by the stopping thread
-            await _until_released(transfer, what)
+            await _until_released(transfer, what, on_unreleased)
 
 
-async def _until_released(transfer: Transfer, what: str) -> None:
+async def _until_released(
+    transfer: Transfer, what: str, on_unreleased: Callable[[Future[None]], None] | None
+) -> None:
     """Wait (a bounded while) until an abandoned READ can no longer write our blocks: the
     caller frees them next, and another request may get them.
 
     Not cut short by a cancellation arriving meanwhile (the caller's, then its deadline's:
     ``wait_for(pull, timeout)`` cancels twice): the pull returned while the READ still
     wrote, and the blocks it freed were another request's by then. Such a cancellation is
-    raised once the wait is over."""
+    raised once the wait is over. Past RELEASE_TIMEOUT_S (an agent thread stuck in a post)
+    it returns all the same, and ``on_unreleased`` keeps the blocks out of use instead."""
     released = asyncio.wrap_future(transfer.released)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RELEASE_TIMEOUT_S
@@ -152,7 +162,10 @@ async def _until_released(transfer: Transfer, what: str) -> None:
         except asyncio.CancelledError:
             cancelled = True
     if not released.done():
-        log.error("%s: abandoned, and its handle not released within %ss", what, RELEASE_TIMEOUT_S)
+        kept = "its blocks kept out of use until it is" if on_unreleased else "nothing guards"
+        log.error("%s: abandoned and not released within %ss; %s", what, RELEASE_TIMEOUT_S, kept)
+        if on_unreleased is not None:
+            on_unreleased(transfer.released)
     if cancelled:
         raise asyncio.CancelledError
 
@@ -316,7 +329,9 @@ class NixlTransport(KVTransport):
             except RuntimeError as e:  # the agent thread has stopped (closing)
                 raise KVTransferError(f"{what}: {e}") from None
             # timeout_s counts from here: what ran since the call took microseconds
-            state = await await_transfer(transfer, timeout_s, what)
+            hold = self.on_unreleased
+            keep = None if hold is None else functools.partial(hold, list(local_block_ids))
+            state = await await_transfer(transfer, timeout_s, what, keep)
         if state != "DONE":
             raise KVTransferError(f"{what} failed: NIXL reported {state}")
         return nbytes

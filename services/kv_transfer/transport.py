@@ -14,7 +14,8 @@ into the Handshake response and ``accept`` takes the caller's metadata. Both sid
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -93,6 +94,11 @@ class KVTransport(abc.ABC):
         self.kv = kv
         self.layout = kv_layout.describe(kv, model_id="")
         """Local geometry (no model id): what local byte offsets are computed from."""
+        self.on_unreleased: Callable[[list[int], Future[None]], None] | None = None
+        """Told when a pull ends while its transfer may still write its local blocks (the
+        agent did not release it in time): the pool's owner keeps those blocks out of use
+        until the future resolves, since freeing them would let the transfer write into
+        another request's KV. None: it is only logged."""
 
     @abc.abstractmethod
     async def handshake_payload(self) -> HandshakePayload:

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from typing import TypeVar
 
 from services.engine.engine import LLMEngine
@@ -89,6 +90,17 @@ class EngineLoop:
 
         self._commands.put(command)
         return await future
+
+    def keep_blocks(self, block_ids: list[int], until: Future[None]) -> None:
+        """Keep ``block_ids`` out of the free pool until ``until`` resolves, whoever lets go
+        of them meanwhile: a KV transfer may still write them. Queued at once, so it runs
+        before any command queued after it (the abort of the request that owns them)."""
+
+        def keep(engine: LLMEngine) -> None:
+            kept = engine.keep_blocks(block_ids)
+            until.add_done_callback(lambda _: self._commands.put(lambda e: e.unkeep_blocks(kept)))
+
+        self._commands.put(keep)
 
     async def next_step(self) -> None:
         """Return after the engine thread's next pass: a step when there is work, else its

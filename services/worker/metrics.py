@@ -53,6 +53,12 @@ class WorkerMetrics:
             "KV reads that failed and fell back to local prefill",
             registry=r,
         )
+        self.kv_reads_unreleased = Counter(
+            "tandem_kv_reads_unreleased",
+            "KV reads abandoned (deadline, cancel) whose transfer NIXL had not released "
+            "in time; their blocks stay out of use until it is (alert on any)",
+            registry=r,
+        )
         self.kv_room_wait_seconds = Histogram(
             "tandem_kv_room_wait_seconds",
             "Time a prefilled request waited for room in this pool before its KV was read",

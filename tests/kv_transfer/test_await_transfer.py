@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 
@@ -134,3 +135,39 @@ def test_a_second_cancellation_does_not_end_the_wait_for_the_release() -> None:
     asyncio.run(body())
     thread.stop()
     assert agent.calls[-1] == ("release", "h1")
+
+
+def test_a_release_too_late_is_handed_to_the_blocks_owner(monkeypatch) -> None:
+    """An agent thread stuck in a post past RELEASE_TIMEOUT_S: the pull gives up waiting,
+    and tells ``on_unreleased`` (with the future that says when the READ can no longer write)
+    instead of letting the caller free blocks the READ may still write."""
+    monkeypatch.setattr("services.kv_transfer.nixl_transport.RELEASE_TIMEOUT_S", 0.1)
+    agent = SlowPost({"h1": ["DONE"]})
+    thread = AgentThread(agent, "nixl-await")
+    told: list[Future[None]] = []
+
+    async def body() -> None:
+        transfer = thread.transfer(lambda: "h1")
+        await asyncio.to_thread(agent.posted.wait, 5)
+        with pytest.raises(KVTransferError, match=r"did not finish within 0\.05 s"):
+            await await_transfer(transfer, 0.05, "read h1", told.append)
+        assert told == [transfer.released] and not transfer.released.done()
+        agent.copying.set()
+        await asyncio.wrap_future(transfer.released)
+
+    asyncio.run(body())
+    thread.stop()
+
+
+def test_a_release_in_time_tells_nobody() -> None:
+    agent = FakeAgent({"h1": ["PROC"]})
+    thread = AgentThread(agent, "nixl-await")
+    told: list[Future[None]] = []
+
+    async def body() -> None:
+        with pytest.raises(KVTransferError):
+            await await_transfer(thread.transfer(lambda: "h1"), 0.05, "read h1", told.append)
+
+    asyncio.run(body())
+    thread.stop()
+    assert told == []

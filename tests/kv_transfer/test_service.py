@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 
 import grpc
 import pytest
@@ -184,6 +186,39 @@ def test_short_nixl_pulls_run_on_the_calling_thread(monkeypatch: pytest.MonkeyPa
             got = block_bytes(pool_bytes(decode.kv), layout_of(decode.kv), [20, 21, 22])
             assert got[: blocks * 128 * 1024] == want[: blocks * 128 * 1024]
             await decode.close()
+        await server.stop(0)
+        await prefill.close()
+
+    run(body)
+
+
+@needs_nixl
+def test_a_read_not_released_in_time_hands_its_blocks_to_their_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent thread stuck (here: busy with another call) past RELEASE_TIMEOUT_S when a
+    pull gives up: the pull returns, and ``on_unreleased`` gets the local blocks it was
+    reading into and a future set only once the READ can no longer write them."""
+    monkeypatch.setattr("services.kv_transfer.nixl_transport.RELEASE_TIMEOUT_S", 0.1)
+    told: list[tuple[list[int], Future[None]]] = []
+
+    async def body() -> None:
+        prefill = NixlTransport(make_kv(64), "prefill-0")
+        server = await serve(prefill)
+        decode = NixlTransport(make_kv(80), "decode-0", inline_max_bytes=0)
+        decode.on_unreleased = lambda ids, until: told.append((ids, until))
+        reader = KVReader("decode-0", layout_of(decode.kv), decode)
+        await reader.pull(server.address, [3], [20], "req-1", 5)  # connected
+        stuck = threading.Event()
+        busy = decode._thread.submit(lambda: stuck.wait(10))
+        with pytest.raises(KVTransferError, match="did not finish within"):
+            await reader.pull(server.address, [3, 4, 5], [20, 21, 22], "req-1", 0.05)
+        assert [ids for ids, _ in told] == [[20, 21, 22]]
+        assert not told[0][1].done()  # still owned by the stuck READ
+        stuck.set()
+        await asyncio.wrap_future(busy)
+        await asyncio.wait_for(asyncio.wrap_future(told[0][1]), 5)
+        await decode.close()
         await server.stop(0)
         await prefill.close()
 
