@@ -60,6 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"ties at random (default {DEFAULT_POLICY})",
     )
     parser.add_argument(
+        "--policy-seed",
+        type=arg_types.non_negative_int,
+        default=None,
+        metavar="N",
+        help="seed of the policy's random tie-breaking, to replay a placement (default: a "
+        "fresh one per process, logged at start, so replicas do not all pick alike)",
+    )
+    parser.add_argument(
         "--local-prefill-max-tokens",
         type=arg_types.non_negative_int,
         default=DEFAULT_LOCAL_PREFILL_MAX_TOKENS,
@@ -152,6 +160,7 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         host=args.host,
         port=args.port,
         policy=args.policy,
+        policy_seed=args.policy_seed,
         heartbeat_interval_s=args.heartbeat_interval_ms / 1000,
         heartbeat_timeout_s=None if timeout_ms is None else timeout_ms / 1000,
         max_retries=args.max_retries,

@@ -24,8 +24,10 @@ class RouterConfig:
     """Port to listen on; 0 picks a free one (tests), which serve() logs."""
     policy: str = DEFAULT_POLICY
     """Placement policy by name (see services.router.policies.POLICIES)."""
-    policy_seed: int = 0
-    """Seed of the policy's random tie-breaking, so placement is reproducible."""
+    policy_seed: int | None = None
+    """Seed of the policy's random tie-breaking. None draws one per process (logged), so
+    router replicas that see the same tied workers do not all pick the same one; set it
+    to replay a placement."""
     heartbeat_interval_s: float = 1.0
     """How often workers are told to heartbeat (RegisterResponse.heartbeat_interval_ms)."""
     heartbeat_timeout_s: float | None = None

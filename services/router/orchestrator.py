@@ -190,6 +190,7 @@ class Orchestrator:
         attempt = f"{self._attempt_prefix}.{next(self._attempt_seq)}"
         request = progress.attempt_request(f"{progress.request_id}#{attempt}")
         decoders = await self._decoders(progress, failed, deadline)
+        self._count_retry(progress)
         routing = self._routing(progress)
         prefill_worker: WorkerState | None = None
         decoder: WorkerState | None = None
@@ -463,24 +464,31 @@ class Orchestrator:
         return self.policy.pick(candidates, dataclasses.replace(routing, role=role))
 
     def _count_failure(self, progress: Progress, lost: WorkerLost) -> None:
-        """Count a retry after ``lost`` (its worker is excluded by the caller); RouteError
-        once retries run out."""
+        """Note ``lost`` (its worker is excluded by the caller) for the next attempt to
+        count as a retry; RouteError once retries run out."""
         if progress.exhausted:
             return  # nothing left to generate: generate() ends with LENGTH
-        progress.retries += 1
-        if progress.retries > self.config.max_retries:
+        if progress.retries >= self.config.max_retries:  # counts retries made, not failures
             raise RouteError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"gave up after {self.config.max_retries} retries; last failure: {lost}",
             )
+        progress.last_failure = str(lost)  # a retry once the next attempt finds a worker
+
+    def _count_retry(self, progress: Progress) -> None:
+        """The attempt after a failure found a worker: one retry made."""
+        if progress.last_failure is None:
+            return
+        progress.retries += 1
         RETRIES.inc()
         log.warning(
             "request %s: %s; retrying elsewhere after %d tokens sent (retry %d)",
             progress.request_id,
-            lost,
+            progress.last_failure,
             len(progress.sent),
             progress.retries,
         )
+        progress.last_failure = None
 
     def _no_worker(
         self,

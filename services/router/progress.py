@@ -41,7 +41,10 @@ class Progress:
         self.started = False
         """Whether any message reached the client (then failures end with a final message)."""
         self.retries = 0
-        """Times the request moved to another worker after a failure (ServingInfo.retries)."""
+        """Times the request moved to another worker after a failure (ServingInfo.retries):
+        a failure that finds no worker left ends the request without counting one."""
+        self.last_failure: str | None = None
+        """The failure the next attempt retries after (None: the first attempt, or counted)."""
         self.cached_tokens = 0
         """Prompt tokens served from a prefix cache, as the prefill of the prompt said."""
         self.prefill_worker = ""

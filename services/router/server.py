@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -88,6 +90,8 @@ async def start_router(
     ``tokenizers`` and ``clock`` are for tests (a model directory built elsewhere,
     a fake clock); raises ValueError for an unknown policy name.
     """
+    if config.policy_seed is None:  # drawn here, kept in the Router's config (logged)
+        config = dataclasses.replace(config, policy_seed=secrets.randbits(32))
     policy = make_policy(config.policy, config.policy_seed)
     registry = WorkerRegistry(config.effective_heartbeat_timeout_s, clock=clock)
     orchestrator = Orchestrator(registry, policy, config, tokenizers)
@@ -124,10 +128,12 @@ async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT or SIGTERM, then shut down gracefully."""
     router = await start_router(config)
     log.info(
-        "router listening on %s:%d (policy %s, heartbeat every %g s, timeout %g s)",
+        "router listening on %s:%d (policy %s, tie-breaking seed %d, heartbeat every %g s, "
+        "timeout %g s)",
         config.host,
         router.port,
         config.policy,
+        router.config.policy_seed,
         config.heartbeat_interval_s,
         config.effective_heartbeat_timeout_s,
     )

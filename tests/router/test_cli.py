@@ -25,6 +25,7 @@ FLAGS = (
     "--heartbeat-timeout-ms",
     "--max-retries",
     "--prefill-timeout-ms",
+    "--policy-seed",
 )
 
 
@@ -54,12 +55,14 @@ def test_flags_become_the_router_config() -> None:
             "--heartbeat-timeout-ms=900",
             "--max-retries=5",
             "--prefill-timeout-ms=1500",
+            "--policy-seed=7",
         ]
     )
     assert router_cli.router_config(args) == RouterConfig(
         host="0.0.0.0",
         port=7000,
         policy="round-robin",
+        policy_seed=7,
         heartbeat_interval_s=0.2,
         heartbeat_timeout_s=0.9,
         max_retries=5,
@@ -67,6 +70,7 @@ def test_flags_become_the_router_config() -> None:
     )
     defaults = router_cli.router_config(parse(["--port", "0"]))
     assert defaults == RouterConfig(port=0)
+    assert defaults.policy_seed is None  # a fresh seed per process (start_router)
     assert defaults.effective_heartbeat_timeout_s == 3.0
 
 

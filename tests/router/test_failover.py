@@ -198,7 +198,7 @@ def test_every_decode_worker_dying_ends_with_error_message_and_unavailable() -> 
             assert final.finish_reason == inference_pb2.FINISH_REASON_ERROR
             assert final.usage.completion_tokens == 4
             assert final.usage.prompt_tokens == len(PROMPT)
-            assert final.serving.retries == 2
+            assert final.serving.retries == 1  # d1 → d2; d2's failure found nobody to move to
 
     run(body())
 
@@ -219,6 +219,28 @@ def test_retries_are_bounded() -> None:
             assert "gave up after 1 retries" in result.details
             assert result.messages == []
             assert sum(len(w.calls) for w in c.workers.values()) == 2
+
+    run(body())
+
+
+def test_a_request_that_gives_up_reports_the_retries_it_made() -> None:
+    """max_retries=1 and three dying decode workers: one move (d? → d?), then the second
+    failure gives up. ServingInfo.retries says 1, the moves made (it said 2: failures)."""
+    config = RouterConfig(
+        policy="round-robin", heartbeat_interval_s=0.1, heartbeat_timeout_s=2, max_retries=1
+    )
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add("p1", PREFILL)
+            for i in range(3):
+                await c.add(f"d{i}", DECODE, Behaviour(die_after=1))
+            result = await c.generate(prompt_token_ids=PROMPT, max_tokens=8)
+
+            assert result.code == grpc.StatusCode.UNAVAILABLE
+            assert "gave up after 1 retries" in result.details
+            assert result.final.finish_reason == inference_pb2.FINISH_REASON_ERROR
+            assert result.final.serving.retries == 1
 
     run(body())
 
