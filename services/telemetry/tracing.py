@@ -114,13 +114,17 @@ def client_interceptors() -> list[Any]:
     import grpc
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    from services.telemetry.stream_spans import StreamSpans
+    from services.telemetry.call_spans import StreamSpans, UnarySpans
 
-    # The stock server-streaming interceptor ends its span only when the caller's
-    # iteration ends (services/telemetry/stream_spans.py says why that is late): ours.
-    streams = StreamSpans(tracer("opentelemetry.instrumentation.grpc"), _traced)
+    # The stock unary and server-streaming interceptors end their spans late or never
+    # (services/telemetry/call_spans.py says when): ours.
+    name = "opentelemetry.instrumentation.grpc"
+    ours = {
+        grpc.aio.UnaryUnaryClientInterceptor: UnarySpans(tracer(name), _traced),
+        grpc.aio.UnaryStreamClientInterceptor: StreamSpans(tracer(name), _traced),
+    }
     return [
-        streams if isinstance(i, grpc.aio.UnaryStreamClientInterceptor) else i
+        next((o for kind, o in ours.items() if isinstance(i, kind)), i)
         for i in aio_client_interceptors(filter_=_traced)
     ]
 
