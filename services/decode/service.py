@@ -218,9 +218,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                     # Counted as they arrive: they crossed the wire (and the prefill side
                     # counted them served) even if the check below throws them away.
                     self.metrics.kv_bytes_received.inc(transfer.bytes)
+                    read = time.monotonic()
+                    self.metrics.kv_transfer_seconds.observe(read - start)
                     await self._check_still_pinned(kv, start + timeout)
+                    self.metrics.kv_release_seconds.observe(time.monotonic() - read)
                 transfer.ok = True
-                self.metrics.kv_transfer_seconds.observe(time.monotonic() - start)
                 span.set_attribute("tandem.kv.bytes", transfer.bytes)
             except (TandemError, TimeoutError, grpc.aio.AioRpcError, OSError) as e:
                 self.metrics.kv_transfer_failures.inc()

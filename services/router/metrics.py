@@ -13,12 +13,17 @@ from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.engine.errors import TandemError
 from services.stubs.tandem.v1 import inference_pb2 as pb
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 """Up to 10 minutes: Tandem's clients allow 300 s a request (generate and bench serve's
 --timeout), and long generations or a queued TTFT between 60 s and that all fell in +Inf,
 which histogram_quantile reports as a flat 60."""
+
+
+CLIENT_ENDED = ("DEADLINE_EXCEEDED", "CANCELLED")
+"""Status codes of a request its client ended (its deadline, its cancel): "cancelled"."""
 
 
 class RouterMetrics:
@@ -91,6 +96,12 @@ class RouterMetrics:
                 yield msg
         except (asyncio.CancelledError, GeneratorExit):
             if outcome == "failed":  # not after the final message: that outcome stands
+                outcome = "cancelled"
+            raise
+        except TandemError as e:
+            # The deadline may reach a worker call (its timeout is the client's time left)
+            # before gRPC cancels this handler: the same client deadline, not a failure.
+            if outcome == "failed" and e.grpc_code in CLIENT_ENDED:
                 outcome = "cancelled"
             raise
         finally:

@@ -44,7 +44,14 @@ class WorkerMetrics:
         )
         self.kv_transfer_seconds = Histogram(
             "tandem_kv_transfer_seconds",
-            "Time to read one request's KV",
+            "Time to read one request's KV (the pull alone; see tandem_kv_release_seconds)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_release_seconds = Histogram(
+            "tandem_kv_release_seconds",
+            "After a KV read, time until the prefill worker confirmed it still held the "
+            "blocks (ReleaseKV; waits behind that worker's current engine step)",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
