@@ -30,14 +30,18 @@ its requests a ListModels."""
 
 
 class ModelCards:
-    """Context lengths of the models the router serves, refreshed at most every ``ttl_s``."""
+    """Context lengths of the models the router serves, refreshed at most every ``ttl_s``,
+    and asked again at most every MISS_REFRESH_S whatever the outcome (a router that fails
+    or hangs is not asked once per waiting request)."""
 
     def __init__(self, router: inference_pb2_grpc.InferenceStub, ttl_s: float = CARDS_TTL_S):
         self._router = router
         self._ttl_s = ttl_s
         self._contexts: dict[str, int] = {}
-        self._fetched = float("-inf")
+        self._fetched = float("-inf")  # the last list that came back
+        self._asked = float("-inf")  # the last ListModels, answered or not
         self._lock = asyncio.Lock()  # one ListModels at a time, whoever asks
+        self._background: asyncio.Task[None] | None = None
 
     async def context_length(self, model: str, timeout_s: float | None) -> int | None:
         """``model``'s context length; None when the router does not serve it or cannot be
@@ -48,18 +52,43 @@ class ModelCards:
                     await self._refresh(timeout_s)
         return self._contexts.get(model)
 
+    def cached(self, model: str) -> int | None:
+        """``model``'s context length as last listed, without waiting: a stale list is
+        refreshed in the background for the next caller."""
+        if self._stale(model) and self._background is None and not self._lock.locked():
+            self._background = asyncio.ensure_future(self._refresh_in_background())
+        return self._contexts.get(model)
+
+    async def _refresh_in_background(self) -> None:
+        try:
+            async with self._lock:
+                await self._refresh(CARDS_TIMEOUT_S)
+        finally:
+            self._background = None
+
+    async def close(self) -> None:
+        """Cancel a background refresh in flight."""
+        if self._background is not None:
+            self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
+
     def _stale(self, model: str) -> bool:
-        age = time.monotonic() - self._fetched
-        return age > self._ttl_s or (model not in self._contexts and age > MISS_REFRESH_S)
+        now = time.monotonic()
+        if now - self._asked <= MISS_REFRESH_S:
+            return False
+        age = now - self._fetched
+        return age > self._ttl_s or model not in self._contexts
 
     async def _refresh(self, timeout_s: float | None) -> None:
+        self._asked = time.monotonic()
         try:
             served = await self._router.ListModels(
                 inference_pb2.ListModelsRequest(), timeout=timeout_s
             )
         except grpc.aio.AioRpcError as error:
             log.warning("could not list the router's models: %s", error.details())
-            self._fetched = time.monotonic() - self._ttl_s + MISS_REFRESH_S  # retry in 1 s
-            return
+            return  # the last list stands; asked again after MISS_REFRESH_S
+        finally:
+            self._asked = time.monotonic()
         self._contexts = {m.id: m.max_context_length for m in served.models}
         self._fetched = time.monotonic()

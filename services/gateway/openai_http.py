@@ -39,7 +39,8 @@ from typing import Any
 from aiohttp import web
 
 from services.gateway import openai_responses as shapes
-from services.gateway.model_cards import CARDS_TIMEOUT_S, ModelCards
+from services.gateway.auth import Identity
+from services.gateway.model_cards import CARDS_TIMEOUT_S
 from services.gateway.openai_errors import error_body, error_response, gateway_error
 from services.gateway.openai_requests import (
     BadRequest,
@@ -47,7 +48,13 @@ from services.gateway.openai_requests import (
     parse_chat,
     parse_completion,
 )
-from services.gateway.pipeline import CallInfo, GatewayError, Pipeline, check_client_request_id
+from services.gateway.pipeline import (
+    CallInfo,
+    GatewayError,
+    Pipeline,
+    check_client_request_id,
+    prompt_estimate,
+)
 from services.gateway.tracing import http_middlewares
 from services.stubs.tandem.v1 import inference_pb2
 
@@ -68,7 +75,7 @@ class OpenAIApi:
     def __init__(self, pipeline: Pipeline, owned_by: str = "tandem") -> None:
         self._pipeline = pipeline
         self._owned_by = owned_by
-        self._cards = ModelCards(pipeline.router)
+        self._cards = pipeline.cards
 
     def app(self) -> web.Application:
         middlewares = [*http_middlewares(), _openai_errors]  # the span sees the final status
@@ -128,7 +135,7 @@ class OpenAIApi:
                 400, str(error), "invalid_request_error", error.param, None, headers
             )
         if chat and not parsed.generate.HasField("max_tokens"):
-            await self._up_to_the_context(parsed.generate, call)
+            await self._up_to_the_context(parsed.generate, call, who)
         shape = shapes.Shape(chat, call.request_id, parsed.generate.model)
         async with aclosing(self._pipeline.generate(who, parsed.generate, call)) as stream:
             try:
@@ -140,16 +147,22 @@ class OpenAIApi:
             return await _complete(parsed, shape, first, stream, headers)
 
     async def _up_to_the_context(
-        self, generate: inference_pb2.GenerateRequest, call: CallInfo
+        self, generate: inference_pb2.GenerateRequest, call: CallInfo, who: Identity
     ) -> None:
         """OpenAI's chat default: no ``max_tokens`` lets the reply run to the end of the
         context, not the proto's 16 (chat front-ends rarely send one, and got 16-token
-        replies). The engine stops at the context, so its length is the bound."""
+        replies). The engine stops at the context, so its length is the bound; a caller
+        whose smallest token limit is below it gets what that limit can ever admit (the
+        whole context was refused on every call, however short the chat)."""
         remaining = call.time_remaining()
         timeout = CARDS_TIMEOUT_S if remaining is None else min(remaining, CARDS_TIMEOUT_S)
         context = await self._cards.context_length(generate.model, timeout)
         if context:
-            generate.max_tokens = min(context, 2**31 - 1)
+            bound = context
+            ceiling = self._pipeline.token_ceiling(who)
+            if ceiling is not None:
+                bound = min(bound, max(1, ceiling - prompt_estimate(generate)))
+            generate.max_tokens = min(bound, 2**31 - 1)
 
 
 async def _complete(

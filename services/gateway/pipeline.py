@@ -54,6 +54,7 @@ from services.gateway.auth import Authenticator, Identity, MissingCredential
 from services.gateway.identity import AuthenticationError
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.limits import Admission, LimitExceeded, Limits, Reservation, Scope
+from services.gateway.model_cards import ModelCards
 from services.gateway.policy import LIMIT_FIELDS, Policy
 from services.gateway.settler import Settle, Settler, settle_admission
 from services.gateway.tracing import (
@@ -231,6 +232,8 @@ class Pipeline:
         self.ledger = ledger
         self.audit = audit
         self.settler = Settler(admission, ledger, audit)
+        self.cards = ModelCards(router)
+        """The served models' context lengths: a reservation never exceeds the context."""
         self._tasks: set[asyncio.Task[None]] = set()  # upstream calls finishing after ours
 
     async def authenticate(self, call: CallInfo, model: str = "") -> Identity:
@@ -287,6 +290,11 @@ class Pipeline:
         prompt = prompt_estimate(request)
         max_tokens = request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         estimate = prompt + max(0, max_tokens)
+        # The engine stops at the context, so prompt + completion never exceeds it: a
+        # reservation beyond it was refused (429) what the router serves or refuses (400).
+        context = self.cards.cached(request.model)
+        if context:
+            estimate = min(estimate, context)
         reservation = await traced(
             "admit",
             self._reserve(who, request.model, call, estimate, prompt),
@@ -377,6 +385,21 @@ class Pipeline:
         reason = f"{kind}: {exc}" + (" (the client had cancelled)" if cancelled else "")
         self._record_audit(self._event(who, "deny", reason, model, call))
 
+    def token_ceiling(self, who: Identity) -> int | None:
+        """The most tokens one request of ``who`` could ever be admitted with (the smallest
+        token limit over its scopes); None when no token limit applies."""
+        ceilings = [
+            limit
+            for scope in self._scopes(who)
+            for limit in (
+                scope.limits.tokens_per_minute,
+                scope.limits.tokens_per_day,
+                scope.limits.tokens_per_month,
+            )
+            if limit is not None
+        ]
+        return min(ceilings, default=None)
+
     def _scopes(self, who: Identity) -> list[Scope]:
         limits = self.policy.limits
         scopes = []
@@ -449,6 +472,7 @@ class Pipeline:
         """Write the settles still queued; call once the servers have stopped."""
         for task in list(self._tasks):
             task.cancel()
+        await self.cards.close()
         await asyncio.to_thread(self.settler.close)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:

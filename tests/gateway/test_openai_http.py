@@ -21,6 +21,7 @@ from services.engine.tokenizer import Tokenizer
 from services.gateway.api_keys import ApiKeys
 from services.gateway.audit import AuditEvent, AuditLog
 from services.gateway.ledger import Ledger, UsageRecord
+from services.gateway.pipeline import prompt_estimate
 from services.gateway.server import Gateway, GatewayConfig, start_gateway
 from services.gateway.store import open_store
 from services.router.admission import TokenizerCache
@@ -250,6 +251,61 @@ def test_a_chat_without_max_tokens_may_run_to_the_context_a_completion_stops_at_
             assert completion.usage is not None and completion.usage.completion_tokens == 16
 
     run(body())
+
+
+def test_a_chat_without_max_tokens_fits_a_token_limit_below_the_context(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    """A key allowed 300 tokens a minute on a 512-token model: the chat default reserved
+    prompt + 512 and was refused on every call, however short the chat. It now runs up to
+    what the limit can admit (prompt estimate + reply = the limit)."""
+
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            client = s.client(s.key(limits={"tokens_per_minute": 300}))
+            chat = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}]
+            )
+            sent = s.cluster.workers["p1"].calls[0].request
+            assert 0 < sent.max_tokens < 300 and chat.usage is not None
+            estimate = prompt_estimate(
+                inference_pb2.GenerateRequest(
+                    model=MODEL, messages=[inference_pb2.ChatMessage(role="user", content="Hi")]
+                )
+            )
+            assert sent.max_tokens == 300 - estimate
+
+    run(body())
+
+
+def test_no_reservation_exceeds_the_models_context(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    """max_tokens of 1,000 on a 512-token context, under a 600-token limit: the engine stops at
+    the context, so the reservation is the context, and the call is served (it was a 429,
+    insufficient_quota, that the SDK's retries and its billing hint made worse)."""
+
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s:
+            client = s.client(s.key(limits={"tokens_per_minute": 600}))
+            await client.models.list()  # the gateway learns the contexts (kept 10 s)
+            await until_cards(s, MODEL)
+            completion = await client.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=1_000
+            )
+            assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+    run(body())
+
+
+async def until_cards(s: Stack, model: str) -> None:
+    """Until the gateway's model cards know ``model`` (a background refresh after a miss)."""
+    cards = s.gateway.service.pipeline.cards
+    for _ in range(500):
+        if cards.cached(model):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the gateway never learned {model}'s context")
 
 
 def test_streaming_sends_chunks_a_usage_chunk_and_done(
