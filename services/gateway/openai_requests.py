@@ -34,7 +34,7 @@ _UNSUPPORTED_COMMON: dict[str, tuple[object, ...]] = {
 }
 _UNSUPPORTED_COMPLETIONS = {
     **_UNSUPPORTED_COMMON,
-    "logprobs": (None, 0),
+    "logprobs": (None,),  # 0 still asks for the sampled token's logprob
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -157,6 +157,8 @@ def _finish(body: Mapping[str, Any], request: inference_pb2.GenerateRequest) -> 
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise BadRequest("stream_options.include_usage", "must be true or false")
+        if not stream:  # as OpenAI answers: the options would silently do nothing
+            raise BadRequest("stream_options", "is only allowed when stream is true")
     return OpenAIRequest(request, bool(stream), include_usage, _max_tokens_param(body))
 
 

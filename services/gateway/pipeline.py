@@ -69,6 +69,9 @@ from services.stubs.tandem.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+LIST_MODELS_TIMEOUT_S = 10.0
+"""Longest wait for the router's ListModels when the caller set no deadline (HTTP): a hung
+router answers GET /v1/models with 504, not never."""
 DEFAULT_MAX_TOKENS = 16
 """What the engine generates when ``max_tokens`` is unset (reserved as such)."""
 CHAT_TOKENS_PER_MESSAGE = 8
@@ -266,8 +269,10 @@ class Pipeline:
     async def list_models(self, who: Identity, call: CallInfo) -> inference_pb2.ListModelsResponse:
         """The router's models that ``who`` may use."""
         try:
+            remaining = call.time_remaining()  # None over HTTP: no client deadline
             served = await self.router.ListModels(
-                inference_pb2.ListModelsRequest(), timeout=call.time_remaining()
+                inference_pb2.ListModelsRequest(),
+                timeout=LIST_MODELS_TIMEOUT_S if remaining is None else remaining,
             )
         except grpc.aio.AioRpcError as exc:
             raise GatewayError.upstream(exc) from exc

@@ -31,7 +31,10 @@ class WorkerMetrics:
             registry=r,
         )
         self.kv_released = Counter(
-            "tandem_kv_released", "Pinned prefills released by their decode worker", registry=r
+            "tandem_kv_released",
+            "Pinned prefills released on request (by their decode worker, or by the router "
+            "when a hand-off failed or its client left)",
+            registry=r,
         )
         self.lease_expiries = Counter(
             "tandem_kv_lease_expiries", "Pinned prefills released unread at lease end", registry=r

@@ -101,9 +101,12 @@ COMPLETION_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"stop": ["a", 1]}, "stop"),
     ({"stream": "yes"}, "stream"),
     ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+    ({"stream": False, "stream_options": {}}, "stream_options"),
     ({"user": 5}, "user"),
     ({"echo": True}, "echo"),
     ({"logprobs": 1}, "logprobs"),
+    ({"logprobs": 0}, "logprobs"),  # the sampled token's logprob: not given, so refused
     ({"best_of": 2}, "best_of"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
