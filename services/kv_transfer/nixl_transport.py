@@ -19,6 +19,8 @@ A peer without NIXL (empty metadata at the Handshake) is read over gRPC instead.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import logging
 import os
@@ -228,6 +230,9 @@ class NixlTransport(KVTransport):
         self.inline_max_bytes = inline_max_bytes
         self._peers: dict[str, PeerInfo] = {}  # address -> peer read over NIXL
         self._accepted: dict[str, str] = {}  # caller worker id -> its agent name, oldest first
+        self._reading: collections.Counter[str] = collections.Counter()  # READs by agent
+        self._forget_after: set[str] = set()  # replaced agents waiting for their READs
+        self._forgetting: set[asyncio.Task[None]] = set()
         self._grpc = GrpcTransport(kv, tls=tls)  # for peers without NIXL
 
     @property
@@ -320,21 +325,50 @@ class NixlTransport(KVTransport):
         remote = _descriptors(spans, 1, peer.pool_address, peer.device_id)
         read = functools.partial(self._make_read, local, remote, peer.memory_type, peer.nixl_agent)
         nbytes = int(spans[:, 2].sum())
-        outcome = self._read_inline(read, what) if nbytes <= self.inline_max_bytes else None
-        if isinstance(outcome, str):
-            state = outcome
-        else:
-            try:
-                transfer = outcome or self._thread.transfer(read)
-            except RuntimeError as e:  # the agent thread has stopped (closing)
-                raise KVTransferError(f"{what}: {e}") from None
-            # timeout_s counts from here: what ran since the call took microseconds
-            hold = self.on_unreleased
-            keep = None if hold is None else functools.partial(hold, list(local_block_ids))
-            state = await await_transfer(transfer, timeout_s, what, keep)
+        self._reading[peer.nixl_agent] += 1  # its agent stays loaded until the READ is over
+        transfer: Transfer | None = None
+        try:
+            outcome = self._read_inline(read, what) if nbytes <= self.inline_max_bytes else None
+            if isinstance(outcome, str):
+                state = outcome
+            else:
+                try:
+                    transfer = outcome or self._thread.transfer(read)
+                except RuntimeError as e:  # the agent thread has stopped (closing)
+                    raise KVTransferError(f"{what}: {e}") from None
+                # timeout_s counts from here: what ran since the call took microseconds
+                hold = self.on_unreleased
+                keep = None if hold is None else functools.partial(hold, list(local_block_ids))
+                state = await await_transfer(transfer, timeout_s, what, keep)
+        finally:
+            self._done_reading(peer.nixl_agent, transfer)
         if state != "DONE":
             raise KVTransferError(f"{what} failed: NIXL reported {state}")
         return nbytes
+
+    def _done_reading(self, agent: str, transfer: Transfer | None) -> None:
+        """A pull from ``agent`` returned; its READ (``transfer``, if one was made) counts
+        until released. The last READ from an agent ``connect`` replaced removes it: removed
+        under a READ in flight (device memory: the post only queues the copies), NIXL would
+        tear down what the copy still uses."""
+        if transfer is not None and not transfer.released.done():
+            loop = asyncio.get_running_loop()
+
+            def later(_: object) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(self._done_reading, agent, None)
+
+            transfer.released.add_done_callback(later)
+            return
+        self._reading[agent] -= 1
+        if self._reading[agent] > 0:
+            return
+        del self._reading[agent]
+        if agent in self._forget_after:
+            self._forget_after.discard(agent)
+            task = asyncio.ensure_future(self._forget_agent(agent))
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgetting.discard)
 
     def _read_inline(self, read: Callable[[], Any], what: str) -> str | Transfer | None:
         """The READ run on this thread (AgentThread.run_inline): its state, the Transfer the
@@ -355,6 +389,7 @@ class NixlTransport(KVTransport):
         self._accepted.clear()
         for name in agents:
             await self._forget_agent(name)
+        await asyncio.gather(*self._forgetting, return_exceptions=True)
         try:
             await self._call(self._agent.deregister_memory, self._registration)
         except KVTransferError as e:
@@ -400,6 +435,9 @@ class NixlTransport(KVTransport):
     async def _forget_agent(self, name: str) -> None:
         if name in self.remote_agents:
             return  # still in use under another address or worker id
+        if self._reading[name] > 0:
+            self._forget_after.add(name)  # removed by the last READ's _done_reading
+            return
         try:
             await self._call(self._agent.remove_remote_agent, name, what="remove_remote_agent")
         except KVTransferError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -221,6 +222,81 @@ def test_a_read_not_released_in_time_hands_its_blocks_to_their_owner(
         await decode.close()
         await server.stop(0)
         await prefill.close()
+
+    run(body)
+
+
+class InFlight:
+    """The decode side's NIXL agent, except that its READs report PROC until ``finish`` is
+    set (as a device READ does after its post, which only queues the copies); records an
+    agent removed while a READ from it was still in flight."""
+
+    def __init__(self, agent: object) -> None:
+        self._agent = agent
+        self.finish = threading.Event()
+        self.in_flight: dict[object, str] = {}  # handle -> remote agent
+        self.removed: list[str] = []
+        self.removed_under_a_read: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._agent, name)
+
+    def initialize_xfer(self, op: str, local: object, remote: object, agent: str) -> object:
+        handle = self._agent.initialize_xfer(op, local, remote, agent)  # type: ignore[attr-defined]
+        self.in_flight[handle] = agent
+        return handle
+
+    def transfer(self, handle: object) -> str:
+        state = self._agent.transfer(handle)  # type: ignore[attr-defined]
+        return "PROC" if state == "DONE" and not self.finish.is_set() else state
+
+    def check_xfer_state(self, handle: object) -> str:
+        return self._agent.check_xfer_state(handle) if self.finish.is_set() else "PROC"  # type: ignore[attr-defined]
+
+    def release_xfer_handle(self, handle: object) -> None:
+        self.in_flight.pop(handle, None)
+        self._agent.release_xfer_handle(handle)  # type: ignore[attr-defined]
+
+    def remove_remote_agent(self, name: str) -> None:
+        if name in self.in_flight.values():
+            self.removed_under_a_read.append(name)
+        self.removed.append(name)
+        self._agent.remove_remote_agent(name)  # type: ignore[attr-defined]
+
+
+@needs_nixl
+def test_a_peer_replaced_under_a_read_keeps_its_agent_until_the_read_is_over() -> None:
+    """A prefill worker restarted at the same address while a READ from its old agent is in
+    flight: connect(new peer) removed the old agent at once, under the READ (on a GPU the
+    copy still runs after the post; NIXL would tear down what it uses). The removal now
+    waits for the READ's release."""
+
+    async def body() -> None:
+        old, new = NixlTransport(make_kv(64), "prefill-0"), NixlTransport(make_kv(64), "p-1")
+        old_server, new_server = await serve(old), await serve(new, worker_id="p-1")
+        decode = NixlTransport(make_kv(80), "decode-0", inline_max_bytes=0)
+        layout = layout_of(decode.kv)
+        peer = await handshake(old_server.address, "decode-0", layout, decode, 5)
+        await decode.connect(peer)
+        restarted = await handshake(new_server.address, "decode-0", layout, decode, 5)
+        restarted = dataclasses.replace(restarted, address=peer.address)
+        agent = decode._agent = decode._thread._agent = InFlight(decode._agent)
+        pull = asyncio.ensure_future(decode.pull(peer, [3, 4, 5], [20, 21, 22], "req-1", 5))
+        while not agent.in_flight:
+            await asyncio.sleep(0.005)
+        await decode.connect(restarted)  # the peer restarted at the same address
+        assert agent.removed == []  # deferred: a READ from it is in flight
+        agent.finish.set()
+        assert await pull == 3 * 128 * 1024
+        for _ in range(200):
+            if agent.removed:
+                break
+            await asyncio.sleep(0.005)
+        assert (agent.removed, agent.removed_under_a_read) == ([peer.nixl_agent], [])
+        await decode.close()
+        for server, transport in ((old_server, old), (new_server, new)):
+            await server.stop(0)
+            await transport.close()
 
     run(body)
 
