@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from services.cli import arg_types, up_ray
 from services.cli.drain_args import add_drain_arg
 from services.cli.telemetry_args import add_tracing_arg
-from services.cli.up_preflight import check_port_free, lock_state_dir, start_failed
+from services.cli.up_preflight import check_public_ports, lock_state_dir, start_failed
 from services.engine.errors import InvalidRequestError
 from services.launcher.supervise import interrupt_on_sigterm, supervise
 
@@ -108,7 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="DIR",
         help="the run's state: each service's log DIR/<service>.log and the gateway's store "
-        "DIR/gateway.db (default: a new temporary directory)",
+        "DIR/gateway.db (default: a new temporary directory); with --ray only the store "
+        "(the services log to this terminal, the actors to Ray's logs)",
     )
     parser.add_argument(
         "--kv-cache-gib",
@@ -175,11 +176,7 @@ def _up(args: argparse.Namespace) -> int:
     # SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
     interrupt_on_sigterm()
     policy = None if args.no_gateway else _policy_file(args)  # fail before building anything
-    check_port_free(args.port, "--port")
-    if policy is not None:
-        if args.http_port and args.http_port == args.port:  # else the gateway fails late
-            raise InvalidRequestError("--http-port", f"must differ from --port ({args.port})")
-        check_port_free(args.http_port, "--http-port")
+    check_public_ports(args.port, args.http_port, gateway=policy is not None)
     resolve_model(args.model)  # build tandem-tiny once here, not in every worker at once
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-up-"))
     state_lock = lock_state_dir(log_dir)  # noqa: F841 - held open until this process ends

@@ -25,6 +25,16 @@ class StartFailed(TandemError):
     """A service `tandem up` started exited while starting (its log says why)."""
 
 
+def check_public_ports(port: int, http_port: int, gateway: bool) -> None:
+    """``--port`` and (with the gateway) ``--http-port`` are free and differ, checked before
+    anything starts: else the gateway fails late, after the workers built their engines."""
+    check_port_free(port, "--port")
+    if gateway:
+        if http_port and http_port == port:
+            raise InvalidRequestError("--http-port", f"must differ from --port ({port})")
+        check_port_free(http_port, "--http-port")
+
+
 def check_port_free(port: int, flag: str) -> None:
     """InvalidRequestError naming ``flag`` when ``port`` is taken on loopback (0: free)."""
     if port == 0:

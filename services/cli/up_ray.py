@@ -12,6 +12,7 @@ printed once; ``--no-gateway`` puts the router on ``--port`` instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -63,16 +64,31 @@ def config_from_args(args: argparse.Namespace) -> RayClusterConfig:
         policy=getattr(args, "policy", None) or "kv-aware",
         worker_args=worker_args,
         trace_exporter=getattr(args, "trace_exporter", "none"),
+        env=_actor_env(getattr(args, "trace_exporter", "none")),
         drain_timeout_s=getattr(args, "drain_timeout_s", 5.0),
         startup_timeout_s=getattr(args, "startup_timeout", None) or 180.0,
     )
+
+
+def _actor_env(trace_exporter: str) -> dict[str, str]:
+    """The launcher's OTEL_* variables (the OTLP endpoint, headers, resource) for the worker
+    actors when tracing is on: actors on other nodes do not inherit this environment, and
+    exported to their own node's default endpoint, so traces lost the workers' hops."""
+    if trace_exporter == "none":
+        return {}
+    return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
 
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from services.cli import up
-    from services.cli.up_preflight import StartFailed, check_port_free, lock_state_dir, start_failed
+    from services.cli.up_preflight import (
+        StartFailed,
+        check_public_ports,
+        lock_state_dir,
+        start_failed,
+    )
     from services.engine.model_source import resolve_model
     from services.launcher.progress import StartProgress
 
@@ -86,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     # the policy file and the ports are checked before Ray or anything else starts
     policy = None if getattr(args, "no_gateway", False) else up._policy_file(args)
-    check_port_free(args.port, "--port")
-    if policy is not None:
-        check_port_free(getattr(args, "http_port", 0) or 0, "--http-port")
+    check_public_ports(args.port, getattr(args, "http_port", 0) or 0, gateway=policy is not None)
     if args.ray in (None, "", LOCAL):
         # one local build of tandem-tiny, not one per actor at once (as `tandem up` does);
         # on a remote cluster each node builds its own on first use

@@ -417,8 +417,10 @@ def _connect(config: RayClusterConfig) -> None:
     that exits at once: ``tandem up --ray`` then stopped nothing in order, exit status 15)."""
     import ray
 
-    address = config.address
-    if address not in (None, "", "auto", "local"):
+    # None would let ray.init join whatever cluster RAY_ADDRESS (set on Ray and KubeRay
+    # nodes) or the last `ray start` names, while everything bound loopback as if local.
+    address = config.address or "local"
+    if address not in ("auto", "local"):
         _probe(address)
     runtime_env = {"env_vars": dict(config.env)} if config.env else None
     on_sigterm = signal.getsignal(signal.SIGTERM)

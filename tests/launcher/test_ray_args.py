@@ -56,3 +56,43 @@ def test_an_unreachable_ray_address_is_one_line() -> None:
     assert done.returncode == 1
     assert f"error: cannot reach the Ray cluster at {address}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_ray_with_both_apis_on_one_port_is_refused_before_ray_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As `tandem up`: each port alone was free, so Ray and the actors started and the
+    gateway then failed to bind ("the gateway exited while the workers started")."""
+    began = time.monotonic()
+    assert main(["up", "--ray", "--port", "23998", "--http-port", "23998"]) == 2
+    assert "error: --http-port: must differ from --port (23998)" in capsys.readouterr().err
+    assert time.monotonic() - began < 5
+
+
+def test_actors_get_the_launchers_otel_variables_when_tracing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Actors on other nodes do not inherit the launcher's environment: with
+    --trace-exporter otlp they exported to their node's default endpoint."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    monkeypatch.setenv("UNRELATED", "x")
+    traced = build_parser().parse_args(["up", "--ray", "--trace-exporter", "otlp"])
+    assert config_from_args(traced).env == {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
+    untraced = build_parser().parse_args(["up", "--ray"])
+    assert config_from_args(untraced).env == {}
+
+
+def test_without_an_address_ray_starts_locally_whatever_ray_address_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ray.init(address=None) joins the cluster RAY_ADDRESS names (set on Ray and KubeRay
+    nodes) while the launcher bound everything to loopback as if local."""
+    import ray
+
+    from services.launcher import ray_cluster
+
+    monkeypatch.setenv("RAY_ADDRESS", "192.0.2.2:6379")
+    seen: list[object] = []
+    monkeypatch.setattr(ray, "init", lambda address=None, **kwargs: seen.append(address))
+    ray_cluster._connect(ray_cluster.RayClusterConfig(address=None, loopback_only=True))
+    assert seen == ["local"]
