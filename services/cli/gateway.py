@@ -10,6 +10,7 @@ work on the same store without a running gateway.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from services.cli import arg_types
@@ -89,8 +90,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--redis",
         metavar="redis://…",
+        default=os.environ.get("TANDEM_REDIS_URL") or None,
         help="keep rate-limit and quota counters in Redis, shared by every gateway replica "
-        "(default: in this process, right for one replica only)",
+        "(default: $TANDEM_REDIS_URL, which keeps a password in the URL off the command "
+        "line; unset: in this process, right for one replica only)",
     )
     parser.add_argument(
         "--limits-on-store-failure",

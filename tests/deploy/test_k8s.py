@@ -197,3 +197,21 @@ def test_dev_realm_is_the_realm() -> None:
     assert (K8S / "overlays" / "dev" / "realm.json").read_bytes() == (
         DEPLOY / "keycloak" / "realm.json"
     ).read_bytes(), "copy deploy/keycloak/realm.json to deploy/k8s/overlays/dev/realm.json"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_gateway_shares_its_counters_in_redis_with_no_secret_on_its_command_line(
+    target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas must share limits (Redis), and a Redis URL carries its password: given
+    as --redis=$(REDIS_URL) it showed in every process listing; it comes from
+    TANDEM_REDIS_URL (the secret) now, read by --redis's default."""
+    from services.cli.main import build_parser
+
+    gateway = tandem_container(find(render(target), "Deployment", "tandem-gateway"))
+    secret = {e["name"]: e for e in gateway["env"] if "valueFrom" in e}
+    assert secret["TANDEM_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "redis-url"
+    assert not any("REDIS" in arg or "redis" in arg for arg in gateway["args"])
+    monkeypatch.setenv("TANDEM_REDIS_URL", "redis://:pw@tandem-redis:6379/0")
+    args = [re.sub(r"\$\((\w+)\)", "value", a) for a in gateway["args"]]
+    assert build_parser().parse_args(args).redis == "redis://:pw@tandem-redis:6379/0"
