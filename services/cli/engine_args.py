@@ -76,7 +76,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batching: bool = False) 
         "--num-threads",
         type=arg_types.positive_int,
         metavar="N",
-        help="CPU threads for the model (default: all cores); give each of several "
+        help="CPU threads for the model (default: torch's, at most the CPUs this process "
+        "may use: its affinity and its container's CPU limit); give each of several "
         "workers on one machine its share",
     )
     if batching:

@@ -17,6 +17,7 @@ import torch
 
 from services.engine.block_hash import BlockHash
 from services.engine.block_pool import BlockPool
+from services.engine.cpu_budget import usable_cpus
 from services.engine.errors import InvalidRequestError, OutOfBlocksError
 from services.engine.kv_cache import KVCache, KVLayoutName
 from services.engine.kv_events import KVEventLog
@@ -103,6 +104,9 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        elif torch.get_num_threads() > (budget := usable_cpus()):
+            # torch counts the machine's cores; a container's CPU limit is what it gets
+            torch.set_num_threads(budget)
         self.model_dir = resolve_model(model)
         self.model_config = mc = load_model_config(self.model_dir)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
