@@ -257,8 +257,11 @@ class Orchestrator:
                 self._decode(progress, decoder, request, handoff, fresh, deadline, local)
             ) as messages:
                 async for message in messages:
+                    # A decode worker releases the prefill side before its first message
+                    # (read or not): a second ReleaseKV from here only met NOT_FOUND.
+                    released = True
                     yield message
-            released = True  # the decode worker released the prefill side itself
+            released = True
         finally:
             if not released and prefill_worker is not None and first is not None:
                 self._release_kv(prefill_worker, first.kv)

@@ -222,6 +222,15 @@ class _Prefill(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.ReleaseKVResponse()
 
 
+async def _release(kv: worker_pb2.KVHandle) -> None:
+    """ReleaseKV on the prefill worker that pinned ``kv``, as a decode worker does."""
+    async with grpc.aio.insecure_channel(kv.address) as channel:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await worker_pb2_grpc.PrefillWorkerStub(channel).ReleaseKV(
+                worker_pb2.ReleaseKVRequest(request_id=kv.request_id), timeout=2
+            )
+
+
 class _Decode(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, worker: FakeWorker) -> None:
         self.worker = worker
@@ -233,6 +242,8 @@ class _Decode(worker_pb2_grpc.DecodeWorkerServicer):
         worker.calls.append(request)
         if behaviour.fail_code is not None:
             await context.abort(behaviour.fail_code, f"{worker.worker_id}: scripted failure")
+        if request.HasField("kv"):  # as a real one: released (read or not) before any token
+            await _release(request.kv)
         generate = request.request
         max_tokens = generate.max_tokens if generate.HasField("max_tokens") else 16
         has_first = request.HasField("first_token_id")
