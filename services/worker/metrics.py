@@ -82,8 +82,10 @@ class WorkerMetrics:
             registry=r,
         )
         self.inter_token_seconds = Histogram(
-            "tandem_inter_token_seconds",
-            "Gap between consecutive streamed tokens",
+            # Not the router's tandem_inter_token_seconds (what clients see, other buckets):
+            # one name for both broke histogram_quantile over anything but a single job.
+            "tandem_worker_inter_token_seconds",
+            "Gap between consecutive token messages a decode worker streams",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
