@@ -123,6 +123,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default 0: off)",
     )
     parser.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (e.g. https://chat.example.com; * for any) call "
+        "the HTTP API: CORS headers and preflights; repeat for several (default: none, so "
+        "browsers let no page read the answers)",
+    )
+    parser.add_argument(
         "--usage-max-period-days",
         type=arg_types.positive_int,
         metavar="DAYS",
@@ -172,6 +180,7 @@ def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         metrics_client_ca=metrics_client_ca(args),
         http_port=args.http_port or None,
         http_host=args.host,
+        cors_origins=tuple(args.cors_origin or ()),
         tls=public_tls,
         router_tls=router_tls,
         drain_timeout_s=args.drain_timeout_s,

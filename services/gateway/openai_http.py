@@ -31,7 +31,7 @@ import json
 import logging
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,6 +40,7 @@ from aiohttp import web
 
 from services.gateway import openai_responses as shapes
 from services.gateway.auth import Identity
+from services.gateway.cors import Cors
 from services.gateway.model_cards import CARDS_TIMEOUT_S
 from services.gateway.openai_errors import error_body, error_response, gateway_error
 from services.gateway.openai_requests import (
@@ -72,14 +73,19 @@ Messages = AsyncIterator[inference_pb2.GenerateResponse]
 class OpenAIApi:
     """The routes, in front of one :class:`Pipeline`."""
 
-    def __init__(self, pipeline: Pipeline, owned_by: str = "tandem") -> None:
+    def __init__(
+        self, pipeline: Pipeline, owned_by: str = "tandem", cors_origins: Collection[str] = ()
+    ) -> None:
         self._pipeline = pipeline
         self._owned_by = owned_by
         self._cards = pipeline.cards
+        self._cors = Cors(cors_origins) if cors_origins else None
 
     def app(self) -> web.Application:
         middlewares = [*http_middlewares(), _openai_errors]  # the span sees the final status
         app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+        if self._cors is not None:
+            self._cors.install(app)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_post("/v1/completions", self.completions)
@@ -341,12 +347,14 @@ async def start_http(
     port: int,
     ssl_context: ssl.SSLContext | None = None,
     drain_timeout_s: float = SHUTDOWN_TIMEOUT_S,
+    cors_origins: Collection[str] = (),
 ) -> HttpServer:
     """Serve the API on host:port (0: a free port) on the running loop; HTTPS with
     ``ssl_context`` (``services.rpc.tls.server_ssl_context``). ``stop()`` lets requests in
-    flight finish for ``drain_timeout_s``."""
+    flight finish for ``drain_timeout_s``. ``cors_origins``: browser pages allowed to call
+    it (services/gateway/cors.py); none by default."""
     runner = web.AppRunner(
-        OpenAIApi(pipeline).app(),
+        OpenAIApi(pipeline, cors_origins=cors_origins).app(),
         handler_cancellation=True,  # a client that leaves stops its generation
         shutdown_timeout=drain_timeout_s,
         access_log=None,

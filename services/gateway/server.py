@@ -74,6 +74,8 @@ class GatewayConfig:
     ``/v1/chat/completions``) on this port; None: off, 0: a free port (``Gateway.http_port``)."""
     http_host: str | None = None
     """Address the HTTP API listens on; None: the same as ``host``."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins whose browser pages may call the HTTP API (``*``: any); none by default."""
     tls: TlsConfig | None = None
     """TLS on the public ports (gRPC, and the HTTP API as https) with this certificate.
     Client certificates are required only when it says so (``--client-ca``): public
@@ -208,7 +210,12 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
             host = config.http_host or config.host
             ssl_context = server_ssl_context(config.tls) if config.tls is not None else None
             http = await start_http(
-                service.pipeline, host, config.http_port, ssl_context, config.drain_timeout_s
+                service.pipeline,
+                host,
+                config.http_port,
+                ssl_context,
+                config.drain_timeout_s,
+                config.cors_origins,
             )
     except BaseException:
         if running is not None:

@@ -103,7 +103,12 @@ one such test here is about the 503 the client gets, not about waiting."""
 
 @asynccontextmanager
 async def stack(
-    tmp_path: Path, issuer: Issuer, tiny: Path, limits: str = "", decode: Behaviour | None = None
+    tmp_path: Path,
+    issuer: Issuer,
+    tiny: Path,
+    limits: str = "",
+    decode: Behaviour | None = None,
+    cors_origins: tuple[str, ...] = (),
 ) -> AsyncIterator[Stack]:
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY + limits)
@@ -116,6 +121,7 @@ async def stack(
             store_url=f"sqlite:{tmp_path / 'gateway.db'}",
             issuer_url=issuer.url,
             http_port=0,
+            cors_origins=cors_origins,
         )
         gateway = await start_gateway(config)
         s = Stack(gateway, c, issuer, Tokenizer.from_dir(tiny))
@@ -751,5 +757,71 @@ def test_a_draining_gateway_finishes_its_http_streams_and_stops_listening(
             with open_store(f"sqlite:{tmp_path / 'gateway.db'}") as store:  # stop() closed its
                 row = Ledger(store).get(request_id)
             assert (row.completion_tokens, row.outcome) == (30, "ok")
+
+    run(body())
+
+
+# ---- CORS: off by default; for listed origins, preflights answered before authentication
+# and every answer (SSE streams too) readable by the page.
+
+PAGE = "https://chat.example.com"
+PREFLIGHT = {
+    "Origin": PAGE,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+}
+
+
+def test_without_origins_there_are_no_cors_headers(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        async with stack(tmp_path, issuer, tiny_model_dir) as s, aiohttp.ClientSession() as http:
+            url = f"{s.base_url}/chat/completions"
+            async with http.options(url, headers=PREFLIGHT) as reply:
+                assert reply.status == 405 and "Access-Control-Allow-Origin" not in reply.headers
+            headers = {"Origin": PAGE, "Authorization": f"Bearer {s.key()}"}
+            async with http.get(f"{s.base_url}/models", headers=headers) as reply:
+                assert reply.status == 200 and "Access-Control-Allow-Origin" not in reply.headers
+
+    run(body())
+
+
+def test_a_listed_origin_gets_preflights_and_readable_answers(
+    tmp_path: Path, issuer: Issuer, tiny_model_dir: Path
+) -> None:
+    async def body() -> None:
+        async with (
+            stack(tmp_path, issuer, tiny_model_dir, cors_origins=(PAGE,)) as s,
+            aiohttp.ClientSession() as http,
+        ):
+            url = f"{s.base_url}/chat/completions"
+            async with http.options(url, headers=PREFLIGHT) as reply:  # no credential
+                assert reply.status == 204
+                assert reply.headers["Access-Control-Allow-Origin"] == PAGE
+                assert (
+                    reply.headers["Access-Control-Allow-Headers"]
+                    == PREFLIGHT["Access-Control-Request-Headers"]
+                )
+                assert "POST" in reply.headers["Access-Control-Allow-Methods"]
+                assert "Access-Control-Allow-Credentials" not in reply.headers
+            other = {**PREFLIGHT, "Origin": "https://evil.example"}
+            async with http.options(url, headers=other) as reply:
+                assert reply.status == 403 and "Access-Control-Allow-Origin" not in reply.headers
+            headers = {"Origin": PAGE, "Authorization": f"Bearer {s.key()}"}
+            chat = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2,
+                "stream": True,
+            }
+            async with http.post(url, json=chat, headers=headers) as reply:  # SSE
+                assert reply.status == 200
+                assert reply.headers["Access-Control-Allow-Origin"] == PAGE
+                assert "x-request-id" in reply.headers["Access-Control-Expose-Headers"]
+                assert (await reply.text()).endswith("data: [DONE]\n\n")
+            async with http.get(f"{s.base_url}/models", headers={"Origin": PAGE}) as reply:
+                assert reply.status == 401  # refusals are readable too: the page shows why
+                assert reply.headers["Access-Control-Allow-Origin"] == PAGE
 
     run(body())

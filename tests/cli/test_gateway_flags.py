@@ -1,4 +1,4 @@
-"""`tandem gateway --usage-max-period-days`: the GetUsage period cap an operator sets."""
+"""`tandem gateway` flags that become GatewayConfig fields: the GetUsage period cap, CORS."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ def test_a_cap_that_is_not_a_positive_number_of_days_is_a_usage_error(
 ) -> None:
     assert main([*REQUIRED, "--usage-max-period-days", value]) == 2
     assert "--usage-max-period-days" in capsys.readouterr().err
+
+
+def test_cors_origins_come_from_their_flag_and_default_to_none() -> None:
+    """`--cors-origin` (repeatable) lets browser pages call the HTTP API; none by default."""
+    parser = build_parser()
+    assert gateway_config(parser.parse_args(REQUIRED)).cors_origins == ()
+    flagged = parser.parse_args(
+        (*REQUIRED, "--cors-origin", "https://a.example", "--cors-origin", "*")
+    )
+    assert gateway_config(flagged).cors_origins == ("https://a.example", "*")
