@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.cli import arg_types
+
 if TYPE_CHECKING:
     from services.launcher.ray_cluster import RayClusterConfig
 
@@ -36,6 +38,22 @@ def add_ray_arg(parser: argparse.ArgumentParser) -> None:
         "die) on the Ray cluster at ADDRESS (e.g. ray://head:10001, or 'auto' on a "
         "cluster node); without ADDRESS, on a local Ray instance. The gateway and the "
         "router run here.",
+    )
+    parser.add_argument(
+        "--ray-cpus-per-worker",
+        type=arg_types.positive_float,
+        default=1.0,
+        metavar="N",
+        help="with --ray: CPUs each worker actor reserves from Ray (default %(default)g)",
+    )
+    parser.add_argument(
+        "--ray-gpus-per-worker",
+        type=arg_types.non_negative_float,
+        default=None,
+        metavar="N",
+        help="with --ray: GPUs each worker actor reserves; a fraction shares one (0.5: a "
+        "prefill and a decode worker on one GPU; size --kv-cache-gib for both) (default: 1 "
+        "when the cluster has GPUs, else 0)",
     )
 
 
@@ -67,6 +85,8 @@ def config_from_args(args: argparse.Namespace) -> RayClusterConfig:
         env=_actor_env(getattr(args, "trace_exporter", "none")),
         drain_timeout_s=getattr(args, "drain_timeout_s", 5.0),
         startup_timeout_s=getattr(args, "startup_timeout", None) or 180.0,
+        num_cpus=getattr(args, "ray_cpus_per_worker", 1.0),
+        num_gpus=getattr(args, "ray_gpus_per_worker", None),
     )
 
 

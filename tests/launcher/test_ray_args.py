@@ -96,3 +96,15 @@ def test_without_an_address_ray_starts_locally_whatever_ray_address_says(
     monkeypatch.setattr(ray, "init", lambda address=None, **kwargs: seen.append(address))
     ray_cluster._connect(ray_cluster.RayClusterConfig(address=None, loopback_only=True))
     assert seen == ["local"]
+
+
+def test_actor_resources_come_from_their_flags() -> None:
+    """A one-GPU box refused the default 1 prefill + 1 decode (a whole GPU each): a fraction
+    shares one GPU."""
+    args = build_parser().parse_args(
+        ["up", "--ray", "--ray-gpus-per-worker", "0.5", "--ray-cpus-per-worker", "2"]
+    )
+    config = config_from_args(args)
+    assert (config.num_gpus, config.num_cpus) == (0.5, 2.0)
+    default = config_from_args(build_parser().parse_args(["up", "--ray"]))
+    assert (default.num_gpus, default.num_cpus) == (None, 1.0)  # GPUs: 1 where there are any
