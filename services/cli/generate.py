@@ -199,7 +199,8 @@ def run_remote(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         _print_partial(completion, args.json)
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        failure = CallFailure.of(args, exc.code().name, exc.details() or "")
+        streamed = len(completion.token_ids)
+        failure = CallFailure.of(args, exc.code().name, exc.details() or "", streamed)
         if (hint := failure.hint(lambda: completion.target_answered)) is not None:
             print(f"hint: {hint}", file=sys.stderr)
         bad_request = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
@@ -236,12 +237,19 @@ class CallFailure:
     """The client spoke TLS (--tls or --tls-ca)."""
     key_from: str | None
     """Where the API key came from (--api-key, TANDEM_API_KEY); None: no key was sent."""
+    client_cert: bool = False
+    """The client presented a certificate (--tls-cert)."""
+    streamed: int = 0
+    """Tokens the call had delivered before it failed (a stream cut mid-way)."""
 
     @classmethod
-    def of(cls, args: argparse.Namespace, code: str, details: str) -> CallFailure:
+    def of(
+        cls, args: argparse.Namespace, code: str, details: str, streamed: int = 0
+    ) -> CallFailure:
         """The failure of a call made with ``tandem generate``/``bench serve``'s flags."""
         tls = bool(args.tls or args.tls_ca or args.tls_cert)
-        return cls(code, details, args.target, tls, api_key_source(args))
+        cert = bool(getattr(args, "tls_cert", None))
+        return cls(code, details, args.target, tls, api_key_source(args), cert, streamed)
 
     def hint(self, answered: Callable[[], bool]) -> str | None:
         """What to do about it, where the status says clearly; None otherwise.
@@ -253,8 +261,19 @@ class CallFailure:
             return self._key_hint()
         if self.code in ("PERMISSION_DENIED", "NOT_FOUND"):
             return f"list the models you may use there: tandem models --target {self.target}"
+        if self.code == "UNIMPLEMENTED":
+            return (
+                f"{self.target} does not serve this call: keys, usage and audit are the "
+                "gateway's, and a router (tandem up --no-gateway) serves Generate and "
+                "ListModels only; point --target at the gateway (tandem up prints it)"
+            )
         if self.code not in ("UNAVAILABLE", "UNKNOWN"):
             return None
+        if self.streamed:
+            return (
+                f"the stream was cut after {self.streamed} tokens (above): the server "
+                "stopped, or lost the worker it needed; send the request again"
+            )
         dns = self.details.startswith(DNS_FAILED)
         if not (dns or CONNECT_FAILED in self.details):
             return None  # the target's own answer (a router with no worker, ...)
@@ -267,11 +286,17 @@ class CallFailure:
             return None
         if "handshake failed" in self.details.lower():
             return self._tls_hint()
-        if not self.tls and speaks_tls(self.target):
-            return (
-                f"{self.target} speaks TLS: pass --tls-ca CA.pem (tandem up --tls prints "
-                "its CA), or --tls for a certificate the system trusts"
-            )
+        if speaks_tls(self.target):
+            if not self.tls:
+                return (
+                    f"{self.target} speaks TLS: pass --tls-ca CA.pem (tandem up --tls prints "
+                    "its CA), or --tls for a certificate the system trusts"
+                )
+            if not self.client_cert:  # it closed on a TLS client without a certificate
+                return (
+                    f"{self.target} asks for a client certificate: pass --tls-cert CERT.pem "
+                    "--tls-key KEY.pem signed by a CA it trusts (its --client-ca / --tls-ca)"
+                )
         return (
             f"nothing answered at {self.target}: start Tandem there (tandem up prints the "
             "address to use) or fix --target"

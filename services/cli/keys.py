@@ -157,13 +157,23 @@ def run_list(args: argparse.Namespace) -> int:
 
     with open_store(existing(args.store)) as store:
         keys = ApiKeys(store).list(args.team)
-    print("KEY_ID            TEAM  MODELS  ADMIN  CREATED  REVOKED  DESCRIPTION")
+    from services.cli.target_call import aligned
+
+    rows = [["KEY_ID", "TEAM", "MODELS", "ADMIN", "CREATED", "REVOKED", "DESCRIPTION"]]
     for k in keys:
         revoked = _when(k.revoked_at) if k.revoked_at is not None else "-"
-        print(
-            f"{k.key_id}  {k.team}  {','.join(k.models)}  {'yes' if k.admin else 'no'}  "
-            f"{_when(k.created_at)}  {revoked}  {k.description or '-'}"
+        rows.append(
+            [
+                k.key_id,
+                k.team,
+                ",".join(k.models),
+                "yes" if k.admin else "no",
+                _when(k.created_at),
+                revoked,
+                k.description or "-",
+            ]
         )
+    print(aligned(rows, left=len(rows[0])))
     return 0
 
 

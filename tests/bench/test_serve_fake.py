@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from services.rpc.server import Servicer, client_channel, start_server
+from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc as pb_grpc
 
@@ -123,16 +124,17 @@ class ScriptedInference(pb_grpc.InferenceServicer):
 
 
 @contextmanager
-def serving(servicer: ScriptedInference) -> Iterator[str]:
+def serving(servicer: ScriptedInference, tls: TlsConfig | None = None) -> Iterator[str]:
     """Serve ``servicer`` on a free port from a thread with its own event loop; yield HOST:PORT.
 
     A thread, so the code under test can run its own ``asyncio.run`` in the test's thread.
+    ``tls``: serve TLS (mTLS with ``require_client_auth``).
     """
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     mount = Servicer(servicer, pb_grpc.add_InferenceServicer_to_server, "tandem.v1.Inference")
-    server = asyncio.run_coroutine_threadsafe(start_server([mount]), loop).result(10)
+    server = asyncio.run_coroutine_threadsafe(start_server([mount], tls=tls), loop).result(10)
     try:
         yield server.address
     finally:

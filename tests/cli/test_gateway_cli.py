@@ -34,6 +34,11 @@ def test_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     random_part = secret.removeprefix(f"tdm_{key_id}_")  # it may hold "_" itself
     assert len(random_part) >= 40
     assert key_id in out and "first admin" in out and random_part not in out
+    header, row = out.splitlines()
+    # columns line up under their headings (the header was fixed text)
+    assert [header.index(h) for h in ("TEAM", "MODELS", "ADMIN")] == [
+        row.index(v) for v in ("ml ", "m1,m2", "yes")
+    ]
 
     assert main(["keys", "revoke", "--store", store, key_id]) == 0
     assert f"revoked key {key_id}" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from services.launcher.local import free_port
 from services.rpc.health_wait import wait_serving
 from services.rpc.tls import TlsConfig, channel_credentials
 from services.rpc.tls_dev_ca import DevCa
-from tests.bench.test_serve_fake import ScriptedInference, serving
+from tests.bench.test_serve_fake import Failure, ScriptedInference, serving
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "deploy" / "policy.example.toml"
@@ -212,4 +212,43 @@ def test_tandem_models_gives_the_same_hints(
     )
     assert _hint(capsys, *models[:3], "--api-key", gateway.key).startswith(
         f"hint: {gateway.target} speaks TLS: "
+    )
+
+
+def test_a_server_asking_for_a_client_certificate_says_pass_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An mTLS port (`--client-ca`, the router of `tandem up --tls`) closes on a TLS client
+    without a certificate: it was "nothing answered at ...: start Tandem there"."""
+    ca = DevCa.create(tmp_path / "tls")
+    cert = ca.issue("server")
+    tls = TlsConfig.from_files(cert.cert, cert.key, ca.cert, require_client_auth=True)
+    with serving(ScriptedInference(), tls) as target:
+        hint = _hint(capsys, *_generate(target, "--tls-ca", str(ca.cert)))
+    assert hint == (
+        f"hint: {target} asks for a client certificate: pass --tls-cert CERT.pem --tls-key "
+        "KEY.pem signed by a CA it trusts (its --client-ca / --tls-ca)"
+    )
+
+
+def test_a_router_asked_for_what_only_a_gateway_serves_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`tandem usage` against `tandem up --no-gateway` (a router) was a bare UNIMPLEMENTED."""
+    with serving(ScriptedInference()) as target:
+        hint = _hint(capsys, "usage", "--target", target)
+    assert hint.startswith(f"hint: {target} does not serve this call: keys, usage and audit")
+
+
+def test_a_stream_cut_mid_way_says_what_came_and_to_send_again(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A gateway's drain cut short (a second Ctrl-C) ends a stream UNAVAILABLE with gRPC's
+    own words ("Cancelling all calls"); the tokens that came are printed, and now a hint."""
+    scripted = ScriptedInference(failures={"hi": Failure(grpc.StatusCode.UNAVAILABLE, 2)})
+    with serving(scripted) as target:
+        hint = _hint(capsys, "generate", "--target", target, "--prompt", "hi")
+    assert hint == (
+        "hint: the stream was cut after 2 tokens (above): the server stopped, or lost the "
+        "worker it needed; send the request again"
     )
