@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The deepest subcommand parser ``argv`` names (``tandem keys list`` → keys list's)."""
+    for word in argv:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or word not in actions[0].choices:
+            continue
+        parser = actions[0].choices[word]
+    return parser
+
+
 def exit_status(error: TandemError) -> int:
     """EXIT_USAGE when what was given is wrong (fix the command), EXIT_FAILED when running
     it failed (scripts retry the one, not the other)."""
@@ -79,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     die_with_launcher()  # first: a launched service must not outlive its launcher
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # said by the subcommand's parser: its usage line, not tandem's
+            _leaf_parser(parser, argv).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:
         # argparse exits after --help (0) and on usage errors (2); return the status
         # instead, so callers and tests get an int like every other outcome.

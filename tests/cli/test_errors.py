@@ -137,3 +137,14 @@ def test_a_failure_while_running_exits_1_not_as_a_usage_error(
     assert main(argv) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and "Traceback" not in captured.err
+
+
+def test_a_mistyped_flag_is_reported_by_its_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    """It was tandem's top-level usage ("usage: tandem [-h] COMMAND ..."), which lists no flag
+    of the command that was mistyped."""
+    assert main(["generate", "--prompt", "hi", "--max-tokns", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tandem generate ")
+    assert err.rstrip().endswith("tandem generate: error: unrecognized arguments: --max-tokns 3")
+    assert main(["keys", "list", "--store", "sqlite:x.db", "--tema", "ml"]) == 2
+    assert "tandem keys list: error: unrecognized arguments: --tema ml" in capsys.readouterr().err
