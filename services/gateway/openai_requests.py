@@ -131,6 +131,8 @@ def _common(body: Mapping[str, Any]) -> inference_pb2.GenerateRequest:
     for name in ("top_k", "min_tokens"):
         if body.get(name) is not None:
             setattr(request, name, _int32(body[name], name))
+    if request.HasField("top_k") and request.top_k == -1:
+        request.top_k = 0  # vLLM's "off", which clients written for vLLM send; 0 here
     if body.get("seed") is not None:
         seed = _integer(body["seed"], "seed")
         if not 0 <= seed < 2**63:

@@ -152,3 +152,11 @@ def test_chat_refuses_tools_and_a_non_object_body() -> None:
     with pytest.raises(BadRequest) as err:
         parse_chat([1, 2])
     assert err.value.param is None and "JSON object" in str(err.value)
+
+
+def test_vllms_top_k_off_is_taken_as_off() -> None:
+    """Clients written for vLLM send top_k=-1 for "off"; the router refused it (negative)."""
+    request = parse_completion({"model": "m", "prompt": "x", "top_k": -1}).generate
+    assert request.HasField("top_k") and request.top_k == 0
+    other = parse_completion({"model": "m", "prompt": "x", "top_k": -2}).generate
+    assert other.top_k == -2  # passed on as it is: the router refuses it, naming top_k
