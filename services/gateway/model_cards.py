@@ -29,6 +29,10 @@ served one is found quickly, and a caller naming unknown models cannot make ever
 its requests a ListModels."""
 
 
+WARN_EVERY_S = 60.0
+"""A ListModels that keeps failing is logged as a warning at most this often."""
+
+
 class ModelCards:
     """Context lengths of the models the router serves, refreshed at most every ``ttl_s``,
     and asked again at most every MISS_REFRESH_S whatever the outcome (a router that fails
@@ -40,6 +44,7 @@ class ModelCards:
         self._contexts: dict[str, int] = {}
         self._fetched = float("-inf")  # the last list that came back
         self._asked = float("-inf")  # the last ListModels, answered or not
+        self._warned = float("-inf")  # the last failure logged as a warning
         self._lock = asyncio.Lock()  # one ListModels at a time, whoever asks
         self._background: asyncio.Task[None] | None = None
 
@@ -86,7 +91,14 @@ class ModelCards:
                 inference_pb2.ListModelsRequest(), timeout=timeout_s
             )
         except grpc.aio.AioRpcError as error:
-            log.warning("could not list the router's models: %s", error.details())
+            # asked again every MISS_REFRESH_S while it fails: said once a minute, not each time
+            quiet = time.monotonic() - self._warned < WARN_EVERY_S
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "could not list the router's models: %s",
+                error.details(),
+            )
+            self._warned = self._warned if quiet else time.monotonic()
             return  # the last list stands; asked again after MISS_REFRESH_S
         finally:
             self._asked = time.monotonic()

@@ -82,3 +82,21 @@ def test_cached_answers_at_once_and_refreshes_in_the_background() -> None:
 
     assert asyncio.run(body()) == [None, 512]
     assert router.calls == 1
+
+
+def test_a_router_that_keeps_failing_is_logged_once_a_minute(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Asked again every MISS_REFRESH_S while it fails (a router without ListModels): a
+    warning each time filled the gateway's log, one a second."""
+    monkeypatch.setattr(model_cards, "MISS_REFRESH_S", 0.0)
+    cards = ModelCards(Router(hang=True))  # type: ignore[arg-type]
+
+    async def body() -> None:
+        for _ in range(5):
+            await cards.context_length("m", 0.0)
+
+    with caplog.at_level("DEBUG", logger="services.gateway.model_cards"):
+        asyncio.run(body())
+    levels = [r.levelname for r in caplog.records if "could not list" in r.getMessage()]
+    assert levels == ["WARNING", "DEBUG", "DEBUG", "DEBUG", "DEBUG"]
