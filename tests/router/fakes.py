@@ -100,6 +100,8 @@ class FakeWorker:
         self._server: RunningServer | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
+        self._peers: dict[str, grpc.aio.Channel] = {}  # prefill workers released, by address
+        self._releases: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> str:
@@ -156,8 +158,22 @@ class FakeWorker:
                 await self._heartbeat_task
             self._heartbeat_task = None
 
+    def release(self, kv: worker_pb2.KVHandle) -> None:
+        """ReleaseKV on the prefill worker that pinned ``kv``, as a decode worker does before
+        its first token; in the background, on a channel kept per address, so the fake's
+        streams stay as quick as before (the gateway overhead bench times them)."""
+        channel = self._peers.get(kv.address)
+        if channel is None:
+            channel = self._peers[kv.address] = grpc.aio.insecure_channel(kv.address)
+        task = asyncio.ensure_future(_release(channel, kv))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
     async def stop(self) -> None:
         await self.stop_heartbeats()
+        await asyncio.gather(*self._releases, return_exceptions=True)
+        for peer in self._peers.values():
+            await peer.close()
         if self._channel is not None:
             await self._channel.close()
         if self._server is not None:
@@ -222,13 +238,11 @@ class _Prefill(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.ReleaseKVResponse()
 
 
-async def _release(kv: worker_pb2.KVHandle) -> None:
-    """ReleaseKV on the prefill worker that pinned ``kv``, as a decode worker does."""
-    async with grpc.aio.insecure_channel(kv.address) as channel:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await worker_pb2_grpc.PrefillWorkerStub(channel).ReleaseKV(
-                worker_pb2.ReleaseKVRequest(request_id=kv.request_id), timeout=2
-            )
+async def _release(channel: grpc.aio.Channel, kv: worker_pb2.KVHandle) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await worker_pb2_grpc.PrefillWorkerStub(channel).ReleaseKV(
+            worker_pb2.ReleaseKVRequest(request_id=kv.request_id), timeout=2
+        )
 
 
 class _Decode(worker_pb2_grpc.DecodeWorkerServicer):
@@ -243,7 +257,7 @@ class _Decode(worker_pb2_grpc.DecodeWorkerServicer):
         if behaviour.fail_code is not None:
             await context.abort(behaviour.fail_code, f"{worker.worker_id}: scripted failure")
         if request.HasField("kv"):  # as a real one: released (read or not) before any token
-            await _release(request.kv)
+            worker.release(request.kv)
         generate = request.request
         max_tokens = generate.max_tokens if generate.HasField("max_tokens") else 16
         has_first = request.HasField("first_token_id")
