@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="P",
         help="port of the gateway's OpenAI-compatible HTTP API (http://127.0.0.1:P/v1); "
         "0 turns it off (default 8000; none with --no-gateway)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (* for any) call the HTTP API; repeat for several "
+        "(default: none; see tandem gateway --help)",
     )
     parser.add_argument(
         "--policy",
@@ -182,7 +190,9 @@ def _up(args: argparse.Namespace) -> int:
     state_lock = lock_state_dir(log_dir)  # noqa: F841 - held open until this process ends
     tls_dir = _dev_ca(log_dir) if args.tls else None
     gateway, secret = (
-        (None, None) if policy is None else _gateway(policy, log_dir, args.model, args.http_port)
+        (None, None)
+        if policy is None
+        else _gateway(policy, log_dir, args.model, args.http_port, args.cors_origin or ())
     )
     # Loading a model can take minutes: say what is awaited (a bar on a terminal).
     progress = StartProgress(sys.stderr)
@@ -273,7 +283,11 @@ def _policy_file(args: argparse.Namespace) -> Path:
 
 
 def _gateway(  # type: ignore[no-untyped-def]
-    policy: Path, state_dir: Path, model: str, http_port: int = 0
+    policy: Path,
+    state_dir: Path,
+    model: str,
+    http_port: int = 0,
+    cors_origins: Sequence[str] = (),
 ):
     """The GatewaySpec for this run and a fresh admin key's secret (the last run's revoked)."""
     from services.cli.keys import audit_cli
@@ -284,6 +298,8 @@ def _gateway(  # type: ignore[no-untyped-def]
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the store and TLS keys
     store_url = f"sqlite:{state_dir / 'gateway.db'}"
     http_args = ("--http-port", str(http_port)) if http_port else ()
+    for origin in cors_origins if http_port else ():
+        http_args += ("--cors-origin", origin)
     with open_store(store_url) as store:
         keys = ApiKeys(store)
         for old in keys.list():

@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         # another tandem up on this store: its admin key must not be revoked under it
         state_lock = lock_state_dir(state_dir)  # noqa: F841 - held open until this process ends
         http_port = getattr(args, "http_port", 0) or 0
-        spec, secret = up._gateway(policy, state_dir, args.model, http_port)
+        origins = getattr(args, "cors_origin", None) or ()
+        spec, secret = up._gateway(policy, state_dir, args.model, http_port, origins)
         config = dataclasses.replace(config, gateway=spec)
         print(f"the gateway's store: {spec.store}", file=sys.stderr)
 

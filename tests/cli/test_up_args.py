@@ -94,3 +94,17 @@ def test_up_keeps_its_state_private_and_audits_its_admin_keys(tmp_path: Path) ->
         "tandem up: revoked the last run's admin",
         "tandem up: admin",
     ]
+
+
+def test_up_passes_its_cors_origins_to_the_gateway(tmp_path: Path) -> None:
+    """`tandem up --cors-origin O` reaches `tandem gateway --cors-origin O` (with the HTTP
+    API on; without it there is nothing for a browser to call)."""
+    from services.cli.main import build_parser
+    from services.cli.up import EXAMPLE_POLICY
+    from services.cli.up import _gateway as up_gateway
+
+    args = build_parser().parse_args(["up", "--cors-origin", "https://a.example"])
+    spec = up_gateway(EXAMPLE_POLICY, tmp_path, "tandem-tiny", 8000, args.cors_origin)[0]
+    assert spec.args == ("--http-port", "8000", "--cors-origin", "https://a.example")
+    off = up_gateway(EXAMPLE_POLICY, tmp_path, "tandem-tiny", 0, args.cors_origin)[0]
+    assert off.args == ()
