@@ -15,18 +15,15 @@ secret); it stays listed, and an operator may revoke it.
 from __future__ import annotations
 
 import asyncio
-import re
 
 import grpc.aio
 
 from services.engine.errors import TandemError
-from services.gateway.api_keys import MAX_DESCRIPTION, ApiKey, ApiKeys
+from services.gateway.api_keys import KEY_ID, MAX_DESCRIPTION, ApiKey, ApiKeys
 from services.gateway.auth import Identity
 from services.gateway.call_auth import CallGuard, abort_error
 from services.gateway.policy import LIMIT_FIELDS, Policy
 from services.stubs.tandem.v1 import admin_pb2, admin_pb2_grpc
-
-_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 def key_info(key: ApiKey) -> admin_pb2.ApiKeyInfo:
@@ -138,7 +135,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeApiKeyResponse:
         who = await self._admin(context, "RevokeApiKey")
-        if not _KEY_ID.match(request.key_id):
+        if not KEY_ID.fullmatch(request.key_id):
             await self._guard.invalid(
                 context,
                 who,

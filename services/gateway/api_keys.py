@@ -34,6 +34,8 @@ PREFIX = "tdm"
 DEFAULT_ITERATIONS = 1_000
 MAX_DESCRIPTION = 200
 _SECRET = re.compile(r"^tdm_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+KEY_ID = re.compile(r"^[0-9a-f]{16}$")
+"""What a key id looks like (the part of a secret after ``tdm_``)."""
 _DUMMY_SALT = b"\x00" * 16
 
 
@@ -180,6 +182,11 @@ class ApiKeys:
         with self._store.transaction() as tx:
             row = tx.fetchone(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,))
         if row is None:
+            if not KEY_ID.fullmatch(key_id):  # not echoed: it may be a pasted secret
+                raise KeyNotFoundError(
+                    "no API key with the id given: a key id is 16 hex digits (the part after "
+                    "tdm_; never pass the secret itself)"
+                )
             raise KeyNotFoundError(f"no API key with id {key_id!r}")
         return _key_from_row(row)
 

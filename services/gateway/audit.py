@@ -35,6 +35,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from services.engine.errors import InvalidRequestError
 from services.gateway.metrics import METRICS, GatewayMetrics
@@ -43,8 +44,6 @@ from services.gateway.store import Store, Tx
 GENESIS_HASH = "0" * 64
 DECISIONS = ("allow", "deny")
 _BATCH = 1000
-_BEFORE_ANY_ID = -(2**63)
-"""Below every id a 64-bit integer column can hold: where a full walk starts."""
 
 
 @dataclass(frozen=True)
@@ -152,8 +151,8 @@ class AuditLog:
             record_id, time_us, body, prev_hash, digest = row
             fields = json.loads(body)
             yield AuditRecord(
-                id=record_id,
-                event=AuditEvent(**fields, time=time_us / 1e6),
+                id=int(record_id),
+                event=AuditEvent(**fields, time=int(time_us) / 1e6),
                 prev_hash=prev_hash,
                 hash=digest,
             )
@@ -169,30 +168,39 @@ class AuditLog:
         return self.check_chain().broken_at
 
     def check_chain(self) -> ChainCheck:
-        """Walk every record, from before the first id, so one slipped in below it (id 0,
-        a negative id) is found too; what held is reported from this same walk."""
+        """Walk every record, the first batch with no bound on the id, so one slipped in
+        anywhere is found: below the first id (0, negative, the column's least value), or,
+        in SQLite, whose BIGINT key takes NULL and text, with no integer id at all (NULL
+        sorts first, text after every number). Such a record breaks the chain where it
+        sits (``broken_at``: the id expected there). What held is reported from this walk."""
         expected_id, prev_hash = 1, GENESIS_HASH
-        for record_id, time_us, body, stored_prev, digest in self._rows(_BEFORE_ANY_ID):
+        for record_id, time_us, body, stored_prev, digest in self._rows():
+            if not (_is_int(record_id) and _is_int(time_us)):
+                return ChainCheck(expected_id, (expected_id - 1, prev_hash))
             if record_id != expected_id or stored_prev != prev_hash:
                 return ChainCheck(int(record_id), (expected_id - 1, prev_hash))
-            if not _as_written(body) or chain_hash(prev_hash, record_id, time_us, body) != digest:
+            body_ok = isinstance(body, str) and _as_written(body)
+            if not body_ok or chain_hash(prev_hash, record_id, time_us, body) != digest:
                 return ChainCheck(int(record_id), (expected_id - 1, prev_hash))
             expected_id, prev_hash = record_id + 1, digest
         return ChainCheck(None, (expected_id - 1, prev_hash))
 
-    def _rows(self, after_id: int) -> Iterator[tuple[int, int, str, str, str]]:
+    def _rows(self, after_id: int | None = None) -> Iterator[tuple[Any, Any, Any, Any, Any]]:
+        """Records as stored (values unchecked) in id order, in batches: those with ``id >
+        after_id``, or every one (None: whatever its id, NULL and text included)."""
+        columns = "SELECT id, time_us, body, prev_hash, hash FROM audit_log"
+        where, params = ("", ()) if after_id is None else (" WHERE id > ?", (after_id,))
         while True:
             with self._store.transaction() as tx:
-                rows = tx.fetchall(
-                    "SELECT id, time_us, body, prev_hash, hash FROM audit_log"
-                    " WHERE id > ? ORDER BY id LIMIT ?",
-                    (after_id, _BATCH),
-                )
-            for r in rows:
-                yield int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4])
-            if len(rows) < _BATCH:
-                return
-            after_id = int(rows[-1][0])
+                rows = tx.fetchall(f"{columns}{where} ORDER BY id LIMIT ?", (*params, _BATCH))
+            yield from (tuple(r) for r in rows)
+            if len(rows) < _BATCH or not _is_int(rows[-1][0]):
+                return  # a batch ending on a non-integer id has been reported broken
+            where, params = " WHERE id > ?", (rows[-1][0],)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def chain_hash(prev_hash: str, record_id: int, time_us: int, body: str) -> str:

@@ -50,6 +50,10 @@ def test_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
     assert main(["keys", "revoke", "--store", store, "0123456789abcdef"]) == 2  # no match
     assert "no API key with id '0123456789abcdef'" in capsys.readouterr().err
+    # a pasted secret instead of its id is not echoed (stderr may land in a CI log)
+    assert main(["keys", "revoke", "--store", store, secret + "x"]) == 2
+    err = capsys.readouterr().err
+    assert "a key id is 16 hex digits" in err and random_part not in err
 
 
 def test_audit_verify_passes_then_names_a_tampered_record(

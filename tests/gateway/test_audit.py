@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from services.engine.errors import InvalidRequestError
 from services.gateway.audit import GENESIS_HASH, AuditEvent, AuditLog, chain_hash
-from services.gateway.store import Store
+from services.gateway.store import Store, open_store
 from tests.gateway.conftest import StoreFactory, all_rows
 
 
@@ -117,7 +118,7 @@ def test_an_inserted_record_is_detected_after_it(store: Store) -> None:
     assert log.verify_chain() == 4
 
 
-@pytest.mark.parametrize("forged_id", [0, -7])
+@pytest.mark.parametrize("forged_id", [0, -7, -(2**63)])  # the last: the column's least value
 def test_a_record_forged_below_the_first_id_is_detected(store: Store, forged_id: int) -> None:
     log = AuditLog(store)
     _fill(log, 3)
@@ -188,3 +189,23 @@ def test_client_request_id_is_recorded_only_when_set(store: Store) -> None:
         ("g2", "c"),
     ]
     assert log.verify_chain() is None
+
+
+@pytest.mark.parametrize("forged_id", [None, "x"])
+def test_a_sqlite_record_without_an_integer_id_breaks_the_chain(
+    tmp_path: Path, forged_id: object
+) -> None:
+    """SQLite's BIGINT key takes NULL and text: such a record was skipped by the walk (NULL
+    matched no `id > ?`; text crashed `tandem audit verify` with a traceback)."""
+    with open_store(f"sqlite:{tmp_path / 'audit.db'}") as store:
+        log = AuditLog(store)
+        _fill(log, 3)
+        body = '{"decision":"allow","principal":"mallory","reason":"CreateApiKey: admin"}'
+        with store.transaction() as tx:
+            tx.execute(
+                "INSERT INTO audit_log (id, time_us, body, prev_hash, hash) VALUES (?, 0, ?, ?, ?)",
+                (forged_id, body, GENESIS_HASH, "0" * 64),
+            )
+        check = log.check_chain()
+    # NULL sorts before every id (the chain breaks at its start), text after (at its end)
+    assert check.broken_at == (1 if forged_id is None else 4)
