@@ -23,6 +23,10 @@ class MissingCredential(AuthenticationError):
     """No usable ``authorization: Bearer …`` metadata (UNAUTHENTICATED)."""
 
 
+KEY_PRINCIPAL_PREFIX = "key:"
+"""An API key's principal is ``key:<key id>``; no token subject may start so."""
+
+
 @dataclass(frozen=True)
 class Identity:
     """An authenticated caller."""
@@ -76,7 +80,7 @@ class Authenticator:
             if key is None:
                 raise AuthenticationError("invalid API key (unknown, wrong or revoked)")
             return Identity(
-                principal=f"key:{key.key_id}",
+                principal=f"{KEY_PRINCIPAL_PREFIX}{key.key_id}",
                 caller=Caller(
                     roles=frozenset({self._admin_role} if key.admin and self._admin_role else ()),
                     teams=frozenset({key.team}),
@@ -92,6 +96,11 @@ class Authenticator:
                 "OIDC is not configured on this gateway (no issuer): use an API key (tdm_…)"
             )
         principal = await self._verifier.verify(credential)
+        if principal.subject.startswith(KEY_PRINCIPAL_PREFIX):
+            # API keys' principals: a token naming one would read that key's usage as its own
+            raise AuthenticationError(
+                f"token subject starts with {KEY_PRINCIPAL_PREFIX!r}, which names API keys here"
+            )
         return Identity(
             principal=principal.subject,
             caller=Caller(roles=principal.roles, teams=principal.teams),

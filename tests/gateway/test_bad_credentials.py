@@ -68,8 +68,11 @@ def test_each_bad_credential_is_refused_and_audited_once(tmp_path: Path, issuer:
             live = keys.mint("ml", [MODEL])
             wrong_secret = live.secret[:-4] + ("aaaa" if live.secret[-4:] != "aaaa" else "bbbb")
 
+            # a subject naming an API key's principal would read that key's usage as its own
+            as_key = issuer.mint(sub=f"key:{live.key.key_id}", groups=["/ml"])
             cases: dict[str, tuple[str | None, str, str]] = {
                 "missing": (None, "missing authorization metadata", "CREDENTIAL_MISSING"),
+                "subject-as-key": (as_key, "which names API keys here", "CREDENTIAL_INVALID"),
                 "revoked-api-key": (revoked.secret, "invalid API key", "CREDENTIAL_INVALID"),
                 "wrong-secret-api-key": (wrong_secret, "invalid API key", "CREDENTIAL_INVALID"),
             }
