@@ -19,7 +19,7 @@ from services.router.policies import make_policy
 from services.router.registry import WorkerRegistry
 from services.router.service import InferenceService, RegistryService
 from services.rpc.drain import CallGate, drain_server
-from services.rpc.metrics_http import serve_metrics
+from services.rpc.metrics_http import MetricsServer, serve_metrics
 from services.rpc.server import RunningServer, Servicer, start_server
 from services.rpc.shutdown import shutdown_signals
 from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2_grpc
@@ -38,8 +38,11 @@ class Router:
         orchestrator: Orchestrator,
         gate: CallGate,
         kv_state: RouterKVState | None = None,
+        metrics_server: MetricsServer | None = None,
     ) -> None:
         self.config = config
+        self.metrics_server = metrics_server
+        """/metrics (``--metrics-port``), closed by ``stop``; None when off."""
         self.gate = gate
         """Admits Generate calls (InferenceService's) until the router drains."""
         self.server = server
@@ -70,6 +73,8 @@ class Router:
             await self._sweeper
         await self.server.stop(0)
         await self.orchestrator.close()
+        if self.metrics_server is not None:  # else its port stayed bound, still answering
+            await asyncio.to_thread(self.metrics_server.close)
 
     async def _sweep_forever(self) -> None:
         # Lookups sweep too, so this only bounds how long a silent worker's in-flight
@@ -100,10 +105,6 @@ async def start_router(
     registry.add_remove_listener(kv_state.on_worker_removed)
     orchestrator.kv_state = kv_state
     gate = CallGate("the router")
-    if config.metrics_port:
-        serve_metrics(
-            metrics.registry, config.metrics_port, config.host, config.tls, config.metrics_client_ca
-        )
     server = await start_server(
         [
             Servicer(
@@ -121,7 +122,20 @@ async def start_router(
         port=config.port,
         tls=config.tls,
     )
-    return Router(config, server, registry, orchestrator, gate, kv_state)
+    metrics_server = None
+    if config.metrics_port:
+        try:
+            metrics_server = serve_metrics(
+                metrics.registry,
+                config.metrics_port,
+                config.host,
+                config.tls,
+                config.metrics_client_ca,
+            )
+        except BaseException:
+            await server.stop(0)  # nothing half-started is left bound
+            raise
+    return Router(config, server, registry, orchestrator, gate, kv_state, metrics_server)
 
 
 async def serve(config: RouterConfig) -> None:

@@ -176,6 +176,20 @@ def _stamp(tls: TlsConfig) -> tuple[tuple[int, int, int] | None, ...]:
     return tuple(stamps)
 
 
+def _check_whole(pem: bytes, parsed: int, path: Path, what: str) -> None:
+    """TlsError unless every certificate block in ``pem`` was parsed: the loader skips a
+    last block cut short (no END line), so a file caught half-written (a CA appended
+    during a rotation) passed as the certificates before it, silently."""
+    begins = pem.count(b"-----BEGIN CERTIFICATE-----")
+    ends = pem.count(b"-----END CERTIFICATE-----")
+    if begins != parsed or ends != parsed:
+        raise TlsError(
+            f"TLS {what} {path} looks partly written ({begins} certificate(s) begun, "
+            f"{ends} ended, {parsed} readable); finish writing it (write a new file and "
+            "rename it over the old one)"
+        )
+
+
 def _read_material(tls: TlsConfig) -> TlsMaterial:
     """Read and check ``tls``'s files (TlsError saying what is wrong)."""
     from cryptography import x509
@@ -193,6 +207,7 @@ def _read_material(tls: TlsConfig) -> TlsMaterial:
                 f"TLS certificate {tls.cert} is not a PEM certificate ({exc}); give the "
                 "certificate file (-----BEGIN CERTIFICATE-----), not the key or a DER file"
             ) from None
+        _check_whole(cert_pem, len(chain), tls.cert, "certificate chain")
         try:
             private_key = serialization.load_pem_private_key(key_pem, password=None)
         except TypeError:
@@ -215,12 +230,13 @@ def _read_material(tls: TlsConfig) -> TlsMaterial:
     if tls.ca is not None:
         ca_pem = _read(tls.ca, "CA bundle")
         try:
-            x509.load_pem_x509_certificates(ca_pem)
+            cas = x509.load_pem_x509_certificates(ca_pem)
         except ValueError as exc:
             raise TlsError(
                 f"TLS CA bundle {tls.ca} holds no PEM certificate ({exc}); give the CA's "
                 "certificate (e.g. ca.pem of `tandem up --tls`)"
             ) from None
+        _check_whole(ca_pem, len(cas), tls.ca, "CA bundle")
     return TlsMaterial(cert_pem, key_pem, ca_pem)
 
 

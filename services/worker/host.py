@@ -19,6 +19,7 @@ import grpc
 from services.engine.engine import EngineConfig, LLMEngine
 from services.kv_transfer.transport import KVTransport
 from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S, CallGate, drain_server
+from services.rpc.metrics_http import MetricsServer
 from services.rpc.server import RunningServer, Servicer, start_server
 from services.rpc.shutdown import first_of, shutdown_signals
 from services.rpc.tls import TlsConfig
@@ -112,6 +113,7 @@ class WorkerHost:
         """The drain ended with calls in flight (its timeout, a second signal)."""
         self._registration: asyncio.Task[None] | None = None
         self._kv_publisher: asyncio.Task[None] | None = None
+        self._metrics_server: MetricsServer | None = None  # /metrics, closed by stop
         self._gpu = GpuMonitor()
         self._latest_load: Callable[[], wpb.WorkerLoad] | None = None
         self.transport: KVTransport | None = None
@@ -159,7 +161,9 @@ class WorkerHost:
         )
         if self.config.metrics_port:
             c = self.config
-            serve_metrics(self.metrics.registry, c.metrics_port, c.host, c.tls, c.metrics_client_ca)
+            self._metrics_server = serve_metrics(
+                self.metrics.registry, c.metrics_port, c.host, c.tls, c.metrics_client_ca
+            )
         if self.config.router:
             self._registration = asyncio.create_task(
                 register_and_heartbeat(
@@ -294,6 +298,9 @@ class WorkerHost:
             await self.loop.stop()
         if self.transport is not None:
             await self.transport.close()
+        if self._metrics_server is not None:  # a Ray actor's process outlives its host
+            await asyncio.to_thread(self._metrics_server.close)
+            self._metrics_server = None
         shutdown_tracing()
 
     async def _close_servicers(self) -> None:

@@ -77,6 +77,28 @@ def test_files_renewed_in_place_are_used_and_bad_ones_are_not(
         load(TlsConfig(files.cert, files.key))  # a first read still fails loudly
 
 
+@pytest.mark.parametrize("half", ["ca", "chain"])
+def test_a_file_caught_half_written_is_not_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, half: str
+) -> None:
+    """A CA appended to the bundle (a rotation), or an intermediate to the chain, cut short
+    mid-block: the PEM loader skipped the unfinished block, so the file passed as what came
+    before it and was taken (peers of the new CA refused, nothing logged)."""
+    ca = DevCa.create(tmp_path / "ca")
+    files = _served(ca, "alpha", tmp_path / "served")
+    assert generation(files) == 0
+    other = DevCa.create(tmp_path / "other").cert.read_bytes()
+    target = files.ca if half == "ca" else files.cert
+    assert target is not None
+    whole = target.read_bytes() + other
+    target.write_bytes(whole[: len(whole) - len(other) // 2])
+    with caplog.at_level(logging.ERROR, logger="services.rpc.tls"):
+        assert generation(files) == 0  # refused; the files in use kept
+    assert "looks partly written" in caplog.text
+    target.write_bytes(whole)  # the write completes
+    assert generation(files) == 1
+
+
 def test_a_refused_renewal_is_read_again_until_it_passes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
