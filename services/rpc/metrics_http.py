@@ -32,8 +32,9 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from services.rpc.tls import TlsConfig, TlsError, server_ssl_context
 
 HANDSHAKE_TIMEOUT_S = 10.0
-"""How long a connection may take to finish its TLS handshake, and each read or write after
-it: a scraper that stalls is dropped, not waited on."""
+"""How long a connection may take to finish its TLS handshake, and each read or write (TLS
+or not): a scraper that stalls is dropped, not waited on with a thread and a descriptor
+for ever."""
 
 
 class MetricsServer:
@@ -58,7 +59,16 @@ class _Quiet(WSGIRequestHandler):
         """No line per scrape."""
 
 
-class _TlsServer(ThreadingWSGIServer):
+class _TimedServer(ThreadingWSGIServer):
+    """Each connection's reads and writes under HANDSHAKE_TIMEOUT_S: an idle client held a
+    thread and a file descriptor (shared with the service's gRPC port) for ever."""
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        super().process_request_thread(request, client_address)
+
+
+class _TlsServer(_TimedServer):
     """Handshakes in each connection's own thread, under HANDSHAKE_TIMEOUT_S.
 
     prometheus_client wraps the listening socket, so the handshake ran inside ``accept()``
@@ -93,7 +103,7 @@ def serve_metrics(
     https = tls is not None and tls.cert is not None
     # A bad file fails here, naming it, before anything listens.
     context = server_ssl_context(tls) if https and tls is not None else None
-    base = _TlsServer if context is not None else ThreadingWSGIServer
+    base = _TlsServer if context is not None else _TimedServer
     family, _, _, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from services.rpc import metrics_http
 from services.rpc.metrics_http import MetricsServer, serve_metrics
 from services.rpc.server import start_server
 from services.rpc.tls import TlsConfig, TlsError
@@ -190,3 +191,18 @@ def test_an_idle_connection_stalls_neither_scrapes_nor_the_stop(
         assert not closing.is_alive(), "close() waited on the idle connection"
     finally:
         idle.close()
+
+
+def test_an_idle_plain_connection_is_dropped_after_the_timeout(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without TLS an idle client held its thread and descriptor (shared with the gRPC
+    port) for ever; it is dropped after HANDSHAKE_TIMEOUT_S like a TLS one."""
+    monkeypatch.setattr(metrics_http, "HANDSHAKE_TIMEOUT_S", 0.3)
+    served = serve_metrics(registry, 0, "127.0.0.1")
+    try:
+        with socket.create_connection(("127.0.0.1", served.port)) as idle:
+            idle.settimeout(5)
+            assert idle.recv(1) == b""  # the server closed it (was: blocked for ever)
+    finally:
+        served.close()
