@@ -85,7 +85,8 @@ class ModelCards:
         return age > self._ttl_s or model not in self._contexts
 
     async def _refresh(self, timeout_s: float | None) -> None:
-        self._asked = time.monotonic()
+        # ``_asked`` is set when the answer (or failure) is in, not when the ask begins: a
+        # caller arriving meanwhile must wait on the lock for the list, not go on without it.
         try:
             served = await self._router.ListModels(
                 inference_pb2.ListModelsRequest(), timeout=timeout_s

@@ -100,3 +100,24 @@ def test_a_router_that_keeps_failing_is_logged_once_a_minute(
         asyncio.run(body())
     levels = [r.levelname for r in caplog.records if "could not list" in r.getMessage()]
     assert levels == ["WARNING", "DEBUG", "DEBUG", "DEBUG", "DEBUG"]
+
+
+def test_a_chat_arriving_during_the_first_refresh_waits_for_its_answer() -> None:
+    """Marking the list asked when the ask began made a chat arriving meanwhile take "not
+    stale" and go on with no context (a 16-token reply) instead of waiting for the list."""
+
+    class Slow(Router):
+        async def ListModels(self, request: object, timeout: float | None = None) -> object:
+            await asyncio.sleep(0.1)
+            return await super().ListModels(request, timeout)
+
+    router = Slow(hang=False)
+    cards = ModelCards(router)  # type: ignore[arg-type]
+
+    async def body() -> list[int | None]:
+        first = asyncio.ensure_future(cards.context_length("m", 1.0))
+        await asyncio.sleep(0.02)  # the first ask is in flight
+        return [await cards.context_length("m", 1.0), await first]
+
+    assert asyncio.run(body()) == [512, 512]
+    assert router.calls == 1
