@@ -215,7 +215,7 @@ async def serve(config) -> None:  # type: ignore[no-untyped-def]
     import logging
 
     from services.gateway.server import start_gateway
-    from services.rpc.shutdown import shutdown_signals
+    from services.rpc.shutdown import serve_until_signalled
 
     log = logging.getLogger("services.gateway")
     gateway = await start_gateway(config)
@@ -227,12 +227,12 @@ async def serve(config) -> None:  # type: ignore[no-untyped-def]
         config.issuer_url or "off: API keys only",
         "Redis" if config.redis_url else "in-process",
     )
-    try:
-        async with shutdown_signals() as stop:
-            await stop.wait()
-            log.info(
-                "gateway draining: refusing new calls, finishing the ones in flight (at most %g s)",
-                config.drain_timeout_s,
-            )
-    finally:
-        await gateway.stop()
+
+    def on_signal() -> None:
+        log.info(
+            "gateway draining: refusing new calls, finishing the ones in flight (at most %g s; "
+            "signal again to stop now)",
+            config.drain_timeout_s,
+        )
+
+    await serve_until_signalled(lambda interrupt: gateway.stop(interrupt=interrupt), on_signal)

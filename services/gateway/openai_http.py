@@ -27,6 +27,7 @@ audit log (OpenAI's ``id`` is ``cmpl-``/``chatcmpl-`` plus it). Prompt text is n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -57,6 +58,7 @@ from services.gateway.pipeline import (
     prompt_estimate,
 )
 from services.gateway.tracing import http_middlewares
+from services.rpc.shutdown import first_of
 from services.stubs.tandem.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
@@ -337,8 +339,18 @@ class HttpServer:
     runner: web.AppRunner
     port: int
 
-    async def stop(self) -> None:
-        await self.runner.cleanup()
+    async def stop(self, interrupt: asyncio.Event | None = None) -> None:
+        """Stop listening and let the requests in flight finish (the runner's shutdown
+        timeout); once ``interrupt`` is set, close their connections: each handler is
+        cancelled as if its client had left, so what it streamed is still metered."""
+        cleanup = asyncio.ensure_future(self.runner.cleanup())
+        if interrupt is not None:
+            await first_of(asyncio.shield(cleanup), interrupt.wait())
+            server = self.runner.server
+            if not cleanup.done() and server is not None:
+                for connection in server.connections:
+                    connection.force_close()
+        await cleanup
 
 
 async def start_http(

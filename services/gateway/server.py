@@ -25,7 +25,13 @@ from services.gateway.policy import load_policy
 from services.gateway.service import GatewayService
 from services.gateway.store import Store, open_store
 from services.gateway.usage_service import MAX_PERIOD_DAYS, UsageService
-from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S, drain_server
+from services.rpc.drain import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    drain_server,
+    drained_unless,
+    interrupted,
+    why_cut,
+)
 from services.rpc.metrics_http import MetricsServer, serve_metrics
 from services.rpc.server import RunningServer, Servicer, client_channel, start_server
 from services.rpc.tls import TlsConfig, load, server_ssl_context
@@ -121,21 +127,30 @@ class Gateway(RunningServer):
         """The port the OpenAI HTTP API is bound to; None when it is off."""
         return self._http.port if self._http is not None else None
 
-    async def _drain_grpc(self, grace: float) -> None:
+    async def _drain_grpc(self, grace: float, interrupt: asyncio.Event | None) -> None:
         """Refuse new Generate calls (UNAVAILABLE, which clients retry elsewhere) while the
-        server still listens, finish the ones in flight, then stop the server."""
+        server still listens, finish the ones in flight (until ``interrupt`` is set), then
+        stop the server (cutting what still runs: metered as cancelled)."""
         gate = self.service.gate
-        if not await drain_server(self, gate, grace):
-            log.warning("gateway stopping with %d calls still in flight", gate.active)
-        await super().stop(min(grace, 1.0))  # Admin and Usage calls are short
+        if not await drained_unless(drain_server(self, gate, grace), interrupt):
+            log.warning(
+                "gateway stopping with %d calls still in flight (%s)",
+                gate.active,
+                why_cut(interrupt),
+            )
+        await super().stop(0 if interrupted(interrupt) else min(grace, 1.0))  # Admin, Usage
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(
+        self, grace: float | None = None, interrupt: asyncio.Event | None = None
+    ) -> None:
         """Drain for ``grace`` s (None: the config's drain timeout; HTTP streams always get
-        the config's), then close the router channel, the settler and the store."""
+        the config's) or until ``interrupt`` is set (a second SIGTERM: every call still in
+        flight is cut and metered for what it sent), then close the router channel, the
+        settler and the store."""
         # Both drain at once; the router channel stays open until both are done.
-        http_stopped = self._http.stop() if self._http is not None else asyncio.sleep(0)
+        http = self._http.stop(interrupt) if self._http is not None else asyncio.sleep(0)
         grace = self._drain_timeout_s if grace is None else grace
-        await asyncio.gather(self._drain_grpc(grace), http_stopped)
+        await asyncio.gather(self._drain_grpc(grace, interrupt), http)
         await self.service.pipeline.close()  # writes the settles still queued
         # Then the limiter: Redis settles still waiting get one last try.
         await asyncio.to_thread(self.service.pipeline.admission.close)

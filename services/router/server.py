@@ -18,10 +18,10 @@ from services.router.orchestrator import Orchestrator
 from services.router.policies import make_policy
 from services.router.registry import WorkerRegistry
 from services.router.service import InferenceService, RegistryService
-from services.rpc.drain import CallGate, drain_server
+from services.rpc.drain import CallGate, drain_server, drained_unless, why_cut
 from services.rpc.metrics_http import MetricsServer, serve_metrics
 from services.rpc.server import RunningServer, Servicer, start_server
-from services.rpc.shutdown import shutdown_signals
+from services.rpc.shutdown import serve_until_signalled
 from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,21 @@ class Router:
         """host:port to reach it from this machine."""
         return self.server.address
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(
+        self, grace: float | None = None, interrupt: asyncio.Event | None = None
+    ) -> None:
         """Drain: refuse new Generate calls (UNAVAILABLE) and NOT_SERVING to health checks,
         relay the streams in flight for up to ``grace`` s (None: the config's drain timeout)
-        while workers keep heartbeating, then close."""
+        or until ``interrupt`` is set, while workers keep heartbeating, then close (the
+        streams still running end CANCELLED, and their workers release what they hold)."""
         grace = self.config.drain_timeout_s if grace is None else grace
-        if not await drain_server(self.server, self.gate, grace):
-            log.warning("router stopping with %d streams still in flight", self.gate.active)
+        drain = drain_server(self.server, self.gate, grace)
+        if not await drained_unless(drain, interrupt):
+            log.warning(
+                "router stopping with %d streams still in flight (%s)",
+                self.gate.active,
+                why_cut(interrupt),
+            )
         self._sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sweeper
@@ -151,12 +159,12 @@ async def serve(config: RouterConfig) -> None:
         config.heartbeat_interval_s,
         config.effective_heartbeat_timeout_s,
     )
-    try:
-        async with shutdown_signals() as stop:
-            await stop.wait()
-            log.info(
-                "router draining: refusing new calls, relaying the streams it has (at most %g s)",
-                config.drain_timeout_s,
-            )
-    finally:
-        await router.stop()
+
+    def on_signal() -> None:
+        log.info(
+            "router draining: refusing new calls, relaying the streams it has (at most %g s; "
+            "signal again to stop now)",
+            config.drain_timeout_s,
+        )
+
+    await serve_until_signalled(lambda interrupt: router.stop(interrupt=interrupt), on_signal)

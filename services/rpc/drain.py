@@ -143,3 +143,28 @@ async def drain_server(
     gate.close()
     await server.health.enter_graceful_shutdown()
     return await gate.wait_idle(timeout_s, busy)
+
+
+async def drained_unless(drain: Awaitable[bool], interrupt: asyncio.Event | None) -> bool:
+    """``drain``'s answer, or False as soon as ``interrupt`` is set (a second SIGTERM: an
+    operator who will not wait for the streams); the drain is cancelled then."""
+    if interrupt is None:
+        return await drain
+    waiting = asyncio.ensure_future(drain)
+    stopped = asyncio.ensure_future(interrupt.wait())
+    try:
+        await asyncio.wait((waiting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, stopped):
+            task.cancel()
+    return waiting.done() and not waiting.cancelled() and waiting.result()
+
+
+def interrupted(interrupt: asyncio.Event | None) -> bool:
+    """Whether a drain was cut short by a second signal (rather than its timeout)."""
+    return interrupt is not None and interrupt.is_set()
+
+
+def why_cut(interrupt: asyncio.Event | None) -> str:
+    """Why a drain ended with calls still in flight, for its log line."""
+    return "signalled again" if interrupted(interrupt) else "drain timeout"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -35,3 +35,24 @@ async def first_of(*awaitables: Awaitable[object], timeout: float | None = None)
     finally:
         for wait in waits:
             wait.cancel()
+
+
+async def serve_until_signalled(
+    stop: Callable[[asyncio.Event | None], Awaitable[None]], on_signal: Callable[[], None]
+) -> None:
+    """Wait for SIGINT/SIGTERM, call ``on_signal`` (a log line), then ``await
+    stop(interrupt)`` with the handlers still installed: a second signal sets ``interrupt``
+    (stop now, cut the drain short) instead of killing the process mid-drain, so the calls
+    it cuts are still metered and its stores closed. If the wait ends any other way
+    (cancelled, an error), ``stop(None)`` still runs."""
+    stopping = False
+    try:
+        async with shutdown_signals() as signalled:
+            await signalled.wait()
+            signalled.clear()
+            on_signal()
+            stopping = True
+            await stop(signalled)
+    finally:
+        if not stopping:
+            await stop(None)

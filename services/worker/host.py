@@ -18,7 +18,13 @@ import grpc
 
 from services.engine.engine import EngineConfig, LLMEngine
 from services.kv_transfer.transport import KVTransport
-from services.rpc.drain import DEFAULT_DRAIN_TIMEOUT_S, CallGate, drain_server
+from services.rpc.drain import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    CallGate,
+    drain_server,
+    drained_unless,
+    why_cut,
+)
 from services.rpc.metrics_http import MetricsServer
 from services.rpc.server import RunningServer, Servicer, start_server
 from services.rpc.shutdown import first_of, shutdown_signals
@@ -241,9 +247,6 @@ class WorkerHost:
         ``drain_timeout_s`` or until ``interrupt`` is set. True when it ended idle."""
         assert self.server is not None, "the worker has not started"
         timeout = self.config.drain_timeout_s
-        idle = asyncio.ensure_future(
-            drain_server(self.server, self.gate, timeout, self._holds_work)
-        )
         self._draining.set()  # the heartbeat tells the router at once
         self.metrics.draining.set(1)
         log.info(
@@ -252,8 +255,8 @@ class WorkerHost:
             self.gate.active,
             timeout,
         )
-        await first_of(idle, *([interrupt.wait()] if interrupt else []))
-        done = idle.done() and not idle.cancelled() and idle.result()
+        idle = drain_server(self.server, self.gate, timeout, self._holds_work)
+        done = await drained_unless(idle, interrupt)
         self._drain_cut_short = not done
         if done:
             log.info("drained: every request finished; stopping")
@@ -261,7 +264,7 @@ class WorkerHost:
             log.warning(
                 "stopping with %d calls still in flight (%s); the router resumes them elsewhere",
                 self.gate.active,
-                "signalled again" if interrupt and interrupt.is_set() else "drain timeout",
+                why_cut(interrupt),
             )
         return done
 

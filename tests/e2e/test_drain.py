@@ -18,7 +18,7 @@ import pytest
 
 from services.launcher.local import Child, LocalCluster
 from services.stubs.tandem.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.e2e.client import Completion, channel, generate, request
+from tests.e2e.client import Completion, channel, eventually, generate, metric, request
 from tests.e2e.conftest import DEVICE, offline_tokens, start_cluster
 
 LONG = 300
@@ -169,5 +169,47 @@ def test_a_draining_router_relays_its_streams_to_the_end_then_exits_at_once(
         assert code == 0 and exit_s < 5  # once the stream ended, not after the drain timeout
         assert got.tokens == offline_tokens(reference_engine, prompt, LONG)
         assert got.final.usage.completion_tokens == LONG
+    finally:
+        c.stop()
+
+
+def test_a_second_sigterm_cuts_the_routers_drain_short_and_it_still_stops_cleanly(
+    tmp_path: Path, tandem_home: Path
+) -> None:
+    """An operator who will not wait out a drain signals again: the router cuts the streams
+    it relays (the client gets a status, not a hang), exits 0 at once rather than dying
+    mid-drain, and the workers release every block the cut stream held."""
+    c = start_cluster(tmp_path, prefill=1, decode=1, kv_transport="grpc", router_args=PATIENT)
+    router = c.child("router")
+    workers = [c.child(name) for name in ("prefill-0", "decode-0")]
+    idle = {w.name: metric(w.metrics_port, "tandem_kv_free_blocks") for w in workers}
+
+    async def signal_twice() -> tuple[grpc.StatusCode, int, float]:
+        async with channel(c.address) as ch:
+            seen = Completion()
+            call = generate(
+                inference_pb2_grpc.InferenceStub(ch), request(PROMPTS[0], LONG), into=seen
+            )
+            stream = asyncio.create_task(call)
+            while len(seen.tokens) < 4:
+                await asyncio.sleep(0.005)
+            router.process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(_wait_logged, router, "router draining")
+            signalled = time.monotonic()
+            router.process.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await stream
+            assert not seen.finals and len(seen.tokens) < LONG
+            code = await asyncio.to_thread(router.process.wait, 15)
+            return cut.value.code(), code, time.monotonic() - signalled
+
+    try:
+        status, code, exit_s = asyncio.run(signal_twice())
+        assert status in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        assert code == 0 and exit_s < 10  # not the 120 s drain, not killed by the signal
+        _wait_logged(router, "router stopping with 1 streams still in flight (signalled again)")
+        for w in workers:
+            eventually(lambda p=w.metrics_port: metric(p, "tandem_running_requests") == 0)
+            eventually(lambda w=w: metric(w.metrics_port, "tandem_kv_free_blocks") == idle[w.name])
     finally:
         c.stop()

@@ -267,8 +267,10 @@ async def stack(
     admission: Sequence[Admission | None] = (),
     router: RouterConfig = FAST,
     workers: Sequence[Spec] = DEFAULT_WORKERS,
+    http: bool = False,
 ) -> AsyncIterator[Stack]:
-    """Start a router with scripted ``workers`` and ``replicas`` gateways on one store."""
+    """Start a router with scripted ``workers`` and ``replicas`` gateways on one store
+    (``http``: each serving the OpenAI HTTP API too, on a free port)."""
     policy = tmp_path / "policy.toml"
     policy.write_text(policy_text(limits))
     async with cluster(router) as c:
@@ -279,6 +281,7 @@ async def stack(
             policy_path=policy,
             store_url=store,
             issuer_url=issuer_url,
+            http_port=0 if http else None,
         )
         gateways: list[Gateway] = []
         channels: list[grpc.aio.Channel] = []

@@ -1,10 +1,15 @@
-"""first_of: a signal, a stop event and a drain racing each other."""
+"""first_of: a signal, a stop event and a drain racing each other; serve_until_signalled:
+a second signal during a drain."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
-from services.rpc.shutdown import first_of
+import pytest
+
+from services.rpc.shutdown import first_of, serve_until_signalled
 from tests.router.harness import run
 
 
@@ -20,3 +25,42 @@ def test_first_of_returns_on_the_first_and_cancels_the_rest() -> None:
         assert 0.04 <= loop.time() - start < 1
 
     run(body(), timeout=5)
+
+
+def test_a_second_signal_interrupts_the_stop_instead_of_killing_the_process() -> None:
+    """Real SIGTERMs to this process: the first starts ``stop``, the second (sent while it
+    drains) sets its interrupt; the default action (death mid-drain) never runs."""
+
+    async def body() -> None:
+        logged: list[str] = []
+        given: list[asyncio.Event | None] = []
+
+        async def stop(interrupt: asyncio.Event | None) -> None:
+            given.append(interrupt)
+            assert interrupt is not None and not interrupt.is_set()  # the first was cleared
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(interrupt.wait(), 5)
+            logged.append("cut short")
+
+        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+        await serve_until_signalled(stop, lambda: logged.append("draining"))
+        assert logged == ["draining", "cut short"] and len(given) == 1
+
+    run(body(), timeout=10)
+
+
+def test_a_serve_ended_without_a_signal_still_stops() -> None:
+    async def body() -> None:
+        given: list[asyncio.Event | None] = []
+
+        async def stop(interrupt: asyncio.Event | None) -> None:
+            given.append(interrupt)
+
+        serving = asyncio.ensure_future(serve_until_signalled(stop, lambda: None))
+        await asyncio.sleep(0.02)
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+        assert given == [None]
+
+    run(body(), timeout=10)
