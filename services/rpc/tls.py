@@ -22,6 +22,7 @@ import datetime
 import logging
 import os
 import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -307,11 +308,11 @@ def follow_renewals(tls: TlsConfig, context: ssl.SSLContext) -> ssl.SSLContext:
     current: list[Any] = [generation(tls), context]  # generation, its context
 
     def on_hello(connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        renewed = generation(tls)
-        if renewed != current[0]:
-            fresh = _context(tls)
+        watch = _watch(tls)
+        if watch.generation != current[0]:
+            fresh = _context(tls, watch.material)
             fresh.sni_callback = on_hello
-            current[:] = [renewed, fresh]
+            current[:] = [watch.generation, fresh]
         if connection.context is not current[1]:
             connection.context = current[1]
 
@@ -319,25 +320,60 @@ def follow_renewals(tls: TlsConfig, context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
-def _context(tls: TlsConfig) -> ssl.SSLContext:
-    assert tls.cert is not None and tls.key is not None
+def _context(tls: TlsConfig, material: TlsMaterial | None = None) -> ssl.SSLContext:
+    """A server context presenting ``material`` (the checked bytes; None: ``load(tls)``)."""
+    material = load(tls) if material is None else material
+    assert material.cert_chain is not None and material.key is not None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(tls.cert, tls.key)
-    if tls.require_client_auth and tls.ca is not None:
+    _load_identity(context, material.cert_chain, material.key)
+    if tls.require_client_auth and material.ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cafile=tls.ca)
+        context.load_verify_locations(cadata=_der(material.ca))
     return context
+
+
+def _der(ca_pem: bytes) -> bytes:
+    """A checked CA bundle as ``ssl``'s ``cadata`` takes it: the certificates in DER, one
+    after another (as PEM text it must be pure ASCII, and bundles carry comments that
+    are not)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cas = x509.load_pem_x509_certificates(ca_pem)
+    return b"".join(ca.public_bytes(Encoding.DER) for ca in cas)
+
+
+def _load_identity(context: ssl.SSLContext, cert_chain: bytes, key: bytes) -> None:
+    """Load the checked certificate chain and key: the bytes the checks passed, not the files
+    again (a renewal being written meanwhile would fail the handshake, or slip in unchecked).
+    ``ssl`` reads them only from a path, so they go through an in-memory file (Linux's
+    memfd; elsewhere a private temporary file, removed at once)."""
+    pem = cert_chain + b"\n" + key  # ssl takes the key from the certificate file
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("tandem-tls", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as file:
+                file.write(pem)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory() as private:  # mode 0700
+        path = Path(private) / "identity.pem"
+        path.write_bytes(pem)
+        context.load_cert_chain(path)
 
 
 def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     """An ``ssl`` context for an HTTPS client: verifies the server against ``tls.ca`` (or the
     system's trust store) and the host name, presents ``tls.cert`` when set."""
-    load(tls)
-    context = ssl.create_default_context(cafile=tls.ca)
+    material = load(tls)
+    ca = _der(material.ca) if material.ca is not None else None
+    context = ssl.create_default_context(cadata=ca)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.cert is not None and tls.key is not None:
-        context.load_cert_chain(tls.cert, tls.key)
+    if material.cert_chain is not None and material.key is not None:
+        _load_identity(context, material.cert_chain, material.key)
     return context
 
 

@@ -165,6 +165,38 @@ def test_an_https_server_presents_the_renewed_certificate(tmp_path: Path) -> Non
         metrics.close()
 
 
+def test_an_https_server_presents_the_checked_renewal_not_a_file_rewritten_since(
+    tmp_path: Path,
+) -> None:
+    """The renewal was read and checked; the certificate file is then caught half written
+    (the next renewal) when a client connects: the handshake presents the checked bytes
+    rather than reading the file again (and failing, or presenting what no check saw)."""
+    ca = DevCa.create(tmp_path / "ca")
+    files = _served(ca, "alpha", tmp_path / "served")
+    metrics = serve_metrics(CollectorRegistry(), 0, "127.0.0.1", files)
+    assert ca.cert is not None and files.cert is not None
+    client = ssl.create_default_context(cafile=ca.cert)
+
+    def handshake(name: str) -> bool:
+        with socket.create_connection(("127.0.0.1", metrics.port), timeout=5) as raw:
+            try:
+                with client.wrap_socket(raw, server_hostname=name):
+                    return True
+            except (ssl.SSLError, ConnectionError):
+                return False
+
+    try:
+        assert handshake("alpha")
+        renewed = generation(files)
+        _install(ca.issue("beta", local_names=False), files)
+        assert generation(files) == renewed + 1  # checked and taken
+        pem = files.cert.read_bytes()
+        files.cert.write_bytes(pem[: len(pem) // 2])  # the next write, caught mid-way
+        assert handshake("beta") and not handshake("alpha")
+    finally:
+        metrics.close()
+
+
 def test_an_https_server_follows_a_renewed_metrics_client_ca(tmp_path: Path) -> None:
     """The scrapers' CA file replaced in place (a new scrapers' CA): the next scrape needs a
     certificate of the new CA, and one of the old is refused, without a restart."""
