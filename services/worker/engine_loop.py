@@ -11,6 +11,7 @@ periodic duties (lease expiry).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -126,19 +127,28 @@ class EngineLoop:
         the final one. If the consumer stops early (client cancelled) or
         ``after_submit`` fails, the request is aborted and its blocks freed.
 
-        An id whose outputs another call is still receiving is refused with
-        InvalidRequestError before anything is registered: the running request keeps its
-        stream. A refused or failed ``submit`` aborts nothing (it added no request)."""
+        An id whose outputs another call is still receiving, or whose cancelled request
+        the engine has not yet aborted, is refused with InvalidRequestError before anything
+        is registered: the running request keeps its stream, and a new one never receives
+        an old one's outputs. A refused or failed ``submit`` aborts nothing (it added no
+        request)."""
         if request_id in self._queues:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+            raise InvalidRequestError(
+                "request_id", f"{request_id!r} is already running (or still being cancelled)"
+            )
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = q
         finished = False
         added = False  # set on the engine thread once ``submit`` returned: this call's request
+        refused = False  # set there when ``submit`` raised: no request of this call's exists
 
         def add(engine: LLMEngine) -> None:
-            nonlocal added
-            submit(engine)
+            nonlocal added, refused
+            try:
+                submit(engine)
+            except BaseException:
+                refused = True
+                raise
             added = True
 
         try:
@@ -152,12 +162,34 @@ class EngineLoop:
                     self._unregister(request_id, q)
                 yield out
         finally:
+            if finished or refused:
+                self._unregister(request_id, q)
+            else:
+                self._abort(request_id, q, lambda: added)
+
+    def _abort(
+        self, request_id: str, q: asyncio.Queue[RequestOutput], added: Callable[[], bool]
+    ) -> None:
+        """Abort a request whose stream ended early, then free its id. The abort is decided
+        on the engine thread, after ``add`` (commands run in order): a submit refused, or one
+        cancelled before it ran, must not abort another request under the same id (a
+        prefill's pinned KV, say). The id stays registered to ``q`` until then, because the
+        step running meanwhile may still hand over outputs of this request: delivered after
+        the queue was dropped they would reach a new call that reused the id."""
+        loop = self._loop
+        if loop is None or self._stopped.is_set():
             self._unregister(request_id, q)
-            if not finished:
-                # Decided on the engine thread, after ``add`` (commands run in order): a
-                # submit refused, or one cancelled before it ran, must not abort another
-                # request under the same id (a prefill's pinned KV, say).
-                self._commands.put(lambda engine: added and engine.abort(request_id) and None)
+            return
+
+        def abort(engine: LLMEngine) -> None:
+            try:
+                if added():
+                    engine.abort(request_id)
+            finally:  # after every output dispatched so far: the loop runs callbacks in order
+                with contextlib.suppress(RuntimeError):  # the event loop already closed
+                    loop.call_soon_threadsafe(self._unregister, request_id, q)
+
+        self._commands.put(abort)
 
     def _unregister(self, request_id: str, q: asyncio.Queue[RequestOutput]) -> None:
         """Drop ``request_id``'s queue if it is still ``q`` (this call's own)."""

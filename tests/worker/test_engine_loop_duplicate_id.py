@@ -4,6 +4,7 @@ and the running request is left alone (its stream is neither taken over nor abor
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -84,6 +85,55 @@ def test_a_refused_submit_does_not_abort_the_request_already_running(engine: LLM
             assert cancelled is not None and cancelled.finish_reason == FinishReason.CANCELLED
             assert await loop.call(lambda e: e.pool.num_free_blocks) == NUM_BLOCKS
         finally:
+            await loop.stop()
+
+    asyncio.run(body())
+
+
+def test_an_id_reused_right_after_a_cancel_never_receives_the_old_requests_outputs(
+    engine: LLMEngine,
+) -> None:
+    """The stream is cancelled while a step that produces its next token runs: until the
+    engine has aborted it, the id is refused (was: a new call under it got that token
+    first); once aborted, the id serves the new request exactly."""
+
+    async def body() -> None:
+        loop = EngineLoop(engine, tick_s=0.01)
+        loop.start()
+        in_step, go_on = threading.Event(), threading.Event()
+        step = engine.step
+
+        def held_step():  # type: ignore[no-untyped-def]
+            in_step.set()
+            go_on.wait(10)
+            return step()
+
+        try:
+            other = list(range(50, 60))
+            alone = [o async for o in loop.outputs("ref", _submit("ref", other, PARAMS))]
+            expected = [t for o in alone for t in o.token_ids]
+            old = loop.outputs("x", _submit("x", PROMPT, PARAMS))
+            await anext(old)
+            engine.step = held_step  # the next step holds "x"'s next token
+            await asyncio.to_thread(in_step.wait, 10)
+            await old.aclose()  # the client cancels while that step runs
+            reuse = loop.outputs("x", _submit("x", other, PARAMS))
+            with pytest.raises(InvalidRequestError, match="still being cancelled"):
+                await anext(reuse)
+            engine.step = step
+            go_on.set()  # the step hands its output over, then the abort runs
+            await loop.call(lambda e: None)
+            await asyncio.sleep(0.01)  # the id is freed by a callback after the abort
+            again = [o async for o in loop.outputs("x", _submit("x", other, PARAMS))]
+            assert [t for o in again for t in o.token_ids] == expected
+            assert loop._queues == {}
+            assert await loop.call(lambda e: (e.num_requests, e.pool.num_free_blocks)) == (
+                0,
+                NUM_BLOCKS,
+            )
+        finally:
+            engine.step = step
+            go_on.set()
             await loop.stop()
 
     asyncio.run(body())
