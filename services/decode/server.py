@@ -32,6 +32,7 @@ def _servicers(host: WorkerHost) -> list[Servicer]:
         host.metrics,
         host.gate,
         host.config.kv_room_wait_s,
+        model=host.config.model,
     )
     host.on_stop(decode.close)  # its channels to prefill workers, releases in flight
 

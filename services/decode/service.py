@@ -18,7 +18,12 @@ from services.engine.errors import InvalidRequestError, TandemError
 from services.kv_transfer.client import KVReader
 from services.kv_transfer.errors import KVTransferError
 from services.rpc.drain import CallGate
-from services.rpc.requests import prompt_token_ids, response_from, sampling_params
+from services.rpc.requests import (
+    check_model,
+    prompt_token_ids,
+    response_from,
+    sampling_params,
+)
 from services.rpc.server import client_channel
 from services.rpc.status import abort_with
 from services.stubs.tandem.v1 import inference_pb2 as pb
@@ -60,8 +65,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         metrics: WorkerMetrics,
         gate: CallGate,
         kv_room_wait_s: float = 0.0,
+        *,
+        model: str,
     ) -> None:
         self.loop = loop
+        self.model = model
+        """The model this worker serves: calls naming another are NOT_FOUND."""
         self.gate = gate
         self.worker_id = worker_id
         self.peers = peers
@@ -105,6 +114,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         req = request.request
         rid = req.request_id or uuid.uuid4().hex
         try:
+            check_model(req, self.model)
             prompt = prompt_token_ids(req)
             params = sampling_params(req)
             if request.HasField("kv") != request.HasField("first_token_id"):

@@ -399,6 +399,21 @@ class LLMEngine:
         self._requests[request_id] = req
         return req
 
+    def _validate_first_token(self, first_token: int, params: SamplingParams) -> None:
+        """A token a prefill worker sampled: in the vocabulary, and not the last one allowed
+        (then the prefill's answer was the whole completion, and decoding would exceed it)."""
+        vocab = self.model_config.vocab_size
+        if not 0 <= first_token < vocab:
+            raise InvalidRequestError(
+                "first_token_id", f"token id {first_token} is outside the vocabulary [0, {vocab})"
+            )
+        if params.max_tokens < 2:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"is {params.max_tokens}, and the prefill's first token already is the whole "
+                "completion: there is nothing left to decode (the prefill's answer is final)",
+            )
+
     def _validate(
         self,
         request_id: str,
@@ -420,12 +435,15 @@ class LLMEngine:
         if not prompt:
             raise InvalidRequestError("prompt", "is empty; give at least one token")
         vocab = self.model_config.vocab_size
-        tokens = prompt if first_token is None else [*prompt, first_token]
-        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(
                 "prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})"
             )
+        tokens = prompt
+        if first_token is not None:
+            self._validate_first_token(first_token, params)
+            tokens = [*prompt, first_token]
         if len(tokens) >= self.max_model_len:
             raise InvalidRequestError(
                 "prompt",

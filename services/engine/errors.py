@@ -25,7 +25,8 @@ class InvalidRequestError(TandemError, ValueError):
 
 
 class ModelNotFoundError(TandemError, LookupError):
-    """The model name is neither a built-in model nor a checkpoint directory (NOT_FOUND)."""
+    """The model name is neither a built-in model nor a checkpoint directory, or a worker
+    was asked for another model than the one it serves (NOT_FOUND)."""
 
     grpc_code = "NOT_FOUND"
 

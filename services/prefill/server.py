@@ -36,6 +36,7 @@ def _servicers(host: WorkerHost) -> list[Servicer]:
         host.config.lease_s,
         host.metrics,
         host.gate,
+        model=host.config.model,
     )
     return [
         Servicer(

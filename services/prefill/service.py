@@ -13,7 +13,12 @@ from services.engine.engine import LLMEngine
 from services.engine.errors import TandemError
 from services.engine.outputs import FinishReason
 from services.rpc.drain import CallGate
-from services.rpc.requests import FINISH_TO_PROTO, prompt_token_ids, sampling_params
+from services.rpc.requests import (
+    FINISH_TO_PROTO,
+    check_model,
+    prompt_token_ids,
+    sampling_params,
+)
 from services.rpc.status import abort_with
 from services.stubs.tandem.v1 import worker_pb2 as wpb
 from services.stubs.tandem.v1 import worker_pb2_grpc
@@ -39,8 +44,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         default_lease_s: float,
         metrics: WorkerMetrics,
         gate: CallGate,
+        *,
+        model: str,
     ) -> None:
         self.loop = loop
+        self.model = model
+        """The model this worker serves: calls naming another are NOT_FOUND."""
         self.gate = gate
         self.worker_id = worker_id
         self.address = address
@@ -59,6 +68,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         req = request.request
         rid = req.request_id or uuid.uuid4().hex
         try:
+            check_model(req, self.model)
             prompt = prompt_token_ids(req)
             params = sampling_params(req)
         except TandemError as e:

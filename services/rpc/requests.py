@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.engine.errors import InvalidRequestError
+from services.engine.errors import InvalidRequestError, ModelNotFoundError
 from services.engine.outputs import FinishReason, RequestOutput, Usage
 from services.engine.sampling_params import SamplingParams
 from services.stubs.tandem.v1 import inference_pb2 as pb
@@ -31,6 +31,16 @@ def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
     params = SamplingParams(**given, stop=tuple(req.stop), ignore_eos=req.ignore_eos)
     params.validate()
     return params
+
+
+def check_model(req: pb.GenerateRequest, served: str) -> None:
+    """Refuse (NOT_FOUND) a call for a model other than ``served``, this worker's: it would
+    run on the wrong weights. An empty name means this worker's (direct callers)."""
+    if req.model and req.model != served:
+        raise ModelNotFoundError(
+            f"model {req.model!r} is not served by this worker, which serves {served!r}; "
+            "send requests to the router, which places each on a worker of its model"
+        )
 
 
 def prompt_token_ids(req: pb.GenerateRequest) -> list[int]:

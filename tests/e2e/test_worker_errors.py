@@ -72,6 +72,42 @@ def test_prefill_takes_token_ids_not_text(cluster: LocalCluster) -> None:
     )
 
 
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_a_call_for_another_model_is_not_found(cluster: LocalCluster, role: str) -> None:
+    """Served on this worker's weights it would answer for the wrong model (was: served)."""
+    req = pb.GenerateRequest(model="other-model", prompt_token_ids=[1, 2, 3], max_tokens=4)
+    if role == "prefill":
+        call = lambda ch: worker_pb2_grpc.PrefillWorkerStub(ch).Prefill(  # noqa: E731
+            wpb.PrefillRequest(request=req), timeout=10
+        )
+    else:
+        call = lambda ch: worker_pb2_grpc.DecodeWorkerStub(ch).Decode(  # noqa: E731
+            wpb.DecodeRequest(request=req), timeout=10
+        )
+    words = "model 'other-model' is not served by this worker, which serves 'tandem-tiny'"
+    _expect(cluster.child(f"{role}-0").address, call, grpc.StatusCode.NOT_FOUND, words)
+
+
+def test_decode_of_a_one_token_completion_is_refused(cluster: LocalCluster) -> None:
+    """max_tokens=1 and the prefill's token handed over: nothing is left to decode (was: a
+    second token streamed, completion_tokens 2)."""
+    kv = wpb.KVHandle(
+        worker_id="prefill-0",
+        address=cluster.child("prefill-0").address,
+        request_id="x",
+        block_ids=[0],
+        num_tokens=3,
+    )
+    _expect(
+        cluster.child("decode-0").address,
+        lambda ch: worker_pb2_grpc.DecodeWorkerStub(ch).Decode(
+            wpb.DecodeRequest(request=request([1, 2, 3], 1), kv=kv, first_token_id=9), timeout=10
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "nothing left to decode",
+    )
+
+
 def test_decode_with_kv_but_no_first_token_is_refused(cluster: LocalCluster) -> None:
     kv = wpb.KVHandle(
         worker_id="prefill-0",

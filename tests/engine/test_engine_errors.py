@@ -143,6 +143,26 @@ def test_bad_requests_raise_and_change_nothing(
     assert done.usage.completion_tokens == 2
 
 
+@pytest.mark.parametrize(
+    ("first", "params", "field", "detail"),
+    [
+        (VOCAB, SamplingParams(max_tokens=4), "first_token_id", "token id 4096"),
+        (-1, SamplingParams(max_tokens=4), "first_token_id", "token id -1"),
+        (7, SamplingParams(max_tokens=1), "max_tokens", "nothing left to decode"),
+    ],
+)
+def test_a_bad_handed_over_first_token_is_refused_by_its_own_name(
+    engine: LLMEngine, first: int, params: SamplingParams, field: str, detail: str
+) -> None:
+    """A decode worker's request carries the token its prefill sampled: a bad one is named
+    as that field, and max_tokens=1 (that token was the whole completion) is refused
+    rather than decoded past (it streamed a second token, completion_tokens 2)."""
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_transferred_request("bad", PROMPT, first, params)
+    assert info.value.field == field and detail in str(info.value)
+    assert_untouched(engine)
+
+
 def test_the_longest_prompt_the_context_admits(engine: LLMEngine) -> None:
     prompt = list(range(3, 3 + MAX_LEN - 1))
     out = run(engine, "r", prompt, SamplingParams(max_tokens=10, temperature=0.0))
