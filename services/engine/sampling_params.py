@@ -9,6 +9,11 @@ from services.engine.errors import InvalidRequestError
 
 GREEDY_BELOW = 1e-5
 """Temperatures below this are decoded greedily (see ``SamplingParams.temperature``)."""
+MAX_STOP_STRINGS = 16
+"""Most stop strings one request may give (OpenAI takes 4): every new token's text is
+searched for each of them on the engine thread, which every request shares."""
+MAX_STOP_CHARS = 1024
+"""Longest stop string, in characters: text that may begin one is held back that long."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,20 @@ class SamplingParams:
             raise InvalidRequestError("top_k", f"must be 0 (off) or more, got {self.top_k}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise InvalidRequestError("seed", f"must be in [0, 2^63), got {self.seed}")
-        for s in self.stop:
-            if not s:
-                raise InvalidRequestError("stop", "stop strings must not be empty")
+        check_stop_strings(self.stop)
+
+
+def check_stop_strings(stop: tuple[str, ...] | list[str]) -> None:
+    """InvalidRequestError("stop", ...) unless ``stop`` has at most ``MAX_STOP_STRINGS``
+    strings, each non-empty and at most ``MAX_STOP_CHARS`` characters."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(
+            "stop", f"gives {len(stop)} stop strings; at most {MAX_STOP_STRINGS} are allowed"
+        )
+    for s in stop:
+        if not s:
+            raise InvalidRequestError("stop", "stop strings must not be empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise InvalidRequestError(
+                "stop", f"a stop string has {len(s)} characters; at most {MAX_STOP_CHARS}"
+            )

@@ -1,12 +1,13 @@
 """OpenAI request bodies (``/v1/completions``, ``/v1/chat/completions``) → GenerateRequest.
 
 Mapped fields: ``model``; ``prompt`` (a string, a list of token ids, or a one-element list
-of either) or ``messages`` (``content`` a string or a list of ``{"type": "text"}`` parts;
+of either) or ``messages`` (at most 16,384; ``content`` a string or a list of ``{"type": "text"}`` parts;
 role ``developer`` is sent as ``system``); ``max_completion_tokens`` or ``max_tokens``
 (unset: a chat may run to the end of the context, as OpenAI's chat API lets it — the HTTP
 API sets the model's context length from the router's model list, and the limiter reserves
 it; a legacy completion stops at 16, OpenAI's default and the proto's); ``temperature``,
-``top_p``, ``seed``, ``stop`` (a string or a list); ``n`` (only 1); ``user`` (accepted and
+``top_p``, ``seed``, ``stop`` (a string or a list of at most 16, each at most 1,024
+characters, as the engine takes); ``n`` (only 1); ``user`` (accepted and
 not forwarded: the ledger charges the authenticated caller); ``stream`` and
 ``stream_options.include_usage``. vLLM's extensions ``top_k``, ``min_tokens`` and
 ``ignore_eos`` are mapped too. Range checks (temperature ≥ 0, top_p in (0, 1], …) are the
@@ -25,7 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from services.engine.errors import InvalidRequestError
+from services.engine.sampling_params import check_stop_strings
 from services.stubs.tandem.v1 import inference_pb2
+
+MAX_CHAT_MESSAGES = 16_384
+"""Most messages one chat may carry: far beyond any context's worth of turns, and a bound
+on the work a body does on the event loop before the router sees it (1.3 M empty messages
+held every other call up for 2 s)."""
 
 _UNSUPPORTED_COMMON: dict[str, tuple[object, ...]] = {
     "presence_penalty": (None, 0, 0.0),
@@ -92,6 +100,10 @@ def parse_chat(body: Any) -> OpenAIRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "is required: a non-empty list of {role, content}")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise BadRequest(
+            "messages", f"has {len(messages)} messages; at most {MAX_CHAT_MESSAGES} are taken"
+        )
     for index, message in enumerate(messages):
         role, content = _message(message, f"messages[{index}]")
         request.messages.add(role=_ROLE_ALIASES.get(role, role), content=content)
@@ -224,10 +236,16 @@ def _stop(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [_text(value, "stop")]
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return [_text(s, f"stop[{i}]") for i, s in enumerate(value)]
-    raise BadRequest("stop", "must be a string or a list of strings")
+        stop = [_text(value, "stop")]
+    elif isinstance(value, list) and all(isinstance(s, str) for s in value):
+        stop = value
+    else:
+        raise BadRequest("stop", "must be a string or a list of strings")
+    try:  # the engine's bounds, before a long list is copied anywhere
+        check_stop_strings(stop)
+    except InvalidRequestError as error:
+        raise BadRequest("stop", error.description) from None
+    return [_text(s, f"stop[{i}]") for i, s in enumerate(stop)]
 
 
 def _text(value: str, name: str) -> str:

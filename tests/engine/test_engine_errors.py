@@ -124,6 +124,8 @@ def assert_untouched(engine: LLMEngine, num_requests: int = 0) -> None:
         (PROMPT, SamplingParams(max_tokens=2, min_tokens=3), "min_tokens", "got 3"),
         (PROMPT, SamplingParams(seed=-1), "seed", "got -1"),
         (PROMPT, SamplingParams(stop=("ok", "")), "stop", "must not be empty"),
+        (PROMPT, SamplingParams(stop=("s",) * 17), "stop", "at most 16"),
+        (PROMPT, SamplingParams(stop=("x" * 1025,)), "stop", "at most 1024"),
         ([*PROMPT, VOCAB], SamplingParams(), "prompt_token_ids", "token id 4096"),
         ([-1, *PROMPT], SamplingParams(), "prompt_token_ids", "token id -1"),
     ],

@@ -99,6 +99,9 @@ COMPLETION_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"temperature": "hot"}, "temperature"),
     ({"seed": -1}, "seed"),
     ({"stop": ["a", 1]}, "stop"),
+    ({"stop": ["s"] * 17}, "stop"),  # each is searched on every token of the engine's thread
+    ({"stop": "x" * 1025}, "stop"),
+    ({"stop": ["ok", ""]}, "stop"),
     ({"stream": "yes"}, "stream"),
     ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
@@ -130,6 +133,7 @@ CHAT_REFUSALS: list[tuple[Any, str]] = [
     ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]"),
     ([{"role": "assistant", "tool_calls": [{"id": "1"}]}], "messages[0].tool_calls"),
     ([{"role": "user", "content": "\ud83d"}], "messages[0].content"),
+    ([{"role": "user", "content": ""}] * 16_385, "messages"),  # parsed on the event loop
     ([{"role": "user\ud83d", "content": "x"}], "messages[0].role"),
     (
         [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}],
@@ -143,6 +147,13 @@ def test_chat_refusals_name_the_parameter(messages: Any, param: str) -> None:
     with pytest.raises(BadRequest) as err:
         parse_chat({"model": "m", "messages": messages})
     assert err.value.param == param
+
+
+def test_sixteen_stop_strings_and_16384_messages_are_taken() -> None:
+    parsed = parse_completion({"model": "m", "prompt": "x", "stop": ["s" * 1024] * 16})
+    assert len(parsed.generate.stop) == 16
+    chat = parse_chat({"model": "m", "messages": [{"role": "user", "content": ""}] * 16_384})
+    assert len(chat.generate.messages) == 16_384
 
 
 def test_chat_refuses_tools_and_a_non_object_body() -> None:
