@@ -37,7 +37,10 @@ Algorithm: **windows keyed by the window's start**, UTC; per-minute rates slide.
   Usage above the estimate is charged even if it passes the limit: the tokens were served.
 * ``release(reservation)`` (failure before any token) refunds the tokens *and* the request
   count, as if the request had never been admitted. It is ``settle`` to zero plus the
-  request refund, and is equally idempotent.
+  request refund, and is equally idempotent. The gateway releases calls that failed
+  upstream (no worker, an internal error) or were cancelled first; a request the router
+  refused as the caller's mistake (INVALID_ARGUMENT, NOT_FOUND, OUT_OF_RANGE) is settled
+  to zero tokens and still counts as a request (``settler.charge``).
 
 Parameters (``Limits``, one per scope; ``None`` means unlimited, no counter is kept):
 ``requests_per_minute``, ``tokens_per_minute``, ``tokens_per_day``, ``tokens_per_month``.
@@ -326,15 +329,16 @@ class Admission(ABC):
     def release(self, reservation: Reservation) -> None:
         """Undo a reservation whose request failed before producing any token."""
 
-    def settle_many(self, used: Sequence[tuple[Reservation, int]]) -> None:
-        """For each ``(reservation, tokens used)``: :meth:`settle` it, or :meth:`release` it
-        when none were used. One store round trip where the store allows (Redis: a
-        pipeline); the gateway's settler hands over a batch of calls at once."""
+    def settle_many(self, used: Sequence[tuple[Reservation, int | None]]) -> None:
+        """For each ``(reservation, tokens used)``: :meth:`settle` it to the tokens, or
+        :meth:`release` it when they are None (a call that failed before it was served: the
+        request is not counted either). One store round trip where the store allows (Redis:
+        a pipeline); the gateway's settler hands over a batch of calls at once."""
         for reservation, tokens in used:
-            if tokens:
-                self.settle(reservation, tokens)
-            else:
+            if tokens is None:
                 self.release(reservation)
+            else:
+                self.settle(reservation, tokens)
 
     def close(self) -> None:  # noqa: B027 - a hook: most admissions hold nothing to close
         """Finish background work (the gateway calls it when it stops, after its settles)."""

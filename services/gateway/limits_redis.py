@@ -378,14 +378,16 @@ class RedisAdmission(Admission):
     def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         self._adjust("settle", reservation, actual_tokens, refund_requests=False)
 
-    def settle_many(self, used: Sequence[tuple[Reservation, int]]) -> None:
+    def settle_many(self, used: Sequence[tuple[Reservation, int | None]]) -> None:
         """Every adjustment in one pipeline: one round trip for a batch of calls (one each,
         in turn, capped the gateway's settler at 1/RTT calls a second). A job Redis
         refuses, or the whole batch when Redis cannot be reached, goes to the retry thread."""
-        if any(tokens < 0 for _, tokens in used):
+        if any(tokens is not None and tokens < 0 for _, tokens in used):
             raise ValueError(f"actual_tokens must be >= 0, got {[t for _, t in used]}")
         jobs = [
-            _Adjust("settle", r, tokens, False) if tokens else _Adjust("release", r, 0, True)
+            _Adjust("settle", r, tokens, False)
+            if tokens is not None
+            else _Adjust("release", r, 0, True)
             for r, tokens in used
             if r.charges  # no limits applied: nothing charged, no marker set
         ]

@@ -1,8 +1,9 @@
 """OpenAI request bodies (``/v1/completions``, ``/v1/chat/completions``) → GenerateRequest.
 
 Mapped fields: ``model``; ``prompt`` (a string, a list of token ids, or a one-element list
-of either) or ``messages`` (at most 16,384; ``content`` a string or a list of ``{"type": "text"}`` parts;
-role ``developer`` is sent as ``system``); ``max_completion_tokens`` or ``max_tokens``
+of either) or ``messages`` (at most 16,384; ``content`` a string or a list of
+``{"type": "text"}`` parts, joined with newlines as vLLM joins them; role ``developer`` is
+sent as ``system``); ``max_completion_tokens`` or ``max_tokens``
 (unset: a chat may run to the end of the context, as OpenAI's chat API lets it — the HTTP
 API sets the model's context length from the router's model list, and the limiter reserves
 it; a legacy completion stops at 16, OpenAI's default and the proto's); ``temperature``,
@@ -219,7 +220,7 @@ def _message(message: Any, where: str) -> tuple[str, str]:
     if isinstance(content, str):
         return role, _text(content, f"{where}.content")
     if isinstance(content, list):
-        return role, "".join(
+        return role, "\n".join(
             _text_part(part, f"{where}.content[{i}]") for i, part in enumerate(content)
         )
     raise BadRequest(f"{where}.content", "must be a string or a list of text parts")

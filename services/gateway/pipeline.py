@@ -78,6 +78,12 @@ CHAT_TOKENS_PER_MESSAGE = 8
 """Reserved per chat message for what a chat template adds (role markers, special tokens)."""
 SPECIAL_TOKENS = 4
 """Tokens a tokenizer may add around a text (BOS, EOS, a role marker), for the bound."""
+CALLER_FAULT = frozenset(
+    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE}
+)
+"""The router's refusals of a request as the caller's mistake (too long, a bad field, a
+model it does not serve): they did the router's work, so they count against the caller's
+request rate; other failures before a token (no worker, an internal error) do not."""
 
 
 def prompt_estimate(request: inference_pb2.GenerateRequest) -> int:
@@ -214,6 +220,9 @@ class _Relay:
     """The prompt's size as the router's first message reported it (exact, tokenized)."""
     final: inference_pb2.GenerateResponse | None = None
     outcome: str = "ok"
+    refused: bool = False
+    """The router refused the request as the caller's mistake (``CALLER_FAULT``): it counts
+    as a request for the rate limits though it produced nothing."""
 
 
 class Pipeline:
@@ -331,6 +340,7 @@ class Pipeline:
                     break
         except grpc.aio.AioRpcError as exc:
             error, relay.outcome = exc, "error"
+            relay.refused = exc.code() in CALLER_FAULT
         except (asyncio.CancelledError, GeneratorExit):
             relay.outcome = "cancelled"
             stream.cancel()
@@ -448,9 +458,9 @@ class Pipeline:
             completion_tokens=completion,
         )
         if self.admission.blocking:  # a network round trip: on the settler's thread
-            self.settler.submit(Settle(event, record, reservation))
+            self.settler.submit(Settle(event, record, reservation, counted=relay.refused))
         else:
-            settle_admission(self.admission, reservation, record)
+            settle_admission(self.admission, reservation, record, relay.refused)
             self.settler.submit(Settle(event, record))
 
     def _settle_orphan(

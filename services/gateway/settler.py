@@ -74,6 +74,9 @@ class Settle:
     reservation: Reservation | None = None
     """Set when admission is settled on the thread (a blocking admission: Redis); None when
     the caller already settled it on the loop, or for a refusal."""
+    counted: bool = False
+    """A call that produced no token still counts as a request for the rate limits: the
+    router refused it as the caller's mistake (``charge``)."""
 
 
 _STOP = object()
@@ -192,7 +195,7 @@ class Settler:
         self._commit(batch)
         settle_admissions(
             self.admission,
-            [(s.reservation, s.record) for s in batch if s.reservation and s.record],
+            [(s.reservation, s.record, s.counted) for s in batch if s.reservation and s.record],
         )
 
     def _commit(self, batch: list[Settle]) -> None:
@@ -231,18 +234,32 @@ class Settler:
             log.exception("audit append failed for request %s", request_id)
 
 
-def settle_admission(admission: Admission, reservation: Reservation, record: UsageRecord) -> None:
-    """Replace the reservation by the tokens used, or give it back when none were."""
-    settle_admissions(admission, [(reservation, record)])
+def charge(record: UsageRecord, counted: bool) -> int | None:
+    """What admission is charged for a call: its tokens, or None (released: the request not
+    counted either) when it produced none (failed upstream, cancelled first) unless it is
+    ``counted``: refused by the router as the caller's mistake. Refunded, such refusals let
+    a key at its requests-per-minute limit have the router tokenize prompts it refuses as
+    too long (8 MiB each) without end."""
+    tokens = record.prompt_tokens + record.completion_tokens
+    return None if tokens == 0 and not counted else tokens
 
 
-def settle_admissions(admission: Admission, settles: list[tuple[Reservation, UsageRecord]]) -> None:
+def settle_admission(
+    admission: Admission, reservation: Reservation, record: UsageRecord, counted: bool
+) -> None:
+    """Replace the reservation by the tokens used, or give it back (``charge``)."""
+    settle_admissions(admission, [(reservation, record, counted)])
+
+
+def settle_admissions(
+    admission: Admission, settles: list[tuple[Reservation, UsageRecord, bool]]
+) -> None:
     """:func:`settle_admission` for each, in one go (``Admission.settle_many``)."""
     if not settles:
         return
     try:
-        admission.settle_many([(r, u.prompt_tokens + u.completion_tokens) for r, u in settles])
+        admission.settle_many([(r, charge(u, counted)) for r, u, counted in settles])
     except Exception:
-        ids = ", ".join(u.request_id for _, u in settles[:3])
+        ids = ", ".join(u.request_id for _, u, _ in settles[:3])
         more = f" and {len(settles) - 3} more" if len(settles) > 3 else ""
         log.exception("settling admission for request(s) %s%s failed", ids, more)

@@ -216,6 +216,27 @@ def test_request_limit_is_resource_exhausted_with_quota_failure(
     run(body())
 
 
+def test_requests_the_router_refuses_as_the_callers_mistake_count_against_its_rate(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """The router did the work (tokenizing, checking) before refusing: refunded, a key at
+    its requests-per-minute limit could send such requests without end (was: every one
+    refunded, the limit never reached)."""
+
+    async def body() -> None:
+        limits = "\n[limits.user]\nrequests_per_minute = 2\n"
+        async with stack(tmp_path, issuer, limits) as s:
+            token = issuer.mint(realm_roles=["model-user"], sub="bob")
+            for _ in range(2):
+                _, bad = await s.generate(token, prompt_token_ids=PROMPT, temperature=-1.0)
+                assert await bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+            _, third = await s.generate(token, prompt_token_ids=PROMPT, max_tokens=2)
+            assert await third.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert [e.decision for e in s.audit()] == ["allow", "allow", "deny"]
+
+    run(body())
+
+
 def test_api_key_works_until_revoked(tmp_path: Path, issuer: Issuer) -> None:
     async def body() -> None:
         async with stack(tmp_path, issuer) as s:

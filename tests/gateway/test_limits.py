@@ -557,17 +557,20 @@ def test_close_gives_waiting_settles_one_last_try(
 
 
 def test_settle_many_settles_and_releases_exactly_once(backend) -> None:
-    """The settler's batch: used tokens settle, none release (requests refunded), and a
-    reservation already settled is left alone, as with one call each."""
+    """The settler's batch: used tokens settle (0 too: the request counts), None releases
+    (requests refunded), and a reservation already settled is left alone, as with one call
+    each."""
     adm, clock, used = backend
     s = Scope("key:m", Limits(requests_per_minute=10, tokens_per_day=5000))
-    a, b, c = (adm.reserve([s], 300) for _ in range(3))
+    a, b, c, d = (adm.reserve([s], 300) for _ in range(4))
     adm.settle(c, 50)
-    adm.settle_many([(a, 120), (b, 0), (c, 999)])
+    adm.settle_many([(a, 120), (b, None), (c, 999), (d, 0)])
     assert used(key("key:m", "tokens", DAY, clock.t)) == 120 + 50
-    assert used(key("key:m", "requests", MINUTE, clock.t)) == 2  # b's request was refunded
-    adm.settle_many([(a, 7), (b, 7)])  # a second time: nothing
+    # b's request was refunded; d's (refused by the router, no token) still counts
+    assert used(key("key:m", "requests", MINUTE, clock.t)) == 3
+    adm.settle_many([(a, 7), (b, 7), (d, None)])  # a second time: nothing
     assert used(key("key:m", "tokens", DAY, clock.t)) == 170
+    assert used(key("key:m", "requests", MINUTE, clock.t)) == 3
 
 
 def test_settles_redis_refuses_in_a_batch_land_later(refusing, prefix: str) -> None:
@@ -579,7 +582,7 @@ def test_settles_redis_refuses_in_a_batch_land_later(refusing, prefix: str) -> N
     first, second = adm.reserve([LOST], 300), adm.reserve([LOST], 300)
     day = prefix + key("key:lost", "tokens", DAY, clock.t)
     scripts(False)
-    adm.settle_many([(first, 40), (second, 0)])
+    adm.settle_many([(first, 40), (second, None)])
     assert client.get(day) == b"600"
     scripts(True)
     adm.settled_later()

@@ -74,7 +74,7 @@ def test_chat_messages_map_with_text_parts_and_the_developer_role() -> None:
     )
     assert [(m.role, m.content) for m in parsed.generate.messages] == [
         ("system", "rules"),
-        ("user", "ab"),
+        ("user", "a\nb"),  # as vLLM joins text parts (was "ab": words ran together)
         ("assistant", ""),
     ]
     assert parsed.generate.max_tokens == 5
