@@ -137,10 +137,11 @@ async def admit(
                 f"{age:.1f} s ago and workers join within {registry.heartbeat_timeout_s:g} s; "
                 "retry",
             )
-        served = ", ".join(m.model for m in registry.models()) or "none"
+        # No list of what is served: behind the gateway a caller sees only the models the
+        # policy lets it use (ListModels, filtered), and this message reaches it as it is.
         raise RouteError(
             grpc.StatusCode.NOT_FOUND,
-            f"model {request.model!r} is not served here; served models: {served}",
+            f"model {request.model!r} is not served here; ListModels lists the models you can use",
         )
     if has_text or has_chat:
         _check_text_size(request, info.max_context_length)

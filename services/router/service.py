@@ -66,7 +66,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await abort_with(context, error)
         except Exception as error:  # a router bug: say so rather than UNKNOWN
             log.exception("request %r failed inside the router", request.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"router error: {error!r}")
+            # Not the exception's text: it reaches callers through the gateway as it is.
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"router error ({type(error).__name__}); the router's log has the traceback",
+            )
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

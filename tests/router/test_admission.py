@@ -72,6 +72,11 @@ def test_unknown_model_is_not_found_and_empty_pools_are_unavailable() -> None:
             assert result.code == grpc.StatusCode.UNAVAILABLE
             assert result.details == f"no decode worker left for model {MODEL!r}"
             assert prefill.calls == []
+            # Behind the gateway this message reaches callers as it is: it must not name
+            # the models served (was: "served models: ..."), which a caller may not see.
+            result = await c.generate(prompt_token_ids=[1], model="nope")
+            assert result.code == grpc.StatusCode.NOT_FOUND
+            assert MODEL not in result.details and "ListModels lists" in result.details
 
             await prefill.stop_heartbeats()
             await _wait_for_no_workers(c)
