@@ -65,6 +65,17 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 2**20
 """Largest request body (long prompts fit; aiohttp's default of 1 MiB may not)."""
+IDLE_TIMEOUT_S = 30.0
+"""A connection that has not sent a whole request's headers this long after it opened or
+after its last answer is closed: idle keep-alive connections, and a slow client trickling
+headers to hold a connection (and one of the gateway's file descriptors) open for ever."""
+BODY_TIMEOUT_S = 60.0
+"""Longest wait for a request's body once its headers are in (408 after it): a 16 MiB body
+needs ~280 KB/s; a client promising bytes it never sends holds the connection no longer."""
+LINGER_S = 5.0
+"""After answering a request whose body was not all read (a 408, an early refusal), how
+long the rest is still read and dropped before the connection closes: closed at once, the
+client's TCP stack may discard the answer on a reset."""
 SHUTDOWN_TIMEOUT_S = 5.0
 """How long stop() lets in-flight requests finish before cancelling them (they settle)."""
 
@@ -139,9 +150,12 @@ class OpenAIApi:
         except GatewayError as error:
             return _error(error, headers=headers)
         except BadRequest as error:
-            return error_response(
-                400, str(error), "invalid_request_error", error.param, None, headers
+            answer = error_response(
+                error.status, str(error), "invalid_request_error", error.param, None, headers
             )
+            if error.status == 408:  # the rest of the body may never come: close after it
+                answer.force_close()
+            return answer
         if chat and not parsed.generate.HasField("max_tokens"):
             await self._up_to_the_context(parsed.generate, call, who)
         shape = shapes.Shape(chat, call.request_id, parsed.generate.model)
@@ -304,7 +318,14 @@ def _call_info(request: web.Request, request_id: str) -> CallInfo:
 async def _read_json(request: web.Request) -> Any:
     """The parsed body; BadRequest saying why it cannot be read."""
     try:
-        return json.loads(await request.read())
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await request.read()
+    except TimeoutError:
+        raise BadRequest(
+            None, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", status=408
+        ) from None
+    try:
+        return json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int over 4,300 digits
         raise BadRequest(None, f"the request body is not valid JSON ({exc})") from exc
     except RecursionError as exc:
@@ -368,6 +389,8 @@ async def start_http(
     runner = web.AppRunner(
         OpenAIApi(pipeline, cors_origins=cors_origins).app(),
         handler_cancellation=True,  # a client that leaves stops its generation
+        keepalive_timeout=IDLE_TIMEOUT_S,  # also bounds a first request's headers (aiohttp)
+        lingering_time=LINGER_S,
         shutdown_timeout=drain_timeout_s,
         access_log=None,
     )

@@ -63,11 +63,13 @@ _ROLE_ALIASES = {"developer": "system"}
 
 
 class BadRequest(Exception):
-    """An invalid request body (HTTP 400); ``param`` is the OpenAI parameter at fault."""
+    """An invalid request body (HTTP 400; 408 for one that never arrived); ``param`` is the
+    OpenAI parameter at fault."""
 
-    def __init__(self, param: str | None, message: str) -> None:
+    def __init__(self, param: str | None, message: str, status: int = 400) -> None:
         super().__init__(message if param is None else f"{param}: {message}")
         self.param = param
+        self.status = status
 
 
 @dataclass(frozen=True)

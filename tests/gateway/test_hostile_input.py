@@ -5,10 +5,13 @@ INVALID_ARGUMENT before authorization (whose refusal echoes it)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 
+from services.gateway import openai_http
 from services.gateway.pipeline import CLIENT_REQUEST_ID_MAX, MODEL_NAME_MAX, unchecked
 from tests.gateway.harness import stack, token
 from tests.gateway.issuer import Issuer
@@ -54,3 +57,36 @@ def test_unchecked_values_are_kept_when_short_and_escaped_when_cut() -> None:
     assert unchecked("llama-3", 8) == "llama-3"
     assert unchecked("a\nb", 8) == "a\\nb...(3 characters)"
     assert unchecked("é" * 10, 4) == "\\xe9...(10 characters)"
+
+
+def test_slow_http_clients_are_cut_off(
+    tmp_path: Path, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection trickling its headers, and an authenticated request whose body never
+    comes, each held a connection (a file descriptor) open for ever: the first is closed
+    after IDLE_TIMEOUT_S, the second answered 408 after BODY_TIMEOUT_S and closed LINGER_S
+    later."""
+    monkeypatch.setattr(openai_http, "IDLE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(openai_http, "BODY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(openai_http, "LINGER_S", 0.5)  # what is still read after the 408
+
+    async def body() -> None:
+        async with stack(tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url, http=True) as s:
+            port = s.gateway.http_port
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and no more
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
+            writer.close()
+
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            head = (
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {token(issuer)}\r\nContent-Length: 1000\r\n\r\n"
+            )
+            writer.write(head.encode() + b'{"model": ')  # 10 of the 1,000 bytes promised
+            answer = await asyncio.wait_for(reader.read(), 5)  # then the connection closes
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 408 ")
+            assert b"did not arrive within 0.5 s" in answer
+
+    run(body(), timeout=30)
