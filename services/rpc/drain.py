@@ -106,9 +106,9 @@ class CallGate:
         self, timeout_s: float, busy: Callable[[], Awaitable[bool]] = _nothing_else
     ) -> bool:
         """Wait until no gated call runs and ``busy()`` (the service's own outstanding work)
-        is False; False if ``timeout_s`` passed first (0: whether no call runs now)."""
+        is False; False if ``timeout_s`` passed first (0: whether that holds now)."""
         if timeout_s <= 0:
-            return not self._active
+            return not self._active and not await busy()
         try:
             async with asyncio.timeout(timeout_s):
                 await self._until_idle(busy)

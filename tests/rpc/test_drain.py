@@ -97,6 +97,25 @@ def test_wait_idle_gives_up_after_its_timeout() -> None:
     run(body(), timeout=10)
 
 
+def test_a_zero_timeout_asks_about_held_work_too() -> None:
+    """``--drain-timeout-s 0``: no call runs, but a prefill is still pinned for a reader;
+    the worker is not idle (was: "drained: every request finished" logged over it)."""
+
+    async def body() -> None:
+        gate = CallGate("w")
+        gate.close()
+        held = [True]
+
+        async def busy() -> bool:
+            return held[0]
+
+        assert await gate.wait_idle(0, busy) is False
+        held[0] = False
+        assert await gate.wait_idle(0, busy) is True
+
+    run(body(), timeout=5)
+
+
 def test_a_gated_stream_closes_its_source_when_the_call_ends_early() -> None:
     """A cancelled call's source runs its cleanup (the gateway's settle) at once, not when
     the garbage collector gets to it."""
