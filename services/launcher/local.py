@@ -31,7 +31,7 @@ import grpc
 from services.launcher.launched import LAUNCHER_PID
 from services.launcher.progress import StartProgress
 from services.rpc.channel_options import RECONNECT_OPTIONS
-from services.rpc.health_wait import wait_serving
+from services.rpc.health_wait import NotServing, wait_serving
 from services.rpc.tls import TlsConfig, channel_credentials
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
@@ -324,10 +324,11 @@ class LocalCluster:
         with self._channel(child.address) as channel:
             try:
                 wait_serving(channel, child.name, deadline, alive)
-            except TimeoutError:
+            except NotServing as late:
                 raise StartTimeout(
                     f"{child.name} did not start serving within "
                     f"{self.config.startup_timeout_s:g} s (tandem up --startup-timeout)"
+                    + late.hint()
                     + _output_in(child)
                 ) from None
         self.progress.ready(child.name)

@@ -44,7 +44,7 @@ from services.launcher.local import KILL_AFTER_DRAIN_S, GatewaySpec, StartTimeou
 from services.launcher.progress import StartProgress
 from services.launcher.supervise import interrupt_on_sigterm, supervise
 from services.rpc.channel_options import RECONNECT_OPTIONS
-from services.rpc.health_wait import wait_serving
+from services.rpc.health_wait import NotServing, wait_serving
 from services.stubs.tandem.v1 import inference_pb2 as pb
 from services.stubs.tandem.v1 import inference_pb2_grpc
 
@@ -620,10 +620,10 @@ def _wait_serving(
     with grpc.insecure_channel(address, options=RECONNECT_OPTIONS) as channel:
         try:
             wait_serving(channel, f"the {name} at {address}", deadline, check_alive)
-        except TimeoutError:
+        except NotServing as late:
             raise StartTimeout(
                 f"the {name} at {address} did not start serving in time "
-                "(tandem up --startup-timeout)"
+                "(tandem up --startup-timeout)" + late.hint()
             ) from None
     progress.ready(name)
 

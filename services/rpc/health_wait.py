@@ -12,6 +12,26 @@ POLL_S = 0.2
 """Pause between health checks while a service starts."""
 
 
+class NotServing(TimeoutError):
+    """The service did not report SERVING by the deadline; ``last`` is the last check's
+    error ("" when it answered NOT_SERVING), e.g. a TLS handshake refused."""
+
+    def __init__(self, message: str, last: str) -> None:
+        super().__init__(message)
+        self.last = last
+
+    def hint(self) -> str:
+        """What to append to a launcher's message when the dial itself was refused by TLS
+        (this never fixes itself by waiting); "" otherwise (not listening yet says
+        nothing the deadline does not)."""
+        if "handshake" not in self.last.lower():
+            return ""
+        return (
+            f"; it refused the TLS handshake: {self.last} (is its certificate signed by the "
+            "CA this process trusts, and does it name the address dialled?)"
+        )
+
+
 def wait_serving(
     channel: grpc.Channel,
     name: str,
@@ -21,18 +41,21 @@ def wait_serving(
     """Return once the service behind ``channel`` reports SERVING.
 
     ``check_alive`` runs before every check and raises when the service's process has
-    died (a launcher should say so at once, not after the deadline); TimeoutError at
-    ``deadline`` (a ``time.monotonic()`` value).
+    died (a launcher should say so at once, not after the deadline); NotServing (a
+    TimeoutError carrying the last check's error) at ``deadline`` (a ``time.monotonic()``
+    value).
     """
     stub = health_pb2_grpc.HealthStub(channel)
+    last = ""
     while True:
         check_alive()
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
-        except grpc.RpcError:
-            pass  # not listening yet
+            last = ""
+        except grpc.RpcError as error:  # not listening yet, or a dial that cannot succeed
+            last = f"{error.code().name}: {error.details()}"
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} did not start serving in time")
+            raise NotServing(f"{name} did not start serving in time", last)
         time.sleep(POLL_S)
