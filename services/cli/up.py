@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING
 from services.cli import arg_types, up_ray
 from services.cli.drain_args import add_drain_arg
 from services.cli.telemetry_args import add_tracing_arg
-from services.cli.up_preflight import check_public_ports, lock_state_dir, start_failed
+from services.cli.up_preflight import (
+    check_public_ports,
+    forget_temporary_state,
+    lock_state_dir,
+    start_failed,
+)
 from services.engine.errors import InvalidRequestError
 from services.launcher.supervise import interrupt_on_sigterm, supervise
 
@@ -198,9 +203,10 @@ def _up(args: argparse.Namespace) -> int:
     progress = StartProgress(sys.stderr)
     cluster = LocalCluster(cluster_config(args, log_dir, gateway, tls_dir), progress=progress)
     front = "" if gateway is None else "a gateway, "
+    kept = "" if args.log_dir else ", removed at a clean stop"
     print(
         f"starting {front}{args.prefill} prefill + {args.decode} decode workers "
-        f"(state and logs in {log_dir}) ...",
+        f"(state and logs in {log_dir}{kept}) ...",
         file=sys.stderr,
     )
     try:
@@ -231,7 +237,10 @@ def _up(args: argparse.Namespace) -> int:
         names = ", ".join(f"{c.name} (status {c.process.returncode})" for c in gone)
         return f"{names} (logs in {log_dir})" if gone else ""
 
-    return supervise(dead, cluster.stop)
+    status = supervise(dead, cluster.stop)
+    if args.log_dir is None:
+        forget_temporary_state(log_dir, status)
+    return status
 
 
 def cluster_config(

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import IO
 
@@ -93,3 +95,18 @@ def start_failed(error: RuntimeError) -> StartFailed:
         lines = [line for line in Path(log).read_text().splitlines() if line.strip()]
         last = lines[-1] if lines else ""
     return StartFailed(f"{message}" + (f"\n  last line: {last}" if last else ""))
+
+
+def forget_temporary_state(state_dir: Path, exit_status: int) -> None:
+    """After a clean stop (``exit_status`` 0), remove a state directory this run made for
+    itself (no ``--state-dir``): its logs, store and throwaway TLS keys, the CA's private key
+    among them, would otherwise pile up in the temporary directory run after run. A run that
+    failed keeps it: its logs say why."""
+    if exit_status != 0:
+        return
+    shutil.rmtree(state_dir, ignore_errors=True)
+    print(
+        f"removed this run's temporary state {state_dir} (--state-dir DIR keeps the logs, "
+        "keys and ledger)",
+        file=sys.stderr,
+    )

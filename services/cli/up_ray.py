@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from services.cli.up_preflight import (
         StartFailed,
         check_public_ports,
+        forget_temporary_state,
         lock_state_dir,
         start_failed,
     )
@@ -136,8 +137,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     secret = None
+    temporary: Path | None = None  # a state directory this run made: removed at a clean stop
     if policy is not None:
-        state_dir = getattr(args, "log_dir", None) or Path(tempfile.mkdtemp(prefix="tandem-up-"))
+        state_dir = getattr(args, "log_dir", None)
+        if state_dir is None:
+            state_dir = temporary = Path(tempfile.mkdtemp(prefix="tandem-up-"))
         # another tandem up on this store: its admin key must not be revoked under it
         state_lock = lock_state_dir(state_dir)  # noqa: F841 - held open until this process ends
         http_port = getattr(args, "http_port", 0) or 0
@@ -159,4 +163,7 @@ def run(args: argparse.Namespace) -> int:
     )
     # Loading a model can take minutes: say what is awaited (a bar on a terminal). A start
     # that fails (Ray unreachable, an actor or service failed or timed out) is one message.
-    return run_on_ray(config, announce, StartProgress(sys.stderr), start_failed)
+    status = run_on_ray(config, announce, StartProgress(sys.stderr), start_failed)
+    if temporary is not None:
+        forget_temporary_state(temporary, status)
+    return status

@@ -149,3 +149,29 @@ def metrics_endpoints(up: subprocess.Popen) -> dict[str, str]:
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+def test_a_temporary_state_dir_is_removed_at_a_clean_stop(
+    tmp_path: Path, tandem_home: Path
+) -> None:
+    """Without --state-dir each run made a directory in the temporary directory and left it:
+    logs, the store and, with --tls, a CA's private key, run after run."""
+    stderr = tmp_path / "up.err"
+    with stderr.open("w") as err:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "up", "--prefill", "0", "--decode",
+             "1", "--port", str(free_port()), "--http-port", str(free_port()),
+             "--kv-cache-gib", "0.25", "--tls"],
+            stdout=subprocess.PIPE, stderr=err, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)},
+        )  # fmt: skip
+    try:
+        wait_up(up)
+        (state,) = tmp_path.glob("tandem-up-*")
+        assert (state / "tls" / "ca.pem").exists() and (state / "gateway.db").exists()
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+    assert up.returncode == 0
+    assert not state.exists()
+    assert f"removed this run's temporary state {state}" in stderr.read_text()
