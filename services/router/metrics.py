@@ -86,14 +86,16 @@ class RouterMetrics:
                 if msg.token_ids:
                     (self.ttft if first else self.itl).observe(now - last)
                     first, last = False, now
-                    self.tokens.inc(len(msg.token_ids))
+                yield msg
+                # Counted once written: gRPC resumes the handler after the write, and a call
+                # cancelled during it (the client left) never got this message.
+                self.tokens.inc(len(msg.token_ids))
                 if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                     outcome = (
                         pb.FinishReason.Name(msg.finish_reason)
                         .removeprefix("FINISH_REASON_")
                         .lower()
                     )
-                yield msg
         except (asyncio.CancelledError, GeneratorExit):
             if outcome == "failed":  # not after the final message: that outcome stands
                 outcome = "cancelled"
