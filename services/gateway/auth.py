@@ -101,9 +101,12 @@ class Authenticator:
             raise AuthenticationError(
                 f"token subject starts with {KEY_PRINCIPAL_PREFIX!r}, which names API keys here"
             )
+        roles = principal.roles
+        if self._admin_role in principal.client_granted:  # see Principal.client_granted
+            roles = roles - {self._admin_role}
         return Identity(
             principal=principal.subject,
-            caller=Caller(roles=principal.roles, teams=principal.teams),
+            caller=Caller(roles=roles, teams=principal.teams),
             team=min(principal.teams, default=""),
             client=principal.client_id,
         )

@@ -23,7 +23,9 @@ reason and never echoing the token:
 
 Roles are ``realm_access.roles`` plus ``resource_access[azp].roles`` (and
 ``resource_access[audience].roles`` when an audience is configured: the roles Keycloak's
-client-role mapper gives for the gateway's own client). Teams come from ``team_claim``
+client-role mapper gives for the gateway's own client). The policy's admin role counts only
+from the realm or the gateway's own client: a role of the caller's client is assigned by
+whoever administers that client (``Principal.client_granted``). Teams come from ``team_claim``
 (Keycloak's group-membership mapper writes ``groups``; a leading ``/`` of full group paths is
 dropped, so ``/ml-research`` is team ``ml-research``).
 
@@ -97,6 +99,10 @@ class Principal:
     roles: frozenset[str]
     teams: frozenset[str]
     expires_at: float
+    client_granted: frozenset[str] = frozenset()
+    """The roles only the caller's own client (``azp``) grants: whoever administers that
+    client assigns them, not the realm's or the gateway client's administrators, so they
+    open models the policy lists for them but never make a gateway admin."""
 
 
 def _refuse(reason: str) -> AuthenticationError:
@@ -392,14 +398,16 @@ class OidcVerifier:
         resource_access = claims.get("resource_access") or {}
         if not isinstance(resource_access, dict):
             raise _refuse("claim 'resource_access' is not an object")
-        for client in {azp, self.audience} - {None}:
-            roles |= self._roles(resource_access.get(client), f"resource_access.{client}")
+        if self.audience is not None:
+            roles |= self._roles(resource_access.get(self.audience), "resource_access.audience")
+        own = self._roles(resource_access.get(azp), f"resource_access.{azp}")
         teams = _strings(claims.get(self.team_claim), self.team_claim)
         return Principal(
             subject=subject,
             username=username if isinstance(username, str) else None,
             client_id=azp,
-            roles=frozenset(roles),
+            roles=frozenset(roles | own),
+            client_granted=frozenset(own - roles),
             teams=frozenset(t.lstrip("/") for t in teams if t.lstrip("/")),
             expires_at=exp,
         )

@@ -17,6 +17,7 @@ from keycloak import KeycloakOpenID
 from keycloak.exceptions import KeycloakAuthenticationError
 
 from services.engine.errors import TandemError
+from services.gateway.auth import Authenticator
 from services.gateway.identity import AuthenticationError, OidcVerifier, Principal
 from tests.gateway.issuer import Issuer, ServiceClient, b64url
 
@@ -81,6 +82,7 @@ def test_a_valid_access_token_gives_the_principal_with_exact_roles_and_teams(
         roles=frozenset({"default-roles-tandem", "model-user", "chat", "gw-reader"}),
         teams=frozenset({"ml-research", "ops"}),
         expires_at=float(claims["exp"]),
+        client_granted=frozenset({"chat"}),  # tandem-cli's own: never an admin role
     )
     assert issuer.jwks_fetches == 1
     for _ in range(20):  # cached: no fetch per request
@@ -311,3 +313,23 @@ def test_the_verified_cache_is_bounded(issuer: Issuer) -> None:
     assert v.cache_hits == 1
     verify(v, first)  # evicted (least recently used): verified again, not remembered
     assert v.cache_hits == 1
+
+
+def test_the_admin_role_counts_from_the_realm_or_the_gateway_client_not_the_callers_own(
+    issuer: Issuer,
+) -> None:
+    """Whoever administers an allowed client (a team's own chat front-end) can give its users
+    that client's roles: one named like the policy's admin role made them gateway admins."""
+    authenticator = Authenticator(verifier(issuer), None, admin_role="tandem-admin")
+
+    def roles(**claims: object) -> frozenset[str]:
+        token = issuer.sign(issuer.claims(**claims))
+        who = asyncio.run(authenticator.authenticate([("authorization", f"Bearer {token}")]))
+        return who.caller.roles
+
+    own = roles(client_roles={"tandem-cli": ["tandem-admin", "chat"]})
+    assert "tandem-admin" not in own and "chat" in own  # still opens what the policy lists
+    assert "tandem-admin" in roles(realm_roles=["tandem-admin"])
+    assert "tandem-admin" in roles(client_roles={"tandem-gateway": ["tandem-admin"]})
+    both = roles(realm_roles=["tandem-admin"], client_roles={"tandem-cli": ["tandem-admin"]})
+    assert "tandem-admin" in both  # granted by the realm as well
