@@ -14,7 +14,9 @@ made), then the pipeline's policy.
 
 Streaming (``stream: true``): server-sent events, ``data: {chunk}\\n\\n`` per chunk and
 ``data: [DONE]`` at the end. Refusals before the first token still get a plain HTTP error
-(status and JSON body): the event stream starts only once the router sent its first message.
+(status and JSON body): the event stream starts once the router sent its first message, or
+after ``SSE_KEEPALIVE_S`` without one (a long prefill), with a comment line every
+``SSE_KEEPALIVE_S`` until it comes so that proxies do not drop the silent connection.
 A failure after that is sent as a last event ``data: {"error": {…}}`` and the stream ends
 without ``[DONE]``. The usage chunk is sent only when ``stream_options.include_usage`` is
 true, as OpenAI does (clients that index ``choices[0]`` of every chunk would break on it);
@@ -28,6 +30,7 @@ audit log (OpenAI's ``id`` is ``cmpl-``/``chatcmpl-`` plus it). Prompt text is n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -76,6 +79,10 @@ LINGER_S = 5.0
 """After answering a request whose body was not all read (a 408, an early refusal), how
 long the rest is still read and dropped before the connection closes: closed at once, the
 client's TCP stack may discard the answer on a reset."""
+SSE_KEEPALIVE_S = 15.0
+"""A streamed request whose first token takes longer gets its event stream opened and a
+comment line this often until it comes (nginx and most load balancers drop a connection
+silent for 60 s)."""
 SHUTDOWN_TIMEOUT_S = 5.0
 """How long stop() lets in-flight requests finish before cancelling them (they settle)."""
 
@@ -160,12 +167,19 @@ class OpenAIApi:
             await self._up_to_the_context(parsed.generate, call, who)
         shape = shapes.Shape(chat, call.request_id, parsed.generate.model)
         async with aclosing(self._pipeline.generate(who, parsed.generate, call)) as stream:
+            early = _EarlyEvents(request, headers) if parsed.stream else None
             try:
-                first = await anext(stream, None)
+                first = await _first_message(stream, early)
             except GatewayError as error:
-                return _error(error, parsed.max_tokens_param, headers)
-            if parsed.stream:
-                return await _stream(request, parsed, shape, first, stream, headers)
+                if early is None or early.response is None:
+                    return _error(error, parsed.max_tokens_param, headers)
+                await _event(early.response, gateway_error(error, parsed.max_tokens_param)[1])
+                return early.response
+            except ConnectionResetError:  # the client left while we kept its stream alive
+                assert early is not None and early.response is not None
+                return early.response
+            if early is not None:
+                return await _stream(parsed, shape, first, stream, early)
             return await _complete(parsed, shape, first, stream, headers)
 
     async def _up_to_the_context(
@@ -214,19 +228,56 @@ async def _complete(
     return web.json_response(shapes.completion(shape, "".join(texts), final), headers=headers)
 
 
+class _EarlyEvents:
+    """A streamed request's event stream, opened before its first message when that takes
+    long (a long prompt's prefill, a queue): ``SSE_KEEPALIVE_S`` of silence is enough for
+    proxies and load balancers to cut an idle connection."""
+
+    def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
+        self.request = request
+        self.headers = headers
+        self.response: web.StreamResponse | None = None
+        """Set once opened: a failure after that is an error event, not an HTTP status."""
+
+    async def open(self) -> web.StreamResponse:
+        if self.response is None:
+            headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            self.response = web.StreamResponse(headers={**self.headers, **headers})
+            await self.response.prepare(self.request)
+        return self.response
+
+
+async def _first_message(
+    stream: Messages, early: _EarlyEvents | None
+) -> inference_pb2.GenerateResponse | None:
+    """The stream's first message. For a streamed request, every ``SSE_KEEPALIVE_S`` it
+    has not come, the event stream is opened (if it is not yet) and sent a comment line,
+    which clients ignore (the openai SDK does). Refusals come within milliseconds, so they
+    still get their HTTP status."""
+    if early is None:
+        return await anext(stream, None)
+    pending = asyncio.ensure_future(anext(stream, None))
+    try:
+        while not (await asyncio.wait({pending}, timeout=SSE_KEEPALIVE_S))[0]:
+            response = await early.open()
+            await response.write(b": waiting for the first token\n\n")
+        return pending.result()
+    finally:
+        if not pending.done():  # the client left (the handler was cancelled or a write failed)
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+
 async def _stream(
-    request: web.Request,
     parsed: OpenAIRequest,
     shape: shapes.Shape,
     first: inference_pb2.GenerateResponse | None,
     stream: Messages,
-    headers: dict[str, str],
+    early: _EarlyEvents,
 ) -> web.StreamResponse:
     """Relay the completion as server-sent events (see the module docstring)."""
-    response = web.StreamResponse(
-        headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
+    response = await early.open()
     try:
         if shape.chat:
             await _event(response, shapes.role_chunk(shape))

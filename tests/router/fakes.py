@@ -68,6 +68,8 @@ class Behaviour:
     token_interval_s: float = 0.0
     """Decode: pause between token messages, as a real engine's inter-token latency
     (0: as fast as the event loop goes)."""
+    prefill_delay_s: float = 0.0
+    """Prefill: pause before answering, as a long prompt's prefill takes."""
 
 
 class FakeWorker:
@@ -209,6 +211,7 @@ class _Prefill(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(behaviour.fail_code, f"{worker.worker_id}: scripted failure")
         if behaviour.hang_after is not None:
             await worker.wait_cancelled()
+        await asyncio.sleep(behaviour.prefill_delay_s)
         prompt = request.request.prompt_token_ids
         first = next_token(len(prompt))
         reply = worker_pb2.PrefillResponse(
