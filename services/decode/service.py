@@ -15,7 +15,7 @@ import grpc
 from services.decode.room import RoomWaiter
 from services.engine.engine import LLMEngine, TransferTarget
 from services.engine.errors import InvalidRequestError, TandemError
-from services.kv_transfer.client import KVReader
+from services.kv_transfer.client import MAX_PEERS, KVReader
 from services.kv_transfer.errors import KVTransferError
 from services.rpc.drain import CallGate
 from services.rpc.requests import (
@@ -296,11 +296,23 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return task
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        """The channel to a prefill worker, made once per address."""
-        channel = self._channels.get(address)
+        """The channel to a prefill worker, made once per address; past ``MAX_PEERS`` the
+        least recently used is closed once its calls are done (prefill workers come and go
+        at new addresses, as the KV reader's peers do)."""
+        channel = self._channels.pop(address, None)
         if channel is None:
-            channel = self._channels[address] = client_channel(address, tls=self.peers.tls)
+            channel = client_channel(address, tls=self.peers.tls)
+        self._channels[address] = channel  # the most recently used last
+        while len(self._channels) > MAX_PEERS:
+            oldest = self._channels.pop(next(iter(self._channels)))
+            self._background_task(_closed(oldest))
         return channel
+
+
+async def _closed(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    """Close ``channel`` once the releases on it are done (at most RELEASE_TIMEOUT_S)."""
+    await channel.close(grace=RELEASE_TIMEOUT_S)
+    return grpc.StatusCode.OK
 
 
 async def _release(channel: grpc.aio.Channel, kv: wpb.KVHandle) -> grpc.StatusCode:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Sequence
@@ -20,6 +21,12 @@ from services.rpc.tls import TlsConfig
 from services.stubs.tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+MAX_PEERS = 256
+"""Peers a reader keeps connected: past it, the one read from least recently (and not being
+read from) is disconnected. Prefill workers come and go at new addresses (a Kubernetes pod
+restarts at a new IP); without a bound every address ever read from kept its handshake, its
+NIXL agent and its channels for the worker's life."""
 
 
 async def handshake(
@@ -76,8 +83,10 @@ class KVReader:
         self.tls = tls
         """This worker's identity and the peers' CA for handshakes (and, via the decode
         service, ReleaseKV); None: plaintext."""
-        self._peers: dict[str, PeerInfo] = {}
+        self._peers: dict[str, PeerInfo] = {}  # least recently read from first
         self._locks: dict[str, asyncio.Lock] = {}
+        self._reading: collections.Counter[str] = collections.Counter()
+        self.max_peers = MAX_PEERS
 
     async def peer(self, address: str, timeout_s: float, refresh: bool = False) -> PeerInfo:
         """The connected peer at ``address``; handshakes first when new or ``refresh``."""
@@ -90,7 +99,23 @@ class KVReader:
             )
             await self.transport.connect(peer)
             self._peers[address] = peer
-            return peer
+        await self._forget_beyond_bound()
+        return peer
+
+    async def _forget_beyond_bound(self) -> None:
+        """Disconnect the least recently read peers past ``max_peers`` (not one being read
+        from, nor one whose handshake is under way)."""
+        while len(self._peers) > self.max_peers:
+            idle = (
+                a
+                for a in self._peers
+                if not self._reading[a] and not self._locks.get(a, asyncio.Lock()).locked()
+            )
+            address = next(idle, None)
+            if address is None:
+                return  # every one is in use: try again after the next handshake
+            self.forget(address)
+            await self.transport.disconnect(address)
 
     async def pull(
         self,
@@ -106,6 +131,9 @@ class KVReader:
         about ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
+        self._reading[address] += 1
+        if address in self._peers:  # the most recently read from last
+            self._peers[address] = self._peers.pop(address)
         try:
             # One bound for all of it: waiting for another pull's handshake with the same
             # peer (the lock in ``peer``) counts too, else N concurrent pulls from a peer
@@ -118,6 +146,10 @@ class KVReader:
             raise KVTransferError(
                 f"pull of {request_id!r} from {address} did not finish within {timeout_s:.3g} s"
             ) from None
+        finally:
+            self._reading[address] -= 1
+            if not self._reading[address]:
+                del self._reading[address]
 
     async def _pull(
         self,
@@ -143,8 +175,11 @@ class KVReader:
         )
 
     def forget(self, address: str) -> None:
-        """Drop what is known about ``address`` (e.g. the router says it left)."""
+        """Drop what is known about ``address``: the next pull from it handshakes again."""
         self._peers.pop(address, None)
+        lock = self._locks.get(address)
+        if lock is not None and not lock.locked():
+            del self._locks[address]
 
 
 def _left(deadline: float) -> float:

@@ -136,6 +136,11 @@ class GrpcTransport(KVTransport):
         if old is not None:
             await old[1].close()
 
+    async def disconnect(self, address: str) -> None:
+        entry = self._peers.pop(address, None)
+        if entry is not None:
+            await entry[1].close()
+
     async def pull(
         self,
         peer: PeerInfo,

@@ -302,6 +302,12 @@ class NixlTransport(KVTransport):
             # The peer restarted: a stale agent left loaded is a known crash source.
             await self._forget_agent(old.nixl_agent)
 
+    async def disconnect(self, address: str) -> None:
+        old = self._peers.pop(address, None)  # before any await: a new connect stays
+        await self._grpc.disconnect(address)
+        if old is not None:
+            await self._forget_agent(old.nixl_agent)  # once its last READ is released
+
     async def pull(
         self,
         peer: PeerInfo,

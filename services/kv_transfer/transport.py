@@ -122,6 +122,11 @@ class KVTransport(abc.ABC):
         KVTransferError when the peer cannot be reached.
         """
 
+    async def disconnect(self, address: str) -> None:  # noqa: B027 - most hold nothing
+        """Drop the connection to the peer at ``address`` (the reader forgets peers it has
+        not read from in a while: prefill workers come and go at new addresses). Only
+        called with no pull from it in progress; a later ``connect`` starts afresh."""
+
     @abc.abstractmethod
     async def pull(
         self,
