@@ -8,9 +8,10 @@ worker services drive it from one thread and hand results to asyncio.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -171,7 +172,8 @@ class LLMEngine:
         self._validate(request_id, prompt_token_ids, params)
         req = self._new_request(request_id, list(prompt_token_ids), params)
         req.prefill_only, req.lease_s = prefill_only, lease_s
-        self.scheduler.add(req.seq)
+        with self._registered_only_if_queued(request_id):
+            self.scheduler.add(req.seq)
 
     def add_transferred_request(
         self,
@@ -194,12 +196,23 @@ class LLMEngine:
         self._validate(request_id, list(prompt_token_ids), params, first_token)
         req = self._new_request(request_id, list(prompt_token_ids), params, first_token)
         seq = req.seq
-        reused = self.scheduler.reserve_for_transfer(seq, len(prompt_token_ids), wait_for_room)
-        if reused is None:
-            if not wait_for_room:
-                self.scheduler.add(seq)
-            return None
+        with self._registered_only_if_queued(request_id):
+            reused = self.scheduler.reserve_for_transfer(seq, len(prompt_token_ids), wait_for_room)
+            if reused is None:
+                if not wait_for_room:
+                    self.scheduler.add(seq)
+                return None
         return TransferTarget(tuple(seq.block_table), reused)
+
+    @contextlib.contextmanager
+    def _registered_only_if_queued(self, request_id: str) -> Iterator[None]:
+        """Undo ``_new_request`` when queueing it fails: a request registered but in no
+        queue never finishes, keeps ``has_unfinished`` true and its id taken for ever."""
+        try:
+            yield
+        except BaseException:
+            self._requests.pop(request_id, None)
+            raise
 
     def admit_awaiting(self, give_up: Collection[str] = ()) -> dict[str, TransferTarget]:
         """Reserve blocks for requests waiting for room to receive their KV, first come
@@ -353,13 +366,22 @@ class LLMEngine:
         """Run prompts to completion together (continuous batching); results in input order."""
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"generate-{self._arrivals + i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, per_prompt, strict=True):
-            self.add_request(rid, prompt, p)
+        added: list[str] = []
+        try:  # all or nothing: a bad later prompt must not leave the earlier ones running
+            for rid, prompt, p in zip(ids, prompts, per_prompt, strict=True):
+                self.add_request(rid, prompt, p)
+                added.append(rid)
+        except BaseException:
+            for rid in added:
+                self.abort(rid)
+            raise
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         texts: dict[str, list[str]] = {rid: [] for rid in ids}
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
             for out in self.step():
+                if out.request_id not in tokens:
+                    continue  # another caller's request, added with add_request
                 tokens[out.request_id] += out.token_ids
                 texts[out.request_id].append(out.text)
                 if out.finished:
@@ -403,10 +425,8 @@ class LLMEngine:
         """A token a prefill worker sampled: in the vocabulary, and not the last one allowed
         (then the prefill's answer was the whole completion, and decoding would exceed it)."""
         vocab = self.model_config.vocab_size
-        if not 0 <= first_token < vocab:
-            raise InvalidRequestError(
-                "first_token_id", f"token id {first_token} is outside the vocabulary [0, {vocab})"
-            )
+        if type(first_token) is not int or not 0 <= first_token < vocab:
+            raise InvalidRequestError("first_token_id", _bad_token(first_token, vocab))
         if params.max_tokens < 2:
             raise InvalidRequestError(
                 "max_tokens",
@@ -435,11 +455,9 @@ class LLMEngine:
         if not prompt:
             raise InvalidRequestError("prompt", "is empty; give at least one token")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        bad = next((t for t in prompt if type(t) is not int or not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidRequestError(
-                "prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})"
-            )
+            raise InvalidRequestError("prompt_token_ids", _bad_token(bad, vocab))
         tokens = prompt
         if first_token is not None:
             self._validate_first_token(first_token, params)
@@ -606,3 +624,9 @@ def _torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise InvalidRequestError("dtype", f"must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def _bad_token(token: object, vocab: int) -> str:
+    if type(token) is not int:
+        return f"token ids must be integers, got {type(token).__name__} {token!r}"
+    return f"token id {token} is outside the vocabulary [0, {vocab})"

@@ -128,6 +128,11 @@ def assert_untouched(engine: LLMEngine, num_requests: int = 0) -> None:
         (PROMPT, SamplingParams(stop=("x" * 1025,)), "stop", "at most 1024"),
         ([*PROMPT, VOCAB], SamplingParams(), "prompt_token_ids", "token id 4096"),
         ([-1, *PROMPT], SamplingParams(), "prompt_token_ids", "token id -1"),
+        ([*PROMPT, 5.0], SamplingParams(), "prompt_token_ids", "integers, got float 5.0"),
+        ([True, *PROMPT], SamplingParams(), "prompt_token_ids", "integers, got bool True"),
+        # a full block of them: hashing it raised struct.error after the request was
+        # registered, which then never finished and kept its id for ever
+        ([float(t) for t in range(3, 11)], SamplingParams(), "prompt_token_ids", "got float"),
     ],
 )
 def test_bad_requests_raise_and_change_nothing(
@@ -163,6 +168,17 @@ def test_a_bad_handed_over_first_token_is_refused_by_its_own_name(
         engine.add_transferred_request("bad", PROMPT, first, params)
     assert info.value.field == field and detail in str(info.value)
     assert_untouched(engine)
+
+
+def test_generate_with_a_bad_prompt_adds_none_of_them(engine: LLMEngine) -> None:
+    """It added prompts one by one: the ones before a bad prompt kept running, holding
+    blocks, and the next generate() failed with a KeyError on their outputs."""
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with pytest.raises(InvalidRequestError, match="prompt: is empty"):
+        engine.generate([PROMPT, [5, 6, 7], []], greedy)
+    assert_untouched(engine)
+    (done,) = engine.generate([PROMPT], greedy)
+    assert done.usage.completion_tokens == 4
 
 
 def test_the_longest_prompt_the_context_admits(engine: LLMEngine) -> None:
