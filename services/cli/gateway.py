@@ -227,12 +227,9 @@ async def serve(config) -> None:  # type: ignore[no-untyped-def]
         config.issuer_url or "off: API keys only",
         "Redis" if config.redis_url else "in-process",
     )
-
-    def on_signal() -> None:
-        log.info(
-            "gateway draining: refusing new calls, finishing the ones in flight (at most %g s; "
-            "signal again to stop now)",
-            config.drain_timeout_s,
-        )
-
-    await serve_until_signalled(lambda interrupt: gateway.stop(interrupt=interrupt), on_signal)
+    await serve_until_signalled(
+        lambda interrupt: gateway.stop(interrupt=interrupt),
+        log,
+        "gateway draining: refusing new calls, finishing the ones in flight",
+        config.drain_timeout_s,
+    )

@@ -159,12 +159,9 @@ async def serve(config: RouterConfig) -> None:
         config.heartbeat_interval_s,
         config.effective_heartbeat_timeout_s,
     )
-
-    def on_signal() -> None:
-        log.info(
-            "router draining: refusing new calls, relaying the streams it has (at most %g s; "
-            "signal again to stop now)",
-            config.drain_timeout_s,
-        )
-
-    await serve_until_signalled(lambda interrupt: router.stop(interrupt=interrupt), on_signal)
+    await serve_until_signalled(
+        lambda interrupt: router.stop(interrupt=interrupt),
+        log,
+        "router draining: refusing new calls, relaying the streams it has",
+        config.drain_timeout_s,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -38,19 +39,22 @@ async def first_of(*awaitables: Awaitable[object], timeout: float | None = None)
 
 
 async def serve_until_signalled(
-    stop: Callable[[asyncio.Event | None], Awaitable[None]], on_signal: Callable[[], None]
+    stop: Callable[[asyncio.Event | None], Awaitable[None]],
+    log: logging.Logger,
+    draining: str,
+    drain_timeout_s: float,
 ) -> None:
-    """Wait for SIGINT/SIGTERM, call ``on_signal`` (a log line), then ``await
-    stop(interrupt)`` with the handlers still installed: a second signal sets ``interrupt``
-    (stop now, cut the drain short) instead of killing the process mid-drain, so the calls
-    it cuts are still metered and its stores closed. If the wait ends any other way
-    (cancelled, an error), ``stop(None)`` still runs."""
+    """Wait for SIGINT/SIGTERM, log ``draining`` (what the service does now) with its
+    bound, then ``await stop(interrupt)`` with the handlers still installed: a second signal
+    sets ``interrupt`` (stop now, cut the drain short) instead of killing the process
+    mid-drain, so the calls it cuts are still metered and its stores closed. If the wait
+    ends any other way (cancelled, an error), ``stop(None)`` still runs."""
     stopping = False
     try:
         async with shutdown_signals() as signalled:
             await signalled.wait()
             signalled.clear()
-            on_signal()
+            log.info("%s (at most %g s; signal again to stop now)", draining, drain_timeout_s)
             stopping = True
             await stop(signalled)
     finally:

@@ -4,6 +4,7 @@ a second signal during a drain."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 
@@ -11,6 +12,8 @@ import pytest
 
 from services.rpc.shutdown import first_of, serve_until_signalled
 from tests.router.harness import run
+
+log = logging.getLogger(__name__)
 
 
 def test_first_of_returns_on_the_first_and_cancels_the_rest() -> None:
@@ -27,7 +30,9 @@ def test_first_of_returns_on_the_first_and_cancels_the_rest() -> None:
     run(body(), timeout=5)
 
 
-def test_a_second_signal_interrupts_the_stop_instead_of_killing_the_process() -> None:
+def test_a_second_signal_interrupts_the_stop_instead_of_killing_the_process(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Real SIGTERMs to this process: the first starts ``stop``, the second (sent while it
     drains) sets its interrupt; the default action (death mid-drain) never runs."""
 
@@ -43,10 +48,12 @@ def test_a_second_signal_interrupts_the_stop_instead_of_killing_the_process() ->
             logged.append("cut short")
 
         asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
-        await serve_until_signalled(stop, lambda: logged.append("draining"))
-        assert logged == ["draining", "cut short"] and len(given) == 1
+        await serve_until_signalled(stop, log, "draining", 5)
+        assert logged == ["cut short"] and len(given) == 1
 
-    run(body(), timeout=10)
+    with caplog.at_level(logging.INFO, logger=log.name):
+        run(body(), timeout=10)
+    assert "draining (at most 5 s; signal again to stop now)" in caplog.text
 
 
 def test_a_serve_ended_without_a_signal_still_stops() -> None:
@@ -56,7 +63,7 @@ def test_a_serve_ended_without_a_signal_still_stops() -> None:
         async def stop(interrupt: asyncio.Event | None) -> None:
             given.append(interrupt)
 
-        serving = asyncio.ensure_future(serve_until_signalled(stop, lambda: None))
+        serving = asyncio.ensure_future(serve_until_signalled(stop, log, "draining", 5))
         await asyncio.sleep(0.02)
         serving.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -142,6 +142,16 @@ def test_a_grpc_server_presents_the_renewed_certificate(tmp_path: Path) -> None:
     asyncio.run(body())
 
 
+def _verified_as(client: ssl.SSLContext, port: int, name: str) -> bool:
+    """Whether a TLS handshake with 127.0.0.1:``port`` verifies the server as ``name``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            with client.wrap_socket(raw, server_hostname=name):
+                return True
+        except (ssl.SSLError, ConnectionError):
+            return False
+
+
 def test_an_https_server_presents_the_renewed_certificate(tmp_path: Path) -> None:
     ca = DevCa.create(tmp_path / "ca")
     files = _served(ca, "alpha", tmp_path / "served")
@@ -150,12 +160,7 @@ def test_an_https_server_presents_the_renewed_certificate(tmp_path: Path) -> Non
     client = ssl.create_default_context(cafile=ca.cert)
 
     def handshake(name: str) -> bool:
-        with socket.create_connection(("127.0.0.1", metrics.port), timeout=5) as raw:
-            try:
-                with client.wrap_socket(raw, server_hostname=name):
-                    return True
-            except ssl.SSLCertVerificationError:
-                return False
+        return _verified_as(client, metrics.port, name)
 
     try:
         assert handshake("alpha") and not handshake("beta")
@@ -178,12 +183,7 @@ def test_an_https_server_presents_the_checked_renewal_not_a_file_rewritten_since
     client = ssl.create_default_context(cafile=ca.cert)
 
     def handshake(name: str) -> bool:
-        with socket.create_connection(("127.0.0.1", metrics.port), timeout=5) as raw:
-            try:
-                with client.wrap_socket(raw, server_hostname=name):
-                    return True
-            except (ssl.SSLError, ConnectionError):
-                return False
+        return _verified_as(client, metrics.port, name)
 
     try:
         assert handshake("alpha")
