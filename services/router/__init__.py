@@ -36,6 +36,8 @@ What a worker must do to be routed to:
   prefill worker). The router sets request_id, usage, worker ids and retries.
 - Failing: UNAVAILABLE (or a CANCELLED final message, when shutting down)
   makes the router resume the request elsewhere over prompt + tokens sent,
-  with max_tokens and min_tokens reduced; any other status is the client's.
+  with max_tokens and min_tokens reduced, and so does NOT_FOUND (the worker
+  serves another model: a stale registration's address); any other status is
+  the client's.
   A cancelled call must free the request's blocks.
 """

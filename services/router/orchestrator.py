@@ -91,6 +91,10 @@ _FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGT
 _RESUMABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 """Statuses from a worker that mean it (not the request) failed. CANCELLED here is the
 worker's doing (e.g. it stopped); the client's own cancel arrives as asyncio.CancelledError."""
+_WRONG_WORKER_CODES = (grpc.StatusCode.NOT_FOUND,)
+"""A worker's Prefill/Decode NOT_FOUND: it does not serve the request's model (another
+worker now listens at a stale registration's address). Not the client's fault, nor its to
+see (the worker names its model): the request goes elsewhere."""
 _NO_FINAL_CODES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Ended by the caller (cancel, deadline): no final message, as inference.proto says."""
 _AFTER_MESSAGES_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
@@ -535,7 +539,7 @@ class Orchestrator:
     ) -> Exception:
         """WorkerLost for failures another worker can make good, else the client's status."""
         code, details = err.code(), err.details() or ""
-        if code in _RESUMABLE_CODES:
+        if code in _RESUMABLE_CODES or code in _WRONG_WORKER_CODES:
             return WorkerLost(worker, f"failed {stage} with {code.name}: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             if own_limit:

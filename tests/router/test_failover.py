@@ -50,6 +50,27 @@ def test_prefill_unavailable_is_retried_on_another_prefill_worker() -> None:
     run(body())
 
 
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_a_worker_that_does_not_serve_the_model_is_passed_over(role: str) -> None:
+    """NOT_FOUND from a worker's Prefill/Decode: another worker listens at a stale
+    registration's address. It was relayed to the client (naming the worker's model, and
+    counted against the caller's request rate by the gateway as the caller's mistake)."""
+
+    async def body() -> None:
+        async with cluster(ROUND_ROBIN) as c:
+            wrong = Behaviour(fail_code=grpc.StatusCode.NOT_FOUND)
+            kind = PREFILL if role == "prefill" else DECODE
+            other = DECODE if role == "prefill" else PREFILL
+            broken = await c.add(f"{role[0]}1", kind, wrong)
+            await c.add(f"{role[0]}2", kind)
+            await c.add(f"{'d' if role == 'prefill' else 'p'}1", other)
+            result = await c.generate(prompt_token_ids=PROMPT, max_tokens=4)
+            _assert_each_token_once(result.tokens, expected_completion(len(PROMPT), 4))
+            assert len(broken.calls) == 1 and result.final.serving.retries == 1
+
+    run(body())
+
+
 def test_hung_prefill_times_out_and_is_retried_elsewhere() -> None:
     config = RouterConfig(
         policy="round-robin", heartbeat_interval_s=0.1, heartbeat_timeout_s=5, prefill_timeout_s=0.3
