@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -28,15 +29,21 @@ def quick_keepalive(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(openai_http, "SSE_KEEPALIVE_S", 0.2)
 
 
+def _post(session: aiohttp.ClientSession, port: int, credential: str, body: dict) -> Any:
+    """A /v1/completions request through the gateway's HTTP API (awaitable, or a context
+    manager that closes the response)."""
+    return session.post(
+        f"http://127.0.0.1:{port}/v1/completions",
+        json=body,
+        headers={"authorization": f"Bearer {credential}"},
+    )
+
+
 async def _events(port: int, credential: str, body: dict) -> tuple[int, list[str]]:
     """The status and the stream's lines (blank ones left out)."""
     async with (
         aiohttp.ClientSession() as session,
-        session.post(
-            f"http://127.0.0.1:{port}/v1/completions",
-            json=body,
-            headers={"authorization": f"Bearer {credential}"},
-        ) as response,
+        _post(session, port, credential, body) as response,
     ):
         lines = [line.decode().strip() async for line in response.content]
         return response.status, [line for line in lines if line]
@@ -104,11 +111,7 @@ def test_a_client_gone_while_waiting_is_settled_as_cancelled(
         store = f"sqlite:{tmp_path / 'gw.db'}"
         async with stack(tmp_path, store, issuer.url, workers=SLOW_PREFILL, http=True) as s:
             async with aiohttp.ClientSession() as session:
-                response = await session.post(
-                    f"http://127.0.0.1:{s.gateway.http_port}/v1/completions",
-                    json=BODY,
-                    headers={"authorization": f"Bearer {token(issuer)}"},
-                )
+                response = await _post(session, s.gateway.http_port, token(issuer), BODY)
                 assert (await response.content.readline()).startswith(b": waiting")
                 request_id = response.headers["x-request-id"]
                 response.close()  # the client leaves before the first token
