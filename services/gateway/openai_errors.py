@@ -74,7 +74,10 @@ def gateway_error(
         param = _field(error.message, max_tokens_param)
     elif code in _MODEL_CODES:
         param = "model"
-    return status, error_body(error.message, kind, param, openai_code), {}
+    headers = {}
+    if code == grpc.StatusCode.UNAVAILABLE and error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return status, error_body(error.message, kind, param, openai_code), headers
 
 
 def _exhausted(error: GatewayError) -> tuple[int, dict[str, object], dict[str, str]]:

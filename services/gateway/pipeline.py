@@ -256,6 +256,13 @@ class Pipeline:
         return await traced("authenticate", self._authenticate(call, model), attributes)
 
     async def _authenticate(self, call: CallInfo, model: str) -> Identity:
+        if self.settler.overloaded:  # before anything that writes a record
+            raise GatewayError(
+                status_details.unavailable(
+                    f"the gateway's usage store is not keeping up ({self.settler.backlog} "
+                    "records waiting to be written); retry shortly"
+                )
+            )
         try:
             who = await self.authenticator.authenticate(call.metadata)
             annotate(identity_attributes(who))

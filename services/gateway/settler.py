@@ -61,6 +61,11 @@ the settler; 20 ms: ~2.4, bench/gateway/README.md). It is also the crash window:
 killed gateway loses up to this much of its latest calls' rows (a graceful stop drains)."""
 MAX_BATCH = 256
 """Most settles in one transaction."""
+MAX_BACKLOG = 50_000
+"""Settles waiting for the store past which the gateway refuses new calls (UNAVAILABLE,
+``Settler.overloaded``) rather than let the queue grow without end in memory: a store that
+cannot keep up (a slow PostgreSQL) under a flood, unauthenticated calls' audit records
+included. Every decision stays audited; the calls refused then make no decision."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class Settler:
         audit: AuditLog,
         linger_s: float = LINGER_S,
         max_batch: int = MAX_BATCH,
+        max_backlog: int = MAX_BACKLOG,
         metrics: GatewayMetrics | None = METRICS,
     ) -> None:
         self.admission = admission
@@ -101,11 +107,19 @@ class Settler:
         self._max_batch = max_batch
         self._pending = metrics.settles_pending if metrics is not None else None
         self._queue: queue.SimpleQueue[Settle | Future[None] | object] = queue.SimpleQueue()
+        self.max_backlog = max_backlog
+        self.backlog = 0
+        """Settles submitted and not yet written (changed under ``_closing``)."""
         self._closed = False
         self._closing = threading.Lock()
         """Makes checking ``_closed`` and queueing one step: nothing lands behind the stop."""
         self._thread = threading.Thread(target=self._run, name="gateway-settler", daemon=True)
         self._thread.start()
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether ``max_backlog`` settles wait: new calls are refused until it drains."""
+        return self.backlog >= self.max_backlog
 
     def submit(self, settle: Settle) -> None:
         """Queue one settle (never waits on I/O). After :meth:`close`, writes it inline."""
@@ -114,6 +128,7 @@ class Settler:
             if queued:
                 if self._pending is not None:
                     self._pending.inc()
+                self.backlog += 1
                 self._queue.put(settle)
         if not queued:
             self._write([settle])
@@ -163,6 +178,8 @@ class Settler:
             finally:
                 if self._pending is not None:
                     self._pending.dec(len(batch))
+                with self._closing:
+                    self.backlog -= len(batch)
                 for marker in markers:
                     marker.set_result(None)
 

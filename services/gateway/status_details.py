@@ -119,6 +119,15 @@ def unauthenticated(
     return _error_info(grpc.StatusCode.UNAUTHENTICATED, message, reason, domain, metadata)
 
 
+def unavailable(message: str, retry_after_s: float = 1.0) -> status_pb2.Status:
+    """UNAVAILABLE (safe to retry) with RetryInfo: the gateway cannot take calls now."""
+    return _status(
+        grpc.StatusCode.UNAVAILABLE,
+        message,
+        error_details_pb2.RetryInfo(retry_delay=retry_delay(retry_after_s)),
+    )
+
+
 def refused_credential(exc: Exception, missing: bool) -> status_pb2.Status:
     """UNAUTHENTICATED for a credential refused by authentication: ErrorInfo reason
     CREDENTIAL_MISSING when none was sent, CREDENTIAL_INVALID otherwise."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
 from services.gateway import openai_http
+from services.gateway import settler as settler_module
 from services.gateway.pipeline import CLIENT_REQUEST_ID_MAX, MODEL_NAME_MAX, unchecked
 from tests.gateway.harness import stack, token
 from tests.gateway.issuer import Issuer
@@ -90,3 +92,31 @@ def test_slow_http_clients_are_cut_off(
             assert b"did not arrive within 0.5 s" in answer
 
     run(body(), timeout=30)
+
+
+def test_a_store_that_cannot_keep_up_makes_the_gateway_refuse_new_calls(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """A flood (unauthenticated calls write an audit record each) against a slow store:
+    past the settler's bound new calls get UNAVAILABLE with RetryInfo, before anything
+    would queue a record, instead of the queue growing without end in memory."""
+
+    async def body() -> None:
+        async with stack(tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url, http=True) as s:
+            settler = s.gateway.service.pipeline.settler
+            settler.max_backlog = 0  # as if 50,000 records were waiting
+            for credential in (token(issuer), "not-a-credential"):
+                reply = await s.generate(credential, prompt_token_ids=[1], max_tokens=2)
+                assert reply.code == grpc.StatusCode.UNAVAILABLE
+                assert "usage store is not keeping up" in reply.details
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{s.gateway.http_port}/v1/models") as answer,
+            ):
+                assert (answer.status, answer.headers["Retry-After"]) == (503, "1")
+            assert s.audit() == []  # no decision was made, nothing queued
+            settler.max_backlog = settler_module.MAX_BACKLOG
+            reply = await s.generate(token(issuer), prompt_token_ids=[1], max_tokens=2)
+            assert reply.code == grpc.StatusCode.OK
+
+    run(body())

@@ -155,6 +155,20 @@ def test_the_pending_gauge_counts_what_is_queued(store: Store) -> None:
         settler.close()
 
 
+def test_the_backlog_counts_what_is_queued_and_overloads_at_its_bound(store: Store) -> None:
+    settler, _, _ = _settler(store, linger_s=30.0, max_backlog=3)
+    try:
+        for i in range(2):
+            settler.submit(Settle(_event(i), _record(i)))
+        assert (settler.backlog, settler.overloaded) == (2, False)
+        settler.submit(Settle(_event(2), _record(2)))
+        assert (settler.backlog, settler.overloaded) == (3, True)
+        settler.wait()
+        assert (settler.backlog, settler.overloaded) == (0, False)
+    finally:
+        settler.close()
+
+
 class _HeldGauge:
     """A pending gauge whose ``inc`` waits for the test: where a thread switch can land
     between a submit's check that the settler is open and its queueing."""
