@@ -15,6 +15,7 @@ secret); it stays listed, and an operator may revoke it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 import grpc.aio
 
@@ -94,6 +95,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if bad:
             message = "invalid CreateApiKeyRequest: " + "; ".join(f"{f}: {d}" for f, d in bad)
             await self._guard.invalid(context, who, "CreateApiKey", message, bad)
+        await self._within_own_models(context, who, request.models)
         limits = {n: getattr(request.limits, n) for n in LIMIT_FIELDS if request.limits.HasField(n)}
         try:
             minted = await asyncio.to_thread(
@@ -116,6 +118,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             context, self._guard.event(context, who, "allow", reason, key.team)
         )
         return admin_pb2.CreateApiKeyResponse(secret=minted.secret, key=key_info(key))
+
+    async def _within_own_models(
+        self, context: grpc.aio.ServicerContext, who: Identity, models: Iterable[str]
+    ) -> None:
+        """An admin API key mints keys only for models it may use itself: a key scoped to
+        some models is a delegation, and must not hand out more than it was given (a
+        person's admin token, unscoped, mints any)."""
+        own = who.caller.key_models
+        beyond = sorted(set(models) - own) if own is not None else []
+        if beyond:
+            await self._guard.deny(
+                context,
+                who,
+                "CreateApiKey",
+                f"this API key may mint keys only for its own models ({', '.join(sorted(own))}); "
+                f"not for {', '.join(beyond)}: use an admin token or a key minted for them",
+                "KEY_SCOPE_EXCEEDED",
+                {"models": ",".join(beyond)},
+            )
 
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext

@@ -88,6 +88,31 @@ def test_admin_api_key_may_administer_and_mint_admin_keys(tmp_path: Path, store_
     asyncio.run(body())
 
 
+def test_an_admin_key_mints_keys_only_for_its_own_models(
+    tmp_path: Path, store_url: str, issuer: Issuer
+) -> None:
+    """A key scoped to some models is a delegation: it minted keys for any model (admin ones
+    included). A person's admin token still mints any."""
+
+    async def body() -> None:
+        async with management(tmp_path, store_url, issuer) as m:
+            scoped = ApiKeys(m.store).mint("ops", ["m1"], admin=True).secret
+            request = admin_pb2.CreateApiKeyRequest(team="ops", models=["m1", "m2"], admin=True)
+            _, code, status, message = await call(m.admin.CreateApiKey, request, scoped)
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            assert error_reason(status) == "KEY_SCOPE_EXCEEDED"
+            assert "only for its own models (m1); not for m2" in message
+            assert m.audit()[-1].decision == "deny"
+            within = admin_pb2.CreateApiKeyRequest(team="ops", models=["m1"])
+            _, code, _, _ = await call(m.admin.CreateApiKey, within, scoped)
+            assert code == grpc.StatusCode.OK
+            token = issuer.mint(realm_roles=["admin"], sub="root")
+            _, code, _, _ = await call(m.admin.CreateApiKey, request, token)
+            assert code == grpc.StatusCode.OK
+
+    asyncio.run(body())
+
+
 def test_non_admin_is_denied_and_audited(tmp_path: Path, store_url: str, issuer: Issuer) -> None:
     async def body() -> None:
         async with management(tmp_path, store_url, issuer) as m:
