@@ -78,6 +78,7 @@ class Sampler:
             # Drop a token when the mass before it already reaches top_p; the most
             # likely token always stays.
             drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
+            drop[0] = False  # a top_p below float32's least (1e-46) compares as 0 >= 0
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self._generator(request_id, p, index)))

@@ -31,9 +31,10 @@ class TextStream:
 
     def push(self, token_id: int, check_stop: bool) -> tuple[str, bool]:
         """Add one token; returns (text safe to send now, whether a stop string ended it)."""
+        before = len(self._text)
         self._text += self._detok.push([token_id])
         if check_stop and self._stop:
-            cut = self._find_stop()
+            cut = self._find_stop(before)
             if cut is not None:
                 delta = self._text[self._sent : cut]
                 self._text = self._text[:cut]
@@ -55,10 +56,13 @@ class TextStream:
     def text(self) -> str:
         return self._text
 
-    def _find_stop(self) -> int | None:
-        # A match ending in the new text starts at or after _sent (that much is
-        # held back); one before it completed while stops were not checked
-        # (min_tokens) and its text is already out: it does not count.
-        start = self._sent
-        found = [i for s in self._stop if (i := self._text.find(s, start)) >= 0]
+    def _find_stop(self, before: int) -> int | None:
+        # Only a match ending in the new text (past ``before``) counts: one that completed
+        # earlier did so while stops were not checked (min_tokens), even if it is still
+        # held back for a longer stop string. The earliest such match wins.
+        found = [
+            i
+            for s in self._stop
+            if (i := self._text.find(s, max(self._sent, before - len(s) + 1))) >= 0
+        ]
         return min(found) if found else None

@@ -70,6 +70,8 @@ def test_top_k_1_and_a_tiny_top_p_are_greedy() -> None:
     for params in (
         SamplingParams(temperature=1.5, top_k=1),
         SamplingParams(temperature=1.5, top_p=1e-6),
+        SamplingParams(temperature=1.5, top_p=1e-46),  # 0 in float32: every token dropped
+        SamplingParams(temperature=1.5, top_p=5e-324),
         SamplingParams(temperature=1.5, top_k=1, seed=9),
     ):
         for _ in range(5):

@@ -158,3 +158,18 @@ def test_deltas_and_finish_equal_the_full_decode(
     assert not any(stopped for _, stopped in deltas)
     streamed = "".join(d for d, _ in deltas) + stream.finish()
     assert streamed == tokenizer.decode(ids) == stream.text
+
+
+def test_a_stop_string_completed_before_min_tokens_never_counts_later(
+    tokenizer: Tokenizer,
+) -> None:
+    """ " cat" completes while stops are not checked (min_tokens), and the longer stop
+    string keeps it held back: the first checked token must not find it there (it ended
+    the request with " the" once min_tokens was reached)."""
+    stream = TextStream(tokenizer, (" cat", " the cat sat down"))
+    sent = ""
+    for piece, check in ((" the", False), (" cat", False), (" sat", True), (" on", True)):
+        delta, stopped = stream.push(token(tokenizer, piece), check_stop=check)
+        sent += delta
+        assert not stopped, piece
+    assert sent + stream.finish() == " the cat sat on"
