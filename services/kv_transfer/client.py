@@ -106,16 +106,16 @@ class KVReader:
         """Disconnect the least recently read peers past ``max_peers`` (not one being read
         from, nor one whose handshake is under way)."""
         while len(self._peers) > self.max_peers:
-            idle = (
-                a
-                for a in self._peers
-                if not self._reading[a] and not self._locks.get(a, asyncio.Lock()).locked()
-            )
-            address = next(idle, None)
+            address = next((a for a in self._peers if self._idle(a)), None)
             if address is None:
                 return  # every one is in use: try again after the next handshake
             self.forget(address)
             await self.transport.disconnect(address)
+
+    def _idle(self, address: str) -> bool:
+        """No pull from ``address`` is running and no handshake with it is under way."""
+        lock = self._locks.get(address)
+        return not self._reading[address] and (lock is None or not lock.locked())
 
     async def pull(
         self,

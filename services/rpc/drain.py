@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 
 from services.engine.errors import TandemError
+from services.rpc.shutdown import first_of
 from services.rpc.status import abort_with
 
 if TYPE_CHECKING:
@@ -151,12 +152,7 @@ async def drained_unless(drain: Awaitable[bool], interrupt: asyncio.Event | None
     if interrupt is None:
         return await drain
     waiting = asyncio.ensure_future(drain)
-    stopped = asyncio.ensure_future(interrupt.wait())
-    try:
-        await asyncio.wait((waiting, stopped), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (waiting, stopped):
-            task.cancel()
+    await first_of(waiting, interrupt.wait())
     return waiting.done() and not waiting.cancelled() and waiting.result()
 
 
