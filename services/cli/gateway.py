@@ -138,6 +138,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "each page of a report sums every ledger row of its period, so this bounds what one "
         "request costs the store; a longer one is INVALID_ARGUMENT",
     )
+    parser.add_argument(
+        "--max-streams",
+        type=arg_types.positive_int,
+        metavar="N",
+        help="Generate streams relayed at once, gRPC and HTTP together (default 4096); one "
+        "more is refused UNAVAILABLE with RetryInfo (HTTP 503 + Retry-After) and audited, so "
+        "a flood of long streams cannot starve the ones running; the metric "
+        "tandem_gateway_streams shows how close the gateway runs",
+    )
     add_drain_arg(
         parser,
         "new calls are refused (NOT_SERVING to health checks; the HTTP API stops "
@@ -184,7 +193,7 @@ def gateway_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         tls=public_tls,
         router_tls=router_tls,
         drain_timeout_s=args.drain_timeout_s,
-        **_optional(usage_max_period_days=args.usage_max_period_days),
+        **_optional(usage_max_period_days=args.usage_max_period_days, max_streams=args.max_streams),
     )
 
 

@@ -17,6 +17,8 @@ counts happens exactly once, so retries and duplicated settles never double-coun
   ``limit`` the limit's name (``requests_per_minute`` …).
 - ``tandem_gateway_settles_pending``: a gauge of decisions queued for the settler
   (``services/gateway/settler.py``) and not yet written.
+- ``tandem_gateway_streams``: a gauge of Generate streams being relayed (gRPC and HTTP);
+  past the gateway's ``max_streams`` new ones are refused (reason class ``at_capacity``).
 
 Counters count committed rows only: if the store write fails, nothing is counted.
 
@@ -58,6 +60,7 @@ _DENY_CLASSES = (
     ("model not allowed", "model_not_allowed"),
     ("limit exceeded", "limit_exceeded"),
     ("admission failed", "admission_failed"),
+    ("gateway at capacity", "at_capacity"),
 )
 
 
@@ -67,7 +70,7 @@ def reason_class(decision: str, reason: str) -> str:
     Allow records carry the outcome (``ok``, ``cancelled``, ``error``, optionally followed by
     the finish reason in parentheses): the class is that first word. Deny reasons start with
     a fixed phrase (``unauthenticated: …``, ``model not allowed``, ``limit exceeded: …``,
-    ``admission failed: …``); anything else is ``other``.
+    ``admission failed: …``, ``gateway at capacity``); anything else is ``other``.
     """
     if decision == "allow":
         word = reason.split(" ", 1)[0].strip()
@@ -152,6 +155,12 @@ class GatewayMetrics:
             "tandem_gateway_settles_pending",
             "Decisions (ledger rows and audit records) queued to be written after their "
             "calls ended; it grows while the store is slow or down",
+            registry=r,
+        )
+        self.streams = Gauge(
+            "tandem_gateway_streams",
+            "Generate streams being relayed now (gRPC and HTTP); past the gateway's "
+            "max_streams new ones are refused UNAVAILABLE",
             registry=r,
         )
 

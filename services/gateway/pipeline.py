@@ -4,8 +4,9 @@ Generate, step by step:
 
 1. :meth:`Pipeline.authenticate` resolves the ``authorization: Bearer …`` value
    (:mod:`services.gateway.auth`): UNAUTHENTICATED with ErrorInfo when missing or invalid.
-2. :meth:`Pipeline.generate` authorizes the model with the policy: PERMISSION_DENIED with
-   ErrorInfo otherwise.
+2. :meth:`Pipeline.generate` refuses a stream past ``max_streams`` relayed at once
+   (UNAVAILABLE with RetryInfo, :data:`MAX_STREAMS`), then authorizes the model with the
+   policy: PERMISSION_DENIED with ErrorInfo otherwise.
 3. It reserves ``prompt estimate + max_tokens`` tokens (and one request) on the scopes
    ``key:<id>`` (API keys), ``user:<principal>`` and ``team:<team>`` with the policy's
    default limits (a key's own limits override the key scope's): RESOURCE_EXHAUSTED with
@@ -40,6 +41,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,7 @@ from services.gateway.auth import Authenticator, Identity, MissingCredential
 from services.gateway.identity import AuthenticationError
 from services.gateway.ledger import Ledger, UsageRecord
 from services.gateway.limits import Admission, LimitExceeded, Limits, Reservation, Scope
+from services.gateway.metrics import METRICS
 from services.gateway.model_cards import ModelCards
 from services.gateway.policy import LIMIT_FIELDS, Policy
 from services.gateway.settler import Settle, Settler, settle_admission
@@ -84,6 +87,15 @@ CALLER_FAULT = frozenset(
 """The router's refusals of a request as the caller's mistake (too long, a bad field, a
 model it does not serve): they did the router's work, so they count against the caller's
 request rate; other failures before a token (no worker, an internal error) do not."""
+MAX_STREAMS = 4096
+"""Generate streams one gateway relays at once (gRPC and HTTP together) by default; one
+more is refused UNAVAILABLE with RetryInfo (HTTP 503 + Retry-After), audited, so that a
+flood of long streams from callers within their limits cannot take the process's memory
+and event loop from the ones already running (Envoy's circuit breaker answers the same).
+``GatewayConfig.max_streams``."""
+AT_CAPACITY = "gateway at capacity"
+"""The audit reason of a call refused by :data:`MAX_STREAMS` (a class of its own in the
+metrics)."""
 
 
 def prompt_estimate(request: inference_pb2.GenerateRequest) -> int:
@@ -236,6 +248,7 @@ class Pipeline:
         admission: Admission,
         ledger: Ledger,
         audit: AuditLog,
+        max_streams: int = MAX_STREAMS,
     ) -> None:
         self.router = router
         self.authenticator = authenticator
@@ -247,6 +260,10 @@ class Pipeline:
         self.cards = ModelCards(router)
         """The served models' context lengths: a reservation never exceeds the context."""
         self._tasks: set[asyncio.Task[None]] = set()  # upstream calls finishing after ours
+        self.max_streams = max_streams
+        """Generate streams relayed at once; the next is refused (:data:`MAX_STREAMS`)."""
+        self.streams = 0
+        """Generate streams being relayed now (admitted by :meth:`generate`, not yet ended)."""
 
     async def authenticate(self, call: CallInfo, model: str = "") -> Identity:
         """The caller; GatewayError(UNAUTHENTICATED), audited as a denial, otherwise."""
@@ -303,9 +320,31 @@ class Pipeline:
         """Authorize, reserve, relay the router's stream, settle once (see the module doc).
 
         Refusals raise GatewayError before the first message; an upstream failure raises
-        it after the settle, following whatever messages were relayed.
+        it after the settle, following whatever messages were relayed. Counted in
+        ``streams`` from its first step to its end; refused past ``max_streams``.
         """
         check_model_name(request.model)
+        if self.streams >= self.max_streams:
+            self._record_audit(self._event(who, "deny", AT_CAPACITY, request.model, call))
+            raise GatewayError(
+                status_details.unavailable(
+                    f"the gateway is relaying its maximum of {self.max_streams} streams; "
+                    "retry shortly"
+                )
+            )
+        self.streams += 1
+        METRICS.streams.inc()
+        try:
+            async with aclosing(self._generate(who, request, call)) as stream:
+                async for message in stream:
+                    yield message
+        finally:
+            self.streams -= 1
+            METRICS.streams.dec()
+
+    async def _generate(
+        self, who: Identity, request: inference_pb2.GenerateRequest, call: CallInfo
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         attributes = step_attributes(call.request_id, request.model, who)
         await traced("authorize", self._authorize(who, request.model, call), attributes)
         prompt = prompt_estimate(request)

@@ -21,6 +21,7 @@ from services.gateway.ledger import Ledger
 from services.gateway.limits import Admission, InProcessAdmission
 from services.gateway.metrics import METRICS
 from services.gateway.openai_http import HttpServer, start_http
+from services.gateway.pipeline import MAX_STREAMS
 from services.gateway.policy import load_policy
 from services.gateway.service import GatewayService
 from services.gateway.store import Store, open_store
@@ -92,6 +93,10 @@ class GatewayConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     """On SIGINT/SIGTERM: how long the calls in flight (gRPC and HTTP streams) get to finish
     while new ones are refused; what is cut after it is metered for what was sent."""
+    max_streams: int = MAX_STREAMS
+    """Generate streams relayed at once, gRPC and HTTP together; one more is refused
+    UNAVAILABLE with RetryInfo (HTTP 503 + Retry-After: 1) and audited as ``gateway at
+    capacity`` (``tandem_gateway_streams`` shows how close it runs)."""
     usage_max_period_days: int = MAX_PERIOD_DAYS
     """The longest period one ``UsageService.GetUsage`` request may cover, in days: each page
     of a report sums every ledger row of its period (longer is INVALID_ARGUMENT)."""
@@ -185,6 +190,7 @@ async def start_gateway(config: GatewayConfig, admission: Admission | None = Non
         admission,
         Ledger(store),
         audit,
+        config.max_streams,
     )
     guard = CallGuard(authenticator, audit)
     servicers = [

@@ -31,6 +31,7 @@ from services.gateway.ledger import Ledger
 from services.gateway.limits import Admission
 from services.gateway.pipeline import (
     DEFAULT_MAX_TOKENS,
+    MAX_STREAMS,
     CallInfo,
     GatewayError,
     Pipeline,
@@ -58,8 +59,11 @@ class GatewayService(inference_pb2_grpc.InferenceServicer):
         admission: Admission,
         ledger: Ledger,
         audit: AuditLog,
+        max_streams: int = MAX_STREAMS,
     ) -> None:
-        self.pipeline = Pipeline(router, authenticator, policy, admission, ledger, audit)
+        self.pipeline = Pipeline(
+            router, authenticator, policy, admission, ledger, audit, max_streams
+        )
         self.gate = CallGate("the gateway")
         """Admits Generate calls until the gateway drains (refused ones cost nothing)."""
 

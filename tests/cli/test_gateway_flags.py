@@ -1,4 +1,5 @@
-"""`tandem gateway` flags that become GatewayConfig fields: the GetUsage period cap, CORS."""
+"""`tandem gateway` flags that become GatewayConfig fields: the GetUsage period cap, CORS,
+the stream cap."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from services.cli.gateway import gateway_config
 from services.cli.main import build_parser, main
+from services.gateway.pipeline import MAX_STREAMS
 from services.gateway.usage_service import MAX_PERIOD_DAYS
 
 REQUIRED = ("gateway", "--port", "0", "--router", "r:1", "--policy", "p.toml")
@@ -34,3 +36,11 @@ def test_cors_origins_come_from_their_flag_and_default_to_none() -> None:
         (*REQUIRED, "--cors-origin", "https://a.example", "--cors-origin", "*")
     )
     assert gateway_config(flagged).cors_origins == ("https://a.example", "*")
+
+
+def test_the_stream_cap_comes_from_its_flag_and_defaults_to_the_pipelines() -> None:
+    parser = build_parser()
+    assert gateway_config(parser.parse_args(REQUIRED)).max_streams == MAX_STREAMS
+    flagged = parser.parse_args((*REQUIRED, "--max-streams", "64"))
+    assert gateway_config(flagged).max_streams == 64
+    assert main([*REQUIRED, "--max-streams", "0"]) == 2
