@@ -187,6 +187,9 @@ class RedisAdmission(Admission):
         self.dropped_settles = 0
         """Settles dropped because the backlog was full (their charge stays until its
         windows end)."""
+        self.abandoned_settles = 0
+        """Settles whose last try, at close, Redis did not take (their charge stays until
+        its windows end); close() logs them."""
 
     def _store_error(self, op: str, err: Exception, reservation: Reservation | None = None) -> None:
         msg = f"rate-limit store (Redis) unavailable during {op}: {err}"
@@ -309,7 +312,9 @@ class RedisAdmission(Admission):
                 job.set()
             elif self._attempt(job):
                 pause = RETRY_PAUSE_S[0]
-            elif not self._closing.is_set():
+            elif self._closing.is_set():
+                self.abandoned_settles += 1  # its last try: close() says so
+            else:
                 self.failed_retries += 1
                 self._retry(job)
                 self._closing.wait(pause)  # Redis is down: do not spin through the queue
@@ -352,8 +357,15 @@ class RedisAdmission(Admission):
             with contextlib.suppress(queue.Full):  # full: the thread is busy, not asleep
                 self._later.put_nowait(threading.Event())  # wakes a thread idle in get()
             thread.join(timeout_s)
-        if (left := self._later.qsize()) or (thread is not None and thread.is_alive()):
-            log.warning("closing with %d rate-limit settle(s) still waiting for Redis", left)
+        # A settle whose last try failed has left the queue: counted, or an outage at the
+        # stop dropped refunds without a word (the outage log is rate-limited).
+        left = self._later.qsize() + self.abandoned_settles
+        if left or (thread is not None and thread.is_alive()):
+            log.warning(
+                "closing with %d rate-limit settle(s) Redis did not take; their charges "
+                "stay until their windows end",
+                left,
+            )
 
     def _run_adjust(self, job: _Adjust) -> None:
         """Apply ``job`` (once, whichever attempt gets there: the marker); raises RedisError."""

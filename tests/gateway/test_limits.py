@@ -344,6 +344,20 @@ def test_fail_open_admits_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     adm.close()  # stop retrying (Redis never comes back here)
 
 
+def test_close_names_the_settles_whose_last_try_failed(caplog: pytest.LogCaptureFixture) -> None:
+    """Redis down at the stop: each waiting settle's last try fails and leaves the queue,
+    so an empty queue does not mean they landed (close said nothing of dropped refunds)."""
+    adm = RedisAdmission(_dead_client(), breaker=Breaker(0))  # every call tries Redis
+    scope = Scope("key:c", Limits(tokens_per_month=10_000))
+    reservations = [adm.reserve([scope], 99) for _ in range(3)]  # uncertain charges
+    for r in reservations:
+        adm.settle(r, 1)
+    with caplog.at_level(logging.WARNING):
+        adm.close()
+    assert adm.abandoned_settles == 3
+    assert "closing with 3 rate-limit settle(s) Redis did not take" in caplog.text
+
+
 def test_fail_closed_raises_unavailable() -> None:
     adm = RedisAdmission(_dead_client(), on_store_error="fail-closed")
     with pytest.raises(LimitStoreUnavailable) as ei:
