@@ -182,6 +182,7 @@ class RedisAdmission(Admission):
         self._later_thread: threading.Thread | None = None
         self._later_lock = threading.Lock()
         self._closing = threading.Event()
+        self._wake = threading.Event()  # ends the retry thread's pause: Redis back, or close
         self.failed_retries = 0
         """Background attempts that Redis refused or timed out (each is tried again)."""
         self.dropped_settles = 0
@@ -243,7 +244,7 @@ class RedisAdmission(Admission):
             uncertain = dataclasses.replace(reservation, uncertain=True)
             self._store_error("reserve", err, uncertain)
             return uncertain
-        self.breaker.record(True)
+        self._store_ok()
         if failed:
             raise exceeded(steps[int(failed) - 1], int(current), int(previous), now)
         return reservation
@@ -273,7 +274,14 @@ class RedisAdmission(Admission):
             self._retry(job)
             self._store_error(op, err)
         else:
-            self.breaker.record(True)
+            self._store_ok()
+
+    def _store_ok(self) -> None:
+        """A call of this process reached Redis: calls stop skipping it, and settles waiting
+        for it are retried now rather than after the retry thread's pause."""
+        self.breaker.record(True)
+        if not self._later.empty():
+            self._wake.set()
 
     def _retry(self, job: _Adjust | threading.Event) -> None:
         """Queue ``job`` for the background thread; drop it (counted, logged) when full."""
@@ -317,7 +325,10 @@ class RedisAdmission(Admission):
             else:
                 self.failed_retries += 1
                 self._retry(job)
-                self._closing.wait(pause)  # Redis is down: do not spin through the queue
+                # Redis is down: do not spin through the queue, but a call that finds it
+                # back ends the pause (refunds waited up to 30 s, their callers refused).
+                self._wake.wait(pause)
+                self._wake.clear()
                 pause = min(2 * pause, RETRY_PAUSE_S[1])
 
     def _attempt(self, job: _Adjust) -> bool:
@@ -352,6 +363,7 @@ class RedisAdmission(Admission):
         """Give the settles still waiting for Redis one last try (within ``timeout_s``),
         then stop retrying; those still failing are logged, their charges stay."""
         self._closing.set()
+        self._wake.set()
         thread = self._later_thread
         if thread is not None:
             with contextlib.suppress(queue.Full):  # full: the thread is busy, not asleep
@@ -441,7 +453,7 @@ class RedisAdmission(Admission):
                 self._retry(job)
             self._store_error("settle", err)
             return
-        self.breaker.record(True)
+        self._store_ok()
         for job, reply in zip(jobs, replies, strict=True):
             if isinstance(reply, redis.RedisError):
                 self._retry(job)

@@ -6,17 +6,21 @@ import calendar
 import contextlib
 import itertools
 import logging
+import shutil
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.gateway import limits_redis
 from services.gateway.breaker import Breaker
 from services.gateway.limits import (
     DAY,
@@ -356,6 +360,83 @@ def test_close_names_the_settles_whose_last_try_failed(caplog: pytest.LogCapture
         adm.close()
     assert adm.abandoned_settles == 3
     assert "closing with 3 rate-limit settle(s) Redis did not take" in caplog.text
+
+
+class OwnRedis:
+    """A redis-server of the test's own on a free port, restartable with its data (the
+    shared one is never stopped)."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (.ci/run installs and starts it)")
+        self.port = free_port()
+        self._args = [binary, "--port", str(self.port), "--dir", str(directory)]
+        self._args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(self._args, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(redis.ConnectionError):
+                if self.client().ping():
+                    return
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop it, its data saved for the next start."""
+        with contextlib.suppress(redis.ConnectionError):
+            self.client().shutdown(save=True)
+        if self._process is not None:
+            self._process.wait(10)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_settles_waiting_for_redis_land_once_a_call_finds_it_back(
+    own_redis: OwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry thread pauses up to 30 s between tries while Redis is down; a refund must
+    not wait that long once Redis is back (its caller, at its budget, is refused)."""
+    monkeypatch.setattr(limits_redis, "RETRY_PAUSE_S", (60.0, 60.0))
+    adm = RedisAdmission(own_redis.client(), prefix="", breaker=Breaker(0))
+    scope = Scope("team:w", Limits(tokens_per_day=1_000))
+    held = adm.reserve([scope], 900)
+    own_redis.stop()
+    adm.settle(held, 10)  # fails; queued for the retry thread, which then pauses 60 s
+    deadline = time.monotonic() + 10
+    while adm.failed_retries == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    own_redis.start()
+    with pytest.raises(LimitExceeded):
+        adm.reserve([scope], 500)  # reaches Redis: 900 still charged
+    used = key("team:w", "tokens", DAY, time.time())
+    deadline = time.monotonic() + 5
+    while int(own_redis.client().get(used) or 0) != 10:
+        assert time.monotonic() < deadline, "the refund waited for the retry thread's pause"
+        time.sleep(0.02)
+    adm.reserve([scope], 500)  # admitted now
+    adm.close()
 
 
 def test_fail_closed_raises_unavailable() -> None:
