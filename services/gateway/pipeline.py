@@ -372,12 +372,17 @@ class Pipeline:
                     message.request_id = call.client_request_id
                 if relay.prompt_tokens is None and message.usage.prompt_tokens:
                     relay.prompt_tokens = message.usage.prompt_tokens
-                yield message
-                # Counted once sent: grpc resumes us right after the write, and a call
-                # cancelled during it (the client's deadline) never sent this message.
+                # Counted when handed to the transport, as the router counts what it hands
+                # on: the tokens were produced. A cancel that ends the call before grpc asks
+                # for the next message may come after the client read this one (counted
+                # after the yield, 3 of 200 streams cancelled right after reading were
+                # charged a token less than they read) or cut its write short (charged a
+                # token the client never saw): a call's cancel and its last write race, and
+                # the gateway cannot tell which won, so it never charges less than was read.
                 relay.streamed += len(message.token_ids)
                 if message.finish_reason:
                     relay.final = message
+                yield message
                 if relay.final is not None and not _failed(relay.final):
                     # A finished stream's final message settles the call, and the router
                     # ends it OK: end ours now rather than after the router's own close

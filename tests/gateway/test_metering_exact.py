@@ -4,8 +4,9 @@ What a client is charged for:
 
 - a completed request: the final message's usage (prompt tokens, completion tokens), which
   must equal the tokens the client read;
-- a request the client cancels mid-stream: its prompt plus every token the gateway relayed to
-  it before the cancellation arrived. The scripted decode (``harness.PAUSE``) stops after p
+- a request the client cancels mid-stream: its prompt plus every token the gateway handed to
+  the transport for it before the cancellation arrived (never less than the client read;
+  see ``Pipeline._generate``). The scripted decode (``harness.PAUSE``) stops after p
   tokens and waits, and the client cancels once it has read the prefill's token and those p,
   so the tokens relayed are exactly the ``1 + p`` the client read: nothing else was produced;
 - a request cancelled before any token: nothing (a ledger row with 0 and 0 if the gateway

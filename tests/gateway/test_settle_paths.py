@@ -111,12 +111,13 @@ def test_a_cancelled_stream_settles_once_with_the_tokens_produced(
     run(body())
 
 
-def test_a_message_whose_sending_was_cut_short_is_not_charged(
+def test_a_message_handed_to_the_transport_is_charged_when_the_call_ends_at_once(
     tmp_path: Path, issuer: Issuer
 ) -> None:
-    """The transport takes a message and the call ends while it sends it (a client's
-    deadline): only what was sent is charged. The pipeline counts a message once the
-    transport asks for the next one, which grpc does right after each write."""
+    """The transport takes a message and the call ends before it asks for the next one: the
+    client may have read it and cancelled (it was charged a token less than it read), or
+    the write was cut short. Either way the tokens were produced: charged, as the router
+    counts them."""
 
     async def body() -> None:
         async with stack(tmp_path, f"sqlite:{tmp_path / 'gw.db'}", issuer.url, limits=LIMITS) as s:
@@ -130,13 +131,13 @@ def test_a_message_whose_sending_was_cut_short_is_not_charged(
             )
             stream = pipeline.generate(who, request, call)
             sent = await anext(stream)  # the prefill's token: written, then the next asked
-            cut = await anext(stream)  # the decode's first: its write is cut short
-            assert len(sent.token_ids) == len(cut.token_ids) == 1
+            last = await anext(stream)  # the decode's first: the call ends at its yield
+            assert len(sent.token_ids) == len(last.token_ids) == 1
             await stream.aclose()
             await _settled(s, "cut-1")
             row = s.ledger.get("cut-1")
             assert row is not None
-            assert (row.completion_tokens, row.outcome) == (1, "cancelled")
+            assert (row.completion_tokens, row.outcome) == (2, "cancelled")
 
     run(body())
 
