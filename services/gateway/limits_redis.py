@@ -280,8 +280,9 @@ class RedisAdmission(Admission):
         """A call of this process reached Redis: calls stop skipping it, and settles waiting
         for it are retried now rather than after the retry thread's pause."""
         self.breaker.record(True)
-        if not self._later.empty():
-            self._wake.set()
+        # Always: the job being tried is out of the queue, so "nothing queued" may be one
+        # whose try is failing now (it then slept the whole pause with Redis up).
+        self._wake.set()
 
     def _retry(self, job: _Adjust | threading.Event) -> None:
         """Queue ``job`` for the background thread; drop it (counted, logged) when full."""
@@ -318,7 +319,9 @@ class RedisAdmission(Admission):
                 continue
             if isinstance(job, threading.Event):
                 job.set()
-            elif self._attempt(job):
+                continue
+            self._wake.clear()  # a call that reaches Redis from here on ends the pause
+            if self._attempt(job):
                 pause = RETRY_PAUSE_S[0]
             elif self._closing.is_set():
                 self.abandoned_settles += 1  # its last try: close() says so
@@ -328,7 +331,6 @@ class RedisAdmission(Admission):
                 # Redis is down: do not spin through the queue, but a call that finds it
                 # back ends the pause (refunds waited up to 30 s, their callers refused).
                 self._wake.wait(pause)
-                self._wake.clear()
                 pause = min(2 * pause, RETRY_PAUSE_S[1])
 
     def _attempt(self, job: _Adjust) -> bool:
