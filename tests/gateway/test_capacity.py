@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -43,17 +44,17 @@ def test_a_stream_past_the_cap_is_unavailable_with_retry_info_and_audited(
             call = s.stubs[0].Generate(
                 _request(), metadata=(("authorization", f"Bearer {token(issuer)}"),), timeout=5
             )
-            try:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # a call ending OK fails
                 async for _ in call:
                     raise AssertionError("a stream past the cap was relayed")
-            except grpc.aio.AioRpcError as error:
-                assert error.code() == grpc.StatusCode.UNAVAILABLE
-                assert "maximum of 2 streams" in (error.details() or "")
-                status = rpc_status.from_call(error)
-                assert status is not None
-                retry = error_details_pb2.RetryInfo()
-                assert any(d.Unpack(retry) for d in status.details)
-                assert retry.retry_delay.seconds == 1
+            error = refused.value
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert "maximum of 2 streams" in (error.details() or "")
+            status = rpc_status.from_call(error)
+            assert status is not None
+            retry = error_details_pb2.RetryInfo()
+            assert any(d.Unpack(retry) for d in status.details)
+            assert retry.retry_delay.seconds == 1
 
             url = f"http://127.0.0.1:{s.gateway.http_port}/v1/completions"
             headers = {"Authorization": f"Bearer {token(issuer)}"}
